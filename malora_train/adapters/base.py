@@ -1,0 +1,196 @@
+"""Shared machinery of the adapter layers: wrapping a frozen ``nn.Linear``, dropout, dtypes, and the
+two ways to compute a mixture (the fast rank-space gated product and the per-expert reference loop).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from malora_train.adapters import router as routing_ops
+
+
+class RoutingContext:
+    """State the model wrapper shares with every mixture layer for one forward pass.
+
+    ``token_mask`` marks real (non-padding) tokens so the auxiliary losses ignore padding;
+    ``token_task`` (task index per token) turns on per-task routing counts for diagnostics.
+    """
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+        self.token_task: torch.Tensor | None = None
+        self.num_tasks: int = 0
+        self.collect: bool = False
+
+    def mask_for(self, num_tokens: int) -> torch.Tensor | None:
+        mask = self.token_mask
+        return mask if mask is not None and mask.numel() == num_tokens else None
+
+    def task_for(self, num_tokens: int) -> torch.Tensor | None:
+        task = self.token_task
+        return task if task is not None and task.numel() == num_tokens else None
+
+
+def scaling_factor(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class AdapterLinear(nn.Module):
+    """A frozen linear layer ``y = W0 x`` plus a trainable low-rank delta.
+
+    Adapter parameters are direct attributes of this module (never of a child) so that DeepSpeed
+    ZeRO-3 gathers them in this module's forward hook. They are kept in float32; under autocast the
+    matmuls run in the autocast dtype, otherwise the input is upcast to the adapter dtype.
+    """
+
+    kind: ClassVar[str] = ""
+    # parameter name -> tensor kind, for the parameter report
+    tensor_kinds: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base: nn.Linear, *, alpha: float, rank: int, dropout: float, use_rslora: bool,
+                 impl: str = "fast") -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = scaling_factor(alpha, rank, use_rslora)
+        self.dropout_p = dropout
+        self.impl = impl
+
+    def param_factory(self, *shape: int) -> nn.Parameter:
+        device = self.base.weight.device
+        return nn.Parameter(torch.zeros(*shape, device=device, dtype=torch.float32))
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Flatten to (tokens, in_features); upcast only when no autocast will cast the matmuls."""
+        flat = x.reshape(-1, self.in_features)
+        if not torch.is_autocast_enabled(x.device.type) and flat.dtype != torch.float32:
+            flat = flat.float()
+        return flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        flat_out = out.reshape(-1, self.out_features)
+        if self.impl == "reference":
+            delta = self.reference_delta(self.adapter_input(x))
+            result = flat_out + delta.to(flat_out.dtype)
+        else:
+            result = self.fast_forward(self.adapter_input(x), flat_out)
+        return result.view(out.shape)
+
+    def add_scaled(self, flat_out: torch.Tensor, u: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``flat_out + scaling * u @ up^T`` as one addmm (the add rides in the GEMM's epilogue)."""
+        if torch.is_autocast_enabled(u.device.type) or flat_out.dtype == u.dtype:
+            return torch.addmm(flat_out, u, up.t(), alpha=self.scaling)
+        return flat_out + (self.scaling * (u @ up.t())).to(flat_out.dtype)
+
+    def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (out, in) update for merging; only defined for adapters without a router."""
+        raise TypeError(f"{self.kind} adapters route per token and cannot be merged into W0")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class MixtureAdapterLinear(AdapterLinear):
+    """A mixture of N low-rank experts behind a top-K router inside one linear layer.
+
+    Subclasses describe the experts through three hooks: ``shared_features`` (what every expert
+    reads, computed once per token), ``rank_space`` (all experts' rank-space activations at once,
+    (T, N, R)) and ``expert_forward`` (one expert, for the reference loop). ``lora_B`` holds the
+    experts' up-projections side by side, (out, N*R), so the fast path is two GEMMs whatever N is.
+    """
+
+    def __init__(self, base: nn.Linear, *, num_experts: int, top_k: int, renormalize: bool,
+                 jitter_noise: float, router_init_std: float, context: RoutingContext | None,
+                 **kwargs) -> None:
+        super().__init__(base, **kwargs)
+        self.num_experts = num_experts
+        self.top_k = min(top_k, num_experts)
+        self.renormalize = renormalize
+        self.jitter_noise = jitter_noise
+        self.router_init_std = router_init_std
+        self.context = context
+        self.router = self.param_factory(num_experts, self.in_features)
+        self.lora_B = self.param_factory(self.out_features, num_experts * kwargs["rank"])
+        self.aux: dict[str, torch.Tensor] = {}
+        self.task_expert_counts: torch.Tensor | None = None
+
+    def reset_router(self) -> None:
+        nn.init.normal_(self.router, std=self.router_init_std)
+        nn.init.zeros_(self.lora_B)
+
+    # -- routing ---------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> routing_ops.Routing:
+        logits = routing_ops.router_logits(x, self.router, self.jitter_noise, self.training)
+        routing = routing_ops.route(logits, self.top_k, self.renormalize)
+        if self.context is not None and self.context.collect:
+            self.record(routing)
+        return routing
+
+    def record(self, routing: routing_ops.Routing) -> None:
+        """Keep this forward's auxiliary losses (with grad) and routing statistics (detached)."""
+        mask = self.context.mask_for(routing.probs.shape[0])
+        self.aux = {
+            "balance": routing_ops.balance_loss(routing, mask),
+            "z": routing_ops.z_loss(routing, mask),
+            "entropy": routing_ops.entropy(routing, mask).detach(),
+        }
+        task = self.context.task_for(routing.probs.shape[0])
+        if task is not None:
+            counts = routing_ops.assignment_counts(routing.top_idx.detach(), self.num_experts)
+            if mask is not None:
+                counts = counts * mask.unsqueeze(-1).float()
+            if self.task_expert_counts is None or self.task_expert_counts.shape[0] != self.context.num_tasks:
+                self.task_expert_counts = counts.new_zeros(self.context.num_tasks, self.num_experts)
+            self.task_expert_counts.index_add_(0, task, counts)
+
+    # -- the two computations ----------------------------------------------------------------------
+    def shared_features(self, xd: torch.Tensor) -> torch.Tensor:
+        return xd
+
+    def rank_space(self, xd: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expert_forward(self, expert: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expert_up(self, expert: int) -> torch.Tensor:
+        return self.lora_B[:, expert * self.rank:(expert + 1) * self.rank]
+
+    def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
+        routing = self.route(x)
+        u = self.rank_space(self.dropout(x))  # (T, N, R)
+        gated = (u * routing.gates.to(u.dtype).unsqueeze(-1)).reshape(x.shape[0], -1)
+        return self.add_scaled(flat_out, gated, self.lora_B)
+
+    def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The conventional MoE computation: for each expert, gather its tokens, run it, scatter back."""
+        routing = self.route(x)
+        h = self.shared_features(self.dropout(x))
+        delta = x.new_zeros(x.shape[0], self.out_features)
+        for expert in range(self.num_experts):
+            rows, slots = (routing.top_idx == expert).nonzero(as_tuple=True)
+            gate = routing.gates[rows, expert].unsqueeze(-1)
+            y = F.linear(self.expert_forward(expert, h[rows]), self.expert_up(expert))
+            delta.index_add_(0, rows, (self.scaling * gate * y).to(delta.dtype))
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={self.num_experts}, top_k={self.top_k}"

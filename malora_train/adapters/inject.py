@@ -1,0 +1,150 @@
+"""Put adapters into a model: match target linear layers, freeze everything else, and report parameters."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from malora_train.adapters.base import AdapterLinear, MixtureAdapterLinear, RoutingContext
+from malora_train.adapters.hydralora import HydraLoRALinear
+from malora_train.adapters.lora import LoRALinear
+from malora_train.adapters.malora import MALoRALinear, malora_sizes
+from malora_train.adapters.molora import MoLoRALinear
+from malora_train.config import AdapterConfig
+from malora_train.errors import ConfigError
+
+ADAPTER_CLASSES: dict[str, type[AdapterLinear]] = {
+    "lora": LoRALinear,
+    "molora": MoLoRALinear,
+    "malora": MALoRALinear,
+    "hydralora": HydraLoRALinear,
+}
+
+
+def _describe_targets(target_modules: Any) -> str:
+    return target_modules if isinstance(target_modules, str) else "[" + ",".join(target_modules) + "]"
+
+
+def match_targets(model: nn.Module, target_modules: Any) -> list[str]:
+    """Names of the ``nn.Linear`` modules selected by PEFT's rules: a list of name suffixes, a regex
+    (full match on the module name), or ``all-linear`` (every linear layer but the output head)."""
+    linear_names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n in linear_names if model.get_submodule(n) is not head]
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ConfigError(f"adapter.target_modules={target_modules!r} is not a valid regex: {err}") from err
+        names = [n for n in linear_names if pattern.fullmatch(n)]
+    else:
+        suffixes = [str(s) for s in target_modules]
+        names = [n for n in linear_names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not names:
+        known = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ConfigError(
+            f"adapter.target_modules={_describe_targets(target_modules)} matches no linear layer; "
+            f"this model's linear layers end in: {', '.join(known)}"
+        )
+    return names
+
+
+def layer_kwargs(cfg: AdapterConfig) -> dict[str, Any]:
+    """Validated constructor arguments shared by every adapted layer of one config."""
+    if cfg.kind not in ADAPTER_CLASSES:
+        raise ConfigError(f"adapter.kind={cfg.kind!r} is not one of {', '.join(ADAPTER_CLASSES)}")
+    if cfg.impl not in ("fast", "reference"):
+        raise ConfigError(f"adapter.impl={cfg.impl!r} is not one of fast, reference")
+    if cfg.rank < 1:
+        raise ConfigError(f"adapter.rank={cfg.rank} must be >= 1")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"adapter.dropout={cfg.dropout} must be in [0, 1)")
+    rank = cfg.rank
+    kwargs: dict[str, Any] = {"dropout": cfg.dropout, "use_rslora": cfg.use_rslora, "impl": cfg.impl}
+    if cfg.kind == "malora":
+        shared_rank, rank = malora_sizes(cfg.rank, cfg.num_experts, cfg.lam, cfg.shared_rank, cfg.expert_rank)
+        kwargs.update(shared_rank=shared_rank, beta=cfg.beta)
+        if cfg.beta <= 0:
+            raise ConfigError(f"adapter.beta={cfg.beta} must be > 0")
+    alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
+    if alpha <= 0:
+        raise ConfigError(f"adapter.alpha={alpha} must be > 0")
+    kwargs.update(rank=rank, alpha=float(alpha))
+    if cfg.kind != "lora":
+        router = cfg.router
+        if cfg.num_experts < 1:
+            raise ConfigError(f"adapter.num_experts={cfg.num_experts} must be >= 1")
+        top_k = cfg.num_experts if router.dense else router.top_k
+        if not 1 <= top_k <= cfg.num_experts:
+            raise ConfigError(f"adapter.router.top_k={router.top_k} must be in [1, adapter.num_experts={cfg.num_experts}]")
+        kwargs.update(num_experts=cfg.num_experts, top_k=top_k, renormalize=router.renormalize,
+                      jitter_noise=router.jitter_noise, router_init_std=router.init_std)
+    return kwargs
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig, context: RoutingContext | None = None) -> list[str]:
+    """Freeze ``model`` and replace each target linear layer by its adapted version, in place."""
+    kwargs = layer_kwargs(cfg)
+    names = match_targets(model, cfg.target_modules)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    cls = ADAPTER_CLASSES[cfg.kind]
+    if issubclass(cls, MixtureAdapterLinear):
+        kwargs["context"] = context
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls(getattr(parent, child), **kwargs))
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, MALoRALinear):
+            layer.shared_A.requires_grad_(not cfg.freeze_shared)
+            layer.coeff_P.requires_grad_(not cfg.freeze_coeff)
+    return names
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Any]:
+    """Adapter tensors only, keyed ``<layer path>.<tensor name>`` (frozen ablation tensors included)."""
+    state = {}
+    for name, layer in adapter_layers(model):
+        for tensor_name in layer.tensor_kinds:
+            state[f"{name}.{tensor_name}"] = getattr(layer, tensor_name)
+    return state
+
+
+def parameter_report(model: nn.Module) -> dict[str, Any]:
+    """Trainable/total parameter counts, with ``percent`` = trainable / base-model parameters (the
+    paper's convention), and breakdowns by adapted module type and by tensor kind."""
+    adapter_ids = set()
+    by_module: dict[str, int] = defaultdict(int)
+    by_tensor: dict[str, int] = defaultdict(int)
+    for name, layer in adapter_layers(model):
+        module_type = name.rsplit(".", 1)[-1]
+        for tensor_name, tensor_kind in layer.tensor_kinds.items():
+            param = getattr(layer, tensor_name)
+            adapter_ids.add(id(param))
+            if param.requires_grad:
+                by_module[module_type] += param.numel()
+                by_tensor[tensor_kind] += param.numel()
+    total = sum(p.numel() for p in model.parameters())
+    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "trainable": trainable,
+        "total": total,
+        "base": base,
+        "percent": 100.0 * trainable / base if base else 0.0,
+        "by_module": dict(by_module),
+        "by_tensor": dict(by_tensor),
+        "adapted_layers": sum(1 for _ in adapter_layers(model)),
+    }

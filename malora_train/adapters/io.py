@@ -1,0 +1,157 @@
+"""Save and load adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` (no pickle).
+
+Plain LoRA is written in PEFT's format (``peft.PeftModel.from_pretrained`` loads it). Mixture
+adapters use the same layout with more tensors per layer, keyed
+``base_model.model.<layer path>.<tensor>.weight``:
+
+    molora     router (N, in)  lora_A (N*r, in)   lora_B (out, N*r)
+    malora     router (N, in)  shared_A (d, in)   coeff_P (N*r_bar, d)  lora_B (out, N*r_bar)
+    hydralora  router (N, in)  lora_A (r, in)     lora_B (out, N*r)
+
+Expert t owns rows [t*R, (t+1)*R) of lora_A / coeff_P and columns [t*R, (t+1)*R) of lora_B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from malora_train.adapters.inject import adapter_layers, adapter_state_dict
+from malora_train.adapters.model import AdaptedCausalLM
+from malora_train.config import AdapterConfig
+from malora_train.errors import ConfigError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+KEY_PREFIX = "base_model.model."
+
+
+def _file_key(layer_path: str, tensor: str) -> str:
+    return f"{KEY_PREFIX}{layer_path}.{tensor}.weight"
+
+
+def _peft_targets(model: AdaptedCausalLM) -> Any:
+    """What PEFT needs to wrap exactly our layers: the suffix list we were given, else an exact regex."""
+    targets = model.adapter_cfg.target_modules
+    if not isinstance(targets, str):
+        return list(targets)
+    return "^(" + "|".join(re.escape(n) for n in model.targets) + ")$"
+
+
+def adapter_config_dict(model: AdaptedCausalLM, base_model_name: str) -> dict[str, Any]:
+    cfg = model.adapter_cfg
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    layer = next(layer for _, layer in adapter_layers(model.model))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": cfg.kind,
+        "adapter": cfg_dict,
+        "expert_rank": layer.rank,
+        "alpha": layer.alpha,
+        "scaling": layer.scaling,
+        "shared_rank": getattr(layer, "shared_rank", None),
+        "layers": model.targets,
+    }
+    config: dict[str, Any] = {"base_model_name_or_path": base_model_name, "malora_train": meta}
+    if cfg.kind == "lora":  # the fields PEFT's LoraConfig reads
+        config.update(
+            peft_type="LORA", task_type="CAUSAL_LM", r=layer.rank, lora_alpha=layer.alpha,
+            lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora, target_modules=_peft_targets(model),
+            bias="none", fan_in_fan_out=False, init_lora_weights=True, inference_mode=True,
+        )
+    return config
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapter(model: AdaptedCausalLM, out_dir: str | Path, base_model_name: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter. ``state_dict`` (keys as in ``model.state_dict()``) lets a caller pass
+    weights gathered from a sharded engine (ZeRO-3) instead of reading the local parameters."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, param in adapter_state_dict(model.model).items():
+        layer_path, tensor = key.rsplit(".", 1)
+        value = state_dict[f"model.{key}"] if state_dict is not None else param
+        tensors[_file_key(layer_path, tensor)] = value.detach().to("cpu").contiguous()
+    config = adapter_config_dict(model, base_model_name)
+    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: no adapter config (expected {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS})")
+    try:
+        config = json.loads(path.read_text())
+        meta = config["malora_train"]
+        schema = OmegaConf.structured(AdapterConfig)
+        adapter_cfg = OmegaConf.to_object(OmegaConf.merge(schema, meta["adapter"]))
+    except (json.JSONDecodeError, KeyError, ValueError) as err:
+        raise ConfigError(f"{path}: not a malora-train adapter config ({err})") from err
+    return adapter_cfg, config
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: str | Path, impl: str | None = None) -> AdaptedCausalLM:
+    """Inject the saved adapter into a fresh ``base_model`` and load its tensors (strictly)."""
+    adapter_cfg, _ = read_adapter_config(adapter_dir)
+    if impl is not None:
+        adapter_cfg = dataclasses.replace(adapter_cfg, impl=impl)
+    model = AdaptedCausalLM.from_base(base_model, adapter_cfg)
+    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    tensors = load_file(str(weights_path))
+    expected = adapter_state_dict(model.model)
+    expected_keys = {_file_key(*k.rsplit(".", 1)): k for k in expected}
+    missing = sorted(set(expected_keys) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected_keys))
+    if missing or unexpected:
+        raise ConfigError(f"{weights_path}: tensors do not match the model "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for file_key, key in expected_keys.items():
+            param = expected[key]
+            value = tensors[file_key]
+            if value.shape != param.shape:
+                raise ConfigError(f"{weights_path}: {file_key} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+            param.copy_(value)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: AdaptedCausalLM) -> nn.Module:
+    """Fold ``(alpha/r) B A`` into each base weight and return the plain model (adapters removed)."""
+    if model.adapter_cfg.kind != "lora":
+        raise ConfigError(f"export=merged needs adapter.kind=lora; {model.adapter_cfg.kind} routes per "
+                          "token and cannot be merged into the base weights")
+    base_model = model.model
+    for name, layer in list(adapter_layers(base_model)):
+        base = layer.base
+        base.weight += layer.delta_weight().to(base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(base_model.get_submodule(parent_name) if parent_name else base_model, child, base)
+    return base_model

