@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -165,5 +163,7 @@ class Config:
 
 def register_configs() -> None:
     """Register the schema so ``conf/config.yaml`` can list ``malora_schema`` first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="malora_schema", node=Config)

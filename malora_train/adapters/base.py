@@ -140,26 +140,32 @@ class MixtureAdapterLinear(AdapterLinear):
     def route(self, x: torch.Tensor) -> routing_ops.Routing:
         logits = routing_ops.router_logits(x, self.router, self.jitter_noise, self.training)
         routing = routing_ops.route(logits, self.top_k, self.renormalize)
-        if self.context is not None and self.context.collect:
-            self.record(routing)
+        if self.context is not None:
+            mask = self.context.mask_for(x.shape[0])
+            if self.context.collect:
+                self.record_aux(routing, mask)
+            task = self.context.task_for(x.shape[0])
+            if task is not None:
+                self.count_by_task(routing, mask, task)
         return routing
 
-    def record(self, routing: routing_ops.Routing) -> None:
-        """Keep this forward's auxiliary losses (with grad) and routing statistics (detached)."""
-        mask = self.context.mask_for(routing.probs.shape[0])
+    def record_aux(self, routing: routing_ops.Routing, mask: torch.Tensor | None) -> None:
+        """Keep this forward's auxiliary losses (with grad) and router entropy (detached)."""
         self.aux = {
             "balance": routing_ops.balance_loss(routing, mask),
             "z": routing_ops.z_loss(routing, mask),
             "entropy": routing_ops.entropy(routing, mask).detach(),
         }
-        task = self.context.task_for(routing.probs.shape[0])
-        if task is not None:
-            counts = routing_ops.assignment_counts(routing.top_idx.detach(), self.num_experts)
-            if mask is not None:
-                counts = counts * mask.unsqueeze(-1).float()
-            if self.task_expert_counts is None or self.task_expert_counts.shape[0] != self.context.num_tasks:
-                self.task_expert_counts = counts.new_zeros(self.context.num_tasks, self.num_experts)
-            self.task_expert_counts.index_add_(0, task, counts)
+
+    def count_by_task(self, routing: routing_ops.Routing, mask: torch.Tensor | None, task: torch.Tensor) -> None:
+        """Accumulate (num_tasks, N) token-slot assignment counts for routing diagnostics."""
+        counts = routing_ops.assignment_counts(routing.top_idx.detach(), self.num_experts)
+        if mask is not None:
+            counts = counts * mask.unsqueeze(-1).float()
+        num_tasks = self.context.num_tasks
+        if self.task_expert_counts is None or self.task_expert_counts.shape[0] != num_tasks:
+            self.task_expert_counts = counts.new_zeros(num_tasks, self.num_experts)
+        self.task_expert_counts.index_add_(0, task, counts)
 
     # -- the two computations ----------------------------------------------------------------------
     def shared_features(self, xd: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,17 @@ class AdaptedCausalLM(nn.Module):
         else:
             ctx.token_task = None
 
+    @torch.no_grad()
+    def logits_at_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            positions: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V) float32 next-token logits at ``positions[b]`` of each row (scoring, no loss).
+        Routing counts per task accumulate when ``record_routing`` is on and ``task_ids`` given."""
+        self._set_context(input_ids, attention_mask, task_ids)
+        self.context.collect = False
+        hidden = self._hidden_states(input_ids, attention_mask)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+        return self.logits_at(picked)
+
     def _hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         body = self.model.get_decoder()
         return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

