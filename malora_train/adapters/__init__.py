@@ -9,7 +9,13 @@ from malora_train.adapters.inject import (
     match_targets,
     parameter_report,
 )
-from malora_train.adapters.io import load_adapter, merge_lora, read_adapter_config, save_adapter
+from malora_train.adapters.io import (
+    load_adapter,
+    load_adapter_weights,
+    merge_lora,
+    read_adapter_config,
+    save_adapter,
+)
 from malora_train.adapters.model import IGNORE_INDEX, AdaptedCausalLM, AdaptedOutput
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     "adapter_state_dict",
     "inject_adapters",
     "load_adapter",
+    "load_adapter_weights",
     "match_targets",
     "merge_lora",
     "parameter_report",

@@ -122,8 +122,20 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, impl: str | Non
     if impl is not None:
         adapter_cfg = dataclasses.replace(adapter_cfg, impl=impl)
     model = AdaptedCausalLM.from_base(base_model, adapter_cfg)
+    load_adapter_weights(model, adapter_dir)
+    return model
+
+
+@torch.no_grad()
+def load_adapter_weights(model: AdaptedCausalLM, adapter_dir: str | Path) -> None:
+    """Copy saved tensors into ``model``'s adapter parameters; every key and shape must match."""
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
-    tensors = load_file(str(weights_path))
+    if not weights_path.is_file():
+        raise ConfigError(f"{weights_path}: adapter weights not found")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ConfigError(f"{weights_path}: cannot read adapter weights ({err})") from err
     expected = adapter_state_dict(model.model)
     expected_keys = {_file_key(*k.rsplit(".", 1)): k for k in expected}
     missing = sorted(set(expected_keys) - set(tensors))
@@ -131,15 +143,13 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, impl: str | Non
     if missing or unexpected:
         raise ConfigError(f"{weights_path}: tensors do not match the model "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with torch.no_grad():
-        for file_key, key in expected_keys.items():
-            param = expected[key]
-            value = tensors[file_key]
-            if value.shape != param.shape:
-                raise ConfigError(f"{weights_path}: {file_key} has shape {tuple(value.shape)}, "
-                                  f"the model expects {tuple(param.shape)}")
-            param.copy_(value)
-    return model
+    for file_key, key in expected_keys.items():
+        param = expected[key]
+        value = tensors[file_key]
+        if value.shape != param.shape:
+            raise ConfigError(f"{weights_path}: {file_key} has shape {tuple(value.shape)}, "
+                              f"the model expects {tuple(param.shape)}")
+        param.copy_(value)
 
 
 @torch.no_grad()

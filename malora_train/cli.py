@@ -1,0 +1,103 @@
+"""Entry points: ``malora-train`` (a Hydra main: overrides, ``-m`` multirun), ``malora-eval`` and
+``malora-inspect`` (composed from the same configs, without creating an output folder)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from malora_train.config import Config, register_configs
+from malora_train.errors import MaloraError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_USER_ERROR = 2
+
+log = logging.getLogger("malora_train")
+register_configs()
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The typed config object (dataclasses) the rest of the code takes."""
+    return OmegaConf.to_object(cfg)
+
+
+def _fail(err: Exception) -> None:
+    print(f"malora-train: error: {err}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra/OmegaConf errors span several lines (message, key, hint): keep them on one."""
+    text = str(err)
+    if err.__cause__ is not None:
+        text += "\n" + str(err.__cause__)
+    keep = [ln.strip() for ln in text.splitlines()
+            if ln.strip() and not ln.strip().startswith(("To append", "reference_type", "object_type"))]
+    return " | ".join(keep) or type(err).__name__
+
+
+def _train_job(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from malora_train.train.loop import train
+
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        summary = train(to_config(cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                        overrides=list(HydraConfig.get().overrides.task))
+    except MaloraError as err:
+        _fail(err)
+    return summary.get("eval_after_average") if summary else None
+
+
+def train_main() -> None:
+    import hydra
+
+    from malora_train.train.distributed import agree_on_run_dir
+
+    agree_on_run_dir()
+    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_train_job)
+    main()
+
+
+def compose(argv: list[str]) -> Config:
+    """Compose ``conf/config.yaml`` with command-line overrides, as ``malora-train`` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return to_config(hydra_compose(config_name="config", overrides=argv))
+    except (HydraException, OmegaConfBaseException) as err:
+        _fail(_one_line(err))
+    raise AssertionError("unreachable")
+
+
+def inspect_main(argv: list[str] | None = None) -> None:
+    from malora_train.inspect_params import inspect_command
+
+    cfg = compose(sys.argv[1:] if argv is None else argv)
+    try:
+        inspect_command(cfg)
+    except MaloraError as err:
+        _fail(err)
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    from malora_train.eval_command import eval_command
+
+    cfg = compose(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        eval_command(cfg)
+    except MaloraError as err:
+        _fail(err)
+
+
+if __name__ == "__main__":  # `accelerate launch -m malora_train.cli ...` runs training
+    train_main()

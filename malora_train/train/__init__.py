@@ -1,0 +1,1 @@
+"""Training: the Accelerate loop, checkpoints, logging, optimiser and distributed helpers."""

@@ -1,0 +1,109 @@
+"""Process-group set-up shared by ``accelerate launch`` / ``torchrun`` runs: one run directory for all
+ranks, the Accelerator (DDP or DeepSpeed, CPU or GPU), and small collective helpers."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from malora_train.config import TrainerConfig
+from malora_train.errors import ConfigError
+
+RUN_DIR_KEY = "malora_run_stamp"
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def use_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
+def _init_process_group() -> None:
+    if dist.is_initialized():
+        return
+    if use_cpu():
+        dist.init_process_group(backend="gloo", timeout=timedelta(minutes=30))
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl", timeout=timedelta(minutes=30))
+
+
+def agree_on_run_dir() -> None:
+    """Every rank must write into one Hydra run directory, but each evaluates ``${now:...}`` on its
+    own clock. Rank 0 picks the time stamp and shares it through the process group's store."""
+    if _world_size() <= 1 or os.environ.get("MALORA_RUN_DIR"):
+        return
+    _init_process_group()
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        store.set(RUN_DIR_KEY, time.strftime("%Y-%m-%d/%H-%M-%S"))
+    stamp = store.get(RUN_DIR_KEY).decode()
+    os.environ["MALORA_RUN_DIR"] = f"outputs/{stamp}"
+    os.environ.setdefault("MALORA_SWEEP_DIR", f"multirun/{stamp}")
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU (~60 s); gloo works without it."""
+    try:
+        import deepspeed.comm.torch as ds_torch_comm
+    except ImportError:
+        return
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def mixed_precision(trainer: TrainerConfig) -> str:
+    choice = trainer.mixed_precision
+    if choice not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError(f"trainer.mixed_precision={choice!r} is not one of auto, no, bf16, fp16")
+    if choice == "auto":
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not use_cpu()
+        return "bf16" if gpu_bf16 else "no"
+    return choice
+
+
+def build_accelerator(trainer: TrainerConfig) -> Accelerator:
+    cpu = use_cpu()
+    handlers = []
+    if cpu and _world_size() > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    if cpu:
+        _skip_deepspeed_shm_build()
+    # DeepSpeed on CPU goes through Accelerate's GPU-style path with a gloo backend
+    accelerator = Accelerator(
+        cpu=cpu and not uses_deepspeed(),
+        mixed_precision=mixed_precision(trainer),
+        gradient_accumulation_steps=trainer.grad_accum,
+        kwargs_handlers=handlers,
+    )
+    return accelerator
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank (so every rank stops at the same step)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(value).item() > 0)

@@ -1,0 +1,142 @@
+"""What a user sees: a progress bar, ``metrics.jsonl`` (one object per logged step), wandb, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from malora_train.config import WandbConfig
+from malora_train.errors import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def run_name_from_overrides(overrides: list[str]) -> str:
+    """``adapter=lora,adapter.rank=16`` style name; hydra/launcher keys and paths are left out."""
+    keep = [o for o in overrides if not o.startswith(("hydra.", "trainer.resume", "logger."))]
+    return ",".join(keep) or "default"
+
+
+class MetricsLogger:
+    """Appends metrics to ``metrics.jsonl`` and mirrors them to wandb. Only rank 0 writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbConfig, run_name: str,
+                 config: dict[str, Any], resume_step: int | None) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        if wandb_cfg.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logger.wandb.mode={wandb_cfg.mode!r} is not one of online, offline, disabled")
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
+                tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, dir=str(run_dir), config=config,
+                resume="allow", id=_wandb_id(run_dir),
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint: they will be logged again."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable id per run directory, so a resumed run continues the same wandb run."""
+    id_file = run_dir / ".wandb_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return run_id
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Progress:
+    """A tqdm bar over optimiser steps showing loss, aux loss, lr and tokens/s (tqdm gives the ETA)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                        dynamic_ncols=True)
+
+    def update(self, metrics: dict[str, Any]) -> None:
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}", aux=f"{metrics['aux_loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False,
+        )
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
+    """loss.png: LM loss (and per-task losses when present) and aux loss against step."""
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if isinstance(r.get("lm_loss"), (int, float))]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax_lm, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_lm.plot(steps, [r["lm_loss"] for r in rows], label="all tasks", color="black", linewidth=2)
+    task_keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
+    for key in task_keys:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            ax_lm.plot(*zip(*points), label=key.split("/", 1)[1], alpha=0.7)
+    ax_lm.set(title="LM loss (answer tokens)", xlabel="step", ylabel="cross-entropy")
+    ax_lm.legend(fontsize=8)
+    ax_aux.plot(steps, [r.get("aux_loss", 0.0) for r in rows], color="tab:red")
+    ax_aux.set(title="router auxiliary loss", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

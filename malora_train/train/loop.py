@@ -1,0 +1,432 @@
+"""The training loop, top to bottom: build, evaluate, train with checkpoints, evaluate, summarise."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from omegaconf import OmegaConf
+
+from malora_train.adapters import AdaptedCausalLM, load_adapter_weights, parameter_report, save_adapter
+from malora_train.config import Config, TrainerConfig
+from malora_train.data import BatchStream, build_tasks
+from malora_train.errors import ConfigError, MaloraError
+from malora_train.eval import evaluate, format_accuracy_table, format_expert_shares, routing_report, write_routing
+from malora_train.models import load_model_and_tokenizer
+from malora_train.train import checkpoint as ckpt
+from malora_train.train.distributed import all_reduce_sum, any_rank, build_accelerator, is_zero3
+from malora_train.train.logging import MetricsLogger, Progress, plot_losses, run_name_from_overrides
+from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
+
+log = logging.getLogger(__name__)
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "adapter", ckpt.CHECKPOINTS)
+
+
+class NonFiniteLoss(MaloraError):
+    """The loss became NaN or infinite."""
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT (a preempted job, Ctrl-C) into a flag checked at each step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    best_average: float | None = None
+    best_step: int | None = None
+    eval_before: dict[str, Any] | None = None
+    checkpoint_steps: list[int] = dataclasses.field(default_factory=list)
+
+
+def validate(trainer: TrainerConfig, accelerator: Accelerator) -> None:
+    for key in ("micro_batch_size", "grad_accum", "log_every"):
+        if getattr(trainer, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be >= 1")
+    if trainer.max_grad_norm < 0:
+        raise ConfigError(f"trainer.max_grad_norm={trainer.max_grad_norm} must be >= 0")
+    if trainer.skip_nonfinite and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("trainer.skip_nonfinite=true is not supported under DeepSpeed (its engine applies "
+                          "the accumulated gradients itself); run without it")
+
+
+def guard_run_dir(run_dir: Path, resume: str | None) -> None:
+    """A run never overwrites another: an existing run directory needs trainer.resume."""
+    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if existing and not resume:
+        raise ConfigError(f"hydra.run.dir={run_dir} already holds a run ({', '.join(existing)}); set "
+                          "trainer.resume=auto to continue it or choose another hydra.run.dir")
+
+
+def configure_deepspeed(accelerator: Accelerator, trainer: TrainerConfig) -> None:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = trainer.micro_batch_size
+    ds["gradient_accumulation_steps"] = trainer.grad_accum
+    ds["train_batch_size"] = trainer.micro_batch_size * trainer.grad_accum * accelerator.num_processes
+    ds["gradient_clipping"] = trainer.max_grad_norm
+    ds["zero_allow_untested_optimizer"] = True
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global micro-batch, with padding columns nobody in the shard needs cut off."""
+    rows = {k: v[rank::world] for k, v in batch.items()}
+    width = int(rows["attention_mask"].sum(dim=1).max().item())
+    return {k: (v[:, :width] if v.dim() == 2 else v).to(device) for k, v in rows.items()}
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum().item())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Trainer:
+    """Holds the run's objects; ``run()`` is the loop."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resolved_yaml: str, overrides: list[str]) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        trainer = cfg.trainer
+        self.accelerator = build_accelerator(trainer)
+        acc = self.accelerator
+        validate(trainer, acc)
+        self.is_main = acc.is_main_process
+        self.rank, self.world = acc.process_index, acc.num_processes
+        guard_run_dir(run_dir, trainer.resume)
+        self.resume_from = ckpt.resolve_resume(run_dir, trainer.resume)
+        acc.wait_for_everyone()
+        set_seed(cfg.seed)
+
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model, device=acc.device, seed=cfg.seed)
+        self.model = AdaptedCausalLM.from_base(model, cfg.adapter)
+        if trainer.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.params = parameter_report(self.model)
+        self.tasks = build_tasks(cfg.data, cfg.seed)
+        self.task_names = list(self.tasks)
+        self.stream = BatchStream(self.tasks, self.tokenizer, cfg.data,
+                                  batch_size=trainer.micro_batch_size * self.world, seed=cfg.seed)
+        train_examples = sum(len(t.train) for t in self.tasks.values())
+        self.total_steps = total_steps(trainer, train_examples,
+                                       trainer.micro_batch_size * trainer.grad_accum * self.world)
+        optimizer = build_optimizer(self.model, trainer)
+        self.scheduler = build_scheduler(optimizer, trainer, self.total_steps)
+        configure_deepspeed(acc, trainer)
+        self.engine, self.optimizer = acc.prepare(self.model, optimizer)
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.state = TrainState()
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        elif trainer.resume and self.is_main:
+            log.info("trainer.resume=%s: no checkpoint in %s, starting fresh", trainer.resume, run_dir)
+        if self.is_main:
+            name = f"config.resumed_step_{self.state.step}.yaml" if self.resume_from else "config.yaml"
+            (run_dir / name).write_text(resolved_yaml)
+        resume_step = self.state.step if self.resume_from else (-1 if trainer.resume else None)
+        self.metrics = MetricsLogger(run_dir, self.is_main, cfg.logger.wandb, run_name_from_overrides(overrides),
+                                     OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """Full adapter tensors on every rank; under ZeRO-3 they are gathered from their shards."""
+        if not is_zero3(self.accelerator):
+            return None
+        import deepspeed
+
+        named = {f"model.{k}": v for k, v in self.model.state_dict(keep_vars=True).items()
+                 if any(k.endswith("." + t) for t in ("router", "lora_A", "lora_B", "shared_A", "coeff_P"))}
+        with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
+            return {k: v.detach().clone().cpu() for k, v in named.items()}
+
+    def save_final_adapter(self) -> Path:
+        state = self._adapter_state()
+        out = self.run_dir / "adapter"
+        if self.is_main:
+            tmp = self.run_dir / ".adapter.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(self.model, tmp, self.cfg.model.name_or_path or self.cfg.model.name, state_dict=state)
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def save_checkpoint(self) -> Path:
+        step = self.state.step
+        tmp = ckpt.temporary_dir(self.run_dir, step)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        adapter_state = self._adapter_state()
+        if self.deepspeed:
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        ckpt.save_rng(tmp, self.rank)
+        if self.is_main:
+            save_adapter(self.model, tmp / "adapter", self.cfg.model.name, state_dict=adapter_state)
+            if not self.deepspeed:
+                ckpt.save_optimizer(self.optimizer.optimizer, tmp)
+            self.state.checkpoint_steps = sorted(set(self.state.checkpoint_steps) | {step})
+            ckpt.write_json(tmp / ckpt.STATE_FILE, {
+                "train": dataclasses.asdict(self.state),
+                "scheduler": self.scheduler.state_dict(),
+                "stream": self.stream.state_dict(),
+                "world_size": self.world,
+            })
+        self.accelerator.wait_for_everyone()
+        final = ckpt.checkpoint_root(self.run_dir) / f"step_{step}"
+        if self.is_main:
+            final = ckpt.publish(tmp, self.run_dir, step)
+            keep = {self.state.best_step} if self.state.best_step is not None else set()
+            ckpt.prune(self.run_dir, self.cfg.trainer.keep_last, keep)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _restore(self, path: Path) -> None:
+        saved = ckpt.read_json(path / ckpt.STATE_FILE)
+        self.state = TrainState(**saved["train"])
+        if self.deepspeed:
+            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            load_adapter_weights(self.model, path / "adapter")
+            ckpt.load_optimizer(self.optimizer.optimizer, path)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.stream.load_state_dict(saved["stream"])
+        if saved["world_size"] != self.world or not ckpt.load_rng(path, self.rank):
+            log.warning("resuming on %d processes from a %d-process checkpoint: RNG streams are reseeded",
+                        self.world, saved["world_size"])
+            set_seed(self.cfg.seed + self.state.step)
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.state.step)
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def evaluate(self, record_routing: bool = False):
+        zero3 = is_zero3(self.accelerator)  # every rank must run every forward: no sharding
+        return evaluate(
+            self.model, self.tokenizer, self.tasks, self.cfg.eval,
+            rank=0 if zero3 else self.rank, world_size=1 if zero3 else self.world,
+            all_reduce=None if zero3 else all_reduce_sum,
+            record_routing=record_routing, progress=self.is_main and self.cfg.trainer.progress,
+        )
+
+    def _log_eval(self, result, step: int) -> None:
+        metrics = {f"eval/{task}": score.accuracy for task, score in result.scores.items()}
+        metrics["eval/average"] = result.average
+        self.metrics.log(step, metrics)
+
+    # -- one optimiser step --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        trainer, acc = self.cfg.trainer, self.accelerator
+        started = time.perf_counter()
+        batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
+        normalizer = max(1, sum(answer_tokens(b) for b in batches))
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        num_tasks = len(self.task_names)
+        task_sums = torch.zeros(3, num_tasks, device=acc.device)  # loss sum, answer tokens, all tokens
+        aux_sum, balance_sum, entropy_sum = 0.0, 0.0, 0.0
+        finite, grad_norm = True, None
+        for batch in batches:
+            local = shard(batch, self.rank, self.world, acc.device)
+            with acc.accumulate(self.engine):
+                out = self.engine(local["input_ids"], local["attention_mask"], local["labels"],
+                                  local["task_ids"], loss_normalizer=normalizer / self.world)
+                step_finite = not any_rank(not bool(torch.isfinite(out.loss).item()), acc.device)
+                finite = finite and step_finite
+                if not step_finite and not trainer.skip_nonfinite:
+                    raise NonFiniteLoss(self._non_finite_message())
+                acc.backward(out.lm_loss * trainer.grad_accum + out.aux_loss)
+                if acc.sync_gradients and not self.deepspeed and trainer.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), trainer.max_grad_norm)
+                if finite:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            task_sums[0].index_add_(0, local["task_ids"], out.seq_loss_sum)
+            task_sums[1].index_add_(0, local["task_ids"], out.seq_tokens.float())
+            task_sums[2].index_add_(0, local["task_ids"], local["attention_mask"].sum(1).float())
+            aux_sum += float(out.aux_loss)
+            balance_sum += float(out.balance_loss) if out.balance_loss is not None else 0.0
+            entropy_sum += float(out.router_entropy) if out.router_entropy is not None else 0.0
+        if self.deepspeed:
+            grad_norm = self.engine.get_global_grad_norm()
+        self.scheduler.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # the lr the next step will use
+        all_reduce_sum(task_sums)
+        scalars = all_reduce_sum(torch.tensor([aux_sum, balance_sum, entropy_sum], device=acc.device))
+        scalars = (scalars / (trainer.grad_accum * self.world)).tolist()
+        elapsed = time.perf_counter() - started
+        metrics: dict[str, Any] = {
+            "loss": float(task_sums[0].sum() / normalizer) + scalars[0],
+            "lm_loss": float(task_sums[0].sum() / normalizer),
+            "aux_loss": scalars[0],
+            "lr": lr,
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+        }
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if self.model.mixture_layers():
+            metrics["balance_loss"] = scalars[1]
+            metrics["router_entropy"] = scalars[2]
+            metrics.update({f"balance/{k}": v for k, v in self.model.layer_balance().items()})
+        for i, task in enumerate(self.task_names):
+            if task_sums[1, i] > 0:
+                metrics[f"loss/{task}"] = float(task_sums[0, i] / task_sums[1, i])
+            metrics[f"tokens/{task}"] = int(task_sums[2, i])
+        metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
+        if not finite:
+            metrics["skipped"] = 1
+        self.state.tokens += tokens
+        self.state.elapsed += elapsed
+        return metrics
+
+    def _non_finite_message(self) -> str:
+        last = ckpt.complete_checkpoints(self.run_dir)
+        where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was saved yet"
+        return (f"non-finite loss at step {self.state.step + 1}; {where} (resume with trainer.resume=auto "
+                "and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        trainer, state = self.cfg.trainer, self.state
+        if self.is_main:
+            log.info("run directory: %s", self.run_dir)
+            log.info("%s + %s: %s trainable parameters (%.2f%% of the base model), %d steps",
+                     self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
+                     self.params["percent"], self.total_steps)
+        if trainer.eval_before and state.step == 0 and state.eval_before is None:
+            before = self.evaluate()
+            state.eval_before = before.to_json()
+            self._log_eval(before, 0)
+        self.engine.train()
+        progress = Progress(self.total_steps, state.step, self.is_main and trainer.progress)
+        interrupted = False
+        with StopRequest() as stop:
+            while state.step < self.total_steps:
+                metrics = self.train_step()
+                state.step += 1
+                if state.step % trainer.log_every == 0 or state.step == self.total_steps:
+                    self.metrics.log(state.step, metrics)
+                progress.update(metrics)
+                if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < self.total_steps:
+                    self._periodic_eval(progress)
+                due = trainer.save_every and state.step % trainer.save_every == 0
+                stopping = any_rank(stop.requested, self.accelerator.device)
+                if due or stopping:
+                    path = self.save_checkpoint()
+                    if stopping:
+                        progress.write(f"stopped by signal at step {state.step}; checkpoint {path}; continue "
+                                       f"with trainer.resume=auto hydra.run.dir={self.run_dir}")
+                        interrupted = True
+                        break
+        progress.close()
+        if interrupted:
+            return {"status": "interrupted", "step": state.step}
+        return self.finish()
+
+    def _periodic_eval(self, progress: Progress) -> None:
+        result = self.evaluate()
+        self._log_eval(result, self.state.step)
+        progress.write(f"step {self.state.step}: eval average {result.average:.2f}")
+        if self.state.best_average is None or result.average > self.state.best_average:
+            self.state.best_average, self.state.best_step = result.average, self.state.step
+            if self.cfg.trainer.save_every:
+                self.save_checkpoint()
+        self.engine.train()
+
+    def finish(self) -> dict[str, Any]:
+        state = self.state
+        after = self.evaluate(record_routing=True)
+        self._log_eval(after, state.step)
+        routing = routing_report(self.model, self.task_names) if self.model.mixture_layers() else None
+        adapter_dir = self.save_final_adapter()
+        if state.best_average is None or after.average >= state.best_average:
+            state.best_average, state.best_step = after.average, state.step
+        summary = {
+            "status": "completed",
+            "model": self.cfg.model.name,
+            "adapter": self.cfg.adapter.kind,
+            "steps": state.step,
+            "tokens": state.tokens,
+            "wall_time_s": state.elapsed,
+            "tokens_per_s": state.tokens / state.elapsed if state.elapsed else 0.0,
+            "peak_memory_gb": peak_memory_gb(self.accelerator.device),
+            "trainable_params": self.params["trainable"],
+            "total_params": self.params["total"],
+            "trainable_percent": self.params["percent"],
+            "eval_before": (state.eval_before or {}).get("accuracy"),
+            "eval_before_average": (state.eval_before or {}).get("average"),
+            "eval_after": after.to_json()["accuracy"],
+            "eval_after_average": after.average,
+            "best_eval_average": state.best_average,
+            "best_step": state.best_step,
+            "adapter_dir": str(adapter_dir),
+            "world_size": self.world,
+        }
+        if self.is_main:
+            if routing:
+                write_routing(routing, self.run_dir)
+                summary["expert_share"] = routing.get("average")
+            ckpt.write_json(self.run_dir / "summary.json", summary)
+            plot_losses(self.metrics.path, self.run_dir / "loss.png")
+            print(self._summary_text(summary, after, routing), flush=True)
+        self.metrics.finish(summary)
+        return summary
+
+    def _summary_text(self, summary: dict[str, Any], after, routing) -> str:
+        before = self.state.eval_before
+        lines = ["", f"== {summary['model']} + {summary['adapter']}: {summary['steps']} steps, "
+                     f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.0f} s "
+                     f"({summary['tokens_per_s']:.0f} tokens/s), peak memory {summary['peak_memory_gb']:.1f} GB",
+                 f"   trainable parameters {summary['trainable_params']:,} "
+                 f"({summary['trainable_percent']:.2f}% of the base model)", "",
+                 format_accuracy_table(before, after)]
+        if routing:
+            lines += ["", "share of each task's tokens routed to each expert (%, average over layers):",
+                      format_expert_shares(routing)]
+        lines += ["", f"outputs: {self.run_dir} (metrics.jsonl, summary.json, loss.png, adapter/"
+                      + (", routing.json, routing_heatmap.png" if routing else "") + ")"]
+        return "\n".join(lines)
+
+
+def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[str] | None = None) -> dict:
+    """Run one training job into ``run_dir`` and return its summary."""
+    if not math.isfinite(cfg.trainer.lr):
+        raise ConfigError(f"trainer.lr={cfg.trainer.lr} must be finite")
+    return Trainer(cfg, run_dir, resolved_yaml, overrides or []).run()
