@@ -91,10 +91,11 @@ def inspect_main(argv: list[str] | None = None) -> None:
 def eval_main(argv: list[str] | None = None) -> None:
     from malora_train.eval_command import eval_command
 
-    cfg = compose(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = compose(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        eval_command(cfg)
+        eval_command(cfg, argv)
     except MaloraError as err:
         _fail(err)
 
