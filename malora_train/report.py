@@ -1,0 +1,471 @@
+"""``malora-report <dir>``: gather the runs of a sweep (a Hydra multirun folder, or any folder of runs) into
+one table, mean ± sample std over seeds, as report.md, report.csv and accuracy_vs_params.png.
+
+A run is a folder holding ``summary.json`` (written when training finished), ``metrics.jsonl`` or
+``.hydra/overrides.yaml``; a run without ``summary.json`` failed or was interrupted and is listed as
+incomplete. Runs are grouped by their overrides minus ``seed=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from malora_train.errors import DataError, MaloraError
+from malora_train.train.logging import METRICS_FILE
+
+EXIT_USER_ERROR = 2
+SUMMARY_FILE = "summary.json"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, str(OVERRIDES_FILE))
+OUTPUTS = ("report.md", "report.csv", "accuracy_vs_params.png")
+SEED_OVERRIDE = re.compile(r"^[+~]*seed=(.*)$")
+JOB_FOLDER = re.compile(r"^\d+_(.+)$")  # Hydra's ``<job num>_<override_dirname>``
+OVERRIDE_SEPARATOR = re.compile(r",(?=[\w.+~/-]+=)")  # a comma that starts ``key=``, not one inside a list
+UNCOMPARED_OVERRIDES = ("hydra.", "hydra/", "trainer.resume", "trainer.progress", "logger.")
+MISSING = "–"
+
+
+@dataclasses.dataclass
+class Run:
+    """What the report needs from one run folder; the numbers are None for a run that did not complete."""
+
+    path: Path
+    overrides: list[str]
+    adapter: str
+    status: str  # summary.json's status, or "incomplete" without one
+    last_step: int | None
+    final_lm_loss: float | None = None
+    trainable_params: int | None = None
+    trainable_percent: float | None = None
+    accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
+    average: float | None = None
+    tokens_per_s: float | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def seed(self) -> str | None:
+        found = [m.group(1) for m in map(SEED_OVERRIDE.match, self.overrides) if m]
+        return found[-1] if found else None
+
+
+@dataclasses.dataclass
+class Stat:
+    """Mean and sample standard deviation of one quantity over a configuration's seeds."""
+
+    mean: float | None
+    std: float | None  # None for fewer than two values
+
+    @classmethod
+    def of(cls, values: list[float | None]) -> Stat:
+        present = [float(v) for v in values if v is not None]
+        if not present:
+            return cls(None, None)
+        return cls(statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None)
+
+
+@dataclasses.dataclass
+class Row:
+    """One configuration: its completed runs aggregated, its other runs counted."""
+
+    overrides: list[str]  # what defines the configuration (the CSV's config column)
+    distinct: list[str]  # those overrides not shared by every row (the markdown table's and the plot's label)
+    adapter: str
+    runs: list[Run]
+    unfinished: list[Run]
+    trainable_params: int | None
+    trainable_percent: float | None
+    accuracy: dict[str, Stat]
+    average: Stat
+    final_lm_loss: Stat
+    tokens_per_s: Stat
+
+    @property
+    def config(self) -> str:
+        return ",".join(self.overrides) or "default"
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.distinct) or "default"
+
+
+# -- reading runs ------------------------------------------------------------------------------------------
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every folder below ``root`` (itself included) that holds a run marker, in path order."""
+    found = {path.parent for marker in (SUMMARY_FILE, METRICS_FILE) for path in root.rglob(marker)}
+    found |= {path.parent.parent for path in root.rglob(OVERRIDES_FILE.name) if path.parent.name == ".hydra"}
+    return sorted(found)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read it ({err})") from err
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a last line without its newline (a killed writer) is ignored."""
+    lines = read_text(path).split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: a partial append
+                break
+            raise DataError(f"{path}:{number}: not a JSON line ({err.msg})") from err
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def final_lm_loss(path: Path, records: list[dict[str, Any]]) -> float | None:
+    """``lm_loss`` of the last training line (eval lines have none); non-finite values are logged as text."""
+    for record in reversed(records):
+        if "lm_loss" in record:
+            try:
+                return float(record["lm_loss"])
+            except (TypeError, ValueError) as err:
+                raise DataError(f"{path}: lm_loss={record['lm_loss']!r} at step {record.get('step')} "
+                                "is not a number") from err
+    return None
+
+
+def read_overrides(run_dir: Path, root: Path) -> list[str]:
+    """``.hydra/overrides.yaml``, else the overrides in a ``<job num>_<override_dirname>`` folder name."""
+    path = run_dir / OVERRIDES_FILE
+    if path.is_file():
+        try:
+            overrides = yaml.safe_load(read_text(path)) or []
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise DataError(f"{path}: expected a YAML list of override strings")
+        return overrides
+    match = JOB_FOLDER.match(run_dir.name)
+    if match and "=" in match.group(1):
+        return OVERRIDE_SEPARATOR.split(match.group(1))
+    name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
+    return [f"run={name}"]  # nothing to group by: the run stands alone under its folder name
+
+
+def adapter_kind(run_dir: Path, overrides: list[str], summary: dict[str, Any] | None) -> str:
+    """The adapter kind from summary.json, else the ``adapter=`` override, else the run's config.yaml."""
+    if summary and summary.get("adapter"):
+        return str(summary["adapter"])
+    chosen = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("adapter=")]
+    if chosen:
+        return chosen[-1]
+    try:
+        kind = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("adapter", {}).get("kind")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):  # the kind stays unknown
+        kind = None
+    return str(kind) if kind else "?"
+
+
+def number(summary: dict[str, Any], key: str, path: Path) -> float | None:
+    value = summary.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise DataError(f"{path}: {key}={value!r} is not a number")
+    return value
+
+
+def read_run(run_dir: Path, root: Path) -> Run:
+    summary_path = run_dir / SUMMARY_FILE
+    summary = read_json(summary_path) if summary_path.is_file() else None
+    metrics_path = run_dir / METRICS_FILE
+    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    overrides = read_overrides(run_dir, root)
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    run = Run(path=run_dir, overrides=overrides, adapter=adapter_kind(run_dir, overrides, summary),
+              status=str(summary.get("status", "completed")) if summary is not None else "incomplete",
+              last_step=max(steps) if steps else None)
+    if not run.completed:
+        return run
+    accuracy = summary.get("eval_after") or {}
+    if not isinstance(accuracy, dict):
+        raise DataError(f"{summary_path}: eval_after should map each task to its accuracy")
+    run.accuracy = {task: number(accuracy, task, summary_path) for task in accuracy}
+    run.average = number(summary, "eval_after_average", summary_path)
+    run.tokens_per_s = number(summary, "tokens_per_s", summary_path)
+    params = number(summary, "trainable_params", summary_path)
+    run.trainable_params = int(params) if params is not None else None
+    run.trainable_percent = number(summary, "trainable_percent", summary_path)
+    run.final_lm_loss = final_lm_loss(metrics_path, records)
+    return run
+
+
+# -- grouping ----------------------------------------------------------------------------------------------
+
+def configuration(run: Run, group_by_seed: bool) -> tuple[str, list[str]]:
+    """(grouping key, overrides shown): the run's overrides without seed (with it, and alone, under
+    --no-group) and without those that do not change the result; their order is ignored."""
+    shown = [o for o in run.overrides if not o.lstrip("+~").startswith(UNCOMPARED_OVERRIDES)
+             and not (group_by_seed and SEED_OVERRIDE.match(o))]
+    key = f"{run.adapter}|{sorted(shown)}" if group_by_seed else str(run.path)
+    return key, shown
+
+
+def first_value(label: str, what: str, values: list[Any]) -> Any:
+    """The value shared by every seed (it depends on the configuration only); a warning if they differ."""
+    present = [v for v in values if v is not None]
+    if len(set(present)) > 1:
+        print(f"malora-report: warning: {label}: {what} differs between seeds ({sorted(set(present))}); "
+              "the first is reported", file=sys.stderr)
+    return present[0] if present else None
+
+
+def aggregate(overrides: list[str], runs: list[Run]) -> Row:
+    label = ",".join(overrides) or "default"
+    done = [r for r in runs if r.completed]
+    tasks = list(dict.fromkeys(t for r in done for t in r.accuracy))
+    return Row(
+        overrides=overrides,
+        distinct=overrides,
+        adapter=runs[0].adapter,
+        runs=done,
+        unfinished=[r for r in runs if not r.completed],
+        trainable_params=first_value(label, "trainable_params", [r.trainable_params for r in done]),
+        trainable_percent=first_value(label, "trainable_percent", [r.trainable_percent for r in done]),
+        accuracy={t: Stat.of([r.accuracy.get(t) for r in done]) for t in tasks},
+        average=Stat.of([r.average for r in done]),
+        final_lm_loss=Stat.of([r.final_lm_loss for r in done]),
+        tokens_per_s=Stat.of([r.tokens_per_s for r in done]),
+    )
+
+
+def group_runs(runs: list[Run], group_by_seed: bool = True) -> list[Row]:
+    """One row per configuration, sorted by adapter kind, then trainable parameters, then label."""
+    groups: dict[str, tuple[list[str], list[Run]]] = {}
+    for run in runs:
+        key, shown = configuration(run, group_by_seed)
+        groups.setdefault(key, (shown, []))[1].append(run)
+    rows = [aggregate(shown, members) for shown, members in groups.values()]
+    shared = common_overrides(rows)
+    for row in rows:
+        row.distinct = [o for o in row.overrides if o not in shared]
+        counts = Counter(r.seed for r in row.runs)
+        repeated = [seed for seed, n in counts.items() if seed is not None and n > 1]
+        if repeated:
+            print(f"malora-report: warning: {row.config}: several runs with seed={','.join(repeated)} "
+                  "(from different sweeps?) are averaged together", file=sys.stderr)
+    return sorted(rows, key=lambda r: (r.adapter, r.trainable_params is None, r.trainable_params or 0,
+                                       r.config))
+
+
+def common_overrides(rows: list[Row]) -> list[str]:
+    """Overrides every configuration shares (``model=...``, ``trainer.max_steps=...``); none for one row."""
+    if len(rows) < 2:
+        return []
+    return [o for o in rows[0].overrides if all(o in row.overrides for row in rows[1:])]
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+def task_names(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(t for row in rows for t in row.accuracy))
+
+
+def format_stat(stat: Stat | None, digits: int) -> str:
+    if stat is None or stat.mean is None:
+        return MISSING
+    std = MISSING if stat.std is None else f"{stat.std:.{digits}f}"
+    return f"{stat.mean:.{digits}f} ± {std}"
+
+
+def format_params(row: Row) -> str:
+    if row.trainable_params is None:
+        return MISSING
+    text = f"{row.trainable_params:,}"
+    return f"{text} ({row.trainable_percent:.2f}%)" if row.trainable_percent is not None else text
+
+
+def format_seeds(row: Row) -> str:
+    return f"{len(row.runs)} (+{len(row.unfinished)} incomplete)" if row.unfinished else str(len(row.runs))
+
+
+def markdown_table(rows: list[Row]) -> str:
+    tasks = task_names(rows)
+    header = ["config", "adapter", "trainable params", "seeds", *tasks, "average", "final lm_loss",
+              "tokens/s"]
+    align = ["---"] * 4 + ["---:"] * (len(tasks) + 3)  # numbers right-aligned
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for row in rows:
+        cells = [f"`{row.label}`".replace("|", "\\|"), row.adapter, format_params(row), format_seeds(row),
+                 *(format_stat(row.accuracy.get(t), 2) for t in tasks), format_stat(row.average, 2),
+                 format_stat(row.final_lm_loss, 4), format_stat(row.tokens_per_s, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def unfinished_list(rows: list[Row], root: Path) -> str:
+    runs = [run for row in rows for run in row.unfinished]
+    if not runs:
+        return ""
+    lines = [f"Runs not aggregated ({len(runs)}, no completed summary.json):"]
+    for run in runs:
+        step = f"last logged step {run.last_step}" if run.last_step is not None else "nothing logged"
+        where = run.path.relative_to(root).as_posix() if run.path != root else "."
+        overrides = ",".join(run.overrides) or "default"
+        lines.append(f"- `{where}` (`{overrides}`): {run.status}, {step}")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: list[Row], root: Path) -> str:
+    """The table, a line on what it shows, and the runs left out of it."""
+    parts = [markdown_table(rows),
+             "Accuracy after training (%), final training lm_loss and tokens/s: mean ± sample std over seeds "
+             f"({MISSING} for a single seed)."]
+    shared = common_overrides(rows)
+    if shared:
+        parts.append(f"Overrides shared by every configuration: `{','.join(shared)}`.")
+    unfinished = unfinished_list(rows, root)
+    if unfinished:
+        parts.append(unfinished)
+    return "\n\n".join(parts) + "\n"
+
+
+def csv_header(tasks: list[str]) -> list[str]:
+    metrics = [f"acc_{t}" for t in tasks] + ["acc_average", "final_lm_loss", "tokens_per_s"]
+    stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
+    return ["config", "adapter", "seeds", "incomplete", "trainable_params", "trainable_percent", *stats]
+
+
+def csv_text(rows: list[Row]) -> str:
+    """One line per configuration, plain numbers; an empty cell is a missing value (std of one seed)."""
+    tasks = task_names(rows)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(csv_header(tasks))
+    for row in rows:
+        stats = [row.accuracy.get(t) or Stat(None, None) for t in tasks]
+        stats += [row.average, row.final_lm_loss, row.tokens_per_s]
+        cells = [row.config, row.adapter, len(row.runs), len(row.unfinished), row.trainable_params,
+                 row.trainable_percent, *(v for s in stats for v in (s.mean, s.std))]
+        writer.writerow(["" if cell is None else cell for cell in cells])
+    return out.getvalue()
+
+
+def point_label(row: Row) -> str:
+    """The label without the ``adapter=<kind>`` choice, which the marker and colour already show."""
+    rest = [o for o in row.distinct if not o.lstrip("+~").startswith("adapter=")]
+    return ",".join(rest) or row.adapter
+
+
+def plot_accuracy(rows: list[Row], path: Path) -> None:
+    """Average accuracy after training against trainable parameters (log x), one marker per adapter kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = "os^DvPX*"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    plotted = [r for r in rows if r.average.mean is not None and r.trainable_params]
+    kinds = list(dict.fromkeys(r.adapter for r in plotted))
+    for index, kind in enumerate(kinds):
+        points = sorted((r for r in plotted if r.adapter == kind), key=lambda r: r.trainable_params)
+        ax.errorbar([r.trainable_params for r in points], [r.average.mean for r in points],
+                    yerr=[r.average.std or 0.0 for r in points], fmt=markers[index % len(markers)],
+                    color=f"C{index}", capsize=3, markersize=7, label=kind)
+        for r in points:
+            ax.annotate(point_label(r), (r.trainable_params, r.average.mean), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7, color=f"C{index}")
+    if plotted:
+        ax.set_xscale("log")
+        ax.legend(title="adapter")
+    else:
+        ax.text(0.5, 0.5, "no completed run", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="trainable parameters", ylabel="average accuracy after training (%)",
+           title="accuracy against trainable parameters (error bars: std over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file, so a report is never left half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- command -----------------------------------------------------------------------------------------------
+
+def build_report(root: Path, out_dir: Path, group_by_seed: bool = True) -> tuple[list[Row], str]:
+    """Read every run below ``root``, write the three outputs into ``out_dir``; returns (rows, markdown)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    run_dirs = find_run_dirs(root)
+    if not run_dirs:
+        raise DataError(f"{root}: no runs found (no {', '.join(RUN_MARKERS)} below it)")
+    rows = group_runs([read_run(d, root) for d in run_dirs], group_by_seed)
+    markdown = markdown_report(rows, root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "report.md", markdown)
+    write_text(out_dir / "report.csv", csv_text(rows))
+    plot_accuracy(rows, out_dir / "accuracy_vs_params.png")
+    return rows, markdown
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="malora-report",
+        description="Gather the runs below DIR (e.g. a multirun/<date>/<time> folder) into report.md, "
+                    "report.csv and accuracy_vs_params.png, mean ± std over seeds.")
+    parser.add_argument("dir", type=Path, metavar="DIR",
+                        help="folder holding the runs (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: DIR)")
+    grouping = parser.add_mutually_exclusive_group()
+    grouping.add_argument("--group-by-seed", dest="group", action="store_true", default=True,
+                          help="one row per configuration, aggregated over seeds (default)")
+    grouping.add_argument("--no-group", dest="group", action="store_false", help="one row per run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out_dir = args.out if args.out is not None else args.dir
+    try:
+        _, markdown = build_report(args.dir, out_dir, args.group)
+    except (MaloraError, OSError) as err:
+        print(f"malora-report: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    print(markdown, end="")
+    print(f"wrote {', '.join(str(out_dir / name) for name in OUTPUTS)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

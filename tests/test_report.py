@@ -1,0 +1,218 @@
+"""malora-report on a fake Hydra multirun folder: aggregation over seeds, CSV, markdown, plot, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from malora_train.report import main
+
+TASKS = ("boolq", "piqa", "arc_e")
+KINDS = {"lora": 1_024, "molora": 4_352}  # trainable parameters per unit of rank
+RANKS = (4, 8)
+SEEDS = (0, 1)
+TRAIN_STEPS = 5
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_results(kind: str, rank: int, seed: int) -> dict:
+    """Distinct, seed-dependent numbers for one run (what the test expects the report to average)."""
+    offset = (0.0 if kind == "lora" else 3.0) + rank * 0.25
+    spread = (1.7 if seed else -0.9) * rank / 4
+    accuracy = {task: 50.0 + offset + i * 4.0 + spread * (i + 1) for i, task in enumerate(TASKS)}
+    return {
+        "accuracy": accuracy,
+        "average": sum(accuracy.values()) / len(accuracy),
+        "tokens_per_s": 1000.0 + 37.0 * seed + (100.0 if kind == "lora" else 0.0),
+        "final_lm_loss": 1.5 - 0.01 * rank + 0.05 * seed,
+        "trainable_params": KINDS[kind] * rank,
+    }
+
+
+def write_run(job_dir: Path, overrides: list[str], kind: str, results: dict | None, steps: int) -> None:
+    """A run folder as malora-train writes it; ``results=None`` leaves it without summary.json."""
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job_dir / "config.yaml").write_text(yaml.safe_dump({"adapter": {"kind": kind}, "seed": 0}))
+    lines = []
+    for step in range(1, steps + 1):
+        lm_loss = 2.0 - 0.1 * step
+        if results is not None and step == steps:
+            lm_loss = results["final_lm_loss"]
+        lines.append({"step": step, "loss": lm_loss + 0.01, "lm_loss": lm_loss, "aux_loss": 0.01, "lr": 1e-4,
+                      "tokens_per_s": 900.0, **{f"loss/{t}": lm_loss for t in TASKS}})
+    if results is None:
+        partial = '{"step": 4, "lo'  # the job was killed while appending a line
+        (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + partial)
+        return
+    lines.append({"step": steps, **{f"eval/{t}": a for t, a in results["accuracy"].items()},
+                  "eval/average": results["average"]})
+    (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = {
+        "status": "completed", "model": "tiny", "adapter": kind, "steps": steps, "tokens": 12_345,
+        "wall_time_s": 12.3, "tokens_per_s": results["tokens_per_s"], "peak_memory_gb": 0.4,
+        "trainable_params": results["trainable_params"],
+        "total_params": 1_000_000 + results["trainable_params"],
+        "trainable_percent": 100 * results["trainable_params"] / 1_000_000,
+        "eval_before": {t: 25.0 for t in TASKS}, "eval_before_average": 25.0,
+        "eval_after": results["accuracy"], "eval_after_average": results["average"],
+        "best_eval_average": results["average"], "best_step": steps,
+        "adapter_dir": str(job_dir / "adapter"), "world_size": 1,
+    }
+    (job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """multirun/<date>/<time>: lora and molora x rank 4, 8 x seed 0, 1, plus an interrupted molora r=16."""
+    root = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
+    num = 0
+    for kind in KINDS:
+        for rank in RANKS:
+            for seed in SEEDS:
+                overrides = ["model=tiny", f"adapter={kind}", f"adapter.rank={rank}", f"seed={seed}"]
+                write_run(root / f"{num}_{','.join(overrides)}", overrides, kind,
+                          fake_results(kind, rank, seed), TRAIN_STEPS)
+                num += 1
+    write_run(root / f"{num}_model=tiny,adapter=molora,adapter.rank=16,seed=0",
+              ["model=tiny", "adapter=molora", "adapter.rank=16", "seed=0"], "molora", None, 3)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def expected(kind: str, rank: int) -> dict[str, tuple[float, float]]:
+    """Mean and sample std over the seeds, computed here from the numbers written into the runs."""
+    runs = [fake_results(kind, rank, seed) for seed in SEEDS]
+    values = {f"acc_{t}": [r["accuracy"][t] for r in runs] for t in TASKS}
+    values["acc_average"] = [r["average"] for r in runs]
+    values["final_lm_loss"] = [r["final_lm_loss"] for r in runs]
+    values["tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    return {name: (statistics.mean(v), statistics.stdev(v)) for name, v in values.items()}
+
+
+def test_csv_has_one_line_per_configuration_with_mean_and_std_over_seeds(sweep: Path, capsys) -> None:
+    main([str(sweep)])
+    rows = read_csv(sweep / "report.csv")
+    metrics = [f"acc_{t}" for t in TASKS] + ["acc_average", "final_lm_loss", "tokens_per_s"]
+    stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
+    assert list(rows[0]) == ["config", "adapter", "seeds", "incomplete", "trainable_params", "trainable_percent",
+                             *stats]
+    assert [row["config"] for row in rows] == [
+        "model=tiny,adapter=lora,adapter.rank=4", "model=tiny,adapter=lora,adapter.rank=8",
+        "model=tiny,adapter=molora,adapter.rank=4", "model=tiny,adapter=molora,adapter.rank=8",
+        "model=tiny,adapter=molora,adapter.rank=16"]
+    for row in rows[:4]:
+        kind, rank = row["adapter"], int(row["config"].rsplit("=", 1)[1])
+        assert (row["seeds"], row["incomplete"]) == ("2", "0")
+        assert int(row["trainable_params"]) == KINDS[kind] * rank
+        for name, (mean, std) in expected(kind, rank).items():
+            assert float(row[f"{name}_mean"]) == pytest.approx(mean), name
+            assert float(row[f"{name}_std"]) == pytest.approx(std), name
+            assert std > 0
+    interrupted = rows[4]
+    assert (interrupted["adapter"], interrupted["seeds"], interrupted["incomplete"]) == ("molora", "0", "1")
+    assert interrupted["acc_average_mean"] == interrupted["trainable_params"] == ""
+
+
+def test_markdown_table_is_written_and_printed_with_the_incomplete_run(sweep: Path, capsys) -> None:
+    main([str(sweep)])
+    printed = capsys.readouterr().out
+    assert printed == (sweep / "report.md").read_text()
+    lines = printed.splitlines()
+    assert lines[0] == ("| config | adapter | trainable params | seeds | boolq | piqa | arc_e | average | "
+                        "final lm_loss | tokens/s |")
+    mean, std = expected("lora", 8)["acc_piqa"]
+    lora8 = next(line for line in lines if "`adapter=lora,adapter.rank=8`" in line)
+    cells = [c.strip() for c in lora8.strip("|").split("|")]
+    assert cells[:4] == ["`adapter=lora,adapter.rank=8`", "lora", f"{KINDS['lora'] * 8:,} (0.82%)", "2"]
+    assert cells[5] == f"{mean:.2f} ± {std:.2f}"
+    assert "`adapter=molora,adapter.rank=16` | molora | – | 0 (+1 incomplete) |" in printed
+    assert "Overrides shared by every configuration: `model=tiny`." in lines
+    assert ("- `8_model=tiny,adapter=molora,adapter.rank=16,seed=0` "
+            "(`model=tiny,adapter=molora,adapter.rank=16,seed=0`): incomplete, last logged step 3") in lines
+
+
+def test_plot_is_a_valid_png(sweep: Path, tmp_path: Path, capsys) -> None:
+    import matplotlib.image
+
+    out = tmp_path / "report"
+    main([str(sweep), "--out", str(out)])
+    png = out / "accuracy_vs_params.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert height > 100 and width > 100
+    assert (out / "report.md").is_file() and (out / "report.csv").is_file()
+    assert not (sweep / "report.md").exists()
+
+
+def test_no_group_gives_one_row_per_run_without_std(sweep: Path, capsys) -> None:
+    main([str(sweep), "--no-group"])
+    rows = read_csv(sweep / "report.csv")
+    assert len(rows) == len(KINDS) * len(RANKS) * len(SEEDS) + 1
+    row = next(r for r in rows if r["config"] == "model=tiny,adapter=molora,adapter.rank=8,seed=1")
+    assert float(row["acc_average_mean"]) == pytest.approx(fake_results("molora", 8, 1)["average"])
+    assert row["acc_average_std"] == ""
+    assert f"{fake_results('molora', 8, 1)['average']:.2f} ± –" in capsys.readouterr().out
+
+
+def test_overrides_fall_back_to_the_job_folder_name(sweep: Path, capsys) -> None:
+    for overrides in sweep.glob("*/.hydra/overrides.yaml"):
+        overrides.unlink()
+    main([str(sweep)])
+    rows = read_csv(sweep / "report.csv")
+    assert rows[0]["config"] == "model=tiny,adapter=lora,adapter.rank=4" and rows[0]["seeds"] == "2"
+
+
+def test_runs_repeating_a_seed_are_averaged_with_a_warning(sweep: Path, capsys) -> None:
+    job = "0_model=tiny,adapter=lora,adapter.rank=4,seed=0"
+    shutil.copytree(sweep / job, sweep.parent / "13-00-00" / job)
+    main([str(sweep.parent)])
+    assert "adapter=lora,adapter.rank=4: several runs with seed=0" in capsys.readouterr().err
+    rows = read_csv(sweep.parent / "report.csv")
+    assert rows[0]["seeds"] == "3"
+    accuracies = [fake_results("lora", 4, seed)["average"] for seed in (0, 0, 1)]
+    assert float(rows[0]["acc_average_std"]) == pytest.approx(statistics.stdev(accuracies))
+
+
+@pytest.mark.parametrize("make_dir", ["empty", "missing"])
+def test_a_folder_without_runs_is_a_one_line_error(tmp_path: Path, capsys, make_dir: str) -> None:
+    target = tmp_path / "nothing"
+    if make_dir == "empty":
+        (target / "sub").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("malora-report: error:")
+    assert str(target) in err
+
+
+def test_a_corrupt_file_is_named_in_the_error(sweep: Path, capsys) -> None:
+    summary = sweep / "0_model=tiny,adapter=lora,adapter.rank=4,seed=0" / "summary.json"
+    summary.write_text('{"status": "completed", "eval_after"')
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(summary) in err
+    assert not (sweep / "report.csv").exists()
+
+
+def test_a_bad_metrics_line_before_the_end_is_named_with_its_number(sweep: Path, capsys) -> None:
+    metrics = sweep / "1_model=tiny,adapter=lora,adapter.rank=4,seed=1" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit):
+        main([str(sweep)])
+    assert f"{metrics}:2: not a JSON line" in capsys.readouterr().err
