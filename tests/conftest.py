@@ -1,0 +1,68 @@
+"""Fixtures shared by the whole test suite (add new ones below; keep them generic)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from malora_train.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests must never reach the network (a hub call without these hangs for ~50 s).
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled"),
+                      ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_name, _value)
+
+# Tests use tiny tensors on a shared 2-core machine: a second intra-op thread only adds overhead, and when
+# the cores are busy OpenMP's spinning threads make the suite several times slower.
+torch.set_num_threads(1)
+
+
+def model_config(preset: str) -> ModelConfig:
+    """The ModelConfig of ``conf/model/<preset>.yaml`` merged into the schema."""
+    schema = OmegaConf.structured(ModelConfig)
+    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{preset}.yaml")))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def model_preset_cfg() -> Callable[[str], ModelConfig]:
+    """``model_preset_cfg("llama2_7b")`` -> the ModelConfig of conf/model/llama2_7b.yaml."""
+    return model_config
+
+
+@pytest.fixture
+def tiny_model_cfg() -> ModelConfig:
+    """conf/model/tiny.yaml: a random 2-layer LLaMA (hidden 64) with the builtin byte tokenizer."""
+    return model_config("tiny")
+
+
+@pytest.fixture
+def make_tiny_model(tiny_model_cfg: ModelConfig) -> Callable:
+    """``make_tiny_model(seed=0)`` -> a fresh tiny model (float32, eval mode); equal seeds, equal weights."""
+    from malora_train.models import load_model
+
+    def build(seed: int = 0):
+        return load_model(tiny_model_cfg, seed=seed).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The commonsense mixture (``<task>/{train,test}.json``): $MALORA_SHARED_DATA or ../shared/data."""
+    root = Path(os.environ.get("MALORA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    path = root / "commonsense"
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set MALORA_SHARED_DATA to the folder holding commonsense/)")
+    return path
