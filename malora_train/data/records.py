@@ -1,0 +1,95 @@
+"""Reading JSON / JSONL record files with errors that name the file, the record (or line) and the field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from malora_train.errors import DataError
+
+
+@dataclass(frozen=True)
+class Record:
+    fields: dict[str, Any]
+    where: str  # "<file> record 3" (JSON list, counting from 1) or "<file> line 3" (JSONL)
+
+    def error(self, field: str, problem: str) -> DataError:
+        return DataError(f"{self.where}: field {field!r} {problem}")
+
+    def text(self, field: str, allow_empty: bool = False) -> str:
+        if field not in self.fields:
+            raise self.error(field, f"is missing (fields present: {', '.join(sorted(self.fields)) or 'none'})")
+        value = self.fields[field]
+        if not isinstance(value, str):
+            raise self.error(field, f"must be a string, got {type(value).__name__}")
+        if not allow_empty and not value.strip():
+            raise self.error(field, "is empty")
+        return value
+
+    def scalar(self, field: str) -> str:
+        """A text or number field as text (JSON true/false as "true"/"false")."""
+        if field not in self.fields:
+            raise self.error(field, f"is missing (fields present: {', '.join(sorted(self.fields)) or 'none'})")
+        value = self.fields[field]
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise self.error(field, f"must be text or a number, got {type(value).__name__}")
+
+    def label(self, field: str, labels: list[str]) -> str:
+        value = self.scalar(field)
+        if value not in labels:
+            raise self.error(field, f"= {value!r} is not one of the task's labels {'/'.join(labels)}")
+        return value
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno} column {err.colno}: invalid JSON ({err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def read_records(path: Path) -> list[Record]:
+    """A JSON file holding a list of objects, or JSONL (one object a line; blank lines skipped).
+
+    The format is told by the first non-blank character: ``[`` is a JSON list, ``{`` is JSONL.
+    """
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    start = text.lstrip()[:1]
+    if start == "[":
+        rows = read_json(path)
+        located = [(f"{path} record {i + 1}", row) for i, row in enumerate(rows)]
+    elif start == "{":
+        located = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"{path} line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: invalid JSON ({err.msg}); expected one object a line "
+                                "(JSONL) or a JSON list") from err
+    elif not start:
+        raise DataError(f"{path} is empty")
+    else:
+        raise DataError(f"{path}: expected a JSON list of objects or JSONL, found {start!r} first")
+    records = []
+    for where, row in located:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+        records.append(Record(fields=row, where=where))
+    return records

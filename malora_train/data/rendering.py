@@ -1,0 +1,83 @@
+"""How a task's (instruction, label) pairs become the prompts and targets the model trains on.
+
+Every source (synthetic, LLM-Adapters JSON, hub, BIG-bench, custom files) produces a ``RawTask`` of
+(instruction, label) pairs; ``render_task`` wraps each instruction in the chosen prompt template and
+writes the target ``answer_prefix + label``, so every task looks the same to training and scoring.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from malora_train.data.types import Example, TaskData
+from malora_train.errors import ConfigError
+
+ANSWER_PREFIX = "the correct answer is "
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+# The plain template keeps alpaca's answer cue, so text after "### Response:" is the answer in both.
+PLAIN_TEMPLATE = "{instruction}\n### Response:\n"
+PROMPT_TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "plain": PLAIN_TEMPLATE}
+
+
+@dataclass
+class RawTask:
+    """A task as its source reads it, before caps and the prompt template are applied."""
+
+    name: str
+    labels: list[str]
+    train: list[tuple[str, str]] = field(default_factory=list)  # (instruction, label)
+    eval: list[tuple[str, str]] = field(default_factory=list)
+    answer_prefix: str = ANSWER_PREFIX
+
+
+def check_template(name: str) -> str:
+    if name not in PROMPT_TEMPLATES:
+        raise ConfigError(f"data.prompt_template={name!r} is not one of {', '.join(PROMPT_TEMPLATES)}")
+    return PROMPT_TEMPLATES[name]
+
+
+def render_prompt(template: str, instruction: str) -> str:
+    """``template`` is a template name (alpaca | plain)."""
+    return check_template(template).replace("{instruction}", instruction)
+
+
+def label_pattern(labels: Sequence[str]) -> str:
+    """A regex whose first match in generated text is a label; longest labels first, whole words only."""
+    alternatives = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
+    return rf"(?<!\w)(?:{alternatives})(?!\w)"
+
+
+def choices_instruction(question: str, options: Sequence[str], kind: str = "answer",
+                        separator: str = " ", block_gap: str = "\n\n") -> str:
+    """LLM-Adapters multiple choice: question, "Answer1: .. Answer2: ..", "Answer format: answer1/answer2".
+
+    ``kind`` names the labels (answer -> answer1.., option -> option1..); the label of option i is
+    ``f"{kind}{i + 1}"``.
+    """
+    listed = separator.join(f"{kind.capitalize()}{i + 1}: {option}" for i, option in enumerate(options))
+    answer_format = "/".join(f"{kind}{i + 1}" for i in range(len(options)))
+    return f"{question}{block_gap}{listed}{block_gap}Answer format: {answer_format}"
+
+
+def numbered_labels(kind: str, count: int) -> list[str]:
+    return [f"{kind}{i + 1}" for i in range(count)]
+
+
+def render_task(raw: RawTask, template: str) -> TaskData:
+    prompt_template = check_template(template)
+
+    def examples(pairs: list[tuple[str, str]]) -> list[Example]:
+        return [
+            Example(task=raw.name, prompt=prompt_template.replace("{instruction}", instruction),
+                    target=raw.answer_prefix + label, label=label)
+            for instruction, label in pairs
+        ]
+
+    return TaskData(name=raw.name, labels=list(raw.labels), answer_prefix=raw.answer_prefix,
+                    label_pattern=label_pattern(raw.labels), train=examples(raw.train), eval=examples(raw.eval))

@@ -1,0 +1,280 @@
+"""BIG-bench task.json loader, custom JSON/JSONL tasks, hub converters (in memory) and the fetch script."""
+
+import importlib.util
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from malora_train.config import CustomTaskConfig, DataConfig
+from malora_train.data import build_tasks, hub
+from malora_train.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, content) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+# ---- BIG-bench --------------------------------------------------------------------------------------------
+
+def bigbench_example(i: int, choices: int = 3) -> dict:
+    # the correct choice is listed first, as in many BIG-bench files: the loader must shuffle
+    scores = {f"right {i}": 1} | {f"wrong {i}.{k}": 0 for k in range(choices - 1)}
+    return {"input": f"Question number {i}?", "target_scores": scores}
+
+
+def bigbench(root: Path, tasks: list[str], **options):
+    return build_tasks(DataConfig(source="bigbench", root=str(root), tasks=tasks, **options), seed=0)
+
+
+def test_bigbench_rendering_shuffling_and_split(tmp_path):
+    examples = [bigbench_example(i, choices=2 + i % 3) for i in range(50)]
+    write(tmp_path / "quiz" / "task.json", {"name": "quiz", "task_prefix": "", "examples": examples})
+    task = bigbench(tmp_path, ["quiz"], eval_fraction=0.2)["quiz"]
+    assert task.labels == ["answer1", "answer2", "answer3", "answer4"]
+    assert (len(task.train), len(task.eval)) == (40, 10)
+    labels = set()
+    for example in task.train + task.eval:
+        number = re.search(r"Question number (\d+)\?", example.prompt).group(1)
+        position = int(example.label.removeprefix("answer"))
+        assert re.search(rf"Answer{position}: right {number}\s", example.prompt)
+        assert example.prompt.count("right") == 1
+        assert example.target == "the correct answer is " + example.label
+        listed = len(re.findall(r"Answer\d: ", example.prompt))
+        assert f"Answer format: {'/'.join(f'answer{k + 1}' for k in range(listed))}\n" in example.prompt
+        labels.add(example.label)
+    assert len(labels) >= 3  # shuffled: the correct answer is not always first
+    assert bigbench(tmp_path, ["quiz"], eval_fraction=0.2)["quiz"] == task
+
+
+def test_bigbench_subtasks_are_merged_and_repeats_dropped(tmp_path):
+    write(tmp_path / "cause" / "task.json", {"name": "cause", "keywords": []})
+    write(tmp_path / "cause" / "a" / "task.json",
+          {"task_prefix": "Which makes more sense?", "examples": [{"input": "", "target_scores": {"x": 1, "y": 0}},
+                                                                  {"input": "", "target_scores": {"u": 0, "v": 1}}]})
+    write(tmp_path / "cause" / "b_no_prompt" / "task.json",  # same items, no wording: dropped
+          {"task_prefix": "", "examples": [{"input": "", "target_scores": {"x": 1, "y": 0}}]})
+    write(tmp_path / "cause" / "c" / "task.json",
+          {"examples": [{"input": "Which came first?", "target_scores": {"p": 1, "q": 0}},
+                        {"input": "Tie?", "target_scores": {"r": 1, "s": 1}}]})  # two best answers: skipped
+    task = bigbench(tmp_path, ["cause"], eval_fraction=0.34)["cause"]
+    prompts = [example.prompt for example in task.train + task.eval]
+    assert len(prompts) == 3
+    assert sum("Which makes more sense?" in prompt for prompt in prompts) == 2
+    assert not any("Tie?" in prompt for prompt in prompts)
+
+
+def test_bigbench_errors(tmp_path):
+    with pytest.raises(DataError, match=r"fetch_bigbench\.py --tasks absent"):
+        bigbench(tmp_path, ["absent"])
+    path = write(tmp_path / "gen" / "task.json", {"examples": [bigbench_example(0), {"input": "x", "target": "y"}]})
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))} example 2: field 'target_scores' is missing"):
+        bigbench(tmp_path, ["gen"])
+    write(path, {"examples": [{"input": "x", "target_scores": {"a": "high", "b": 0}}]})
+    with pytest.raises(DataError, match="example 1: field 'target_scores' gives 'a' the score 'high'"):
+        bigbench(tmp_path, ["gen"])
+
+
+def test_bigbench_empty_task_list_means_every_fetched_task(tmp_path):
+    for name in ("b_task", "a_task"):
+        write(tmp_path / name / "task.json", {"examples": [bigbench_example(i) for i in range(6)]})
+    assert list(bigbench(tmp_path, [])) == ["a_task", "b_task"]
+    with pytest.raises(DataError, match="no <task>/task.json under data.root"):
+        bigbench(tmp_path / "empty", [])
+
+
+# ---- custom tasks ----------------------------------------------------------------------------------------
+
+def custom(tasks: list[CustomTaskConfig], **options):
+    return build_tasks(DataConfig(source="custom", custom_tasks=tasks, prompt_template="plain", **options), seed=0)
+
+
+def review_task(path: Path, **fields) -> CustomTaskConfig:
+    spec = {"name": "reviews", "prompt_template": "About the {aspect}: {text}\nAnswer format: positive/negative",
+            "answer_field": "sentiment", **fields}
+    return CustomTaskConfig(path=str(path), **spec)
+
+
+def test_custom_jsonl_with_derived_labels_and_holdout(tmp_path):
+    rows = [{"aspect": "screen", "text": f"review {i}", "sentiment": ["positive", "negative"][i % 2]}
+            for i in range(20)]
+    path = write(tmp_path / "reviews.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n\n")
+    task = custom([review_task(path)], eval_fraction=0.25)["reviews"]
+    assert task.labels == ["negative", "positive"]
+    assert (len(task.train), len(task.eval)) == (15, 5)
+    example = task.train[0]
+    assert example.prompt.startswith("About the screen: review ") and example.prompt.endswith("### Response:\n")
+    assert example.target == "the correct answer is " + example.label
+
+
+def test_custom_json_list_eval_file_and_target_template(tmp_path):
+    train = write(tmp_path / "train.json", [{"q": "2+2", "a": 4}, {"q": "1+2", "a": 3}])
+    evaluation = write(tmp_path / "eval.json", [{"q": "1+3", "a": 4}])
+    spec = CustomTaskConfig(name="sums", path=str(train), eval_path=str(evaluation), prompt_template="What is {q}?",
+                            answer_field="a", labels=["3", "4"], target_template="Answer: {label}")
+    task = custom([spec])["sums"]
+    assert [(e.prompt, e.target, e.label) for e in task.eval] == [("What is 1+3?\n### Response:\n", "Answer: 4", "4")]
+    assert task.answer_prefix == "Answer: " and len(task.train) == 2
+
+
+def test_custom_malformed_records_name_file_line_and_field(tmp_path):
+    path = write(tmp_path / "r.jsonl", '{"aspect": "a", "text": "t", "sentiment": "positive"}\n'
+                                       '{"aspect": "a", "sentiment": "negative"}\n')
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))} line 2: field 'text' is missing"):
+        custom([review_task(path)])
+    write(path, '{"aspect": "a", "text": "t", "sentiment": "positive"}\n{"aspect": "a", "text": "t"\n')
+    with pytest.raises(DataError, match=r"line 2: invalid JSON"):
+        custom([review_task(path)])
+    write(path, '{"aspect": "a", "text": "t", "sentiment": "meh"}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'sentiment' = 'meh' is not one of the task's labels"):
+        custom([review_task(path, labels=["positive", "negative"])])
+    write(path, '{"aspect": ["a"], "text": "t", "sentiment": "positive"}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'aspect' must be text or a number, got list"):
+        custom([review_task(path)])
+    with pytest.raises(DataError, match="file not found"):
+        custom([review_task(tmp_path / "missing.jsonl")])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt_template": "no placeholders"}, r"custom_tasks\[0\]\.prompt_template has no \{field\}"),
+        ({"prompt_template": "{0} and {x.y}"}, r"placeholder \{0\} must name a record field"),
+        ({"target_template": "{label} is right"}, r"custom_tasks\[0\]\.target_template=.* must end with"),
+        ({"labels": ["a", "a"]}, r"custom_tasks\[0\]\.labels=\['a', 'a'\] must be distinct"),
+    ],
+)
+def test_custom_config_errors(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        custom([review_task(tmp_path / "r.jsonl", **change)])
+
+
+def test_custom_names_unique_and_source_required(tmp_path):
+    with pytest.raises(ConfigError, match="repeated: reviews"):
+        custom([review_task(tmp_path / "a.jsonl"), review_task(tmp_path / "b.jsonl")])
+    with pytest.raises(ConfigError, match="use data.source=custom"):
+        build_tasks(DataConfig(source="synthetic", custom_tasks=[review_task(tmp_path / "a.jsonl")]), seed=0)
+
+
+# ---- hub converters (no network: in-memory rows) ---------------------------------------------------------
+
+def test_boolq_matches_llm_adapters_format_without_passage():
+    row = {"question": "do iran and afghanistan speak the same language", "answer": True, "passage": "Persian..."}
+    instruction, label = hub.convert_boolq(row)
+    assert instruction == ("Please answer the following question with true or false, question: do iran and "
+                           "afghanistan speak the same language?\n\nAnswer format: true/false")
+    assert label == "true" and "Persian" not in instruction
+
+
+def test_multiple_choice_converters_match_llm_adapters_format():
+    siqa = {"context": "Tracy didn't go home that evening and resisted Riley's attacks.",
+            "question": "What does Tracy need to do before this?", "answerA": "make a new plan",
+            "answerB": "Go home and see Riley", "answerC": "Find somewhere to go", "label": "3"}
+    assert hub.convert_social_i_qa(siqa) == (
+        "Please choose the correct answer to the question: Tracy didn't go home that evening and resisted Riley's "
+        "attacks. What does Tracy need to do before this?\n\nAnswer1: make a new plan Answer2: Go home and see "
+        "Riley Answer3: Find somewhere to go\n\nAnswer format: answer1/answer2/answer3", "answer3")
+    wino = {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+            "option1": "Sarah", "option2": "Maria", "answer": "2"}
+    assert hub.convert_winogrande(wino) == (
+        "Please choose the correct answer to fill in the blank to complete the given sentence: Sarah was a much "
+        "better surgeon than Maria so _ always got the easier cases.\n\nOption1: Sarah Option2: Maria Answer "
+        "format: option1/option2", "option2")
+    piqa = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
+    assert hub.convert_piqa(piqa) == (
+        "Please choose the correct solution to the question: Open a jar\n\nSolution1: Twist the lid.\n\n"
+        "Solution2: Eat the lid.\n\nAnswer format: solution1/solution2", "solution1")
+    arc = {"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]},
+           "answerKey": "2"}
+    assert hub.convert_arc(arc) == ("Please choose the correct answer to the question: Which is a gas?\n\n"
+                                    "Answer1: ice Answer2: steam Answer3: rock\n\nAnswer format: "
+                                    "answer1/answer2/answer3", "answer2")
+    obqa = {"question_stem": "The sun is", "answerKey": "D",
+            "choices": {"text": ["a", "b", "c", "a star"], "label": ["A", "B", "C", "D"]}}
+    assert hub.convert_openbookqa(obqa)[1] == "answer4"
+    swag = {"activity_label": "Removing ice from car", "ctx": "Then, the man writes over the snow. then",
+            "endings": [" a", "b ", "c", "d"], "label": "1"}
+    instruction, label = hub.convert_hellaswag(swag)
+    assert label == "ending2" and instruction.startswith(
+        "Please choose the correct ending to complete the given sentence: Removing ice from car: Then,")
+    assert instruction.endswith("Ending1: a Ending2: b Ending3: c Ending4: d\n\nAnswer format: "
+                                "ending1/ending2/ending3/ending4")
+
+
+def test_converter_errors_name_the_row_and_field():
+    rows = [{"question": "q", "answer": True}, {"question": "q", "answer": "yes"}]
+    with pytest.raises(DataError, match=r"where row 1: field 'answer' = 'yes' is not true/false"):
+        hub.convert_rows("boolq", rows, "where")
+    arc = {"question": "q", "choices": {"text": list("abcdef"), "label": list("ABCDEF")}, "answerKey": "F"}
+    with pytest.raises(DataError, match="row 0: answer 'answer6' is not one of the task's labels"):
+        hub.convert_rows("ARC-Easy", [arc], "where")
+
+
+def test_hub_loader_uses_train_and_eval_splits(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, config, split):
+        calls.append((path, config, split))
+        return [{"question": f"{split} question {i}", "answer": i % 2 == 0} for i in range(3)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    task = build_tasks(DataConfig(source="hub", tasks=["boolq"]), seed=0)["boolq"]
+    assert calls == [("google/boolq", None, "train"), ("google/boolq", None, "validation")]
+    assert "validation question" in task.eval[0].prompt and len(task.train) == 3
+
+    def offline(path, config, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="could not load hub dataset google/boolq split train for task boolq"):
+        build_tasks(DataConfig(source="hub", tasks=["boolq"]), seed=0)
+
+
+# ---- scripts/fetch_bigbench.py ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fetch_script():
+    spec = importlib.util.spec_from_file_location("fetch_bigbench", REPO / "scripts" / "fetch_bigbench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_sdist(path: Path) -> Path:
+    files = {
+        "bigbench-1.0.0/bigbench/benchmark_tasks/alpha/task.json": '{"examples": []}',
+        "bigbench-1.0.0/bigbench/benchmark_tasks/alpha/README.md": "readme",
+        "bigbench-1.0.0/bigbench/benchmark_tasks/beta/task.json": '{"name": "beta"}',
+        "bigbench-1.0.0/bigbench/benchmark_tasks/beta/sub/task.json": '{"examples": [1]}',
+        "bigbench-1.0.0/bigbench/benchmark_tasks/gamma/task.json": '{"examples": [2]}',
+        "bigbench-1.0.0/bigbench/api/task.json": "not a task",
+    }
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_fetch_extracts_only_the_chosen_tasks(tmp_path, fetch_script):
+    sdist = fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    cache = tmp_path / "cache"
+    fetch_script.main(["--sdist", str(sdist), "--tasks", "alpha", "beta", "--cache-dir", str(cache)])
+    written = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    assert written == ["alpha/task.json", "beta/sub/task.json", "beta/task.json"]
+    assert (cache / "beta" / "sub" / "task.json").read_text() == '{"examples": [1]}'
+    assert not any(p.name.startswith(".") for p in cache.iterdir())  # no staging folders left behind
+    with pytest.raises(SystemExit, match="no task.json for delta"):
+        fetch_script.extract_tasks(sdist, ["gamma", "delta"], cache)
+    assert not (cache / "gamma").exists()  # nothing written when a task is missing
