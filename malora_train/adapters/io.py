@@ -1,7 +1,8 @@
 """Save and load adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` (no pickle).
 
-Plain LoRA is written in PEFT's format (``peft.PeftModel.from_pretrained`` loads it). Mixture
-adapters use the same layout with more tensors per layer, keyed
+Plain LoRA is written in PEFT's format (``peft.PeftModel.from_pretrained`` loads it), with our own
+metadata beside it in ``malora_adapter.json`` so PEFT sees only keys it knows. Mixture adapters keep
+that metadata inside ``adapter_config.json`` and use the same layout with more tensors per layer, keyed
 ``base_model.model.<layer path>.<tensor>.weight``:
 
     molora     router (N, in)  lora_A (N*r, in)   lora_B (out, N*r)
@@ -33,6 +34,7 @@ from malora_train.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORA_METADATA = "malora_adapter.json"
 FORMAT_VERSION = 1
 KEY_PREFIX = "base_model.model."
 
@@ -63,14 +65,14 @@ def adapter_config_dict(model: AdaptedCausalLM, base_model_name: str) -> dict[st
         "shared_rank": getattr(layer, "shared_rank", None),
         "layers": model.targets,
     }
-    config: dict[str, Any] = {"base_model_name_or_path": base_model_name, "malora_train": meta}
-    if cfg.kind == "lora":  # the fields PEFT's LoraConfig reads
-        config.update(
-            peft_type="LORA", task_type="CAUSAL_LM", r=layer.rank, lora_alpha=layer.alpha,
-            lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora, target_modules=_peft_targets(model),
-            bias="none", fan_in_fan_out=False, init_lora_weights=True, inference_mode=True,
-        )
-    return config
+    if cfg.kind != "lora":
+        return {"adapter_type": cfg.kind, "base_model_name_or_path": base_model_name, "malora_train": meta}
+    return {  # only fields PEFT's LoraConfig knows; the metadata goes to LORA_METADATA
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+        "r": layer.rank, "lora_alpha": layer.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "target_modules": _peft_targets(model), "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "malora_train": meta,
+    }
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -98,6 +100,9 @@ def save_adapter(model: AdaptedCausalLM, out_dir: str | Path, base_model_name: s
         tensors[_file_key(layer_path, tensor)] = value.detach().to("cpu").contiguous()
     config = adapter_config_dict(model, base_model_name)
     _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    if config.get("peft_type") == "LORA":
+        metadata = {"base_model_name_or_path": base_model_name, "malora_train": config.pop("malora_train")}
+        _atomic_write(out / LORA_METADATA, lambda p: Path(p).write_text(json.dumps(metadata, indent=2) + "\n"))
     _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return out
 
@@ -108,6 +113,9 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[st
         raise ConfigError(f"{path}: no adapter config (expected {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS})")
     try:
         config = json.loads(path.read_text())
+        if "malora_train" not in config and (Path(adapter_dir) / LORA_METADATA).is_file():
+            path = Path(adapter_dir) / LORA_METADATA
+            config = {**config, **json.loads(path.read_text())}
         meta = config["malora_train"]
         schema = OmegaConf.structured(AdapterConfig)
         adapter_cfg = OmegaConf.to_object(OmegaConf.merge(schema, meta["adapter"]))
