@@ -22,7 +22,15 @@ from malora_train.adapters import AdaptedCausalLM, load_adapter_weights, paramet
 from malora_train.config import Config, TrainerConfig
 from malora_train.data import BatchStream, build_tasks
 from malora_train.errors import ConfigError, MaloraError
-from malora_train.eval import evaluate, format_accuracy_table, format_expert_shares, routing_report, write_routing
+from malora_train.eval import (
+    EvalResult,
+    TaskScore,
+    evaluate,
+    format_accuracy_table,
+    format_expert_shares,
+    routing_report,
+    write_routing,
+)
 from malora_train.models import load_model_and_tokenizer
 from malora_train.train import checkpoint as ckpt
 from malora_train.train.distributed import all_reduce_sum, any_rank, build_accelerator, is_zero3
@@ -238,12 +246,11 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, record_routing: bool = False):
-        zero3 = is_zero3(self.accelerator)  # every rank must run every forward: no sharding
+        """Each rank scores its shard (padded so every rank runs as many forwards, as ZeRO-3 needs)."""
         return evaluate(
-            self.model, self.tokenizer, self.tasks, self.cfg.eval,
-            rank=0 if zero3 else self.rank, world_size=1 if zero3 else self.world,
-            all_reduce=None if zero3 else all_reduce_sum,
-            record_routing=record_routing, progress=self.is_main and self.cfg.trainer.progress,
+            self.model, self.tokenizer, self.tasks, self.cfg.eval, rank=self.rank, world_size=self.world,
+            all_reduce=all_reduce_sum, record_routing=record_routing, max_length=self.cfg.data.max_length,
+            progress=self.is_main and self.cfg.trainer.progress,
         )
 
     def _log_eval(self, result, step: int) -> None:
@@ -280,7 +287,7 @@ class Trainer:
             task_sums[0].index_add_(0, local["task_ids"], out.seq_loss_sum)
             task_sums[1].index_add_(0, local["task_ids"], out.seq_tokens.float())
             task_sums[2].index_add_(0, local["task_ids"], local["attention_mask"].sum(1).float())
-            aux_sum += float(out.aux_loss)
+            aux_sum += float(out.aux_loss.detach())
             balance_sum += float(out.balance_loss) if out.balance_loss is not None else 0.0
             entropy_sum += float(out.router_entropy) if out.router_entropy is not None else 0.0
         if self.deepspeed:
@@ -374,7 +381,8 @@ class Trainer:
         state = self.state
         after = self.evaluate(record_routing=True)
         self._log_eval(after, state.step)
-        routing = routing_report(self.model, self.task_names) if self.model.mixture_layers() else None
+        routing = (routing_report(self.model, self.task_names, all_reduce=all_reduce_sum)
+                   if self.model.mixture_layers() else None)
         adapter_dir = self.save_final_adapter()
         if state.best_average is None or after.average >= state.best_average:
             state.best_average, state.best_step = after.average, state.step
@@ -410,7 +418,7 @@ class Trainer:
         return summary
 
     def _summary_text(self, summary: dict[str, Any], after, routing) -> str:
-        before = self.state.eval_before
+        before = _result_from_json(self.state.eval_before)
         lines = ["", f"== {summary['model']} + {summary['adapter']}: {summary['steps']} steps, "
                      f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.0f} s "
                      f"({summary['tokens_per_s']:.0f} tokens/s), peak memory {summary['peak_memory_gb']:.1f} GB",
@@ -423,6 +431,13 @@ class Trainer:
         lines += ["", f"outputs: {self.run_dir} (metrics.jsonl, summary.json, loss.png, adapter/"
                       + (", routing.json, routing_heatmap.png" if routing else "") + ")"]
         return "\n".join(lines)
+
+
+def _result_from_json(saved: dict[str, Any] | None) -> EvalResult | None:
+    """An EvalResult back from its JSON form (kept in the trainer state across resumes)."""
+    if not saved:
+        return None
+    return EvalResult(scores={t: TaskScore(c["correct"], c["total"]) for t, c in saved["counts"].items()})
 
 
 def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[str] | None = None) -> dict:
