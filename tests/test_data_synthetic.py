@@ -14,6 +14,12 @@ POSITIVE = set("great tasty fresh lovely friendly superb charming pleasant delig
                "cheerful brilliant elegant cozy perfect".split())
 NEGATIVE = set("awful bland stale rude dirty terrible boring noisy greasy horrible dreadful cold broken smelly "
                "gloomy nasty".split())
+CATEGORY_OF = {word: category for category, words in {
+    "fruit": "apple banana cherry grape lemon mango melon peach pear plum kiwi lime papaya apricot fig",
+    "animal": "horse tiger rabbit zebra mouse camel sheep eagle whale shark goat donkey otter wolf panda",
+    "color": "red blue green yellow purple pink brown black white gray violet teal maroon beige crimson",
+    "vehicle": "car bus truck bicycle tram boat ship plane taxi scooter tractor van jeep helicopter canoe",
+}.items() for word in words.split()}
 
 
 def synthetic(seed=0, **options):
@@ -38,14 +44,19 @@ def expected_label(task: str, prompt: str) -> str:
         assert {first, second} <= POSITIVE or {first, second} <= NEGATIVE
         return "positive" if first in POSITIVE else "negative"
     if task == "compare":
-        numbers = [int(value) for value in options(prompt, "Option")]
-        assert len(numbers) == 2 and numbers[0] != numbers[1]
-        return f"option{numbers.index(max(numbers)) + 1}"
-    if task == "uppercase":
-        word = re.search(r'"(\w+)" in upper case', prompt).group(1)
-        listed = options(prompt, "Answer")
-        assert sum(option.isupper() for option in listed) == 1
-        return f"answer{listed.index(word.upper()) + 1}"
+        first, second = map(int, re.search(r"Is (\d+) larger than (\d+)\?", prompt).groups())
+        assert first != second
+        return "yes" if first > second else "no"
+    if task == "category":
+        words = re.search(r'Which category fits "(\w+), (\w+), (\w+)"\?', prompt).groups()
+        assert len(set(words)) == 3 and len({CATEGORY_OF[word] for word in words}) == 1
+        return CATEGORY_OF[words[0]]
+    if task == "case":
+        word = re.search(r'Which case is "([A-Za-z]+)" written in\?', prompt).group(1)
+        cases = [name for name, form in (("upper", word.upper()), ("lower", word.lower()),
+                                         ("title", word[0].upper() + word[1:].lower())) if form == word]
+        assert len(cases) == 1
+        return cases[0]
     if task == "arithmetic":
         a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", prompt).groups())
         listed = [int(value) for value in options(prompt, "Answer")]
@@ -54,11 +65,12 @@ def expected_label(task: str, prompt: str) -> str:
     raise AssertionError(task)
 
 
-def test_the_four_tasks_and_their_label_sets(tasks):
+def test_the_tasks_and_their_label_sets(tasks):
     assert {name: task.labels for name, task in tasks.items()} == {
         "sentiment": ["positive", "negative"],
-        "compare": ["option1", "option2"],
-        "uppercase": ["answer1", "answer2", "answer3"],
+        "category": ["fruit", "animal", "color", "vehicle"],
+        "case": ["upper", "lower", "title"],
+        "compare": ["yes", "no"],
         "arithmetic": ["answer1", "answer2", "answer3", "answer4"],
     }
     for task in tasks.values():
@@ -90,15 +102,13 @@ def test_train_and_eval_disjoint(tasks):
         assert not set(train_prompts) & {example.prompt for example in task.eval}
 
 
-def test_arithmetic_and_compare_problems_never_repeat_across_splits(tasks):
-    def problem(name, prompt):
-        if name == "arithmetic":
-            return re.search(r"What is (\d+ \+ \d+)", prompt).group(1)
-        return frozenset(options(prompt, "Option"))
-
-    for name in ("arithmetic", "compare"):
-        problems = [problem(name, example.prompt) for example in tasks[name].train + tasks[name].eval]
-        assert len(set(problems)) == len(problems)
+def test_problems_never_repeat_across_splits(tasks):
+    patterns = {"arithmetic": r"What is (\d+ \+ \d+)", "case": r'"(\w+)"'}
+    for name, pattern in patterns.items():
+        problems = [re.search(pattern, e.prompt).group(1).lower() for e in tasks[name].train + tasks[name].eval]
+        assert len(set(problems)) == len(problems), name
+    pairs = [frozenset(re.findall(r"\d+", e.prompt)) for e in tasks["compare"].train + tasks["compare"].eval]
+    assert len(set(pairs)) == len(pairs)
 
 
 def test_deterministic_for_a_seed(tasks):
@@ -115,7 +125,7 @@ def test_prompts_are_short(tasks):
 
 def test_subset_and_size_errors():
     assert list(synthetic(tasks=["arithmetic", "sentiment"])) == ["arithmetic", "sentiment"]
-    with pytest.raises(ConfigError, match="known tasks: sentiment, compare, uppercase, arithmetic"):
-        synthetic(tasks=["parity"])
+    with pytest.raises(ConfigError, match="known tasks: sentiment, category, case, compare, arithmetic"):
+        synthetic(tasks=["sudoku"])
     with pytest.raises(ConfigError, match="exceeds the 4005 distinct problems of synthetic task 'compare'"):
-        synthetic(train_per_task=4000, eval_per_task=48)
+        synthetic(tasks=["compare"], train_per_task=4000, eval_per_task=48)

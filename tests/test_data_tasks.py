@@ -29,7 +29,7 @@ def test_default_synthetic_preset_builds():
     cfg = preset("synthetic")
     assert cfg.prompt_template == "plain" and (cfg.train_per_task, cfg.eval_per_task) == (2000, 48)
     tasks = build_tasks(cfg, seed=0)
-    assert list(tasks) == ["sentiment", "compare", "uppercase", "arithmetic"]
+    assert list(tasks) == ["sentiment", "category", "case", "compare", "arithmetic"]
 
 
 def test_commonsense_presets_compose(monkeypatch):

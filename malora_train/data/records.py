@@ -46,16 +46,24 @@ class Record:
         return value
 
 
-def read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {err.lineno} column {err.colno}: invalid JSON ({err.msg})") from err
+        return path.read_text(encoding="utf-8-sig")  # a leading BOM is dropped
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno} column {err.colno}: invalid JSON ({err.msg})") from err
+
+
+def read_json(path: Path) -> Any:
+    return _parse_json(_read_text(path), path)
 
 
 def read_records(path: Path) -> list[Record]:
@@ -63,15 +71,10 @@ def read_records(path: Path) -> list[Record]:
 
     The format is told by the first non-blank character: ``[`` is a JSON list, ``{`` is JSONL.
     """
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    text = _read_text(path)
     start = text.lstrip()[:1]
     if start == "[":
-        rows = read_json(path)
+        rows = _parse_json(text, path)
         located = [(f"{path} record {i + 1}", row) for i, row in enumerate(rows)]
     elif start == "{":
         located = []

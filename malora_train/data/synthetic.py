@@ -3,7 +3,12 @@
 Each task enumerates a space of distinct problems; a run samples ``train + eval`` of them without
 replacement (so the splits never share a problem), gives every split a balanced, shuffled list of labels
 and renders each problem so that its label is the correct answer. Prompts are kept short on purpose: the
-default run trains on two CPU cores. ``arithmetic`` is the hard one (distractors differ by 1, 2, 10 or 11).
+default run trains on two CPU cores for about 50 steps of 8 examples.
+
+``sentiment``, ``category`` and ``case`` decide from the identity of a few words: in the default run
+(SmolLM2-135M + MALoRA, measured once) the first two went from chance to 100% and case from 33% to 56%.
+``compare`` (yes/no: is the first number larger?) and ``arithmetic`` (multiple choice, the sum at a random
+position, distractors off by 1, 2, 10 or 11) stayed at chance there: they are the harder ones, for longer runs.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, permutations
 
 from malora_train.data.rendering import RawTask, choices_instruction, numbered_labels
 from malora_train.errors import ConfigError
@@ -28,10 +33,23 @@ NOUNS = ["food", "service", "room", "staff", "music", "coffee", "movie", "hotel"
          "cake", "museum"]
 ADJECTIVE_PAIRS = [(i, j) for i in range(len(POSITIVE)) for j in range(len(POSITIVE)) if i != j]
 
+CATEGORIES = {
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum", "kiwi",
+              "lime", "papaya", "apricot", "fig"],
+    "animal": ["horse", "tiger", "rabbit", "zebra", "mouse", "camel", "sheep", "eagle", "whale", "shark", "goat",
+               "donkey", "otter", "wolf", "panda"],
+    "color": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray", "violet",
+              "teal", "maroon", "beige", "crimson"],
+    "vehicle": ["car", "bus", "truck", "bicycle", "tram", "boat", "ship", "plane", "taxi", "scooter", "tractor",
+                "van", "jeep", "helicopter", "canoe"],
+}
+CATEGORY_TRIPLES = list(permutations(range(15), 3))  # three distinct words of one category, in order
+
 COMPARE_PAIRS = list(combinations(range(10, 100), 2))  # (smaller, larger)
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 TWO_SYLLABLE_WORDS = len(SYLLABLES) ** 2
+CASES = {"upper": str.upper, "lower": str.lower, "title": str.capitalize}
 ARITHMETIC_OFFSETS = [-11, -10, -2, -1, 1, 2, 10, 11]
 
 
@@ -53,8 +71,14 @@ def _sentiment(problem: int, label: int, rng: random.Random) -> str:
 
 def _compare(problem: int, label: int, rng: random.Random) -> str:
     smaller, larger = COMPARE_PAIRS[problem]
-    options = [larger, smaller] if label == 0 else [smaller, larger]
-    return choices_instruction("Which number is larger?", [str(n) for n in options], kind="option", block_gap="\n")
+    first, second = (larger, smaller) if label == 0 else (smaller, larger)
+    return f"Is {first} larger than {second}?\nAnswer format: yes/no"
+
+
+def _category(problem: int, label: int, rng: random.Random) -> str:
+    words = list(CATEGORIES.values())[label]
+    listed = ", ".join(words[i] for i in CATEGORY_TRIPLES[problem])
+    return f'Which category fits "{listed}"?\nAnswer format: {"/".join(CATEGORIES)}'
 
 
 def pseudo_word(problem: int) -> str:
@@ -66,12 +90,9 @@ def pseudo_word(problem: int) -> str:
     return SYLLABLES[first] + SYLLABLES[rest // len(SYLLABLES)] + SYLLABLES[rest % len(SYLLABLES)]
 
 
-def _uppercase(problem: int, label: int, rng: random.Random) -> str:
-    word = pseudo_word(problem)
-    options = [word.capitalize(), word]
-    rng.shuffle(options)
-    options.insert(label, word.upper())
-    return choices_instruction(f'Which option is "{word}" in upper case?', options, block_gap="\n")
+def _case(problem: int, label: int, rng: random.Random) -> str:
+    word = list(CASES.values())[label](pseudo_word(problem))
+    return f'Which case is "{word}" written in?\nAnswer format: upper/lower/title'
 
 
 def _arithmetic(problem: int, label: int, rng: random.Random) -> str:
@@ -85,9 +106,9 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
     task.name: task
     for task in [
         SyntheticTask("sentiment", ["positive", "negative"], len(NOUNS) * len(ADJECTIVE_PAIRS), _sentiment),
-        SyntheticTask("compare", numbered_labels("option", 2), len(COMPARE_PAIRS), _compare),
-        SyntheticTask("uppercase", numbered_labels("answer", 3),
-                      TWO_SYLLABLE_WORDS + len(SYLLABLES) ** 3, _uppercase),
+        SyntheticTask("category", list(CATEGORIES), len(CATEGORY_TRIPLES), _category),
+        SyntheticTask("case", list(CASES), TWO_SYLLABLE_WORDS + len(SYLLABLES) ** 3, _case),
+        SyntheticTask("compare", ["yes", "no"], len(COMPARE_PAIRS), _compare),
         SyntheticTask("arithmetic", numbered_labels("answer", 4), 90 * 90, _arithmetic),
     ]
 }
