@@ -31,6 +31,9 @@ test: setup
 bench: setup
 	$(PY) scripts/bench.py --model tiny --device cpu $(ARGS)
 
+bench-gpu: setup
+	$(PY) scripts/bench.py --model llama2_7b --device cuda --suite full --json bench-gpu.json $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check malora_train scripts tests
 

@@ -1,5 +1,10 @@
 """Shared machinery of the adapter layers: wrapping a frozen ``nn.Linear``, dropout, dtypes, and the
 two ways to compute a mixture (the fast rank-space gated product and the per-expert reference loop).
+
+The fast path (``impl=fast``) runs through the custom autograd Functions of ``fused``: one pass over
+the input computes ``z = D dropout(x)`` (D = ``down_projection()``) together with the router logits,
+the routing and its auxiliary losses run fused, and ``gated_up`` adds ``s (g * expand(z)) B^T`` to the
+frozen output in one addmm. Only x (shared with the frozen layer) and a bit mask are kept for backward.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malora_train.adapters import fused
 from malora_train.adapters import router as routing_ops
 
 
@@ -72,10 +78,12 @@ class AdapterLinear(nn.Module):
         return F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
 
     def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Flatten to (tokens, in_features); upcast only when no autocast will cast the matmuls."""
+        """Flatten to (tokens, in_features); cast to the adapter's dtype (float32, or float64 in
+        exactness tests) only when no autocast will cast the matmuls."""
         flat = x.reshape(-1, self.in_features)
-        if not torch.is_autocast_enabled(x.device.type) and flat.dtype != torch.float32:
-            flat = flat.float()
+        adapter_dtype = self.lora_B.dtype
+        if not torch.is_autocast_enabled(x.device.type) and flat.dtype != adapter_dtype:
+            flat = flat.to(adapter_dtype)
         return flat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,14 +96,13 @@ class AdapterLinear(nn.Module):
             result = self.fast_forward(self.adapter_input(x), flat_out)
         return result.view(out.shape)
 
-    def add_scaled(self, flat_out: torch.Tensor, u: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``flat_out + scaling * u @ up^T`` as one addmm (the add rides in the GEMM's epilogue)."""
-        if torch.is_autocast_enabled(u.device.type) or flat_out.dtype == u.dtype:
-            return torch.addmm(flat_out, u, up.t(), alpha=self.scaling)
-        return flat_out + (self.scaling * (u @ up.t())).to(flat_out.dtype)
+    def down_projection(self) -> torch.Tensor:
+        """The matrix the fast path applies to ``dropout(x)``: ``lora_A`` (MALoRA: ``shared_A``)."""
+        return self.lora_A
 
     def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        z = fused.project(x, self.down_projection(), None, self.dropout_p, self.training)
+        return fused.gated_up(z, flat_out, self.lora_B, self.scaling)
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -115,7 +122,11 @@ class MixtureAdapterLinear(AdapterLinear):
     reads, computed once per token), ``rank_space`` (all experts' rank-space activations at once,
     (T, N, R)) and ``expert_forward`` (one expert, for the reference loop). ``lora_B`` holds the
     experts' up-projections side by side, (out, N*R), so the fast path is two GEMMs whatever N is.
+    The fast path reads the same structure from ``down_projection`` (what multiplies ``dropout(x)``),
+    ``coeff_projection`` (MALoRA's P, between the two) and ``shared_down`` (HydraLoRA: one z for all).
     """
+
+    shared_down: ClassVar[bool] = False
 
     def __init__(self, base: nn.Linear, *, num_experts: int, top_k: int, renormalize: bool,
                  jitter_noise: float, router_init_std: float, context: RoutingContext | None,
@@ -140,26 +151,51 @@ class MixtureAdapterLinear(AdapterLinear):
     def route(self, x: torch.Tensor) -> routing_ops.Routing:
         logits = routing_ops.router_logits(x, self.router, self.jitter_noise, self.training)
         routing = routing_ops.route(logits, self.top_k, self.renormalize)
-        if self.context is not None:
-            mask = self.context.mask_for(x.shape[0])
-            if self.context.collect:
-                self.record_aux(routing, mask)
-            task = self.context.task_for(x.shape[0])
-            if task is not None:
-                self.count_by_task(routing, mask, task)
+        mask = self.context.mask_for(x.shape[0]) if self.context is not None else None
+        self.record_aux(routing, mask)
+        self.count_tasks(routing.top_idx, mask)
         return routing
 
+    def fast_route(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gates (T, N) from float32 logits, recording what ``route`` records; fused kernels on CUDA."""
+        mask = self.context.mask_for(logits.shape[0]) if self.context is not None else None
+        routed = fused.route(logits, self.top_k, self.renormalize, mask, self.collecting())
+        if routed is not None:
+            gates, top_idx, aux = routed
+            if aux is not None:
+                self.aux = aux
+        else:
+            routing = routing_ops.route(logits, self.top_k, self.renormalize)
+            self.record_aux(routing, mask)
+            gates, top_idx = routing.gates, routing.top_idx
+        self.count_tasks(top_idx, mask)
+        return gates
+
+    def collecting(self) -> bool:
+        return self.context is not None and self.context.collect
+
     def record_aux(self, routing: routing_ops.Routing, mask: torch.Tensor | None) -> None:
-        """Keep this forward's auxiliary losses (with grad) and router entropy (detached)."""
-        self.aux = {
+        """Keep this forward's auxiliary losses (with grad) and router entropy (detached).
+
+        With grad on they are computed even when not collected: activation checkpointing recomputes
+        the forward with collection off and needs the same autograd graph (the same saved tensors).
+        """
+        if not (self.collecting() or (self.context is not None and torch.is_grad_enabled())):
+            return
+        aux = {
             "balance": routing_ops.balance_loss(routing, mask),
             "z": routing_ops.z_loss(routing, mask),
             "entropy": routing_ops.entropy(routing, mask).detach(),
         }
+        if self.collecting():
+            self.aux = aux
 
-    def count_by_task(self, routing: routing_ops.Routing, mask: torch.Tensor | None, task: torch.Tensor) -> None:
-        """Accumulate (num_tasks, N) token-slot assignment counts for routing diagnostics."""
-        counts = routing_ops.assignment_counts(routing.top_idx.detach(), self.num_experts)
+    def count_tasks(self, top_idx: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Accumulate (num_tasks, N) token-slot assignment counts for routing diagnostics, when asked."""
+        task = self.context.task_for(top_idx.shape[0]) if self.context is not None else None
+        if task is None:
+            return
+        counts = routing_ops.assignment_counts(top_idx.detach(), self.num_experts)
         if mask is not None:
             counts = counts * mask.unsqueeze(-1).float()
         num_tasks = self.context.num_tasks
@@ -180,11 +216,23 @@ class MixtureAdapterLinear(AdapterLinear):
     def expert_up(self, expert: int) -> torch.Tensor:
         return self.lora_B[:, expert * self.rank:(expert + 1) * self.rank]
 
+    def coeff_projection(self) -> torch.Tensor | None:
+        """MALoRA's stacked P (N*R, d) between the shared projection and the up-projections."""
+        return None
+
     def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
-        routing = self.route(x)
-        u = self.rank_space(self.dropout(x))  # (T, N, R)
-        gated = (u * routing.gates.to(u.dtype).unsqueeze(-1)).reshape(x.shape[0], -1)
-        return self.add_scaled(flat_out, gated, self.lora_B)
+        # multiplicative jitter changes the router's input, so the logits cannot share the pass over x
+        fused_router = not (self.training and self.jitter_noise > 0)
+        projected = fused.project(x, self.down_projection(), self.router if fused_router else None,
+                                  self.dropout_p, self.training)
+        if fused_router:
+            z, logits = projected
+        else:
+            z, logits = projected, routing_ops.router_logits(x, self.router, self.jitter_noise, self.training)
+        gates = self.fast_route(logits)
+        return fused.gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates,
+                              coeff=self.coeff_projection(), num_experts=self.num_experts,
+                              shared=self.shared_down)
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The conventional MoE computation: for each expert, gather its tokens, run it, scatter back."""

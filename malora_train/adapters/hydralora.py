@@ -15,6 +15,7 @@ from malora_train.adapters.base import MixtureAdapterLinear
 class HydraLoRALinear(MixtureAdapterLinear):
     kind = "hydralora"
     tensor_kinds = {"router": "router", "lora_A": "shared subspace", "lora_B": "expert up"}
+    shared_down = True  # every head reads the same z = A dropout(x)
 
     def __init__(self, base: nn.Linear, **kwargs) -> None:
         super().__init__(base, **kwargs)

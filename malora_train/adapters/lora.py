@@ -27,9 +27,6 @@ class LoRALinear(AdapterLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
-        return self.add_scaled(flat_out, F.linear(self.dropout(x), self.lora_A), self.lora_B)
-
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 

@@ -65,6 +65,12 @@ class MALoRALinear(MixtureAdapterLinear):
     def shared_features(self, xd: torch.Tensor) -> torch.Tensor:
         return F.linear(xd, self.shared_A)
 
+    def down_projection(self) -> torch.Tensor:
+        return self.shared_A
+
+    def coeff_projection(self) -> torch.Tensor:
+        return self.coeff_P
+
     def rank_space(self, xd: torch.Tensor) -> torch.Tensor:
         z = F.linear(xd, self.shared_A)
         return F.linear(z, self.coeff_P).view(xd.shape[0], self.num_experts, self.rank)

@@ -23,12 +23,13 @@ class Routing:
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, jitter_noise: float = 0.0, training: bool = False):
-    """``W_g x`` in float32 whatever the autocast state; jitter is multiplicative noise on x (Switch)."""
+    """``W_g x`` in float32 (float64 for float64 inputs) whatever the autocast state; jitter is
+    multiplicative noise on x (Switch)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         if training and jitter_noise > 0:
             x32 = x32 * torch.empty_like(x32).uniform_(1.0 - jitter_noise, 1.0 + jitter_noise)
-        return F.linear(x32, weight.float())
+        return F.linear(x32, weight.to(x32.dtype))
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:

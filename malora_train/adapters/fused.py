@@ -1,0 +1,291 @@
+"""The fast adapter path as three custom autograd Functions, each with a hand-written backward:
+
+    project    z = D dropout(x)  [and router logits W_g x in float32]     (full-size input, tiny output)
+    gated_up   y = out + s * (gates * expand(z)) B^T                       (tiny input, full-size output)
+    route      softmax / top-K / renormalise and the auxiliary-loss statistics
+
+They compute exactly what the reference formulas compute (METHOD.md), but keep from the activations
+only what the backward needs: ``x`` itself (already held by the frozen layer, so no extra memory) plus
+the dropout mask as one bit per element, or only a seed on the torch path. On CUDA with Triton the
+work on full-size tensors runs in the fused kernels of ``triton_kernels``; elsewhere (the CPU, CI) the
+same Functions run on plain torch ops, which is what the equation tests check in float64.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
+    from malora_train.adapters import triton_kernels
+except ImportError:  # pragma: no cover - depends on the installation
+    triton_kernels = None
+
+# True (or MALORA_FUSED=torch) runs the Functions on plain torch ops on CUDA too (benchmarks, debugging)
+FORCE_TORCH = os.environ.get("MALORA_FUSED", "") == "torch"
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+_kernels_failed = False  # set when a Triton kernel could not be built or launched here
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return triton_kernels is not None and not FORCE_TORCH and not _kernels_failed and t.is_cuda
+
+
+def _kernel_failure(err: Exception) -> None:
+    """Fall back to the torch ops for the rest of the run, once, loudly (a broken Triton install or an
+    unsupported GPU must not stop training)."""
+    global _kernels_failed
+    _kernels_failed = True
+    warnings.warn(f"malora_train: Triton adapter kernels failed ({type(err).__name__}: {err}); "
+                  "using the plain torch fast path instead", RuntimeWarning, stacklevel=3)
+
+
+def unpack_keep(bits: torch.Tensor, n: int, p: float) -> torch.Tensor:
+    """The scaled keep mask (T, n) from the kernels' packed bits (one int32 word per 32 columns)."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    keep = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(bits.shape[0], -1)[:, :n]
+    return keep.float().div_(1.0 - p)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the adapter matmuls: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's CPU generator: no device sync, reproducible under ``manual_seed``,
+    and replayed by activation checkpointing (which restores the CPU RNG state before recomputing)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Bernoulli(1 - p) keep mask scaled by 1 / (1 - p), drawn again identically from ``seed``; in at
+    least float32, as F.dropout scales (a bf16 1/0.95 would be off by 2e-3)."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    mask = torch.empty(x.shape, device=x.device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
+    return mask.div_(1.0 - p)
+
+
+def logits_dtype(x: torch.Tensor) -> torch.dtype:
+    """Router logits are float32, or float64 for float64 inputs (as ``router.router_logits``)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` in one GEMM (alpha in the epilogue; beta = 0 never reads the empty input)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
+
+
+# -- project: z = D dropout(x), logits = W_g x ------------------------------------------------------------
+
+class _Project(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, down, router, p, seed, cdt):
+        down_c = down.to(cdt)  # saved: the backward needs it too
+        kernel = use_triton(x) and cdt in _KERNEL_DTYPES and x.is_contiguous()
+        if kernel:
+            try:
+                z, logits, bits = triton_kernels.project_forward(x, down_c, router, p, seed, cdt)
+            except Exception as err:  # noqa: BLE001 - any build or launch failure
+                _kernel_failure(err)
+                kernel = False
+        if not kernel:
+            bits = None
+            with _no_autocast(x):
+                xd = x * _keep_mask(x, p, seed) if p > 0 else x
+                z = F.linear(xd.to(cdt), down_c)
+                ldt = logits_dtype(x)
+                logits = F.linear(x.to(ldt), router.to(ldt)) if router is not None else None
+        ctx.save_for_backward(x, down_c, router, bits)
+        ctx.p, ctx.seed, ctx.cdt, ctx.down_dtype = p, seed, cdt, down.dtype
+        if router is None:
+            return z
+        return z, logits
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_logits=None):
+        x, down_c, router, bits = ctx.saved_tensors
+        p, cdt = ctx.p, ctx.cdt
+        need_x, need_down, need_router = ctx.needs_input_grad[:3]
+        grad_z = grad_z.contiguous()
+        if grad_logits is not None:
+            grad_logits = grad_logits.contiguous()
+        gx = gdown = grouter = None
+        kernel = use_triton(x) and cdt in _KERNEL_DTYPES and x.is_contiguous()
+        if kernel:
+            try:
+                if need_x:
+                    gx = triton_kernels.project_input_grad(grad_z, grad_logits, down_c, router, bits, p, x.dtype)
+                if need_down or need_router:
+                    gdown, grouter = triton_kernels.project_weight_grad(
+                        grad_z if need_down else None, grad_logits if need_router else None, x, bits, p,
+                        down_c.shape[0], router.shape[0] if router is not None else 1, cdt)
+            except Exception as err:  # noqa: BLE001 - any build or launch failure
+                _kernel_failure(err)
+                kernel = False
+        if not kernel:
+            if p > 0:
+                mask = unpack_keep(bits, x.shape[1], p) if bits is not None else _keep_mask(x, p, ctx.seed)
+            else:
+                mask = None
+            if need_x:
+                gx = grad_z @ down_c
+                gx = (gx * mask if mask is not None else gx).to(x.dtype)
+                if router is not None:
+                    gx = gx + (grad_logits @ router.to(grad_logits.dtype)).to(x.dtype)
+            if need_down:
+                xd = x * mask if mask is not None else x
+                gdown = grad_z.t() @ xd.to(cdt)
+            if need_router:
+                grouter = (grad_logits.t() @ x.to(grad_logits.dtype)).to(router.dtype)
+        if gdown is not None:
+            gdown = gdown.to(ctx.down_dtype)
+        return gx, gdown, grouter, None, None, None
+
+
+def project(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p: float, training: bool):
+    """``z = down dropout(x)`` in the compute dtype and, when ``router`` is given, float32 logits
+    ``router x`` (the router sees x without dropout). Returns z, or (z, logits) with a router."""
+    p = p if training else 0.0
+    seed = draw_seed() if p > 0 else 0
+    return _Project.apply(x, down, router, p, seed, compute_dtype(x))
+
+
+# -- gated_up: y = out + s (gates * expand(z)) B^T ------------------------------------------------------------
+
+class _GatedUp(torch.autograd.Function):
+    """All tensors are in the compute dtype (z's) by construction: no autocast needed here."""
+
+    @staticmethod
+    def forward(ctx, z, out, up, gates, coeff, scaling, num_experts, shared):
+        cdt = z.dtype
+        T = z.shape[0]
+        coeff_c = coeff.to(cdt) if coeff is not None else None
+        u = z @ coeff_c.t() if coeff is not None else z
+        gates_c = gates.to(cdt) if gates is not None else None
+        if gates is None:
+            gated = u
+        else:
+            u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
+            gated = (u3 * gates_c.unsqueeze(-1)).reshape(T, -1)
+        up_c = up.to(cdt)
+        if out.dtype == cdt:
+            y = torch.addmm(out, gated, up_c.t(), alpha=scaling)
+        else:
+            y = out + _mm_scaled(gated, up_c.t(), scaling).to(out.dtype)
+        ctx.save_for_backward(z, u if coeff is not None else None, gated, up_c, gates_c, coeff_c)
+        ctx.scaling, ctx.num_experts, ctx.shared = scaling, num_experts, shared
+        ctx.dtypes = (up.dtype, gates.dtype if gates is not None else None,
+                      coeff.dtype if coeff is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, u, gated, up_c, gates_c, coeff_c = ctx.saved_tensors
+        s, num_experts, shared = ctx.scaling, ctx.num_experts, ctx.shared
+        up_dtype, gates_dtype, coeff_dtype = ctx.dtypes
+        need_z, need_out, need_up, need_gates, need_coeff = ctx.needs_input_grad[:5]
+        cdt = z.dtype
+        T = z.shape[0]
+        gz = gup = ggates = gcoeff = None
+        grad_c = grad_y.to(cdt)
+        if need_up:
+            gup = _mm_scaled(grad_c.t(), gated, s).to(up_dtype)
+        g_gated = _mm_scaled(grad_c, up_c, s)
+        if gates_c is None:
+            g_u = g_gated
+        else:
+            u = u if coeff_c is not None else z
+            g3 = g_gated.view(T, num_experts, -1)
+            u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
+            if need_gates:
+                ggates = (g3 * u3).sum(-1, dtype=torch.promote_types(cdt, gates_dtype)).to(gates_dtype)
+            g3 = g3 * gates_c.unsqueeze(-1)
+            g_u = g3.sum(1) if shared else g3.reshape(T, -1)
+        if coeff_c is not None:
+            if need_coeff:
+                gcoeff = (g_u.t() @ z).to(coeff_dtype)
+            gz = g_u @ coeff_c if need_z else None
+        else:
+            gz = g_u
+        return gz, grad_y if need_out else None, gup, ggates, gcoeff, None, None, None
+
+
+def gated_up(z: torch.Tensor, out: torch.Tensor, up: torch.Tensor, scaling: float,
+             gates: torch.Tensor | None = None, coeff: torch.Tensor | None = None, num_experts: int = 1,
+             shared: bool = False) -> torch.Tensor:
+    """``out + scaling * (gates * u) up^T`` where ``u = z coeff^T`` (MALoRA), ``z`` for every expert
+    (``shared``, HydraLoRA) or ``z`` itself split into ``num_experts`` blocks; no gates: plain LoRA."""
+    return _GatedUp.apply(z, out, up, gates, coeff, scaling, num_experts, shared)
+
+
+# -- route: top-K routing and its auxiliary statistics ----------------------------------------------------
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, mask, top_k, renormalize, collect):
+        gates, top_idx, aux = triton_kernels.route_forward(logits, top_k, renormalize, mask, collect)
+        # Activation checkpointing recomputes with collect off and matches saved tensors by position,
+        # so the tiny statistics ride on ctx instead of save_for_backward.
+        ctx.save_for_backward(logits, top_idx, mask)
+        ctx.stats = aux[3] if aux is not None else None
+        ctx.top_k, ctx.renormalize = top_k, renormalize
+        ctx.mark_non_differentiable(top_idx)
+        if aux is None:
+            return gates, top_idx
+        balance, z, entropy, _ = aux
+        ctx.mark_non_differentiable(entropy)
+        return gates, top_idx, balance, z, entropy
+
+    @staticmethod
+    def backward(ctx, grad_gates, _grad_idx, grad_balance=None, grad_z=None, _grad_entropy=None):
+        logits, top_idx, mask = ctx.saved_tensors
+        try:
+            glogits = triton_kernels.route_backward(logits, top_idx, mask, grad_gates.contiguous(), ctx.stats,
+                                                    grad_balance, grad_z, ctx.renormalize)
+        except Exception as err:  # noqa: BLE001 - any build or launch failure: redo it with autograd
+            _kernel_failure(err)
+            glogits = _route_backward_autograd(logits, mask, ctx, grad_gates, grad_balance, grad_z)
+        return glogits, None, None, None, None
+
+
+def _route_backward_autograd(logits, mask, ctx, grad_gates, grad_balance, grad_z) -> torch.Tensor:
+    from malora_train.adapters import router as routing_ops
+
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_()
+        routing = routing_ops.route(leaf, ctx.top_k, ctx.renormalize)
+        total = (routing.gates * grad_gates).sum()
+        if ctx.stats is not None:
+            total = total + grad_balance * routing_ops.balance_loss(routing, mask)
+            total = total + grad_z * routing_ops.z_loss(routing, mask)
+        return torch.autograd.grad(total, leaf)[0]
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool, mask: torch.Tensor | None, collect: bool):
+    """(gates (T, N), top_idx (T, K), aux) from float32 logits in fused kernels; ``aux`` is {balance, z,
+    entropy} as ``routing_ops`` computes them when ``collect``, else None. None where the kernels do not
+    run (the CPU, no Triton, a failure): the caller then routes with ``routing_ops``."""
+    if not use_triton(logits):
+        return None
+    try:
+        outputs = _Route.apply(logits.contiguous(), mask, top_k, renormalize, collect)
+    except Exception as err:  # noqa: BLE001 - any build or launch failure
+        _kernel_failure(err)
+        return None
+    if not collect:
+        return outputs[0], outputs[1], None
+    gates, top_idx, balance, z, entropy = outputs
+    return gates, top_idx, {"balance": balance, "z": z, "entropy": entropy}

@@ -1,0 +1,165 @@
+"""The fast path's custom autograd Functions (malora_train/adapters/fused.py): with dropout on they
+equal the reference formulas with the same mask, they keep no full-size copy of the input for backward,
+and (on CUDA) the Triton kernels match plain torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from malora_train.adapters import fused
+from malora_train.adapters import router as routing_ops
+from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
+from malora_train.adapters.inject import ADAPTER_CLASSES, layer_kwargs
+from malora_train.config import AdapterConfig, RouterConfig
+
+KINDS = ["lora", "molora", "malora", "hydralora"]
+T, IN, OUT = 23, 40, 36
+
+
+def build(kind: str, dropout: float, dtype=torch.float64, device="cpu", context=None):
+    cfg = AdapterConfig(kind=kind, rank=6 if kind == "lora" else 4, num_experts=5, dropout=dropout,
+                        shared_rank=8 if kind == "malora" else None, expert_rank=5 if kind == "malora" else None,
+                        router=RouterConfig(top_k=2, dense=kind == "hydralora"))
+    kwargs = layer_kwargs(cfg)
+    if issubclass(ADAPTER_CLASSES[kind], MixtureAdapterLinear):
+        kwargs["context"] = context
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT, dtype=dtype, device=device).requires_grad_(False)
+    layer = ADAPTER_CLASSES[kind](base, **kwargs).to(dtype)
+    with torch.no_grad():
+        for name in layer.tensor_kinds:
+            getattr(layer, name).normal_(0.0, 0.3)
+    return layer.train()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_with_dropout_equals_the_reference_with_the_same_mask(kind: str, monkeypatch) -> None:
+    """The backward regenerates the mask from the forward's seed; outputs, every gradient and the aux
+    losses must equal the reference path fed the very same mask (float64, so exactly)."""
+    context = RoutingContext()
+    layer = build(kind, dropout=0.3, context=context)
+    x = torch.randn(T, IN, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(fused, "draw_seed", lambda: 1234)
+    mask = fused._keep_mask(x.detach(), 0.3, 1234)
+    assert 0.5 < (mask > 0).double().mean() < 0.9  # a real mask, scaled by 1 / (1 - p)
+    assert torch.allclose(mask[mask > 0], torch.tensor(1 / 0.7, dtype=torch.float64))
+    weights = torch.randn(T, OUT, dtype=torch.float64)
+    results = {}
+    for impl in ("fast", "reference"):
+        layer.impl = impl
+        if impl == "reference":
+            monkeypatch.setattr(layer, "dropout", lambda t: t * mask)
+        context.collect = True
+        context.token_mask = torch.arange(T) % 4 != 0
+        y = layer(x)
+        aux = getattr(layer, "aux", {})
+        loss = (y * weights).sum() + sum(0.5 * v for k, v in aux.items() if k != "entropy")
+        params = [p for p in layer.parameters() if p.requires_grad]
+        results[impl] = [y, *torch.autograd.grad(loss, [x, *params]), *aux.values()]
+    for fast, reference in zip(results["fast"], results["reference"], strict=True):
+        torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_keeps_no_full_size_copy_of_the_input(kind: str) -> None:
+    """Dropout copies of x (one per adapted layer) were most of the adapters' memory: the fast path may
+    save x itself (the frozen layer holds it anyway) and small tensors, nothing else of x's size."""
+    layer = build(kind, dropout=0.05, dtype=torch.float32)
+    x = torch.randn(64, IN, requires_grad=True)
+    saved = []
+
+    def pack(t: torch.Tensor):
+        saved.append(t)
+        return t
+
+    for impl, expect_copy in (("fast", False), ("reference", True)):
+        layer.impl = impl
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        big = [t for t in saved if t.numel() >= x.numel() and t.untyped_storage().data_ptr()
+               != x.untyped_storage().data_ptr()]
+        assert bool(big) == expect_copy, (impl, [tuple(t.shape) for t in big])
+
+
+# -- CUDA: the Triton kernels against plain torch --------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or fused.triton_kernels is None,
+                          reason="needs CUDA and Triton")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return ((bits[:, :, None] >> shifts) & 1).reshape(bits.shape[0], -1)[:, :n].bool()
+
+
+@cuda
+@pytest.mark.parametrize("T_,n,R,N,p", [(4096, 4096, 64, 8, 0.05), (1000, 11008, 32, 8, 0.05),
+                                        (77, 300, 8, 5, 0.2), (130, 256, 96, 0, 0.0)])
+def test_triton_projection_matches_torch(T_: int, n: int, R: int, N: int, p: float) -> None:
+    tk = fused.triton_kernels
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(T_, n, device="cuda", generator=gen).bfloat16()
+    down = torch.randn(R, n, device="cuda", generator=gen) * n**-0.5
+    router = torch.randn(N, n, device="cuda", generator=gen) * 0.02 if N else None
+    z, logits, bits = tk.project_forward(x, down, router, p, 99, torch.bfloat16)
+    keep = _unpack(bits, n) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+    xd = torch.where(keep, x.float() / (1 - p), 0.0).bfloat16()
+    assert _rel(z, xd.float() @ down.bfloat16().float().t()) < 1e-2
+    if router is not None:
+        assert _rel(logits, x.double() @ router.double().t()) < 5e-5  # tensor-core float32 accumulation
+    gz = torch.randn(T_, R, device="cuda", generator=gen).bfloat16()
+    gl = torch.randn(T_, N, device="cuda", generator=gen) * 1e-3 if N else None
+    gx = tk.project_input_grad(gz, gl, down, router, bits, p, torch.bfloat16)
+    gx_ref = torch.where(keep, (gz.float() @ down.bfloat16().float()) / (1 - p), 0.0)
+    if router is not None:
+        gx_ref = gx_ref + gl @ router
+    assert _rel(gx, gx_ref) < 1e-2
+    gd, gw = tk.project_weight_grad(gz, gl, x, bits, p, R, max(N, 1), torch.bfloat16)
+    assert _rel(gd, gz.float().t() @ xd.float()) < 1e-3
+    if router is not None:
+        assert _rel(gw, gl.double().t() @ x.double()) < 5e-5
+
+
+@cuda
+@pytest.mark.parametrize("top_k,renormalize,masked", [(2, True, True), (8, True, False), (3, False, False)])
+def test_triton_routing_matches_torch_autograd(top_k: int, renormalize: bool, masked: bool) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logits = (torch.randn(3000, 8, device="cuda", generator=gen) * 2).requires_grad_()
+    mask = torch.rand(3000, device="cuda", generator=gen) > 0.3 if masked else None
+    gates, top_idx, aux = fused.route(logits, top_k, renormalize, mask, collect=True)
+    ref = routing_ops.route(logits, top_k, renormalize)
+    assert torch.equal(top_idx.sort(1).values, ref.top_idx.sort(1).values)
+    expected_aux = [routing_ops.balance_loss(ref, mask), routing_ops.z_loss(ref, mask), routing_ops.entropy(ref, mask)]
+    for got, want in zip(aux.values(), expected_aux):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gates, ref.gates, rtol=1e-5, atol=1e-6)
+    weights = torch.randn(3000, 8, device="cuda", generator=gen)
+    got = torch.autograd.grad((gates * weights).sum() + 0.3 * aux["balance"] + 0.2 * aux["z"], logits)[0]
+    want = torch.autograd.grad((ref.gates * weights).sum() + 0.3 * expected_aux[0] + 0.2 * expected_aux[1],
+                               logits)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_layer_matches_the_reference_under_bf16_autocast(kind: str) -> None:
+    layer = build(kind, dropout=0.0, dtype=torch.float32, device="cuda")
+    layer.base.to(torch.bfloat16)
+    x = torch.randn(2048, IN, device="cuda").bfloat16().requires_grad_()
+    results = {}
+    for impl in ("fast", "reference"):
+        layer.impl = impl
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        results[impl] = [y, *torch.autograd.grad(y.float().square().sum(), [x, *params])]
+    for fast, reference in zip(results["fast"], results["reference"], strict=True):
+        assert _rel(fast, reference) < 2e-2
