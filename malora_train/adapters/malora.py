@@ -39,6 +39,9 @@ class MALoRALinear(MixtureAdapterLinear):
 
     def __init__(self, base: nn.Linear, *, shared_rank: int, beta: float, **kwargs) -> None:
         super().__init__(base, **kwargs)
+        if shared_rank > self.in_features:
+            raise ConfigError(f"adapter.shared_rank (d={shared_rank}) must not exceed the input size "
+                              f"{self.in_features} of the adapted layer")
         self.shared_rank = shared_rank
         self.beta = beta
         self.shared_A = self.param_factory(shared_rank, self.in_features)
