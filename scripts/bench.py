@@ -62,9 +62,10 @@ class Scenario:
     check: bool = False  # run the fast-vs-reference agreement check (the main scenario only)
     steps: int | None = None  # None: --steps / --warmup
     warmup: int | None = None
+    compile: bool = False  # torch.compile every decoder layer (the floor too: ratios compare like with like)
 
-    def shape(self) -> tuple[int, int, bool]:
-        return self.batch, self.seq, self.checkpointing
+    def shape(self) -> tuple[int, int, bool, bool]:
+        return self.batch, self.seq, self.checkpointing, self.compile
 
 
 # --suite full: the extra rows (long sequences, checkpointing) and the fast path without Triton
@@ -72,7 +73,8 @@ SUITES = {
     "full": [
         "name=checkpointing,checkpointing=1,methods=floor+lora+molora+malora,impls=fast,steps=5,warmup=2",
         "name=seq4096,batch=1,seq=4096,methods=floor+lora+molora+malora,impls=fast,steps=5,warmup=2",
-        "name=no-triton,methods=molora+malora,impls=fast-torch,steps=5,warmup=2",
+        "name=reference,methods=molora+malora,impls=reference,steps=3,warmup=1",
+        "name=compiled,compile=1,methods=floor+lora+malora,impls=fast,steps=5,warmup=3",
     ],
 }
 
@@ -318,7 +320,8 @@ class Runner:
         try:
             if scenario.checkpointing:
                 set_checkpointing(self.model, True)
-            if self.args.compile:
+            if self.args.compile or scenario.compile:
+                torch._dynamo.config.cache_size_limit = 64  # one entry per decoder layer at most
                 for layer in self.model.get_decoder().layers:
                     layer.compile()
             check = {}
@@ -331,7 +334,7 @@ class Runner:
             fused.FORCE_TORCH = False
             if scenario.checkpointing:
                 set_checkpointing(self.model, False)
-            if self.args.compile:
+            if self.args.compile or scenario.compile:
                 for layer in self.model.get_decoder().layers:
                     layer._compiled_call_impl = None
             attached.detach()
@@ -425,7 +428,7 @@ def parse_scenario(text: str, default: Scenario) -> Scenario:
             raise SystemExit(f"--scenario {text!r}: expected key=value pairs, got {part!r}")
         if key in ("batch", "seq", "steps", "warmup"):
             fields[key] = int(value)
-        elif key == "checkpointing":
+        elif key in ("checkpointing", "compile"):
             fields[key] = value.lower() in ("1", "true", "yes", "on")
         elif key in ("methods", "impls"):
             fields[key] = tuple(value.split("+"))
@@ -433,7 +436,7 @@ def parse_scenario(text: str, default: Scenario) -> Scenario:
             fields[key] = value
         else:
             raise SystemExit(f"--scenario {text!r}: unknown key {key!r} (name, batch, seq, checkpointing, "
-                             "methods, impls, steps, warmup)")
+                             "methods, impls, steps, warmup, compile)")
     return Scenario(**fields)
 
 

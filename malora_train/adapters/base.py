@@ -92,9 +92,22 @@ class AdapterLinear(nn.Module):
         if self.impl == "reference":
             delta = self.reference_delta(self.adapter_input(x))
             result = flat_out + delta.to(flat_out.dtype)
+        elif torch.compiler.is_compiling():
+            # under torch.compile, plain differentiable ops let the compiler fuse them with the frozen layer
+            result = self.composite_forward(self.adapter_input(x), flat_out)
         else:
             result = self.fast_forward(self.adapter_input(x), flat_out)
         return result.view(out.shape)
+
+    def add_scaled(self, flat_out: torch.Tensor, u: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``flat_out + scaling * u @ up^T`` as one addmm (the add rides in the GEMM's epilogue)."""
+        if torch.is_autocast_enabled(u.device.type) or flat_out.dtype == u.dtype:
+            return torch.addmm(flat_out, u, up.t(), alpha=self.scaling)
+        return flat_out + (self.scaling * (u @ up.t())).to(flat_out.dtype)
+
+    def composite_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
+        """The fast path's maths in plain torch ops (no custom Functions): what torch.compile traces."""
+        return self.add_scaled(flat_out, F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     def down_projection(self) -> torch.Tensor:
         """The matrix the fast path applies to ``dropout(x)``: ``lora_A`` (MALoRA: ``shared_A``)."""
@@ -233,6 +246,12 @@ class MixtureAdapterLinear(AdapterLinear):
         return fused.gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates,
                               coeff=self.coeff_projection(), num_experts=self.num_experts,
                               shared=self.shared_down)
+
+    def composite_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
+        routing = self.route(x)
+        u = self.rank_space(self.dropout(x))  # (T, N, R)
+        gated = (u * routing.gates.to(u.dtype).unsqueeze(-1)).reshape(x.shape[0], -1)
+        return self.add_scaled(flat_out, gated, self.lora_B)
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The conventional MoE computation: for each expert, gather its tokens, run it, scatter back."""
