@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup train test test-all bench lint clean
+.PHONY: setup train test bench bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ bench: setup
 	$(PY) scripts/bench.py --model tiny --device cpu $(ARGS)
 
 bench-gpu: setup
-	$(PY) scripts/bench.py --model llama2_7b --device cuda --suite full --json bench-gpu.json $(ARGS)
+	$(PY) scripts/bench.py --model llama2_7b --device cuda --suite full --impl fast --json bench-gpu.json $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check malora_train scripts tests
