@@ -1,9 +1,16 @@
 """Entry points: ``malora-train`` (a Hydra main: overrides, ``-m`` multirun), ``malora-eval`` and
-``malora-inspect`` (composed from the same configs, without creating an output folder)."""
+``malora-inspect`` (composed from the same configs, without creating an output folder).
+
+Several processes: ``accelerate launch --config_file conf/accelerate/<single|ddp|deepspeed_zero2|
+deepspeed_zero3>.yaml [--num_processes N] -m malora_train.cli <overrides>`` (or ``torchrun
+--nproc_per_node N -m malora_train.cli ...``). Every rank runs the same Hydra main; they agree on one
+run directory, and only rank 0 writes into it.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +31,15 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(cfg)
 
 
-def _fail(err: Exception) -> None:
-    print(f"malora-train: error: {err}", file=sys.stderr)
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (0 without a launcher), known before any set-up."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def fail(err: Exception) -> None:
+    """Exit with a one-line message (printed once: by rank 0 when several processes run)."""
+    if launch_rank() == 0:
+        print(f"malora-train: error: {err}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
 
@@ -44,12 +58,14 @@ def _train_job(cfg: DictConfig) -> float | None:
 
     from malora_train.train.loop import train
 
+    if launch_rank() != 0:  # rank 0 reports; the others speak up only for errors
+        log.setLevel(logging.ERROR)
     try:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         summary = train(to_config(cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                         overrides=list(HydraConfig.get().overrides.task))
     except MaloraError as err:
-        _fail(err)
+        fail(err)
     return summary.get("eval_after_average") if summary else None
 
 
@@ -59,6 +75,8 @@ def train_main() -> None:
     from malora_train.train.distributed import agree_on_run_dir
 
     agree_on_run_dir()
+    if launch_rank() != 0:  # Hydra's own files (.hydra/, the log file) are written by rank 0 alone
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_train_job)
     main()
 
@@ -74,7 +92,7 @@ def compose(argv: list[str]) -> Config:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return to_config(hydra_compose(config_name="config", overrides=argv))
     except (HydraException, OmegaConfBaseException) as err:
-        _fail(_one_line(err))
+        fail(_one_line(err))
     raise AssertionError("unreachable")
 
 
@@ -85,7 +103,7 @@ def inspect_main(argv: list[str] | None = None) -> None:
     try:
         inspect_command(cfg)
     except MaloraError as err:
-        _fail(err)
+        fail(err)
 
 
 def eval_main(argv: list[str] | None = None) -> None:
@@ -97,7 +115,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     try:
         eval_command(cfg, argv)
     except MaloraError as err:
-        _fail(err)
+        fail(err)
 
 
 if __name__ == "__main__":  # `accelerate launch -m malora_train.cli ...` runs training

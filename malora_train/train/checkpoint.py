@@ -24,6 +24,8 @@ from malora_train.errors import ConfigError
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp-step_"  # a checkpoint being written
+OLD_PREFIX = ".old-"  # a folder being replaced by a newer save of itself
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -57,21 +59,47 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 
 def temporary_dir(run_dir: Path, step: int) -> Path:
-    return checkpoint_root(run_dir) / f".tmp-step_{step}"
+    return checkpoint_root(run_dir) / f"{TMP_PREFIX}{step}"
 
 
 def publish(tmp: Path, run_dir: Path, step: int) -> Path:
-    """Atomically turn a fully written temporary folder into ``step_<N>``."""
+    """Turn a fully written temporary folder into ``step_<N>``."""
     final = checkpoint_root(run_dir) / f"step_{step}"
-    if final.exists():  # a re-run of the same step after a resume: the new one replaces it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fd = os.open(checkpoint_root(run_dir), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_dir(tmp, final)
     return final
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the fully written folder ``src`` to ``dst`` by renames, after an fsync of every file in it.
+    A ``dst`` already there (the final adapter, or a step re-run after resuming from an older
+    checkpoint) is moved aside first and deleted last, so a complete ``dst`` exists at every moment
+    but between two renames."""
+    fsync_tree(src)
+    if dst.exists():
+        old = dst.with_name(f"{OLD_PREFIX}{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+    _fsync_dir(dst.parent)
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Clean up after a save that was killed: delete half-written folders, and put back a complete
+    checkpoint that was moved aside and whose replacement never arrived."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return
+    for old in root.glob(f"{OLD_PREFIX}step_*"):
+        original = root / old.name[len(OLD_PREFIX):]
+        if not original.exists() and (old / STATE_FILE).is_file():
+            os.rename(old, original)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def prune(run_dir: Path, keep_last: int, keep_steps: set[int]) -> None:
@@ -81,8 +109,7 @@ def prune(run_dir: Path, keep_last: int, keep_steps: set[int]) -> None:
     for step, path in found:
         if step not in newest and step not in keep_steps:
             shutil.rmtree(path, ignore_errors=True)
-    for stale in checkpoint_root(run_dir).glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_partial(run_dir)
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -91,11 +118,34 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk (a rename is durable only after this)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
 def write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as handle:
-        json.dump(data, handle, indent=1)
+    write_text_atomic(path, json.dumps(data, indent=1))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename over it: readers see the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:
@@ -114,7 +164,6 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             else:
                 scalars[f"{param_id}.{name}"] = value
     save_file(tensors, str(folder / "optimizer.safetensors"))
-    _fsync_file(folder / "optimizer.safetensors")
     write_json(folder / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
 
 

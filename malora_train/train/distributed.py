@@ -3,8 +3,11 @@ ranks, the Accelerator (DDP or DeepSpeed, CPU or GPU), and small collective help
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
@@ -16,9 +19,10 @@ from malora_train.config import TrainerConfig
 from malora_train.errors import ConfigError
 
 RUN_DIR_KEY = "malora_run_stamp"
+TIMEOUT = timedelta(minutes=30)
 
 
-def _world_size() -> int:
+def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -26,20 +30,24 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
 
 
+def uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def _init_process_group() -> None:
     if dist.is_initialized():
         return
     if use_cpu():
-        dist.init_process_group(backend="gloo", timeout=timedelta(minutes=30))
+        dist.init_process_group(backend="gloo", timeout=TIMEOUT)
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl", timeout=timedelta(minutes=30))
+        dist.init_process_group(backend="nccl", timeout=TIMEOUT)
 
 
 def agree_on_run_dir() -> None:
     """Every rank must write into one Hydra run directory, but each evaluates ``${now:...}`` on its
     own clock. Rank 0 picks the time stamp and shares it through the process group's store."""
-    if _world_size() <= 1 or os.environ.get("MALORA_RUN_DIR"):
+    if world_size() <= 1 or os.environ.get("MALORA_RUN_DIR"):
         return
     _init_process_group()
     store = dist.distributed_c10d._get_default_store()
@@ -51,16 +59,12 @@ def agree_on_run_dir() -> None:
 
 
 def _skip_deepspeed_shm_build() -> None:
-    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU (~60 s); gloo works without it."""
-    try:
-        import deepspeed.comm.torch as ds_torch_comm
-    except ImportError:
-        return
-    ds_torch_comm.build_shm_op = lambda: None
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU (~60 s); gloo works without it.
 
-
-def uses_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ``import deepspeed.comm.torch as m`` would bind the *torch* package (``deepspeed.comm`` re-exports
+    the name ``torch``), so the module is taken from ``importlib`` instead."""
+    module = importlib.import_module("deepspeed.comm.torch")
+    module.build_shm_op = lambda: None
 
 
 def mixed_precision(trainer: TrainerConfig) -> str:
@@ -76,24 +80,42 @@ def mixed_precision(trainer: TrainerConfig) -> str:
 def build_accelerator(trainer: TrainerConfig) -> Accelerator:
     cpu = use_cpu()
     handlers = []
-    if cpu and _world_size() > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
-    if cpu:
+    if cpu and world_size() > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=TIMEOUT))
+    if cpu and uses_deepspeed():
         _skip_deepspeed_shm_build()
     # DeepSpeed on CPU goes through Accelerate's GPU-style path with a gloo backend
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=cpu and not uses_deepspeed(),
         mixed_precision=mixed_precision(trainer),
         gradient_accumulation_steps=trainer.grad_accum,
         kwargs_handlers=handlers,
     )
-    return accelerator
 
 
 def is_zero3(accelerator: Accelerator) -> bool:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return False
     return accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def model_init_context(accelerator: Accelerator) -> Iterator[None]:
+    """Where the base model is built. Accelerate makes Transformers build every model inside
+    ``deepspeed.zero.Init`` under a ZeRO-3 config, whatever ``zero3_init_flag`` says; this honours the
+    flag: false (our configs) builds the full model on each rank (identical to a one-process run) and
+    ZeRO-3 partitions it in ``prepare``; true partitions while loading (for models a rank cannot hold)."""
+    if not is_zero3(accelerator) or accelerator.state.deepspeed_plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = accelerator.state.deepspeed_plugin
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,10 @@ from tqdm.auto import tqdm
 
 from malora_train.config import WandbConfig
 from malora_train.errors import ConfigError
+from malora_train.train.checkpoint import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def run_name_from_overrides(overrides: list[str]) -> str:
@@ -22,11 +23,21 @@ def run_name_from_overrides(overrides: list[str]) -> str:
     return ",".join(keep) or "default"
 
 
+def check_wandb_mode(mode: str) -> None:
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"logger.wandb.mode={mode!r} is not one of {', '.join(WANDB_MODES)}")
+
+
 class MetricsLogger:
-    """Appends metrics to ``metrics.jsonl`` and mirrors them to wandb. Only rank 0 writes."""
+    """Appends metrics to ``metrics.jsonl`` and mirrors them to wandb. Only rank 0 (``enabled``) writes.
+
+    ``resume_step``: lines after it are dropped first (a resumed run logs those steps again); None for a
+    fresh run, -1 to drop everything (``trainer.resume=auto`` that found no checkpoint).
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbConfig, run_name: str,
                  config: dict[str, Any], resume_step: int | None) -> None:
+        check_wandb_mode(wandb_cfg.mode)
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
         self.wandb = None
@@ -34,8 +45,6 @@ class MetricsLogger:
             return
         if resume_step is not None:
             self._truncate_after(resume_step)
-        if wandb_cfg.mode not in ("online", "offline", "disabled"):
-            raise ConfigError(f"logger.wandb.mode={wandb_cfg.mode!r} is not one of online, offline, disabled")
         if wandb_cfg.mode != "disabled":
             import wandb
 
@@ -49,11 +58,8 @@ class MetricsLogger:
         """On resume, drop lines logged after the checkpoint: they will be logged again."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -70,6 +76,14 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a killed process counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def _wandb_id(run_dir: Path) -> str:
     """A stable id per run directory, so a resumed run continues the same wandb run."""
     id_file = run_dir / ".wandb_id"
@@ -78,7 +92,7 @@ def _wandb_id(run_dir: Path) -> str:
     import uuid
 
     run_id = uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
+    write_text_atomic(id_file, run_id)
     return run_id
 
 
@@ -93,9 +107,10 @@ def _plain(value: Any) -> Any:
 class Progress:
     """A tqdm bar over optimiser steps showing loss, aux loss, lr and tokens/s (tqdm gives the ETA)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
-                        dynamic_ncols=True)
+    def __init__(self, total: int, initial: int, enabled: bool, is_main: bool) -> None:
+        self.is_main = is_main
+        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and is_main), desc="train",
+                        unit="step", dynamic_ncols=True)
 
     def update(self, metrics: dict[str, Any]) -> None:
         self.bar.set_postfix(
@@ -105,7 +120,9 @@ class Progress:
         self.bar.update(1)
 
     def write(self, text: str) -> None:
-        self.bar.write(text)
+        """A message above the bar, printed once (by rank 0)."""
+        if self.is_main:
+            self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()

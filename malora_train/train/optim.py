@@ -44,7 +44,8 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     if trainer.lr_scheduler not in SCHEDULES:
-        raise ConfigError(f"trainer.lr_scheduler={trainer.lr_scheduler!r} is not one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"trainer.lr_scheduler={trainer.lr_scheduler!r} is not one of "
+                          f"{', '.join(SCHEDULES)}")
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
     warmup = math.ceil(trainer.warmup_ratio * total_steps)
