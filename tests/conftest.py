@@ -66,3 +66,64 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path} (set MALORA_SHARED_DATA to the folder holding commonsense/)")
     return path
+
+
+# -- training runs on the tiny model (tests/test_train_*.py) ------------------------------------------------
+# Small and fast: 5 synthetic tasks x 64 examples, byte-level prompts under 256 tokens, no progress bars.
+TINY_TRAINING = ["model=tiny", "data.train_per_task=64", "data.eval_per_task=8", "data.max_length=256",
+                 "trainer.micro_batch_size=4", "trainer.progress=false", "trainer.eval_before=false"]
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _train_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    losses: dict[int, float] = {}
+    for row in _read_metrics(run_dir):
+        if "lm_loss" in row:
+            assert row["step"] not in losses, f"step {row['step']} logged twice in {run_dir}"
+            losses[row["step"]] = row[key]
+    return losses
+
+
+@pytest.fixture(scope="session")
+def tiny_training_overrides() -> list[str]:
+    """The overrides of a small, fast training run on the tiny model."""
+    return list(TINY_TRAINING)
+
+
+@pytest.fixture(scope="session")
+def read_metrics() -> Callable[[Path], list[dict]]:
+    """``read_metrics(run_dir)`` -> the records of run_dir/metrics.jsonl."""
+    return _read_metrics
+
+
+@pytest.fixture(scope="session")
+def train_losses() -> Callable[..., dict[int, float]]:
+    """``train_losses(run_dir, key="loss")`` -> {step: value} over the training lines of metrics.jsonl;
+    a step logged twice fails the test."""
+    return _train_losses
+
+
+@pytest.fixture
+def run_training() -> Callable[..., dict]:
+    """``run_training(run_dir, *overrides)`` trains in this process (``TINY_TRAINING`` + overrides) and
+    returns the summary; Accelerate's process-wide state is reset afterwards so runs do not leak."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from malora_train.cli import compose
+    from malora_train.train.loop import train
+
+    def run(run_dir: Path, *overrides: str) -> dict:
+        cfg = compose([*TINY_TRAINING, *overrides])
+        try:
+            return train(cfg, Path(run_dir), resolved_yaml="# test run\n", overrides=list(overrides))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+    return run

@@ -1,0 +1,90 @@
+"""AdamW groups (weight decay on matrices only), the learning-rate schedule, and the number of steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from malora_train.adapters import AdaptedCausalLM
+from malora_train.config import AdapterConfig, TrainerConfig
+from malora_train.errors import ConfigError
+from malora_train.train.optim import build_optimizer, build_scheduler, lr_multiplier, total_steps
+
+
+def trainer_cfg(**overrides) -> TrainerConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), overrides))
+
+
+def test_weight_decay_applies_to_matrices_not_to_norms_or_biases():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    model[2].requires_grad_(False)  # frozen: in no group
+    optimizer = build_optimizer(model, trainer_cfg(weight_decay=0.1))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p is model[0].weight for p in decay["params"]] == [True]
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+@pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
+def test_every_adapter_tensor_is_decayed(make_tiny_model, kind):
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AdapterConfig), {"kind": kind}))
+    model = AdaptedCausalLM.from_base(make_tiny_model(), cfg)
+    optimizer = build_optimizer(model, trainer_cfg(weight_decay=0.01))
+    [group] = optimizer.param_groups  # adapters hold matrices only (A, B, router, S_A, P)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in group["params"]} == {id(p) for p in trainable} and group["weight_decay"] == 0.01
+
+
+def lrs(schedule: str, steps: int, warmup_ratio: float) -> list[float]:
+    param = nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    cfg = trainer_cfg(lr_scheduler=schedule, warmup_ratio=warmup_ratio)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_linear_schedule_warms_up_then_decays_towards_zero():
+    # 10 steps, warm-up ceil(0.2 * 10) = 2 steps
+    expected = [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    assert lrs("linear", 10, 0.2) == pytest.approx(expected)
+
+
+def test_cosine_schedule_warms_up_then_follows_half_a_cosine():
+    got = lrs("cosine", 10, 0.2)
+    assert got[:2] == pytest.approx([0.5, 1.0])
+    assert got[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+
+
+def test_constant_schedule_and_no_warmup():
+    assert lrs("constant", 4, 0.0) == [1.0, 1.0, 1.0, 1.0]
+    assert lr_multiplier(0, 4, 0, "linear") == 1.0
+
+
+def test_schedule_and_optimizer_settings_are_checked():
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ConfigError, match="trainer.lr_scheduler='step'"):
+        build_scheduler(optimizer, trainer_cfg(lr_scheduler="step"), 10)
+    with pytest.raises(ConfigError, match="trainer.warmup_ratio"):
+        build_scheduler(optimizer, trainer_cfg(warmup_ratio=1.0), 10)
+    with pytest.raises(ConfigError, match="trainer.lr=0"):
+        build_optimizer(nn.Linear(2, 2), trainer_cfg(lr=0.0))
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        build_optimizer(nn.Linear(2, 2).requires_grad_(False), trainer_cfg())
+
+
+def test_max_steps_wins_over_epochs():
+    assert total_steps(trainer_cfg(max_steps=7, epochs=3), train_examples=100, global_batch=10) == 7
+    # 2 epochs of 100 examples in batches of 8: ceil(200 / 8)
+    assert total_steps(trainer_cfg(max_steps=0, epochs=2), train_examples=100, global_batch=8) == 25
+    assert total_steps(trainer_cfg(max_steps=0, epochs=0.01), train_examples=100, global_batch=8) == 1
+    with pytest.raises(ConfigError, match="trainer.max_steps > 0 or trainer.epochs > 0"):
+        total_steps(trainer_cfg(max_steps=0, epochs=0), train_examples=100, global_batch=8)
