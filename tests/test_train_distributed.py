@@ -3,12 +3,14 @@ conf/accelerate/<config>.yaml --num_processes 2 -m malora_train.cli ...``): DDP,
 ZeRO-3 follow the one-process loss curve for the same global batch, write one run directory once, and
 ZeRO-3 saves the full adapter, which reloads outside DeepSpeed, and resumes exactly from its checkpoint.
 
-Tolerance: relative 1e-5 on every step's loss and gradient norm. The loop divides summed token losses by
-the step's global answer-token count, so the only differences left are float32 summation orders (~1e-7
-relative per step, growing slowly through the updates). Two things are switched off because they are
-*meant* to depend on the split over processes: dropout (each rank draws its own masks) and the router's
-balance loss (a statistic of each forward's tokens; with it on, the curves differ by ~1e-4 after a few
-steps, see the report in the issue). Routing itself (top-2 of 8 experts) stays on.
+Tolerance: relative 1e-4 on every step's loss and gradient norm. The loop divides summed token losses by
+the step's global answer-token count, so what is left are float32 summation orders (~1e-7 relative),
+until top-k routing meets a near-tie: then that noise flips one token's expert choice, a discrete change
+that moves the loss by up to ~1e-4 (seen after ~20 steps at a larger size; a wrongly scaled loss or
+gradient shows as a factor in the gradient norm). Two things are switched off because they are *meant*
+to depend on the split over processes: dropout (each rank draws its own masks) and the router's balance
+loss (a statistic of each forward's tokens: with it on, the losses drift apart by ~2e-3 relative over
+30 steps). Routing itself (top-2 of 8 experts) stays on.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
         expected = train_losses(one_process, key)
         got = train_losses(run_dir, key)
         assert list(got) == list(range(1, STEPS + 1))
-        assert got == pytest.approx(expected, rel=1e-5), key
+        assert got == pytest.approx(expected, rel=1e-4), key
     assert [r["step"] for r in read_metrics(run_dir) if "eval/average" in r] == [STEPS]
     assert result.stdout.count(f"== tiny + malora: {STEPS} steps") == 1
     assert (run_dir / "cli.log").read_text().count("run directory:") == 1
