@@ -239,8 +239,8 @@ def test_a_run_writes_metrics_summary_config_and_plot(tmp_path, monkeypatch, cap
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"status", "steps", "tokens", "wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_gb",
             "trainable_params", "eval_before", "eval_after", "eval_after_average", "best_eval_average",
-            "best_step", "adapter_dir", "world_size", "expert_share"} <= set(summary)
-    assert summary["steps"] == 4 and summary["status"] == "completed"
+            "best_step", "adapter_dir", "world_size", "expert_share", "mixed_precision"} <= set(summary)
+    assert summary["steps"] == 4 and summary["status"] == "completed" and summary["mixed_precision"] == "no"
     assert summary["tokens"] == sum(sum(r[f"tokens/{t}"] for t in TASKS) for r in train_rows)
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0 and summary["peak_memory_gb"] > 0
     config = yaml.safe_load((run_dir / "config.yaml").read_text())

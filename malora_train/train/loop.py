@@ -488,6 +488,7 @@ class Trainer:
             "best_step": state.best_step,
             "adapter_dir": str(adapter_dir),
             "world_size": self.world,
+            "mixed_precision": self.accelerator.mixed_precision,
         }
         if self.is_main:
             if routing:
