@@ -106,6 +106,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (GPU: ~20% faster steps, more memory)
     eval_before: bool = True
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only the final adapter

@@ -301,3 +301,12 @@ def test_wandb_offline_logs_locally_with_the_run_name_from_the_overrides(tmp_pat
     [offline_run] = list((run_dir / "wandb").glob("offline-run-*"))
     [log_file] = list(offline_run.glob("*.wandb"))
     assert b"adapter=lora,trainer.max_steps=2" in log_file.read_bytes()
+
+
+def test_compile_option_compiles_every_decoder_layer(monkeypatch, run_training, tmp_path) -> None:
+    """trainer.compile=true hands each decoder layer to torch.compile (the compiler itself is not run
+    here: compiling on a CPU takes a minute)."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    run_training(tmp_path / "run", "trainer.max_steps=1", "trainer.compile=true")
+    assert compiled == ["LlamaDecoderLayer", "LlamaDecoderLayer"]

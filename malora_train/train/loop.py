@@ -160,6 +160,17 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """``trainer.compile``: torch.compile each decoder layer (one compiled graph serves them all); the
+    adapters then run their composite plain-torch path, which the compiler fuses with the frozen layer."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError("trainer.compile=true needs a model whose decoder keeps its blocks in .layers")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile()
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -194,6 +205,8 @@ class Trainer:
         self.model = AdaptedCausalLM.from_base(model, cfg.adapter)
         if trainer.gradient_checkpointing:
             enable_activation_checkpointing(model)
+        if trainer.compile:
+            compile_decoder_layers(model)
         self.params = parameter_report(self.model)
 
         # the data: every rank draws the same global micro-batches and keeps its rows of each
