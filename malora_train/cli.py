@@ -39,7 +39,9 @@ def launch_rank() -> int:
 def fail(err: Exception) -> None:
     """Exit with a one-line message (printed once: by rank 0 when several processes run)."""
     if launch_rank() == 0:
-        print(f"malora-train: error: {err}", file=sys.stderr, flush=True)
+        program = os.path.basename(sys.argv[0]) if sys.argv else ""
+        program = program if program.startswith("malora-") else "malora-train"
+        print(f"{program}: error: {err}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
 
