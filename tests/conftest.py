@@ -59,6 +59,14 @@ def make_tiny_model(tiny_model_cfg: ModelConfig) -> Callable:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny model's builtin byte-level tokenizer (one token per byte, no files)."""
+    from malora_train.models import load_tokenizer
+
+    return load_tokenizer(model_config("tiny"))
+
+
+@pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The commonsense mixture (``<task>/{train,test}.json``): $MALORA_SHARED_DATA or ../shared/data."""
     root = Path(os.environ.get("MALORA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

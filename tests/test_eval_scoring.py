@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from malora_train.adapters import AdaptedCausalLM, adapter_layers
-from malora_train.config import AdapterConfig, EvalConfig, ModelConfig, RouterConfig
+from malora_train.config import AdapterConfig, EvalConfig, RouterConfig
 from malora_train.data.types import Example, TaskData
 from malora_train.errors import ConfigError, DataError
 from malora_train.eval import (
@@ -29,26 +27,6 @@ from malora_train.eval import (
     score_label_logits,
 )
 from malora_train.eval.encoding import label_continuations
-from malora_train.models import load_model, load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config() -> ModelConfig:
-    """conf/model/tiny.yaml: a random 2-layer LLaMA with the builtin byte tokenizer."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                               OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml")))
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    return load_tokenizer(tiny_config())
-
-
-@pytest.fixture
-def make_tiny_model():
-    return lambda seed=0: load_model(tiny_config(), seed=seed).eval()
-
 
 # One token (a byte) after the shared "...answer" tells answer1/2/3 apart.
 ONE_TOKEN = dict(labels=["answer1", "answer2", "answer3"], answer_prefix="the correct answer is ",
