@@ -177,3 +177,21 @@ def test_plain_lora_has_no_routing(make_tiny_model, tiny_tokenizer, tmp_path):
     assert report is None
     assert write_routing(report, tmp_path) == [] and list(tmp_path.iterdir()) == []
     assert format_expert_shares(report) == ""
+
+
+def test_dense_routing_reports_router_probability_mass(make_tiny_model, tiny_tokenizer):
+    """With K = N every token reaches every expert: the shares are the mean gate mass, not a flat 1/N."""
+    torch.manual_seed(0)
+    model = AdaptedCausalLM.from_base(make_tiny_model(), AdapterConfig(
+        kind="hydralora", rank=4, num_experts=EXPERTS, dropout=0.0, router=RouterConfig(dense=True)))
+    with torch.no_grad():
+        for _, layer in adapter_layers(model.model):
+            layer.router.normal_(std=1.0)
+    evaluate(model.eval(), tiny_tokenizer, TASKS, EvalConfig(batch_size=4), record_routing=True)
+    report = routing_report(model, list(TASKS))
+    assert report["dense"] is True
+    shares = torch.tensor(report["average"], dtype=torch.float64)
+    assert torch.allclose(shares.sum(dim=1), torch.ones(len(TASKS), dtype=torch.float64))
+    assert (shares - 1 / EXPERTS).abs().max() > 0.01, "gate mass, not uniform slot counts"
+    rows = [sum(len(r) for r in scored_rows(tiny_tokenizer, t, "label_logits")) for t in TASKS.values()]
+    assert report["tokens"] == dict(zip(TASKS, rows))

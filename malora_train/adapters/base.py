@@ -166,7 +166,7 @@ class MixtureAdapterLinear(AdapterLinear):
         routing = routing_ops.route(logits, self.top_k, self.renormalize)
         mask = self.context.mask_for(x.shape[0]) if self.context is not None else None
         self.record_aux(routing, mask)
-        self.count_tasks(routing.top_idx, mask)
+        self.count_tasks(routing.top_idx, routing.gates, mask)
         return routing
 
     def fast_route(self, logits: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ class MixtureAdapterLinear(AdapterLinear):
             routing = routing_ops.route(logits, self.top_k, self.renormalize)
             self.record_aux(routing, mask)
             gates, top_idx = routing.gates, routing.top_idx
-        self.count_tasks(top_idx, mask)
+        self.count_tasks(top_idx, gates, mask)
         return gates
 
     def collecting(self) -> bool:
@@ -203,12 +203,16 @@ class MixtureAdapterLinear(AdapterLinear):
         if self.collecting():
             self.aux = aux
 
-    def count_tasks(self, top_idx: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Accumulate (num_tasks, N) token-slot assignment counts for routing diagnostics, when asked."""
+    def count_tasks(self, top_idx: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Accumulate (num_tasks, N) routing counts for diagnostics, when asked: token-slot assignments
+        under top-K; under dense routing (K = N, every token reaches every expert) the gate mass instead."""
         task = self.context.task_for(top_idx.shape[0]) if self.context is not None else None
         if task is None:
             return
-        counts = routing_ops.assignment_counts(top_idx.detach(), self.num_experts)
+        if self.top_k == self.num_experts:
+            counts = gates.detach().float()
+        else:
+            counts = routing_ops.assignment_counts(top_idx.detach(), self.num_experts)
         if mask is not None:
             counts = counts * mask.unsqueeze(-1).float()
         num_tasks = self.context.num_tasks

@@ -61,6 +61,7 @@ def routing_report(model: AdaptedCausalLM, task_names: list[str],
         table = all_reduce(table.to(device)).cpu()
     shares = table / table.sum(dim=-1, keepdim=True).clamp_min(1.0)
     top_k = dict(model.mixture_layers())[names[0]].top_k
+    dense = top_k == table.shape[-1]  # dense routing counts gate mass: one unit per token, not K slots
     load = table.sum(dim=1)  # (layers, experts)
     load_share = load / load.sum(dim=-1, keepdim=True).clamp_min(1.0)
     mean = load_share.mean(dim=-1)
@@ -74,7 +75,9 @@ def routing_report(model: AdaptedCausalLM, task_names: list[str],
         "tasks": list(task_names),
         "num_experts": table.shape[-1],
         "top_k": top_k,
-        "tokens": {task: round(table[0, t].sum().item() / top_k) for t, task in enumerate(task_names)},
+        "dense": dense,
+        "tokens": {task: round(table[0, t].sum().item() / (1 if dense else top_k))
+                   for t, task in enumerate(task_names)},
         "layers": {name: shares[i].tolist() for i, name in enumerate(names)},
         "average": shares.mean(dim=0).tolist(),
         "balance": balance,
@@ -122,7 +125,9 @@ def _heatmap(report: dict):
     ax.set_xticks(range(num_experts), [f"E{e}" for e in range(num_experts)])
     ax.set_yticks(range(len(tasks)), tasks)
     ax.set_xlabel("expert")
-    ax.set_title(f"Share of each task's token-slot assignments per expert\n(top-{report['top_k']}, mean over "
+    what = "router probability mass" if report.get("dense") else "token-slot assignments"
+    routing = "dense" if report.get("dense") else f"top-{report['top_k']}"
+    ax.set_title(f"Share of each task's {what} per expert\n({routing}, mean over "
                  f"{len(report['layers'])} mixture layers)", fontsize=10)
     for t in range(len(tasks)):
         for e in range(num_experts):
@@ -143,6 +148,7 @@ def format_expert_shares(report: dict | None) -> str:
     lines = [f"{'task':<{width}} " + " ".join(f"{e:>5}" for e in experts)]
     for task, row in zip(tasks, report["average"]):
         lines.append(f"{task:<{width}} " + " ".join(f"{100 * v:5.1f}" for v in row))
-    lines.append(f"(% of each task's tokens per expert, top-{report['top_k']}, mean over "
+    routing = "dense: router probability mass" if report.get("dense") else f"top-{report['top_k']}"
+    lines.append(f"(% of each task's tokens per expert, {routing}, mean over "
                  f"{len(report['layers'])} layers; load cv {report['balance_mean']['cv']:.2f})")
     return "\n".join(lines)
