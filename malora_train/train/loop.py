@@ -218,7 +218,8 @@ class Trainer:
         train_examples = sum(len(t.train) for t in self.tasks.values())
         self.total_steps = total_steps(trainer, train_examples, global_micro_batch * trainer.grad_accum)
 
-        optimizer = build_optimizer(self.model, trainer)
+        # fused AdamW on a GPU; DeepSpeed's ZeRO wraps the optimizer itself and is left on the default
+        optimizer = build_optimizer(self.model, trainer, fused=acc.device.type == "cuda" and not self.deepspeed)
         self.scheduler = build_scheduler(optimizer, trainer, self.total_steps)
         configure_deepspeed(acc, trainer)
         self.engine, self.optimizer = acc.prepare(self.model, optimizer)
