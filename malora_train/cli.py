@@ -1,5 +1,6 @@
-"""Entry points: ``malora-train`` (a Hydra main: overrides, ``-m`` multirun), ``malora-eval`` and
-``malora-inspect`` (composed from the same configs, without creating an output folder).
+"""Entry points, a thin dispatcher: ``malora-train`` (a Hydra main: overrides, ``-m`` multirun),
+``malora-eval`` and ``malora-inspect`` (composed from the same configs, without creating an output
+folder) and ``malora-report``; the work itself is in ``train`` and ``commands``.
 
 Several processes: ``accelerate launch --config_file conf/accelerate/<single|ddp|deepspeed_zero2|
 deepspeed_zero3>.yaml [--num_processes N] -m malora_train.cli <overrides>`` (or ``torchrun
@@ -10,17 +11,18 @@ run directory, and only rank 0 writes into it.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from malora_train.config import Config, register_configs
-from malora_train.errors import MaloraError
+from malora_train.errors import MaloraError, exit_with_error, launch_rank
+from malora_train.run_dir import guard_run_dir
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-EXIT_USER_ERROR = 2
 
 log = logging.getLogger("malora_train")
 register_configs()
@@ -31,20 +33,6 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(cfg)
 
 
-def launch_rank() -> int:
-    """This process's rank as the launcher set it (0 without a launcher), known before any set-up."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def fail(err: Exception) -> None:
-    """Exit with a one-line message (printed once: by rank 0 when several processes run)."""
-    if launch_rank() == 0:
-        program = os.path.basename(sys.argv[0]) if sys.argv else ""
-        program = program if program.startswith("malora-") else "malora-train"
-        print(f"{program}: error: {err}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
-
-
 def _one_line(err: Exception) -> str:
     """Hydra/OmegaConf errors span several lines (message, key, hint): keep them on one."""
     text = str(err)
@@ -53,6 +41,18 @@ def _one_line(err: Exception) -> str:
     keep = [ln.strip() for ln in text.splitlines()
             if ln.strip() and not ln.strip().startswith(("To append", "reference_type", "object_type"))]
     return " | ".join(keep) or type(err).__name__
+
+
+class RunDirGuard(Callback):
+    """Registered in ``conf/config.yaml`` (``hydra.callbacks``): refuses an occupied run directory
+    before the job starts, so not even Hydra's own files in it are touched."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+        try:
+            guard_run_dir(run_dir, OmegaConf.select(config, "trainer.resume"))
+        except MaloraError as err:
+            exit_with_error(err)
 
 
 def _train_job(cfg: DictConfig) -> float | None:
@@ -67,7 +67,7 @@ def _train_job(cfg: DictConfig) -> float | None:
         summary = train(to_config(cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                         overrides=list(HydraConfig.get().overrides.task))
     except MaloraError as err:
-        fail(err)
+        exit_with_error(err)
     return summary.get("eval_after_average") if summary else None
 
 
@@ -94,22 +94,21 @@ def compose(argv: list[str]) -> Config:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return to_config(hydra_compose(config_name="config", overrides=argv))
     except (HydraException, OmegaConfBaseException) as err:
-        fail(_one_line(err))
-    raise AssertionError("unreachable")
+        exit_with_error(_one_line(err))
 
 
 def inspect_main(argv: list[str] | None = None) -> None:
-    from malora_train.inspect_params import inspect_command
+    from malora_train.commands.inspect import inspect_command
 
     cfg = compose(sys.argv[1:] if argv is None else argv)
     try:
         inspect_command(cfg)
     except MaloraError as err:
-        fail(err)
+        exit_with_error(err)
 
 
 def eval_main(argv: list[str] | None = None) -> None:
-    from malora_train.eval_command import eval_command
+    from malora_train.commands.evaluate import eval_command
 
     argv = sys.argv[1:] if argv is None else argv
     cfg = compose(argv)
@@ -117,7 +116,13 @@ def eval_main(argv: list[str] | None = None) -> None:
     try:
         eval_command(cfg, argv)
     except MaloraError as err:
-        fail(err)
+        exit_with_error(err)
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    from malora_train.commands.report import main
+
+    main(argv)
 
 
 if __name__ == "__main__":  # `accelerate launch -m malora_train.cli ...` runs training

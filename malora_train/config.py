@@ -43,7 +43,7 @@ class RouterConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: str = "malora"  # lora | molora | malora | hydralora
+    kind: str = "malora"  # a registered kind: malora_train.adapters.ADAPTER_CLASSES (lora, molora, malora, ...)
     target_modules: Any = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rank: int = 8
     alpha: Optional[float] = None  # None: 2 x the expert rank (r, or r-bar for MALoRA)

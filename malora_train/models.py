@@ -90,8 +90,7 @@ def smollm2_dir(cfg: ModelConfig) -> Path:
     log.info("converting %s to a float32 checkpoint in %s (once, ~30 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.config.quantization_config = None
-    del model.config.quantization_config
+    del model.config.quantization_config  # the weights are dequantised: save them as plain float32
     model.hf_quantizer = None
     # write beside the target, then rename: a killed conversion never leaves a half-written model
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -183,3 +182,23 @@ def load_model_and_tokenizer(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward (``trainer.gradient_checkpointing``)."""
+    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """``trainer.compile``: torch.compile each decoder layer (one compiled graph serves them all); the
+    adapters then run their composite plain-torch path, which the compiler fuses with the frozen layer."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError("trainer.compile=true needs a model whose decoder keeps its blocks in .layers")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile()

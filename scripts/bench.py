@@ -38,11 +38,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from malora_train.adapters import AdaptedCausalLM, RoutingContext, adapter_layers, fused  # noqa: E402
+from malora_train.adapters import AdaptedCausalLM, RoutingContext, adapter_kinds, adapter_layers, fused  # noqa: E402
 from malora_train.config import AdapterConfig, ModelConfig  # noqa: E402
 from malora_train.models import load_model  # noqa: E402
 
-ADAPTER_METHODS = ("lora", "molora", "malora", "hydralora")
+ADAPTER_METHODS = tuple(adapter_kinds())
 ALL_METHODS = ("floor", "peft_lora", *ADAPTER_METHODS)
 # fast-torch: the fast path's autograd Functions on plain torch ops, without the Triton kernels
 IMPLS = ("fast", "reference", "fast-torch")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from malora_train.adapters.inject import ADAPTER_CLASSES, layer_kwargs
+from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, layer_kwargs
 from malora_train.config import AdapterConfig, RouterConfig
 
 
-@pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
+@pytest.mark.parametrize("kind", adapter_kinds())
 def test_composite_path_matches_fast_path_values_and_gradients(kind: str) -> None:
     torch.manual_seed(0)
     cfg = AdapterConfig(kind=kind, rank=3, num_experts=4, dropout=0.0, shared_rank=6, expert_rank=3,

@@ -9,8 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from malora_train.adapters import AdaptedCausalLM, adapter_layers, parameter_report
-from malora_train.adapters.inject import layer_kwargs
+from malora_train.adapters import (
+    AdaptedCausalLM,
+    adapter_kinds,
+    adapter_layers,
+    layer_kwargs,
+    parameter_report,
+)
 from malora_train.adapters.malora import MALoRALinear
 from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError
@@ -30,7 +35,7 @@ def _paper_malora(beta: float, seed: int) -> tuple[MALoRALinear, dict]:
 def test_malora_init_reproduces_the_kaiming_draws_in_one_shared_subspace(beta: float) -> None:
     layer, kwargs = _paper_malora(beta, seed=11)
     num_experts, d, r_bar = 8, 32, 12
-    assert (kwargs["shared_rank"], kwargs["rank"], kwargs["alpha"]) == (d, r_bar, 24.0)
+    assert (kwargs["shared_rank"], kwargs["expert_rank"], kwargs["alpha"]) == (d, r_bar, 24.0)
 
     # the same draws, in the code's order: router ~ N(0, init_std), then K_t (d x n) for t = 0..N-1
     torch.manual_seed(11)
@@ -70,7 +75,7 @@ def test_malora_shared_rank_larger_than_the_input_is_a_config_error() -> None:
         MALoRALinear(nn.Linear(12, 10), context=None, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
+@pytest.mark.parametrize("kind", adapter_kinds())
 def test_adapted_model_equals_the_base_model_at_step_zero(kind: str, make_tiny_model) -> None:
     input_ids = torch.randint(3, 260, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

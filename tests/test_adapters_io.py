@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from malora_train.adapters import (
     AdaptedCausalLM,
+    adapter_kinds,
     adapter_layers,
     adapter_state_dict,
     load_adapter,
@@ -22,7 +23,7 @@ from malora_train.adapters import (
 from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError
 
-KINDS = ["lora", "molora", "malora", "hydralora"]
+KINDS = adapter_kinds()
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 

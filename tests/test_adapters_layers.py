@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, layer_kwargs
 from malora_train.adapters.base import MixtureAdapterLinear
-from malora_train.adapters.inject import ADAPTER_CLASSES, layer_kwargs
 from malora_train.config import AdapterConfig, RouterConfig
 
 IN, OUT = 12, 10
@@ -155,6 +155,12 @@ LAYER_SPECS = {
     "hydralora-dense": Spec("hydralora", dense=True),
     "hydralora-top2": Spec("hydralora"),
 }
+
+
+@pytest.mark.parametrize("specs", ["LAYER_SPECS", "DROPOUT_SPECS", "GRAD_SPECS"])
+def test_every_registered_kind_has_its_equation_checked(specs: str) -> None:
+    """A new adapter kind fails here until its equations and specs are added to this file."""
+    assert {spec.kind for spec in globals()[specs].values()} == set(adapter_kinds())
 
 
 def _shapes(spec: Spec) -> dict[str, tuple[int, int]]:

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 
-from malora_train.adapters import AdaptedCausalLM, adapter_layers, match_targets
-from malora_train.adapters.model import IGNORE_INDEX
+from malora_train.adapters import AdaptedCausalLM, adapter_kinds, adapter_layers, match_targets
 from malora_train.config import AdapterConfig, RouterConfig
 from malora_train.errors import ConfigError
+from malora_train.labels import IGNORE_INDEX
 
-KINDS = ["lora", "molora", "malora", "hydralora"]
+KINDS = adapter_kinds()
 MIXTURES = ["molora", "malora", "hydralora"]
 TENSORS = {
     "lora": ["lora_A", "lora_B"],

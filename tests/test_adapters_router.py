@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora_train.adapters import router as routing_ops
-from malora_train.adapters.inject import ADAPTER_CLASSES, layer_kwargs
+from malora_train.adapters import ADAPTER_CLASSES, layer_kwargs
+from malora_train.adapters.router import Routing, balance_loss, top_k_route, z_loss
 from malora_train.config import AdapterConfig, RouterConfig
 
 NUM_EXPERTS = 8
@@ -23,7 +23,7 @@ def _logits(tokens: int = 64, seed: int = 0, dtype=torch.float32) -> torch.Tenso
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_top_k_gates_sum_to_one_on_exactly_the_k_most_probable_experts(top_k: int) -> None:
     logits = _logits()
-    routing = routing_ops.route(logits, top_k, renormalize=True)
+    routing = top_k_route(logits, top_k, renormalize=True)
     torch.testing.assert_close(routing.probs, torch.softmax(logits.double(), -1).float())
     torch.testing.assert_close(routing.gates.sum(-1), torch.ones(64), rtol=0, atol=1e-6)
     chosen = routing.gates != 0
@@ -38,7 +38,7 @@ def test_top_k_gates_sum_to_one_on_exactly_the_k_most_probable_experts(top_k: in
 
 
 def test_without_renormalisation_gates_are_the_softmax_probabilities_on_the_top_k() -> None:
-    routing = routing_ops.route(_logits(), 2, renormalize=False)
+    routing = top_k_route(_logits(), 2, renormalize=False)
     chosen = routing.gates != 0
     assert (chosen.sum(-1) == 2).all()
     assert torch.equal(routing.gates, torch.where(chosen, routing.probs, 0.0))
@@ -46,7 +46,7 @@ def test_without_renormalisation_gates_are_the_softmax_probabilities_on_the_top_
 
 
 def test_dense_routing_gates_every_expert_with_its_probability() -> None:
-    routing = routing_ops.route(_logits(), NUM_EXPERTS)
+    routing = top_k_route(_logits(), NUM_EXPERTS)
     assert torch.equal(routing.gates, routing.probs)
     assert routing.top_idx.shape == (64, NUM_EXPERTS)
 
@@ -114,10 +114,10 @@ def _manual_balance(logits: torch.Tensor, top_k: int, mask: list[bool]) -> float
 def test_balance_loss_matches_its_formula_and_ignores_masked_tokens(top_k: int) -> None:
     logits = _logits(40, seed=3, dtype=torch.float64)
     mask = [t % 3 != 0 for t in range(40)]
-    routing = routing_ops.route(logits, top_k)
-    got = routing_ops.balance_loss(routing, torch.tensor(mask))
+    routing = top_k_route(logits, top_k)
+    got = balance_loss(routing, torch.tensor(mask))
     assert got == pytest.approx(_manual_balance(logits, top_k, mask), rel=1e-6)
-    unmasked = routing_ops.balance_loss(routing, None)
+    unmasked = balance_loss(routing, None)
     assert unmasked == pytest.approx(_manual_balance(logits, top_k, [True] * 40), rel=1e-6)
     assert abs(got.item() - unmasked.item()) > 1e-4
 
@@ -125,8 +125,8 @@ def test_balance_loss_matches_its_formula_and_ignores_masked_tokens(top_k: int) 
 def test_balance_loss_gradient_flows_through_the_mean_probabilities() -> None:
     """f is a count (no gradient); d L / d logits = N * sum_i f_i * d P_i / d logits."""
     logits = _logits(20, seed=4, dtype=torch.float64).requires_grad_()
-    routing = routing_ops.route(logits, 2)
-    (grad,) = torch.autograd.grad(routing_ops.balance_loss(routing), logits)
+    routing = top_k_route(logits, 2)
+    (grad,) = torch.autograd.grad(balance_loss(routing), logits)
     share = torch.zeros(NUM_EXPERTS, dtype=torch.float64)
     for row in routing.top_idx.tolist():
         for expert in row:
@@ -142,20 +142,20 @@ def test_balance_loss_is_one_for_a_uniform_router(top_k: int) -> None:
     probs = torch.full((tokens, NUM_EXPERTS), 1 / NUM_EXPERTS)
     # token t's slots go to experts (K t), (K t + 1), ... mod N: every expert gets the same share
     top_idx = (top_k * torch.arange(tokens).unsqueeze(1) + torch.arange(top_k)) % NUM_EXPERTS
-    uniform = routing_ops.Routing(probs.log(), probs, probs, top_idx)
-    assert routing_ops.balance_loss(uniform).item() == pytest.approx(1.0, rel=1e-6)
+    uniform = Routing(probs.log(), probs, probs, top_idx)
+    assert balance_loss(uniform).item() == pytest.approx(1.0, rel=1e-6)
     # the same through route(): near-uniform logits that break ties so token t picks expert t mod N first
     logits = 1e-4 * F.one_hot(torch.arange(tokens) % NUM_EXPERTS, NUM_EXPERTS).float()
-    assert routing_ops.balance_loss(routing_ops.route(logits, 1)).item() == pytest.approx(1.0, abs=1e-3)
+    assert balance_loss(top_k_route(logits, 1)).item() == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_balance_loss_of_a_collapsed_router_is_n_over_k(top_k: int) -> None:
     logits = torch.zeros(24, NUM_EXPERTS)
     logits[:, 5] = 60.0  # every token to expert 5 with probability 1
-    routing = routing_ops.route(logits, top_k)
+    routing = top_k_route(logits, top_k)
     assert (routing.top_idx[:, 0] == 5).all()
-    assert routing_ops.balance_loss(routing).item() == pytest.approx(NUM_EXPERTS / top_k, rel=1e-6)
+    assert balance_loss(routing).item() == pytest.approx(NUM_EXPERTS / top_k, rel=1e-6)
 
 
 def test_z_loss_matches_its_formula() -> None:
@@ -163,7 +163,7 @@ def test_z_loss_matches_its_formula() -> None:
     mask = [t % 4 != 1 for t in range(30)]
     kept = [t for t in range(30) if mask[t]]
     expected = sum(math.log(sum(math.exp(float(v)) for v in logits[t])) ** 2 for t in kept) / len(kept)
-    routing = routing_ops.route(logits, 2)
-    assert routing_ops.z_loss(routing, torch.tensor(mask)).item() == pytest.approx(expected, rel=1e-12)
+    routing = top_k_route(logits, 2)
+    assert z_loss(routing, torch.tensor(mask)).item() == pytest.approx(expected, rel=1e-12)
     everything = sum(math.log(sum(math.exp(float(v)) for v in row)) ** 2 for row in logits) / 30
-    assert routing_ops.z_loss(routing).item() == pytest.approx(everything, rel=1e-12)
+    assert z_loss(routing).item() == pytest.approx(everything, rel=1e-12)

@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from malora_train.adapters import fused
-from malora_train.adapters import router as routing_ops
+from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, fused, layer_kwargs
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
-from malora_train.adapters.inject import ADAPTER_CLASSES, layer_kwargs
+from malora_train.adapters.router import balance_loss, entropy, top_k_route, z_loss
 from malora_train.config import AdapterConfig, RouterConfig
 
-KINDS = ["lora", "molora", "malora", "hydralora"]
+KINDS = adapter_kinds()
 T, IN, OUT = 23, 40, 36
 
 
@@ -135,9 +134,9 @@ def test_triton_routing_matches_torch_autograd(top_k: int, renormalize: bool, ma
     logits = (torch.randn(3000, 8, device="cuda", generator=gen) * 2).requires_grad_()
     mask = torch.rand(3000, device="cuda", generator=gen) > 0.3 if masked else None
     gates, top_idx, aux = fused.route(logits, top_k, renormalize, mask, collect=True)
-    ref = routing_ops.route(logits, top_k, renormalize)
+    ref = top_k_route(logits, top_k, renormalize)
     assert torch.equal(top_idx.sort(1).values, ref.top_idx.sort(1).values)
-    expected_aux = [routing_ops.balance_loss(ref, mask), routing_ops.z_loss(ref, mask), routing_ops.entropy(ref, mask)]
+    expected_aux = [balance_loss(ref, mask), z_loss(ref, mask), entropy(ref, mask)]
     for got, want in zip(aux.values(), expected_aux):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gates, ref.gates, rtol=1e-5, atol=1e-6)

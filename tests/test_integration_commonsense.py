@@ -14,7 +14,7 @@ PAPER_TASKS = ["piqa", "openbookqa", "boolq", "ARC-Challenge", "ARC-Easy"]
 def test_five_task_mixture_trains_and_evaluates_with_both_scorers(
         shared_data_dir, run_training, read_metrics, tmp_path, capsys) -> None:
     from malora_train.cli import compose
-    from malora_train.eval_command import eval_command
+    from malora_train.commands.evaluate import eval_command
 
     run_dir = tmp_path / "run"
     data = [f"data.root={shared_data_dir}", "data.train_per_task=32", "data.eval_per_task=6",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from malora_train.report import main
+from malora_train.commands.report import main
 
 TASKS = ("boolq", "piqa", "arc_e")
 KINDS = {"lora": 1_024, "molora": 4_352}  # trainable parameters per unit of rank

@@ -12,8 +12,9 @@ import torch
 
 from malora_train.config import WandbConfig
 from malora_train.errors import ConfigError
+from malora_train.run_dir import write_json_atomic
 from malora_train.train import checkpoint as ckpt
-from malora_train.train.logging import MetricsLogger
+from malora_train.train.metrics import MetricsLogger
 
 
 def make_checkpoint(run_dir, step: int, name: str | None = None, complete: bool = True):
@@ -21,7 +22,7 @@ def make_checkpoint(run_dir, step: int, name: str | None = None, complete: bool 
     path.mkdir(parents=True)
     (path / "adapter.bin").write_text(str(step))
     if complete:
-        ckpt.write_json(path / ckpt.STATE_FILE, {"step": step})
+        write_json_atomic(path / ckpt.STATE_FILE, {"step": step})
     return path
 
 
@@ -110,10 +111,3 @@ def test_resumed_metrics_drop_later_lines_and_a_line_cut_by_a_kill(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:3]) + "\n"
     MetricsLogger(tmp_path, True, WandbConfig(), "name", {}, resume_step=-1)  # resume=auto, nothing saved
     assert (tmp_path / "metrics.jsonl").read_text() == ""
-
-
-def test_write_text_atomic_leaves_no_temporary_file(tmp_path):
-    ckpt.write_text_atomic(tmp_path / "summary.json", "{}")
-    ckpt.write_text_atomic(tmp_path / "summary.json", '{"a": 1}')
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
-    assert (tmp_path / "summary.json").read_text() == '{"a": 1}'

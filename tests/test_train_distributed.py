@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from malora_train.adapters import AdaptedCausalLM, load_adapter
+from malora_train.adapters import AdaptedCausalLM, adapter_kinds, load_adapter
 from malora_train.config import AdapterConfig
 from malora_train.train import checkpoint as ckpt
 
@@ -136,7 +136,7 @@ def assert_reloads_outside_deepspeed(run_dir: Path, summary: dict) -> None:
     assert result.to_json()["accuracy"] == summary["eval_after"]
 
 
-@pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
+@pytest.mark.parametrize("kind", adapter_kinds())
 def test_every_trainable_tensor_gets_a_gradient_so_ddp_needs_no_unused_parameter_search(make_tiny_model,
                                                                                          kind):
     """DDP with find_unused_parameters=False hangs or fails when a parameter gets no gradient in a step;

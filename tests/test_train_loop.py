@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from malora_train.adapters import AdaptedCausalLM
 from malora_train.errors import ConfigError
 from malora_train.eval import EvalResult, TaskScore
+from malora_train.run_dir import read_json
 from malora_train.train import checkpoint as ckpt
 from malora_train.train.loop import NonFiniteLoss, Trainer
 
@@ -152,7 +153,7 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path, monkeypatch, run_trai
         files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
         assert files == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.json",
                          "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors", ckpt.STATE_FILE}
-        state = ckpt.read_json(path / ckpt.STATE_FILE)
+        state = read_json(path / ckpt.STATE_FILE)
         assert state["train"]["step"] == step
         assert state["scheduler"]["last_epoch"] == step
         assert state["stream"]["batches"] == step and sum(state["stream"]["mixture"]["drawn"]) == 4 * step

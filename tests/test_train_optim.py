@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from malora_train.adapters import AdaptedCausalLM
+from malora_train.adapters import AdaptedCausalLM, adapter_kinds
 from malora_train.config import AdapterConfig, TrainerConfig
 from malora_train.errors import ConfigError
 from malora_train.train.optim import build_optimizer, build_scheduler, lr_multiplier, total_steps
@@ -29,7 +29,7 @@ def test_weight_decay_applies_to_matrices_not_to_norms_or_biases():
     assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
 
 
-@pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
+@pytest.mark.parametrize("kind", adapter_kinds())
 def test_every_adapter_tensor_is_decayed(make_tiny_model, kind):
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AdapterConfig), {"kind": kind}))
     model = AdaptedCausalLM.from_base(make_tiny_model(), cfg)

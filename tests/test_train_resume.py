@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from malora_train.run_dir import read_json
 from malora_train.train import checkpoint as ckpt
 from malora_train.train.loop import Trainer
 
@@ -167,7 +168,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, tiny_trainin
     assert 3 <= step < 30
     assert f"stopped by signal at step {step}; saved {run_dir / 'checkpoints' / f'step_{step}'}" in output
     assert "trainer.resume=auto" in output
-    assert ckpt.read_json(run_dir / "checkpoints" / f"step_{step}" / ckpt.STATE_FILE)["train"]["step"] == step
+    assert read_json(run_dir / "checkpoints" / f"step_{step}" / ckpt.STATE_FILE)["train"]["step"] == step
     assert list(train_losses(run_dir)) == list(range(1, step + 1))
     assert not (run_dir / "summary.json").exists()
 

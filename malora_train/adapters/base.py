@@ -10,14 +10,26 @@ frozen output in one addmm. Only x (shared with the frozen layer) and a bit mask
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters import fused
-from malora_train.adapters import router as routing_ops
+from malora_train.adapters.router import (
+    Routing,
+    assignment_counts,
+    balance_loss,
+    entropy,
+    router_logits,
+    top_k_route,
+    z_loss,
+)
+from malora_train.config import AdapterConfig
+from malora_train.errors import ConfigError
+
+IMPLS = ("fast", "reference")
 
 
 class RoutingContext:
@@ -52,21 +64,52 @@ class AdapterLinear(nn.Module):
     Adapter parameters are direct attributes of this module (never of a child) so that DeepSpeed
     ZeRO-3 gathers them in this module's forward hook. They are kept in float32; under autocast the
     matmuls run in the autocast dtype, otherwise the input is upcast to the adapter dtype.
+
+    A kind owns its configuration: ``layer_kwargs`` validates ``adapter.*`` and sizes the layer,
+    ``apply_freezing`` applies its ablation switches; injection only calls them.
     """
 
     kind: ClassVar[str] = ""
     # parameter name -> tensor kind, for the parameter report
     tensor_kinds: ClassVar[dict[str, str]] = {}
+    routed: ClassVar[bool] = False  # True: the layer takes the model's RoutingContext
+    mergeable: ClassVar[bool] = False  # True: ``delta_weight`` folds the adapter into W0
+    peft_format: ClassVar[bool] = False  # True: saved as a PEFT adapter (PeftModel loads it)
 
-    def __init__(self, base: nn.Linear, *, alpha: float, rank: int, dropout: float, use_rslora: bool,
+    @classmethod
+    def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
+        """Validated constructor arguments shared by every adapted layer of one config."""
+        if cfg.impl not in IMPLS:
+            raise ConfigError(f"adapter.impl={cfg.impl!r} is not one of {', '.join(IMPLS)}")
+        if cfg.rank < 1:
+            raise ConfigError(f"adapter.rank={cfg.rank} must be >= 1")
+        if not 0 <= cfg.dropout < 1:
+            raise ConfigError(f"adapter.dropout={cfg.dropout} must be in [0, 1)")
+        expert_rank = cls.expert_rank_of(cfg)
+        alpha = cfg.alpha if cfg.alpha is not None else 2.0 * expert_rank
+        if alpha <= 0:
+            raise ConfigError(f"adapter.alpha={alpha} must be > 0")
+        return {"dropout": cfg.dropout, "use_rslora": cfg.use_rslora, "impl": cfg.impl,
+                "expert_rank": expert_rank, "alpha": float(alpha)}
+
+    @classmethod
+    def expert_rank_of(cls, cfg: AdapterConfig) -> int:
+        """The rank each expert (or the single LoRA) gets from ``cfg``: ``adapter.rank`` unless the
+        kind sizes itself otherwise."""
+        return cfg.rank
+
+    def apply_freezing(self, cfg: AdapterConfig) -> None:
+        """Freeze the tensors ``cfg``'s ablation switches name (none for most kinds)."""
+
+    def __init__(self, base: nn.Linear, *, alpha: float, expert_rank: int, dropout: float, use_rslora: bool,
                  impl: str = "fast") -> None:
         super().__init__()
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.rank = rank
+        self.expert_rank = expert_rank
         self.alpha = alpha
-        self.scaling = scaling_factor(alpha, rank, use_rslora)
+        self.scaling = scaling_factor(alpha, expert_rank, use_rslora)
         self.dropout_p = dropout
         self.impl = impl
 
@@ -125,7 +168,7 @@ class AdapterLinear(nn.Module):
         raise TypeError(f"{self.kind} adapters route per token and cannot be merged into W0")
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+        return f"in={self.in_features}, out={self.out_features}, expert_rank={self.expert_rank}, scaling={self.scaling:g}"
 
 
 class MixtureAdapterLinear(AdapterLinear):
@@ -140,9 +183,24 @@ class MixtureAdapterLinear(AdapterLinear):
     """
 
     shared_down: ClassVar[bool] = False
+    routed = True
+
+    @classmethod
+    def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
+        kwargs = super().layer_kwargs(cfg)
+        router = cfg.router
+        if cfg.num_experts < 1:
+            raise ConfigError(f"adapter.num_experts={cfg.num_experts} must be >= 1")
+        top_k = cfg.num_experts if router.dense else router.top_k
+        if not 1 <= top_k <= cfg.num_experts:
+            raise ConfigError(f"adapter.router.top_k={router.top_k} must be in "
+                              f"[1, adapter.num_experts={cfg.num_experts}]")
+        kwargs.update(num_experts=cfg.num_experts, top_k=top_k, renormalize=router.renormalize,
+                      jitter_noise=router.jitter_noise, router_init_std=router.init_std)
+        return kwargs
 
     def __init__(self, base: nn.Linear, *, num_experts: int, top_k: int, renormalize: bool,
-                 jitter_noise: float, router_init_std: float, context: RoutingContext | None,
+                 jitter_noise: float, router_init_std: float, context: RoutingContext | None = None,
                  **kwargs) -> None:
         super().__init__(base, **kwargs)
         self.num_experts = num_experts
@@ -152,7 +210,7 @@ class MixtureAdapterLinear(AdapterLinear):
         self.router_init_std = router_init_std
         self.context = context
         self.router = self.param_factory(num_experts, self.in_features)
-        self.lora_B = self.param_factory(self.out_features, num_experts * kwargs["rank"])
+        self.lora_B = self.param_factory(self.out_features, num_experts * self.expert_rank)
         self.aux: dict[str, torch.Tensor] = {}
         self.task_expert_counts: torch.Tensor | None = None
 
@@ -161,9 +219,9 @@ class MixtureAdapterLinear(AdapterLinear):
         nn.init.zeros_(self.lora_B)
 
     # -- routing ---------------------------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> routing_ops.Routing:
-        logits = routing_ops.router_logits(x, self.router, self.jitter_noise, self.training)
-        routing = routing_ops.route(logits, self.top_k, self.renormalize)
+    def route(self, x: torch.Tensor) -> Routing:
+        logits = router_logits(x, self.router, self.jitter_noise, self.training)
+        routing = top_k_route(logits, self.top_k, self.renormalize)
         mask = self.context.mask_for(x.shape[0]) if self.context is not None else None
         self.record_aux(routing, mask)
         self.count_tasks(routing.top_idx, routing.gates, mask)
@@ -178,7 +236,7 @@ class MixtureAdapterLinear(AdapterLinear):
             if aux is not None:
                 self.aux = aux
         else:
-            routing = routing_ops.route(logits, self.top_k, self.renormalize)
+            routing = top_k_route(logits, self.top_k, self.renormalize)
             self.record_aux(routing, mask)
             gates, top_idx = routing.gates, routing.top_idx
         self.count_tasks(top_idx, gates, mask)
@@ -187,7 +245,7 @@ class MixtureAdapterLinear(AdapterLinear):
     def collecting(self) -> bool:
         return self.context is not None and self.context.collect
 
-    def record_aux(self, routing: routing_ops.Routing, mask: torch.Tensor | None) -> None:
+    def record_aux(self, routing: Routing, mask: torch.Tensor | None) -> None:
         """Keep this forward's auxiliary losses (with grad) and router entropy (detached).
 
         With grad on they are computed even when not collected: activation checkpointing recomputes
@@ -196,9 +254,9 @@ class MixtureAdapterLinear(AdapterLinear):
         if not (self.collecting() or (self.context is not None and torch.is_grad_enabled())):
             return
         aux = {
-            "balance": routing_ops.balance_loss(routing, mask),
-            "z": routing_ops.z_loss(routing, mask),
-            "entropy": routing_ops.entropy(routing, mask).detach(),
+            "balance": balance_loss(routing, mask),
+            "z": z_loss(routing, mask),
+            "entropy": entropy(routing, mask).detach(),
         }
         if self.collecting():
             self.aux = aux
@@ -212,7 +270,7 @@ class MixtureAdapterLinear(AdapterLinear):
         if self.top_k == self.num_experts:
             counts = gates.detach().float()
         else:
-            counts = routing_ops.assignment_counts(top_idx.detach(), self.num_experts)
+            counts = assignment_counts(top_idx.detach(), self.num_experts)
         if mask is not None:
             counts = counts * mask.unsqueeze(-1).float()
         num_tasks = self.context.num_tasks
@@ -231,7 +289,7 @@ class MixtureAdapterLinear(AdapterLinear):
         raise NotImplementedError
 
     def expert_up(self, expert: int) -> torch.Tensor:
-        return self.lora_B[:, expert * self.rank:(expert + 1) * self.rank]
+        return self.lora_B[:, expert * self.expert_rank:(expert + 1) * self.expert_rank]
 
     def coeff_projection(self) -> torch.Tensor | None:
         """MALoRA's stacked P (N*R, d) between the shared projection and the up-projections."""
@@ -245,7 +303,7 @@ class MixtureAdapterLinear(AdapterLinear):
         if fused_router:
             z, logits = projected
         else:
-            z, logits = projected, routing_ops.router_logits(x, self.router, self.jitter_noise, self.training)
+            z, logits = projected, router_logits(x, self.router, self.jitter_noise, self.training)
         gates = self.fast_route(logits)
         return fused.gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates,
                               coeff=self.coeff_projection(), num_experts=self.num_experts,
@@ -263,7 +321,7 @@ class MixtureAdapterLinear(AdapterLinear):
         h = self.shared_features(self.dropout(x))
         delta = x.new_zeros(x.shape[0], self.out_features)
         for expert in range(self.num_experts):
-            rows, slots = (routing.top_idx == expert).nonzero(as_tuple=True)
+            rows = (routing.top_idx == expert).nonzero(as_tuple=True)[0]
             gate = routing.gates[rows, expert].unsqueeze(-1)
             y = F.linear(self.expert_forward(expert, h[rows]), self.expert_up(expert))
             delta.index_add_(0, rows, (self.scaling * gate * y).to(delta.dtype))

@@ -262,22 +262,22 @@ class _Route(torch.autograd.Function):
 
 
 def _route_backward_autograd(logits, mask, ctx, grad_gates, grad_balance, grad_z) -> torch.Tensor:
-    from malora_train.adapters import router as routing_ops
+    from malora_train.adapters.router import balance_loss, top_k_route, z_loss
 
     with torch.enable_grad():
         leaf = logits.detach().requires_grad_()
-        routing = routing_ops.route(leaf, ctx.top_k, ctx.renormalize)
+        routing = top_k_route(leaf, ctx.top_k, ctx.renormalize)
         total = (routing.gates * grad_gates).sum()
         if ctx.stats is not None:
-            total = total + grad_balance * routing_ops.balance_loss(routing, mask)
-            total = total + grad_z * routing_ops.z_loss(routing, mask)
+            total = total + grad_balance * balance_loss(routing, mask)
+            total = total + grad_z * z_loss(routing, mask)
         return torch.autograd.grad(total, leaf)[0]
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool, mask: torch.Tensor | None, collect: bool):
     """(gates (T, N), top_idx (T, K), aux) from float32 logits in fused kernels; ``aux`` is {balance, z,
-    entropy} as ``routing_ops`` computes them when ``collect``, else None. None where the kernels do not
-    run (the CPU, no Triton, a failure): the caller then routes with ``routing_ops``."""
+    entropy} as ``router`` computes them when ``collect``, else None. None where the kernels do not
+    run (the CPU, no Triton, a failure): the caller then routes with ``router.top_k_route``."""
     if not use_triton(logits):
         return None
     try:

@@ -10,16 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters.base import MixtureAdapterLinear
+from malora_train.adapters.registry import register_adapter
 
 
+@register_adapter
 class HydraLoRALinear(MixtureAdapterLinear):
+    """Tensors: router (N, in), lora_A (r, in) shared by every head, lora_B (out, N*r)."""
+
     kind = "hydralora"
     tensor_kinds = {"router": "router", "lora_A": "shared subspace", "lora_B": "expert up"}
     shared_down = True  # every head reads the same z = A dropout(x)
 
     def __init__(self, base: nn.Linear, **kwargs) -> None:
         super().__init__(base, **kwargs)
-        self.lora_A = self.param_factory(self.rank, self.in_features)
+        self.lora_A = self.param_factory(self.expert_rank, self.in_features)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -33,7 +37,7 @@ class HydraLoRALinear(MixtureAdapterLinear):
 
     def rank_space(self, xd: torch.Tensor) -> torch.Tensor:
         z = F.linear(xd, self.lora_A)
-        return z.unsqueeze(1).expand(z.shape[0], self.num_experts, self.rank)
+        return z.unsqueeze(1).expand(z.shape[0], self.num_experts, self.expert_rank)
 
     def expert_forward(self, expert: int, h: torch.Tensor) -> torch.Tensor:
         return h

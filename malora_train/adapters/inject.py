@@ -9,20 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from malora_train.adapters.base import AdapterLinear, MixtureAdapterLinear, RoutingContext
-from malora_train.adapters.hydralora import HydraLoRALinear
-from malora_train.adapters.lora import LoRALinear
-from malora_train.adapters.malora import MALoRALinear, malora_sizes
-from malora_train.adapters.molora import MoLoRALinear
+from malora_train.adapters.base import AdapterLinear, RoutingContext
+from malora_train.adapters.registry import adapter_class
 from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError
-
-ADAPTER_CLASSES: dict[str, type[AdapterLinear]] = {
-    "lora": LoRALinear,
-    "molora": MoLoRALinear,
-    "malora": MALoRALinear,
-    "hydralora": HydraLoRALinear,
-}
 
 
 def _describe_targets(target_modules: Any) -> str:
@@ -55,55 +45,25 @@ def match_targets(model: nn.Module, target_modules: Any) -> list[str]:
 
 
 def layer_kwargs(cfg: AdapterConfig) -> dict[str, Any]:
-    """Validated constructor arguments shared by every adapted layer of one config."""
-    if cfg.kind not in ADAPTER_CLASSES:
-        raise ConfigError(f"adapter.kind={cfg.kind!r} is not one of {', '.join(ADAPTER_CLASSES)}")
-    if cfg.impl not in ("fast", "reference"):
-        raise ConfigError(f"adapter.impl={cfg.impl!r} is not one of fast, reference")
-    if cfg.rank < 1:
-        raise ConfigError(f"adapter.rank={cfg.rank} must be >= 1")
-    if not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"adapter.dropout={cfg.dropout} must be in [0, 1)")
-    rank = cfg.rank
-    kwargs: dict[str, Any] = {"dropout": cfg.dropout, "use_rslora": cfg.use_rslora, "impl": cfg.impl}
-    if cfg.kind == "malora":
-        shared_rank, rank = malora_sizes(cfg.rank, cfg.num_experts, cfg.lam, cfg.shared_rank, cfg.expert_rank)
-        kwargs.update(shared_rank=shared_rank, beta=cfg.beta)
-        if cfg.beta <= 0:
-            raise ConfigError(f"adapter.beta={cfg.beta} must be > 0")
-    alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
-    if alpha <= 0:
-        raise ConfigError(f"adapter.alpha={alpha} must be > 0")
-    kwargs.update(rank=rank, alpha=float(alpha))
-    if cfg.kind != "lora":
-        router = cfg.router
-        if cfg.num_experts < 1:
-            raise ConfigError(f"adapter.num_experts={cfg.num_experts} must be >= 1")
-        top_k = cfg.num_experts if router.dense else router.top_k
-        if not 1 <= top_k <= cfg.num_experts:
-            raise ConfigError(f"adapter.router.top_k={router.top_k} must be in [1, adapter.num_experts={cfg.num_experts}]")
-        kwargs.update(num_experts=cfg.num_experts, top_k=top_k, renormalize=router.renormalize,
-                      jitter_noise=router.jitter_noise, router_init_std=router.init_std)
-    return kwargs
+    """Validated constructor arguments shared by every adapted layer of one config (the kind's own)."""
+    return adapter_class(cfg.kind).layer_kwargs(cfg)
 
 
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, context: RoutingContext | None = None) -> list[str]:
     """Freeze ``model`` and replace each target linear layer by its adapted version, in place."""
-    kwargs = layer_kwargs(cfg)
+    cls = adapter_class(cfg.kind)
+    kwargs = cls.layer_kwargs(cfg)
+    if cls.routed:
+        kwargs["context"] = context
     names = match_targets(model, cfg.target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
-    cls = ADAPTER_CLASSES[cfg.kind]
-    if issubclass(cls, MixtureAdapterLinear):
-        kwargs["context"] = context
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls(getattr(parent, child), **kwargs))
-    for _, layer in adapter_layers(model):
-        if isinstance(layer, MALoRALinear):
-            layer.shared_A.requires_grad_(not cfg.freeze_shared)
-            layer.coeff_P.requires_grad_(not cfg.freeze_coeff)
+        layer = cls(getattr(parent, child), **kwargs)
+        layer.apply_freezing(cfg)
+        setattr(parent, child, layer)
     return names
 
 

@@ -2,23 +2,17 @@
 
 Plain LoRA is written in PEFT's format (``peft.PeftModel.from_pretrained`` loads it), with our own
 metadata beside it in ``malora_adapter.json`` so PEFT sees only keys it knows. Mixture adapters keep
-that metadata inside ``adapter_config.json`` and use the same layout with more tensors per layer, keyed
-``base_model.model.<layer path>.<tensor>.weight``:
-
-    molora     router (N, in)  lora_A (N*r, in)   lora_B (out, N*r)
-    malora     router (N, in)  shared_A (d, in)   coeff_P (N*r_bar, d)  lora_B (out, N*r_bar)
-    hydralora  router (N, in)  lora_A (r, in)     lora_B (out, N*r)
-
-Expert t owns rows [t*R, (t+1)*R) of lora_A / coeff_P and columns [t*R, (t+1)*R) of lora_B.
+that metadata inside ``adapter_config.json`` and use the same layout with more tensors per layer: each
+tensor a kind lists in its layer class's ``tensor_kinds`` is keyed
+``base_model.model.<layer path>.<tensor>.weight`` (the class docstrings give the shapes). Expert t owns
+rows [t*R, (t+1)*R) of a stacked down-projection and columns [t*R, (t+1)*R) of ``lora_B``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +21,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from malora_train.adapters.adapted_lm import AdaptedCausalLM
 from malora_train.adapters.inject import adapter_layers, adapter_state_dict
-from malora_train.adapters.model import AdaptedCausalLM
+from malora_train.adapters.registry import adapter_class
 from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError
+from malora_train.run_dir import atomic_write, write_text_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -59,32 +55,20 @@ def adapter_config_dict(model: AdaptedCausalLM, base_model_name: str) -> dict[st
         "format_version": FORMAT_VERSION,
         "kind": cfg.kind,
         "adapter": cfg_dict,
-        "expert_rank": layer.rank,
+        "expert_rank": layer.expert_rank,
         "alpha": layer.alpha,
         "scaling": layer.scaling,
         "shared_rank": getattr(layer, "shared_rank", None),
         "layers": model.targets,
     }
-    if cfg.kind != "lora":
+    if not adapter_class(cfg.kind).peft_format:
         return {"adapter_type": cfg.kind, "base_model_name_or_path": base_model_name, "malora_train": meta}
     return {  # only fields PEFT's LoraConfig knows; the metadata goes to LORA_METADATA
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-        "r": layer.rank, "lora_alpha": layer.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "r": layer.expert_rank, "lora_alpha": layer.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
         "target_modules": _peft_targets(model), "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "malora_train": meta,
     }
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_adapter(model: AdaptedCausalLM, out_dir: str | Path, base_model_name: str,
@@ -99,11 +83,11 @@ def save_adapter(model: AdaptedCausalLM, out_dir: str | Path, base_model_name: s
         value = state_dict[f"model.{key}"] if state_dict is not None else param
         tensors[_file_key(layer_path, tensor)] = value.detach().to("cpu").contiguous()
     config = adapter_config_dict(model, base_model_name)
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if config.get("peft_type") == "LORA":
         metadata = {"base_model_name_or_path": base_model_name, "malora_train": config.pop("malora_train")}
-        _atomic_write(out / LORA_METADATA, lambda p: Path(p).write_text(json.dumps(metadata, indent=2) + "\n"))
-    _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+        write_text_atomic(out / LORA_METADATA, json.dumps(metadata, indent=2) + "\n")
+    write_text_atomic(out / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -163,7 +147,7 @@ def load_adapter_weights(model: AdaptedCausalLM, adapter_dir: str | Path) -> Non
 @torch.no_grad()
 def merge_lora(model: AdaptedCausalLM) -> nn.Module:
     """Fold ``(alpha/r) B A`` into each base weight and return the plain model (adapters removed)."""
-    if model.adapter_cfg.kind != "lora":
+    if not adapter_class(model.adapter_cfg.kind).mergeable:
         raise ConfigError(f"export=merged needs adapter.kind=lora; {model.adapter_cfg.kind} routes per "
                           "token and cannot be merged into the base weights")
     base_model = model.model

@@ -9,16 +9,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters.base import AdapterLinear
+from malora_train.adapters.registry import register_adapter
 
 
+@register_adapter
 class LoRALinear(AdapterLinear):
+    """Tensors: lora_A (r, in), lora_B (out, r); saved in PEFT's format."""
+
     kind = "lora"
     tensor_kinds = {"lora_A": "lora down (A)", "lora_B": "lora up (B)"}
+    mergeable = True
+    peft_format = True
 
     def __init__(self, base: nn.Linear, **kwargs) -> None:
         super().__init__(base, **kwargs)
-        self.lora_A = self.param_factory(self.rank, self.in_features)
-        self.lora_B = self.param_factory(self.out_features, self.rank)
+        self.lora_A = self.param_factory(self.expert_rank, self.in_features)
+        self.lora_B = self.param_factory(self.out_features, self.expert_rank)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -7,11 +7,15 @@ rank-expanded up-projections. With P_t (r-bar x d) and B_t (m x r-bar):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters.base import MixtureAdapterLinear
+from malora_train.adapters.registry import register_adapter
+from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError
 
 
@@ -32,10 +36,32 @@ def malora_sizes(rank: int, num_experts: int, lam: float, shared_rank: int | Non
     return d, r_bar
 
 
+@register_adapter
 class MALoRALinear(MixtureAdapterLinear):
+    """Tensors: router (N, in), shared_A (d, in), coeff_P (N*r_bar, d) (P_t: rows [t*r_bar, (t+1)*r_bar)),
+    lora_B (out, N*r_bar)."""
+
     kind = "malora"
     tensor_kinds = {"router": "router", "shared_A": "shared subspace", "coeff_P": "expert down",
                     "lora_B": "expert up"}
+
+    @classmethod
+    def expert_rank_of(cls, cfg: AdapterConfig) -> int:
+        return malora_sizes(cfg.rank, cfg.num_experts, cfg.lam, cfg.shared_rank, cfg.expert_rank)[1]
+
+    @classmethod
+    def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
+        kwargs = super().layer_kwargs(cfg)
+        if cfg.beta <= 0:
+            raise ConfigError(f"adapter.beta={cfg.beta} must be > 0")
+        shared_rank, _ = malora_sizes(cfg.rank, cfg.num_experts, cfg.lam, cfg.shared_rank, cfg.expert_rank)
+        kwargs.update(shared_rank=shared_rank, beta=cfg.beta)
+        return kwargs
+
+    def apply_freezing(self, cfg: AdapterConfig) -> None:
+        """The ablations: S_A frozen (``adapter.freeze_shared``), P_t frozen (``adapter.freeze_coeff``)."""
+        self.shared_A.requires_grad_(not cfg.freeze_shared)
+        self.coeff_P.requires_grad_(not cfg.freeze_coeff)
 
     def __init__(self, base: nn.Linear, *, shared_rank: int, beta: float, **kwargs) -> None:
         super().__init__(base, **kwargs)
@@ -46,7 +72,7 @@ class MALoRALinear(MixtureAdapterLinear):
         self.beta = beta
         self.shared_A = self.param_factory(shared_rank, self.in_features)
         # experts' coefficient matrices stacked: rows [t*r, (t+1)*r) are P_t
-        self.coeff_P = self.param_factory(self.num_experts * self.rank, shared_rank)
+        self.coeff_P = self.param_factory(self.num_experts * self.expert_rank, shared_rank)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -56,7 +82,7 @@ class MALoRALinear(MixtureAdapterLinear):
         if self.shared_A.is_meta:
             return
         self.reset_router()
-        d, n, r = self.shared_rank, self.in_features, self.rank
+        d, n, r = self.shared_rank, self.in_features, self.expert_rank
         for expert in range(self.num_experts):
             draw = torch.empty(d, n, device=self.shared_A.device, dtype=torch.float32)
             nn.init.kaiming_uniform_(draw, a=5 ** 0.5)
@@ -76,10 +102,10 @@ class MALoRALinear(MixtureAdapterLinear):
 
     def rank_space(self, xd: torch.Tensor) -> torch.Tensor:
         z = F.linear(xd, self.shared_A)
-        return F.linear(z, self.coeff_P).view(xd.shape[0], self.num_experts, self.rank)
+        return F.linear(z, self.coeff_P).view(xd.shape[0], self.num_experts, self.expert_rank)
 
     def expert_forward(self, expert: int, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.coeff_P[expert * self.rank:(expert + 1) * self.rank])
+        return F.linear(h, self.coeff_P[expert * self.expert_rank:(expert + 1) * self.expert_rank])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shared_rank={self.shared_rank}, beta={self.beta:g}"

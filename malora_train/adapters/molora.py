@@ -10,16 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters.base import MixtureAdapterLinear
+from malora_train.adapters.registry import register_adapter
 
 
+@register_adapter
 class MoLoRALinear(MixtureAdapterLinear):
+    """Tensors: router (N, in), lora_A (N*r, in) (expert t: rows [t*r, (t+1)*r)), lora_B (out, N*r)."""
+
     kind = "molora"
     tensor_kinds = {"router": "router", "lora_A": "expert down", "lora_B": "expert up"}
 
     def __init__(self, base: nn.Linear, **kwargs) -> None:
         super().__init__(base, **kwargs)
         # experts' down-projections stacked: rows [t*r, (t+1)*r) belong to expert t
-        self.lora_A = self.param_factory(self.num_experts * self.rank, self.in_features)
+        self.lora_A = self.param_factory(self.num_experts * self.expert_rank, self.in_features)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -29,10 +33,10 @@ class MoLoRALinear(MixtureAdapterLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan_in = in_features, as per expert
 
     def expert_down(self, expert: int) -> torch.Tensor:
-        return self.lora_A[expert * self.rank:(expert + 1) * self.rank]
+        return self.lora_A[expert * self.expert_rank:(expert + 1) * self.expert_rank]
 
     def rank_space(self, xd: torch.Tensor) -> torch.Tensor:
-        return F.linear(xd, self.lora_A).view(xd.shape[0], self.num_experts, self.rank)
+        return F.linear(xd, self.lora_A).view(xd.shape[0], self.num_experts, self.expert_rank)
 
     def expert_forward(self, expert: int, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.expert_down(expert))

@@ -32,7 +32,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, jitter_noise: float = 0
         return F.linear(x32, weight.to(x32.dtype))
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
+def top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
     """Softmax, then keep the K largest probabilities per token (all of them when K = N)."""
     probs = torch.softmax(logits, dim=-1)
     num_experts = probs.shape[-1]

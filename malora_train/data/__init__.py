@@ -1,7 +1,6 @@
 """The data stage: tasks (registry and sources), the task mixture sampler, tokenisation and batching."""
 
 from malora_train.data.collate import (
-    IGNORE_INDEX,
     Collator,
     EncodedExample,
     encode_example,
@@ -13,6 +12,7 @@ from malora_train.data.rendering import ANSWER_PREFIX, PROMPT_TEMPLATES, label_p
 from malora_train.data.stream import BatchStream
 from malora_train.data.tasks import build_tasks, known_tasks
 from malora_train.data.types import Example, TaskData
+from malora_train.labels import IGNORE_INDEX
 
 __all__ = [
     "ANSWER_PREFIX",

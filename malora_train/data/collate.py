@@ -9,8 +9,7 @@ import torch
 
 from malora_train.data.types import Example
 from malora_train.errors import ConfigError
-
-IGNORE_INDEX = -100
+from malora_train.labels import IGNORE_INDEX
 
 
 @dataclass

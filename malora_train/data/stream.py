@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from malora_train.config import DataConfig
-from malora_train.data.collate import IGNORE_INDEX, Collator, EncodedExample, encode_examples
+from malora_train.data.collate import Collator, EncodedExample, encode_examples
 from malora_train.data.mixture import TaskMixture
 from malora_train.data.types import Example, TaskData
 from malora_train.errors import ConfigError
+from malora_train.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

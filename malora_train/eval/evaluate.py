@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from malora_train.adapters.model import AdaptedCausalLM
+from malora_train.adapters import AdaptedCausalLM
 from malora_train.config import EvalConfig
 from malora_train.data.types import Example, TaskData
 from malora_train.errors import ConfigError
@@ -50,6 +50,13 @@ class EvalResult:
             "average": self.average,
             "counts": {task: {"correct": s.correct, "total": s.total} for task, s in self.scores.items()},
         }
+
+    @classmethod
+    def from_json(cls, saved: dict | None) -> EvalResult | None:
+        """Back from ``to_json`` (the trainer keeps it across resumes); None for nothing saved."""
+        if not saved:
+            return None
+        return cls(scores={t: TaskScore(c["correct"], c["total"]) for t, c in saved["counts"].items()})
 
 
 def check_eval_config(cfg: EvalConfig) -> None:

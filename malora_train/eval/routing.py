@@ -10,14 +10,13 @@ scorer). ``routing_report`` keeps only the task rows.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from malora_train.adapters.model import AdaptedCausalLM
+from malora_train.adapters import AdaptedCausalLM
+from malora_train.run_dir import ROUTING_FILE, ROUTING_PLOT, atomic_write, write_text_atomic
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,18 +84,6 @@ def routing_report(model: AdaptedCausalLM, task_names: list[str],
     }
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write beside ``path`` then rename, so a crash never leaves a half-written file behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_routing(report: dict | None, out_dir: Path) -> list[Path]:
     """routing.json and routing_heatmap.png (tasks x experts, layer average) in ``out_dir``;
     nothing for a model without routing. Returns the paths written."""
@@ -104,10 +91,10 @@ def write_routing(report: dict | None, out_dir: Path) -> list[Path]:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "routing.json"
-    png_path = out_dir / "routing_heatmap.png"
-    _write_atomically(json_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    _write_atomically(png_path, lambda p: _heatmap(report).savefig(p, dpi=120))
+    json_path = out_dir / ROUTING_FILE
+    png_path = out_dir / ROUTING_PLOT
+    write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    atomic_write(png_path, lambda p: _heatmap(report).savefig(p, dpi=120))
     return [json_path, png_path]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from malora_train.adapters.model import IGNORE_INDEX, AdaptedCausalLM
+from malora_train.adapters import AdaptedCausalLM
 from malora_train.data.types import Example, TaskData
 from malora_train.errors import DataError
 from malora_train.eval.encoding import (
@@ -27,6 +27,7 @@ from malora_train.eval.encoding import (
     scoring_prompts,
 )
 from malora_train.eval.routing import uncounted_bucket
+from malora_train.labels import IGNORE_INDEX
 
 TaskIndex = int | Sequence[int] | None
 

@@ -1,5 +1,6 @@
-"""Process-group set-up shared by ``accelerate launch`` / ``torchrun`` runs: one run directory for all
-ranks, the Accelerator (DDP or DeepSpeed, CPU or GPU), and small collective helpers."""
+"""Launch and sharding helpers shared by ``accelerate launch`` / ``torchrun`` runs: one run directory for
+all ranks, the Accelerator (DDP or DeepSpeed, CPU or GPU) and its DeepSpeed settings, each rank's rows of
+a global batch, the ZeRO-3 adapter gather, and small collective helpers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from malora_train.adapters import AdaptedCausalLM, adapter_state_dict
 from malora_train.config import TrainerConfig
 from malora_train.errors import ConfigError
 
@@ -93,6 +95,33 @@ def build_accelerator(trainer: TrainerConfig) -> Accelerator:
     )
 
 
+def check_launch(trainer: TrainerConfig, accelerator: Accelerator) -> None:
+    """Refuse settings the launcher's backend cannot honour."""
+    if trainer.skip_nonfinite and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("trainer.skip_nonfinite=true is not supported under DeepSpeed (its engine applies "
+                          "the accumulated gradients itself); run without it")
+
+
+def configure_deepspeed(accelerator: Accelerator, trainer: TrainerConfig) -> None:
+    """Fill the DeepSpeed config's batch and clipping entries from trainer.* (the JSON says "auto")."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = trainer.micro_batch_size
+    ds["gradient_accumulation_steps"] = trainer.grad_accum
+    ds["train_batch_size"] = trainer.micro_batch_size * trainer.grad_accum * accelerator.num_processes
+    ds["gradient_clipping"] = trainer.max_grad_norm
+    ds["zero_allow_untested_optimizer"] = True
+
+
+def local_rows(batch: dict[str, torch.Tensor], rank: int, world: int,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global micro-batch, with padding columns nobody in the shard needs cut off."""
+    rows = {k: v[rank::world] for k, v in batch.items()}
+    width = int(rows["attention_mask"].sum(dim=1).max().item())
+    return {k: (v[:, :width] if v.dim() == 2 else v).to(device) for k, v in rows.items()}
+
+
 def is_zero3(accelerator: Accelerator) -> bool:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return False
@@ -116,6 +145,18 @@ def model_init_context(accelerator: Accelerator) -> Iterator[None]:
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def gather_adapter_state(accelerator: Accelerator, model: AdaptedCausalLM) -> dict[str, torch.Tensor] | None:
+    """Under ZeRO-3, the full adapter tensors gathered from their shards (every rank must call this);
+    otherwise None: each rank holds them whole."""
+    if not is_zero3(accelerator):
+        return None
+    import deepspeed
+
+    params = {f"model.{key}": param for key, param in adapter_state_dict(model.model).items()}
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return {key: param.detach().clone().cpu() for key, param in params.items()}
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
     report.update(
         model=cfg.model.name,
         adapter=cfg.adapter.kind,
-        expert_rank=layer.rank,
+        expert_rank=layer.expert_rank,
         alpha=layer.alpha,
         shared_rank=getattr(layer, "shared_rank", None),
         num_experts=getattr(layer, "num_experts", None),

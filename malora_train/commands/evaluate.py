@@ -16,6 +16,7 @@ from malora_train.data import build_tasks
 from malora_train.errors import ConfigError
 from malora_train.eval import evaluate, format_accuracy_table
 from malora_train.models import load_model_and_tokenizer
+from malora_train.run_dir import ADAPTER_DIR, CONFIG_FILE, write_json_atomic
 
 log = logging.getLogger(__name__)
 RUN_GROUPS = ("model", "data")
@@ -28,9 +29,9 @@ def explicit_groups(argv: list[str]) -> set[str]:
 
 def config_for_run(cfg: Config, run_dir: Path, argv: list[str]) -> Config:
     """A run's own model and data settings, unless the command line names those groups."""
-    saved = run_dir / "config.yaml"
+    saved = run_dir / CONFIG_FILE
     if not saved.is_file():
-        raise ConfigError(f"eval.run_dir={run_dir}: no config.yaml (is it a malora-train run directory?)")
+        raise ConfigError(f"eval.run_dir={run_dir}: no {CONFIG_FILE} (is it a malora-train run directory?)")
     run_cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
     merged = OmegaConf.structured(cfg)
     for group in RUN_GROUPS:
@@ -43,7 +44,7 @@ def adapter_location(cfg: Config) -> Path | None:
     if cfg.eval.adapter_path:
         return Path(cfg.eval.adapter_path)
     if cfg.eval.run_dir:
-        return Path(cfg.eval.run_dir) / "adapter"
+        return Path(cfg.eval.run_dir) / ADAPTER_DIR
     return None
 
 
@@ -66,7 +67,7 @@ def eval_command(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     if cfg.eval.output_dir:
         out = Path(cfg.eval.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"eval_{cfg.eval.scorer}.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_json_atomic(out / f"eval_{cfg.eval.scorer}.json", report)
     return report
 
 

@@ -1,19 +1,32 @@
-"""What a user sees: a progress bar, ``metrics.jsonl`` (one object per logged step), wandb, a loss plot."""
+"""What a user sees: a progress bar, ``metrics.jsonl`` (one object per logged step), wandb, a loss plot
+and the summary printed at the end."""
 
 from __future__ import annotations
 
 import json
 import math
+import resource
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from malora_train.config import WandbConfig
 from malora_train.errors import ConfigError
-from malora_train.train.checkpoint import write_text_atomic
+from malora_train.eval import EvalResult, format_accuracy_table, format_expert_shares
+from malora_train.run_dir import (
+    ADAPTER_DIR,
+    LOSS_PLOT,
+    METRICS_FILE,
+    ROUTING_FILE,
+    ROUTING_PLOT,
+    SUMMARY_FILE,
+    WANDB_ID_FILE,
+    atomic_write,
+    write_text_atomic,
+)
 
-METRICS_FILE = "metrics.jsonl"
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -86,7 +99,7 @@ def _step_of(line: str) -> float:
 
 def _wandb_id(run_dir: Path) -> str:
     """A stable id per run directory, so a resumed run continues the same wandb run."""
-    id_file = run_dir / ".wandb_id"
+    id_file = run_dir / WANDB_ID_FILE
     if id_file.is_file():
         return id_file.read_text().strip()
     import uuid
@@ -154,6 +167,35 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     ax_aux.plot(steps, [r.get("aux_loss", 0.0) for r in rows], color="tab:red")
     ax_aux.set(title="router auxiliary loss", xlabel="step")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out_path
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def format_summary(summary: dict[str, Any], before: EvalResult | None, after: EvalResult,
+                   routing: dict | None, run_dir: Path) -> str:
+    """The text printed when a run completes: throughput, parameters, accuracy before -> after and, for
+    mixtures, the share of each task's tokens per expert."""
+    best = summary["best_eval_average"]
+    lines = ["", f"== {summary['model']} + {summary['adapter']}: {summary['steps']} steps, "
+                 f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.0f} s "
+                 f"({summary['tokens_per_s']:.0f} tokens/s while training), "
+                 f"peak memory {summary['peak_memory_gb']:.1f} GB",
+             f"   trainable parameters {summary['trainable_params']:,} "
+             f"({summary['trainable_percent']:.2f}% of the base model); "
+             f"best eval average {best:.2f} at step {summary['best_step']}", "",
+             format_accuracy_table(before, after)]
+    if routing:
+        lines += ["", "share of each task's tokens routed to each expert (%, average over layers):",
+                  format_expert_shares(routing)]
+    files = [METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, f"{ADAPTER_DIR}/"]
+    if routing:
+        files += [ROUTING_FILE, ROUTING_PLOT]
+    lines += ["", f"outputs: {run_dir} ({', '.join(files)})"]
+    return "\n".join(lines)

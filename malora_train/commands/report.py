@@ -12,8 +12,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
-import os
 import re
 import statistics
 import sys
@@ -23,12 +21,20 @@ from typing import Any
 
 import yaml
 
-from malora_train.errors import DataError, MaloraError
-from malora_train.train.logging import METRICS_FILE
+from malora_train.errors import DataError, MaloraError, exit_with_error
+from malora_train.run_dir import (
+    CONFIG_FILE,
+    HYDRA_OVERRIDES,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    atomic_write,
+    read_json_object,
+    read_jsonl,
+    read_text,
+    write_text_atomic,
+)
 
-EXIT_USER_ERROR = 2
-SUMMARY_FILE = "summary.json"
-OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+OVERRIDES_FILE = HYDRA_OVERRIDES
 RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, str(OVERRIDES_FILE))
 OUTPUTS = ("report.md", "report.csv", "accuracy_vs_params.png")
 SEED_OVERRIDE = re.compile(r"^[+~]*seed=(.*)$")
@@ -113,41 +119,6 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read it ({err})") from err
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a last line without its newline (a killed writer) is ignored."""
-    lines = read_text(path).split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # no newline after it: a partial append
-                break
-            raise DataError(f"{path}:{number}: not a JSON line ({err.msg})") from err
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def final_lm_loss(path: Path, records: list[dict[str, Any]]) -> float | None:
     """``lm_loss`` of the last training line (eval lines have none); non-finite values are logged as text."""
     for record in reversed(records):
@@ -186,7 +157,7 @@ def adapter_kind(run_dir: Path, overrides: list[str], summary: dict[str, Any] | 
     if chosen:
         return chosen[-1]
     try:
-        kind = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("adapter", {}).get("kind")
+        kind = (yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}).get("adapter", {}).get("kind")
     except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):  # the kind stays unknown
         kind = None
     return str(kind) if kind else "?"
@@ -201,9 +172,9 @@ def number(summary: dict[str, Any], key: str, path: Path) -> float | None:
 
 def read_run(run_dir: Path, root: Path) -> Run:
     summary_path = run_dir / SUMMARY_FILE
-    summary = read_json(summary_path) if summary_path.is_file() else None
+    summary = read_json_object(summary_path) if summary_path.is_file() else None
     metrics_path = run_dir / METRICS_FILE
-    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    records = read_jsonl(metrics_path) if metrics_path.is_file() else []
     overrides = read_overrides(run_dir, root)
     steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
     run = Run(path=run_dir, overrides=overrides, adapter=adapter_kind(run_dir, overrides, summary),
@@ -409,17 +380,8 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
            title="accuracy against trainable parameters (error bars: std over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file, so a report is never left half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- command -----------------------------------------------------------------------------------------------
@@ -434,8 +396,8 @@ def build_report(root: Path, out_dir: Path, group_by_seed: bool = True) -> tuple
     rows = group_runs([read_run(d, root) for d in run_dirs], group_by_seed)
     markdown = markdown_report(rows, root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "report.md", markdown)
-    write_text(out_dir / "report.csv", csv_text(rows))
+    write_text_atomic(out_dir / "report.md", markdown)
+    write_text_atomic(out_dir / "report.csv", csv_text(rows))
     plot_accuracy(rows, out_dir / "accuracy_vs_params.png")
     return rows, markdown
 
@@ -461,11 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _, markdown = build_report(args.dir, out_dir, args.group)
     except (MaloraError, OSError) as err:
-        print(f"malora-report: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_error(err, program="malora-report")
     print(markdown, end="")
     print(f"wrote {', '.join(str(out_dir / name) for name in OUTPUTS)}", file=sys.stderr)
 
-
-if __name__ == "__main__":
-    main()

@@ -12,8 +12,7 @@ from torch import nn
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.inject import adapter_layers, inject_adapters
 from malora_train.config import AdapterConfig
-
-IGNORE_INDEX = -100
+from malora_train.labels import IGNORE_INDEX
 
 
 @dataclass

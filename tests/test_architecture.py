@@ -1,0 +1,88 @@
+"""The package's shape: imports run one way, down the floors, and no module imports itself round a circle.
+
+Floors, ground first: errors, labels and config; the run directory; models, data and adapters (separate
+rooms that do not import each other); evaluation; training; the commands; the CLI. A module may import its own floor's
+room or any floor below, never one above.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "malora_train"
+
+FLOORS = {
+    "malora_train.errors": 0, "malora_train.labels": 0, "malora_train.config": 0,
+    "malora_train.run_dir": 1,
+    "malora_train.models": 2, "malora_train.data": 2, "malora_train.adapters": 2,
+    "malora_train.eval": 3,
+    "malora_train.train": 4,
+    "malora_train.commands": 5,
+    "malora_train.cli": 6, "malora_train": 6,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def room(module: str) -> str:
+    """The FLOORS key a module belongs to (its longest matching prefix)."""
+    matches = [key for key in FLOORS if module == key or module.startswith(key + ".")]
+    assert matches, f"{module} is on no floor: add it to FLOORS"
+    return max(matches, key=len)
+
+
+def imports(module: str) -> set[str]:
+    """The package modules ``module`` imports anywhere in its file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("malora_train")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("malora_train"):
+            for alias in node.names:  # `from pkg import submodule` imports the submodule
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in MODULES else node.module)
+    return found - {module}
+
+
+def test_every_module_is_on_a_floor() -> None:
+    for module in MODULES:
+        room(module)
+
+
+def test_imports_never_run_up_a_floor_or_across_rooms() -> None:
+    wrong = []
+    for module in MODULES:
+        mine = room(module)
+        for target in imports(module):
+            theirs = room(target)
+            if FLOORS[theirs] > FLOORS[mine] or (FLOORS[theirs] == FLOORS[mine] and theirs != mine):
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports running up or across: " + ", ".join(sorted(wrong))
+
+
+def test_no_import_circles() -> None:
+    graph = {module: imports(module) for module in MODULES}
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in graph[module]:
+            if state.get(target) == "open":
+                circle = path[path.index(target):] + [target]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
