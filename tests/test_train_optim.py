@@ -81,10 +81,17 @@ def test_schedule_and_optimizer_settings_are_checked():
         build_optimizer(nn.Linear(2, 2).requires_grad_(False), trainer_cfg())
 
 
+def batches_of(examples: int, rows: int):
+    """``batches_for_epochs`` of a padded stream: one example a row."""
+    return lambda epochs: math.ceil(epochs * examples / rows)
+
+
 def test_max_steps_wins_over_epochs():
-    assert total_steps(trainer_cfg(max_steps=7, epochs=3), train_examples=100, global_batch=10) == 7
+    assert total_steps(trainer_cfg(max_steps=7, epochs=3), batches_of(100, 10)) == 7
     # 2 epochs of 100 examples in batches of 8: ceil(200 / 8)
-    assert total_steps(trainer_cfg(max_steps=0, epochs=2), train_examples=100, global_batch=8) == 25
-    assert total_steps(trainer_cfg(max_steps=0, epochs=0.01), train_examples=100, global_batch=8) == 1
+    assert total_steps(trainer_cfg(max_steps=0, epochs=2), batches_of(100, 8)) == 25
+    assert total_steps(trainer_cfg(max_steps=0, epochs=0.01), batches_of(100, 8)) == 1
+    # 2 micro-batches a step: ceil(25 / 2)
+    assert total_steps(trainer_cfg(max_steps=0, epochs=2, grad_accum=2), batches_of(100, 8)) == 13
     with pytest.raises(ConfigError, match="trainer.max_steps > 0 or trainer.epochs > 0"):
-        total_steps(trainer_cfg(max_steps=0, epochs=0), train_examples=100, global_batch=8)
+        total_steps(trainer_cfg(max_steps=0, epochs=0), batches_of(100, 8))

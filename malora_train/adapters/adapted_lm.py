@@ -3,7 +3,9 @@ answer tokens and the routers' auxiliary loss separately."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,9 @@ from torch import nn
 
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.inject import adapter_layers, inject_adapters
+from malora_train.attention import packed_attention_mask
 from malora_train.config import AdapterConfig
-from malora_train.labels import IGNORE_INDEX
+from malora_train.labels import IGNORE_INDEX, loss_targets
 
 
 @dataclass
@@ -23,12 +26,20 @@ class AdaptedOutput:
     balance_loss: torch.Tensor | None  # mean over layers, unweighted (1 = perfectly balanced)
     z_loss: torch.Tensor | None
     router_entropy: torch.Tensor | None
-    seq_loss_sum: torch.Tensor  # (B,) summed token losses per sequence, detached
-    seq_tokens: torch.Tensor  # (B,) answer tokens per sequence
+    seq_loss_sum: torch.Tensor  # (B,) summed token losses per row, detached
+    seq_tokens: torch.Tensor  # (B,) answer tokens per row
+    token_loss: torch.Tensor  # (K,) each answer position's loss (0 on padding slots), detached
+    loss_task: torch.Tensor  # (K,) the task of each answer position
+    layer_balance: torch.Tensor | None  # (decoder layers,) balance loss per decoder layer, detached
 
 
 class AdaptedCausalLM(nn.Module):
-    """Wraps ``model`` (adapters already injected) and owns the routing context of its layers."""
+    """Wraps ``model`` (adapters already injected) and owns the routing context of its layers.
+
+    Its forward returns the LM loss on answer tokens and the routers' auxiliary loss separately. Rows
+    are either padded examples (``attention_mask``) or packed ones (``document_ids`` and restarting
+    ``position_ids``: several examples a row, each attending only to itself; see ``attention``).
+    """
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig, context: RoutingContext, targets: list[str]):
         super().__init__()
@@ -38,6 +49,13 @@ class AdaptedCausalLM(nn.Module):
         self.targets = targets
         self.record_routing = False
         self.num_tasks = 0
+        # what runs the decoder in training forwards (a compiled version of it, trainer.compile); kept out
+        # of the module tree so its parameters are not registered twice
+        self.__dict__["training_decoder"] = None
+        self._mixture = [(n, m) for n, m in adapter_layers(model) if isinstance(m, MixtureAdapterLinear)]
+        keys = [_decoder_layer_key(name) for name, _ in self._mixture]
+        self.balance_layer_names = list(dict.fromkeys(keys))
+        self._balance_group = torch.tensor([self.balance_layer_names.index(k) for k in keys], dtype=torch.long)
 
     @classmethod
     def from_base(cls, model: nn.Module, cfg: AdapterConfig) -> AdaptedCausalLM:
@@ -46,33 +64,49 @@ class AdaptedCausalLM(nn.Module):
         return cls(model, cfg, context, targets)
 
     def mixture_layers(self) -> list[tuple[str, MixtureAdapterLinear]]:
-        return [(n, m) for n, m in adapter_layers(self.model) if isinstance(m, MixtureAdapterLinear)]
+        return list(self._mixture)
+
+    def set_training_decoder(self, decoder: Callable[..., Any] | None) -> None:
+        """Run training forwards through ``decoder`` (e.g. the compiled decoder) instead of the model's own;
+        evaluation keeps the module itself. A plain attribute, so no parameter is registered twice."""
+        self.__dict__["training_decoder"] = decoder
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
-                loss_normalizer: torch.Tensor | float | None = None) -> AdaptedOutput:
+                loss_normalizer: torch.Tensor | float | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, **targets: torch.Tensor) -> AdaptedOutput:
         """``loss_normalizer`` divides the summed token losses (default: this batch's answer-token
-        count); the trainer passes the global count so that sharded batches add up exactly."""
-        if labels is None:
-            labels = input_ids
+        count); the trainer passes the global count so that sharded batches add up exactly.
+        ``targets`` (``labels.LOSS_KEYS``, computed on the host by the trainer) say where the loss is;
+        without them they are found from ``labels`` (default: the input ids) here.
+        Packed rows: ``document_ids`` (B, L) and ``position_ids``; ``attention_mask`` then only marks
+        real tokens (for the routers' statistics) and ``task_ids`` may be given per token."""
+        if not targets:
+            targets = loss_targets(labels if labels is not None else input_ids, task_ids)
         self._set_context(input_ids, attention_mask, task_ids)
         try:
-            hidden = self._hidden_states(input_ids, attention_mask)
-            lm_sum, seq_loss, seq_tokens = self._answer_loss(hidden, labels)
+            hidden = self._hidden_states(input_ids, attention_mask, position_ids, document_ids)
+            token_loss = self._token_losses(hidden, targets["loss_index"], targets["loss_target"])
         finally:
             self.context.collect = False
+        rows, batch = targets["loss_row"], input_ids.shape[0]
+        answered = (targets["loss_target"] != IGNORE_INDEX).long()
+        seq_loss = torch.zeros(batch, device=hidden.device).index_add_(0, rows, token_loss.detach().float())
+        seq_tokens = torch.zeros(batch, dtype=torch.long, device=hidden.device).index_add_(0, rows, answered)
         normalizer = loss_normalizer if loss_normalizer is not None else seq_tokens.sum().clamp_min(1)
-        lm_loss = lm_sum / normalizer
-        aux_loss, balance, z, ent = self._aux_losses(lm_loss)
-        return AdaptedOutput(lm_loss + aux_loss, lm_loss, aux_loss, balance, z, ent, seq_loss, seq_tokens)
+        lm_loss = token_loss.sum() / normalizer
+        aux_loss, balance, z, ent, per_layer = self._aux_losses(lm_loss)
+        return AdaptedOutput(lm_loss + aux_loss, lm_loss, aux_loss, balance, z, ent, seq_loss, seq_tokens,
+                             token_loss.detach(), targets["loss_task"], per_layer)
 
     def _set_context(self, input_ids, attention_mask, task_ids) -> None:
         ctx = self.context
         ctx.collect = True
         ctx.token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
         if self.record_routing and task_ids is not None:
-            ctx.token_task = task_ids.view(-1, 1).expand_as(input_ids).reshape(-1)
+            per_token = task_ids if task_ids.dim() == 2 else task_ids.view(-1, 1).expand_as(input_ids)
+            ctx.token_task = per_token.reshape(-1)
             ctx.num_tasks = self.num_tasks
         else:
             ctx.token_task = None
@@ -84,13 +118,18 @@ class AdaptedCausalLM(nn.Module):
         Routing counts per task accumulate when ``record_routing`` is on and ``task_ids`` given."""
         self._set_context(input_ids, attention_mask, task_ids)
         self.context.collect = False
-        hidden = self._hidden_states(input_ids, attention_mask)
+        hidden = self._hidden_states(input_ids, attention_mask, None, None)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
         return self.logits_at(picked)
 
-    def _hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
+    def _hidden_states(self, input_ids, attention_mask, position_ids, document_ids) -> torch.Tensor:
         body = self.model.get_decoder()
-        return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if self.training and self.training_decoder is not None:
+            body = self.training_decoder
+        if document_ids is not None:  # packed rows: a document-causal mask instead of the padding mask
+            attention_mask = packed_attention_mask(document_ids, self.model.config._attn_implementation)
+        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
 
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on selected hidden states, in float32, honouring a model's logit scaling."""
@@ -104,25 +143,25 @@ class AdaptedCausalLM(nn.Module):
             logits = softcap * torch.tanh(logits / softcap)
         return logits
 
-    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor):
-        """Cross-entropy on answer tokens only: the head runs just where a label exists."""
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        rows = keep.nonzero(as_tuple=True)[0]
-        token_loss = F.cross_entropy(self.logits_at(hidden[:, :-1][keep]), targets[keep], reduction="none")
-        batch = labels.shape[0]
-        seq_loss = torch.zeros(batch, device=hidden.device).index_add_(0, rows, token_loss.detach())
-        seq_tokens = keep.sum(dim=1)
-        return token_loss.sum(), seq_loss, seq_tokens
+    def _token_losses(self, hidden: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy at the answer positions only: the head runs just where a label exists."""
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        return F.cross_entropy(self.logits_at(picked), target, ignore_index=IGNORE_INDEX, reduction="none")
 
     def _aux_losses(self, like: torch.Tensor):
-        layers = [m for _, m in self.mixture_layers() if m.aux]
+        layers = [m for _, m in self._mixture if m.aux]
         zero = like.new_zeros(())
         if not layers:
-            return zero, None, None, None
-        balance = torch.stack([m.aux["balance"] for m in layers]).mean()
+            return zero, None, None, None, None
+        balances = torch.stack([m.aux["balance"] for m in layers])
+        balance = balances.mean()
         z = torch.stack([m.aux["z"] for m in layers]).mean()
         ent = torch.stack([m.aux["entropy"] for m in layers]).mean()
+        per_layer = None
+        if len(layers) == len(self._mixture):  # every layer reported: the per-decoder-layer means
+            group = self._balance_group.to(balances.device)
+            sums = balances.new_zeros(len(self.balance_layer_names)).index_add_(0, group, balances.detach())
+            per_layer = sums / torch.bincount(group, minlength=len(self.balance_layer_names))
         for m in layers:  # keep only detached copies: the next forward must not hold this graph
             m.aux = {k: v.detach() for k, v in m.aux.items()}
         router = self.adapter_cfg.router
@@ -131,18 +170,9 @@ class AdaptedCausalLM(nn.Module):
             aux = aux + router.balance_coef * balance
         if router.z_loss_coef:
             aux = aux + router.z_loss_coef * z
-        return aux, balance, z, ent
+        return aux, balance, z, ent, per_layer
 
     # -- diagnostics ---------------------------------------------------------------------------------
-    def layer_balance(self) -> dict[str, float]:
-        """Last forward's balance loss per decoder layer (mean over its adapted modules)."""
-        per_layer: dict[str, list[torch.Tensor]] = {}
-        for name, layer in self.mixture_layers():
-            if "balance" in layer.aux:
-                key = _decoder_layer_key(name)
-                per_layer.setdefault(key, []).append(layer.aux["balance"].detach())
-        return {k: torch.stack(v).mean().item() for k, v in per_layer.items()}
-
     def routing_counts(self) -> dict[str, torch.Tensor]:
         """Accumulated (num_tasks, N) token-slot counts per mixture layer since the last reset."""
         return {n: m.task_expert_counts.detach().cpu() for n, m in self.mixture_layers()

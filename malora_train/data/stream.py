@@ -1,63 +1,51 @@
 """The training data stream: every task's train split tokenised once, then global micro-batches drawn from
-the task mixture, identical on every process for a seed and exactly resumable from ``state_dict``."""
+the task mixture, identical on every process for a seed and exactly resumable from ``state_dict``.
+
+A batch is either ``batch_size`` padded examples (one a row) or, with ``data.packing``, ``batch_size``
+rows of ``data.max_length`` tokens filled with whole examples (``packing``)."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from malora_train.config import DataConfig
-from malora_train.data.collate import Collator, EncodedExample, encode_examples
+from malora_train.data.collate import Collator
 from malora_train.data.mixture import TaskMixture
-from malora_train.data.types import Example, TaskData
+from malora_train.data.packing import Draw, fill_rows, pack_rows
+from malora_train.data.tokenized import TokenizedSplit, tokenizer_fingerprint
+from malora_train.data.types import TaskData
 from malora_train.errors import ConfigError
-from malora_train.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-ENCODE_CHUNK = 4096  # examples tokenised per call: bounds the memory of Python lists of token ids
 POOL_BATCHES = 16  # length grouping sorts a pool of this many batches' worth of draws
 
 
-class TokenizedSplit:
-    """A task's encoded examples stored compactly (one flat int32 tensor), expanded on demand."""
-
-    def __init__(self, tokenizer, examples: Sequence[Example], max_length: int, task_index: int):
-        self.task_index = task_index
-        chunks, prompt_lengths, truncated, lengths = [], [], [], []
-        for start in range(0, len(examples), ENCODE_CHUNK):
-            encoded = encode_examples(tokenizer, examples[start:start + ENCODE_CHUNK], max_length, task_index)
-            chunks.append(torch.tensor([i for example in encoded for i in example.input_ids], dtype=torch.int32))
-            lengths += [len(example.input_ids) for example in encoded]
-            prompt_lengths += [example.labels.count(IGNORE_INDEX) for example in encoded]
-            truncated += [example.truncated for example in encoded]
-        self.ids = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int32)
-        self.lengths = lengths
-        self.offsets = [0]
-        for length in lengths:
-            self.offsets.append(self.offsets[-1] + length)
-        self.prompt_lengths = prompt_lengths
-        self.truncated = truncated
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def example(self, index: int) -> EncodedExample:
-        ids = self.ids[self.offsets[index]:self.offsets[index + 1]].tolist()
-        prompt_length = self.prompt_lengths[index]
-        return EncodedExample(input_ids=ids, labels=[IGNORE_INDEX] * prompt_length + ids[prompt_length:],
-                              task_index=self.task_index, truncated=self.truncated[index])
+def tokenized_cache_dir(cfg: DataConfig) -> Path | None:
+    """``data.cache_dir`` (default ``$XDG_CACHE_HOME/malora-train/tokenized``); None with ``data.cache=false``."""
+    if not cfg.cache:
+        return None
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "malora-train" / "tokenized"
 
 
 class BatchStream:
     """Deterministic stream of global micro-batches (``Collator`` output) drawn from the task mixture.
 
     With ``data.group_by_length`` it draws POOL_BATCHES batches' worth of examples at a time, sorts them
-    by length, cuts them into batches and emits those in a seeded random order.
+    by length, cuts them into batches and emits those in a seeded random order. With ``data.packing`` each
+    batch is ``batch_size`` rows of ``data.max_length`` tokens, filled first-fit in draw order.
     """
 
     def __init__(self, tasks: Mapping[str, TaskData], tokenizer, cfg: DataConfig, batch_size: int, seed: int):
@@ -67,7 +55,14 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = cfg.group_by_length
-        self.splits = [TokenizedSplit(tokenizer, task.train, cfg.max_length, index)
+        self.packing = bool(cfg.packing)
+        if self.packing and self.group_by_length:
+            raise ConfigError("data.packing=true and data.group_by_length=true: packed rows have no padding "
+                              "to save; set data.group_by_length=false")
+        self.max_length = cfg.max_length
+        cache_dir = tokenized_cache_dir(cfg)
+        tokenizer_id = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
+        self.splits = [TokenizedSplit.encode(tokenizer, task.train, cfg.max_length, index, cache_dir, tokenizer_id)
                        for index, task in enumerate(tasks.values())]
         self.truncated_in_train = {name: sum(split.truncated) for name, split in zip(self.task_names, self.splits)}
         for name, count in self.truncated_in_train.items():
@@ -82,6 +77,7 @@ class BatchStream:
         self.batches = 0
         self._pools = 0
         self._pending: list[list[tuple[int, int]]] = []
+        self._carry: Draw | None = None  # packing: the drawn example the last batch had no room for
 
     @property
     def truncated_total(self) -> int:
@@ -89,11 +85,44 @@ class BatchStream:
         return sum(self.truncated_in_train.values())
 
     def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self._next_packed_batch()
         draws = self._next_draws()
         examples = [self.splits[task].example(index) for task, index in draws]
         self.truncated += sum(example.truncated for example in examples)
         self.batches += 1
         return self.collator(examples)
+
+    def _next_packed_batch(self) -> dict[str, torch.Tensor]:
+        rows, self._carry = fill_rows(self.batch_size, self.max_length, self._carry, self.mixture.draw,
+                                      self._length_of)
+        self.truncated += sum(self.splits[task].truncated[index] for row in rows for task, index in row)
+        self.batches += 1
+        examples = [[self.splits[task].packed(index) for task, index in row] for row in rows]
+        return pack_rows(examples, self.max_length, self.collator.pad_token_id)
+
+    def _length_of(self, draw: Draw) -> int:
+        return self.splits[draw[0]].lengths[draw[1]]
+
+    def batches_for_epochs(self, epochs: float) -> int:
+        """How many more batches draw ``epochs`` passes over the training examples (rounded up). Packed
+        batches hold a varying number of examples: their count is found by packing the coming draws
+        (lengths only) on a copy of the mixture."""
+        wanted = math.ceil(epochs * self.train_size)
+        if not self.packing:
+            return max(1, math.ceil(wanted / self.batch_size))
+        mixture = copy.deepcopy(self.mixture)
+        drawn, carry, batches = 0, self._carry, 0
+
+        def draw() -> Draw:
+            nonlocal drawn
+            drawn += 1
+            return mixture.draw()
+
+        while drawn - (carry is not None) < wanted:
+            _, carry = fill_rows(self.batch_size, self.max_length, carry, draw, self._length_of)
+            batches += 1
+        return max(1, batches)
 
     def _next_draws(self) -> list[tuple[int, int]]:
         if not self.group_by_length:
@@ -109,20 +138,24 @@ class BatchStream:
 
     def state_dict(self) -> dict[str, Any]:
         return {"task_names": list(self.task_names), "batch_size": self.batch_size,
-                "group_by_length": self.group_by_length, "mixture": self.mixture.state_dict(),
-                "truncated": self.truncated, "batches": self.batches, "pools": self._pools,
-                "pending": [[list(draw) for draw in batch] for batch in self._pending]}
+                "group_by_length": self.group_by_length, "packing": self.packing,
+                "mixture": self.mixture.state_dict(), "truncated": self.truncated, "batches": self.batches,
+                "pools": self._pools, "pending": [[list(draw) for draw in batch] for batch in self._pending],
+                "carry": list(self._carry) if self._carry is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = (list(state["task_names"]), state["batch_size"], state["group_by_length"])
-        if saved != (self.task_names, self.batch_size, self.group_by_length):
+        saved = (list(state["task_names"]), state["batch_size"], state["group_by_length"],
+                 state.get("packing", False))
+        if saved != (self.task_names, self.batch_size, self.group_by_length, self.packing):
             raise ConfigError(
                 f"cannot resume the data stream: the checkpoint has tasks {saved[0]}, micro-batch {saved[1]}, "
-                f"group_by_length={saved[2]}; this run has {self.task_names}, {self.batch_size}, "
-                f"{self.group_by_length}"
+                f"group_by_length={saved[2]}, packing={saved[3]}; this run has {self.task_names}, "
+                f"{self.batch_size}, {self.group_by_length}, {self.packing}"
             )
         self.mixture.load_state_dict(state["mixture"])
         self.truncated = int(state["truncated"])
         self.batches = int(state["batches"])
         self._pools = int(state["pools"])
         self._pending = [[(int(task), int(index)) for task, index in batch] for batch in state["pending"]]
+        carry = state.get("carry")
+        self._carry = (int(carry[0]), int(carry[1])) if carry is not None else None

@@ -114,12 +114,24 @@ def configure_deepspeed(accelerator: Accelerator, trainer: TrainerConfig) -> Non
     ds["zero_allow_untested_optimizer"] = True
 
 
-def local_rows(batch: dict[str, torch.Tensor], rank: int, world: int,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """This rank's rows of a global micro-batch, with padding columns nobody in the shard needs cut off."""
-    rows = {k: v[rank::world] for k, v in batch.items()}
-    width = int(rows["attention_mask"].sum(dim=1).max().item())
-    return {k: (v[:, :width] if v.dim() == 2 else v).to(device) for k, v in rows.items()}
+def local_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's block of rows of a global micro-batch (on the host): rank r of W takes rows
+    [r B/W, (r+1) B/W), so W processes see exactly the micro-batches one process sees with
+    ``grad_accum=W`` (the routers' per-forward statistics included). Padded rows lose the padding
+    columns nobody in the shard needs; packed rows (``document_ids``) keep their fixed length."""
+    size = batch["input_ids"].shape[0] // world
+    rows = {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}
+    if "document_ids" in rows:
+        return rows
+    width = int(rows["attention_mask"].sum(dim=1).max())
+    return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in rows.items()}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy host tensors to ``device`` without waiting: from pinned memory, asynchronously, on a GPU."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def is_zero3(accelerator: Accelerator) -> bool:

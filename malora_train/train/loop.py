@@ -2,7 +2,7 @@
 train with checkpoints, evaluate, summarise.
 
 One optimiser step draws ``grad_accum`` global micro-batches of ``micro_batch_size x world`` rows from
-the data stream (the same on every rank); each rank runs its rows ``rank::world``. The LM loss is the
+the data stream (the same on every rank); each rank runs its block of ``micro_batch_size`` rows. The LM loss is the
 sum of token losses divided by the step's global answer-token count, so a step's update does not
 depend on how its rows are split over micro-batches and ranks (the router's auxiliary loss, a
 per-forward statistic, is the one part that does).
@@ -10,6 +10,7 @@ per-forward statistic, is the one part that does).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -26,9 +27,9 @@ from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
 from malora_train.errors import ConfigError, MaloraError
 from malora_train.eval import EvalResult, evaluate, routing_report, write_routing
-from malora_train.labels import IGNORE_INDEX
+from malora_train.labels import IGNORE_INDEX, loss_targets
 from malora_train.models import (
-    compile_decoder_layers,
+    compile_decoder,
     enable_activation_checkpointing,
     load_model_and_tokenizer,
 )
@@ -50,6 +51,7 @@ from malora_train.train.distributed import (
     configure_deepspeed,
     local_rows,
     model_init_context,
+    to_device,
 )
 from malora_train.train.metrics import (
     MetricsLogger,
@@ -61,7 +63,7 @@ from malora_train.train.metrics import (
     run_name_from_overrides,
 )
 from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
-from malora_train.train.step_stats import StepStats
+from malora_train.train.step_stats import WindowStats
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +98,9 @@ def validate(cfg: Config) -> None:
     """Fail at start, before anything is written, on settings the schema's types let through."""
     trainer = cfg.trainer
     for key in ("micro_batch_size", "grad_accum", "log_every"):
-        if getattr(trainer, key) < 1:
-            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be >= 1")
+        value = getattr(trainer, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"trainer.{key}={value} must be >= 1")
     for key in ("max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay"):
         if getattr(trainer, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be >= 0")
@@ -106,6 +109,8 @@ def validate(cfg: Config) -> None:
                           "is set")
     if not math.isfinite(trainer.lr):
         raise ConfigError(f"trainer.lr={trainer.lr} must be finite")
+    if trainer.compile and cfg.data.packing is False:
+        raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
     check_wandb_mode(cfg.logger.wandb.mode)
 
 
@@ -158,19 +163,24 @@ class Trainer:
         if trainer.gradient_checkpointing:
             enable_activation_checkpointing(self.base_model)
         if trainer.compile:
-            compile_decoder_layers(self.base_model)
+            self.model.set_training_decoder(compile_decoder(self.base_model, trainer.compile_mode))
         self.params = parameter_report(self.model)
 
     def _setup_data(self) -> None:
-        """Tasks and the batch stream: every rank draws the same global micro-batches, keeps its rows."""
-        trainer = self.cfg.trainer
-        self.tasks = build_tasks(self.cfg.data, self.cfg.seed)
+        """Tasks and the batch stream: every rank draws the same global micro-batches, keeps its rows.
+        ``data.packing`` unset: packed rows when training on a GPU."""
+        trainer, data = self.cfg.trainer, self.cfg.data
+        on_gpu = self.accelerator.device.type == "cuda"
+        self.packing = data.packing if data.packing is not None else on_gpu
+        data = dataclasses.replace(data, packing=self.packing)
+        self.tasks = build_tasks(data, self.cfg.seed)
         self.task_names = list(self.tasks)
         global_micro_batch = trainer.micro_batch_size * self.world
-        self.stream = BatchStream(self.tasks, self.tokenizer, self.cfg.data, batch_size=global_micro_batch,
+        self.stream = BatchStream(self.tasks, self.tokenizer, data, batch_size=global_micro_batch,
                                   seed=self.cfg.seed)
-        train_examples = sum(len(t.train) for t in self.tasks.values())
-        self.total_steps = total_steps(trainer, train_examples, global_micro_batch * trainer.grad_accum)
+        self.total_steps = total_steps(trainer, self.stream.batches_for_epochs)
+        self.log_every = trainer.log_every or (10 if on_gpu else 1)
+        self._loss_multiple = 64 if on_gpu else 1  # fewer distinct shapes for the LM head on a GPU
 
     def _setup_optimizer(self) -> None:
         """AdamW (fused on a GPU; DeepSpeed's ZeRO wraps the optimizer itself and keeps the default), the
@@ -201,6 +211,10 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.is_main, self.cfg.logger.wandb,
                                      run_name_from_overrides(overrides),
                                      OmegaConf.to_container(OmegaConf.structured(self.cfg)), resume_step)
+        self.window = WindowStats(self.task_names, self.model.balance_layer_names, self.accelerator.device)
+        self._window_start = self.state.step  # the last step of the previous logging window
+        self._last_lr = self.scheduler.get_last_lr()[0]
+        self._skipped = 0  # steps skipped for a non-finite loss in this window
         self._clock = time.perf_counter()
 
     @property
@@ -224,20 +238,31 @@ class Trainer:
         self.engine.train()
         progress = Progress(self.total_steps, state.step, trainer.progress, self.is_main)
         saved_step = state.step if self.resume_from else None
+        self.window.restart_clock()
         with StopRequest() as stop:
             while state.step < self.total_steps:
-                metrics = self.train_step()
+                self.train_step()
                 state.step += 1
-                if state.step % trainer.log_every == 0 or state.step == self.total_steps:
-                    self.metrics.log(state.step, metrics)
+                eval_due = self._eval_due()
+                save_due = bool(trainer.save_every) and state.step % trainer.save_every == 0
+                boundary = (state.step % self.log_every == 0 or state.step == self.total_steps
+                            or eval_due or save_due)
+                metrics = self._close_window() if boundary else None
                 progress.update(metrics)
-                best = self._periodic_eval(progress) if self._eval_due() else False
-                stopping = any_rank(stop.requested, self.accelerator.device)
-                if stopping or (trainer.save_every and (state.step % trainer.save_every == 0 or best)):
+                best = self._periodic_eval(progress) if eval_due else False
+                if self.world == 1:  # the signal flag itself
+                    stopping = stop.requested
+                else:  # several processes agree at window boundaries (a collective)
+                    stopping = boundary and any_rank(stop.requested, self.accelerator.device)
+                if stopping and not boundary:
+                    self._close_window()
+                if stopping or save_due or best:
                     path, saved_step = self.save_checkpoint(), state.step
                 if stopping:
                     progress.close()
                     return self._interrupted(path)
+                if eval_due or save_due or best:
+                    self.window.restart_clock()
         progress.close()
         if trainer.save_every and saved_step != state.step:  # the final evaluation must not risk the steps
             self.save_checkpoint()
@@ -246,32 +271,61 @@ class Trainer:
     def _announce(self) -> None:
         if self.is_main:
             log.info("run directory: %s", self.run_dir)
-            log.info("%s + %s: %s trainable parameters (%.2f%% of the base model), %d steps",
+            log.info("%s + %s: %s trainable parameters (%.2f%% of the base model), %d steps%s",
                      self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
-                     self.params["percent"], self.total_steps)
+                     self.params["percent"], self.total_steps,
+                     f", packed rows of {self.cfg.data.max_length} tokens" if self.packing else "")
 
     def _eval_due(self) -> bool:
         """An in-training evaluation is due (the last step has the final evaluation instead)."""
         every = self.cfg.trainer.eval_every
         return bool(every) and self.state.step % every == 0 and self.state.step < self.total_steps
 
+    def _close_window(self) -> dict[str, Any] | None:
+        """Read the logging window's metrics (the loop's one synchronisation), log them, and stop the run
+        if a loss in it was not finite."""
+        if self.window.empty:
+            return None
+        first = self._window_start + 1
+        metrics, nonfinite, elapsed = self.window.read(all_reduce_sum, self.world,
+                                                       bool(self.model.mixture_layers()))
+        self._window_start = self.state.step
+        self.state.train_time += elapsed
+        if nonfinite and not self.cfg.trainer.skip_nonfinite:
+            where = (f"at step {first}" if first == self.state.step
+                     else f"between steps {first} and {self.state.step} (one logging window; "
+                          "trainer.log_every=1 names the step)")
+            raise NonFiniteLoss(f"non-finite loss {where}; {self.checkpointer.last_good_hint()} (resume with "
+                                "trainer.resume=auto and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
+        metrics["lr"] = self._last_lr
+        metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
+        if self._skipped:
+            metrics["skipped"] = self._skipped
+            self._skipped = 0
+        self.metrics.log(self.state.step, metrics)
+        return metrics
+
     # -- one optimiser step ----------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self) -> None:
+        """Queue one optimiser step on the device. Nothing here waits for the device (with
+        ``trainer.skip_nonfinite`` the finite check does): its metrics wait in ``self.window``."""
         trainer, acc = self.cfg.trainer, self.accelerator
-        started = time.perf_counter()
         batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
-        normalizer = max(1, sum(answer_tokens(b) for b in batches))  # the step's global answer tokens
+        answers = sum(answer_tokens(b) for b in batches)
+        normalizer = max(1, answers)  # the step's global answer tokens
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        stats = StepStats(self.task_names, acc.device)
-        lr = self.scheduler.get_last_lr()[0]
+        self._last_lr = self.scheduler.get_last_lr()[0]
         finite, grad_norm = True, None
         for batch in batches:
-            local = local_rows(batch, self.process_index, self.world, acc.device)
+            host = self._local_batch(batch)
+            inputs = to_device({k: v for k, v in host.items() if k != "labels"}, acc.device)
             with acc.accumulate(self.engine):
+                if self.cfg.trainer.compile:  # a new iteration for compiled CUDA graphs (a no-op otherwise)
+                    torch.compiler.cudagraph_mark_step_begin()
                 # forward: the LM loss as a share of the whole step's loss (its global answer tokens)
-                out = self.engine(local["input_ids"], local["attention_mask"], local["labels"],
-                                  local["task_ids"], loss_normalizer=normalizer / self.world)
-                finite = self._check_finite(out.loss) and finite
+                out = self.engine(**inputs, loss_normalizer=normalizer / self.world)
+                if trainer.skip_nonfinite:
+                    finite = self._loss_is_finite(out.loss) and finite
                 # backward: Accelerate divides every micro-batch's loss by grad_accum, which only the aux
                 # loss (a per-forward mean) wants
                 acc.backward(out.lm_loss * trainer.grad_accum + out.aux_loss)
@@ -281,34 +335,24 @@ class Trainer:
                 if finite:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            stats.add(out, local)
+            self.window.add_forward(out, host)
         if self.deepspeed:
             grad_norm = self.engine.get_global_grad_norm()
         self.scheduler.step()
-        elapsed = time.perf_counter() - started
-        metrics = stats.metrics(normalizer, all_reduce_sum, self.world, bool(self.model.mixture_layers()))
-        metrics.update(lr=lr, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        if self.model.mixture_layers():
-            metrics.update({f"balance/{k}": v for k, v in self.model.layer_balance().items()})
-        metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
-        if not finite:
-            metrics["skipped"] = 1
+        self.window.add_step(tokens, answers, grad_norm)
+        self._skipped += not finite
         self.state.tokens += tokens
-        self.state.train_time += elapsed
-        return metrics
 
-    def _check_finite(self, loss: torch.Tensor) -> bool:
-        """False when the loss is not finite on some rank and ``trainer.skip_nonfinite`` is on; else
-        raises NonFiniteLoss naming the step and the checkpoint to resume from."""
-        if not any_rank(not bool(torch.isfinite(loss).item()), self.accelerator.device):
-            return True
-        if not self.cfg.trainer.skip_nonfinite:
-            raise NonFiniteLoss(f"non-finite loss at step {self.state.step + 1}; "
-                                f"{self.checkpointer.last_good_hint()} (resume with trainer.resume=auto "
-                                "and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
-        return False
+    def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's rows of a global micro-batch and where their loss is, on the host."""
+        local = local_rows(batch, self.process_index, self.world)
+        task_ids = local["task_ids"]
+        local.update(loss_targets(local["labels"], task_ids, multiple=self._loss_multiple))
+        return local
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """``trainer.skip_nonfinite``: whether every rank's loss is finite (a synchronisation a step)."""
+        return not any_rank(not bool(torch.isfinite(loss).item()), self.accelerator.device)
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, record_routing: bool = False) -> EvalResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -56,10 +57,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig,
     )
 
 
-def total_steps(trainer: TrainerConfig, train_examples: int, global_batch: int) -> int:
-    """``trainer.max_steps`` when set, else ``trainer.epochs`` passes over the training examples."""
+def total_steps(trainer: TrainerConfig, batches_for_epochs: Callable[[float], int]) -> int:
+    """``trainer.max_steps`` when set, else the optimiser steps that draw ``trainer.epochs`` passes over the
+    training examples (``batches_for_epochs(epochs)`` micro-batches, ``grad_accum`` a step)."""
     if trainer.max_steps > 0:
         return trainer.max_steps
     if trainer.epochs <= 0:
         raise ConfigError("set trainer.max_steps > 0 or trainer.epochs > 0")
-    return max(1, math.ceil(trainer.epochs * train_examples / global_batch))
+    return max(1, math.ceil(batches_for_epochs(trainer.epochs) / trainer.grad_accum))
