@@ -18,11 +18,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from malora_train.config import Config, register_configs
+from malora_train.config import CONF_DIR, Config, register_configs
 from malora_train.errors import MaloraError, exit_with_error, launch_rank
 from malora_train.run_dir import guard_run_dir
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 log = logging.getLogger("malora_train")
 register_configs()

@@ -7,8 +7,10 @@ type (``trainer.lr=fast``) fails at start-up with the key's full name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # conf/config.yaml and its groups
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -34,6 +36,8 @@ class ModelConfig:
 
 @dataclass
 class RouterConfig:
+    """The top-K router of the mixture adapters (``adapter.router.*``) and its auxiliary-loss weights."""
+
     top_k: int = 2
     dense: bool = False  # K = N, soft merging of every expert
     renormalize: bool = True  # rescale the top-K gates to sum to 1
@@ -45,6 +49,12 @@ class RouterConfig:
 
 @dataclass
 class AdapterConfig:
+    """Which adapter, where and how large (``adapter.*``; presets in ``conf/adapter/<kind>.yaml``).
+
+    The defaults are MALoRA's (r=8, N=8, top-2); ``malora_train.load_adapter_config(kind)`` gives each
+    kind's preset as the CLI's ``adapter=<kind>`` does.
+    """
+
     kind: str = "malora"  # a registered kind: malora_train.adapters.ADAPTER_CLASSES (lora, molora, malora, ...)
     target_modules: Any = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rank: int = 8

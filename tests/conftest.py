@@ -135,3 +135,14 @@ def run_training() -> Callable[..., dict]:
             GradientState._reset_state()
 
     return run
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Resets Accelerate's process-wide state after the test (a ``transformers.Trainer`` or ``Accelerator``
+    made in the test must not hand its mixed precision or accumulation settings to the next one)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
