@@ -1,7 +1,7 @@
 """The package's shape: imports run one way, down the floors, and no module imports itself round a circle.
 
 Floors, ground first: errors, labels and config; the run directory; models, data and adapters (separate
-rooms that do not import each other); evaluation; training; the commands; the CLI. A module may import its own floor's
+rooms that do not import each other); evaluation; training; the commands and the sweep machinery; the CLI. A module may import its own floor's
 room or any floor below, never one above.
 """
 
@@ -18,7 +18,7 @@ FLOORS = {
     "malora_train.models": 2, "malora_train.data": 2, "malora_train.adapters": 2,
     "malora_train.eval": 3,
     "malora_train.train": 4,
-    "malora_train.commands": 5,
+    "malora_train.commands": 5, "malora_train.sweep": 5,
     "malora_train.cli": 6, "malora_train": 6,
 }
 
