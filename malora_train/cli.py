@@ -55,7 +55,7 @@ class RunDirGuard(Callback):
             exit_with_error(err)
 
 
-def _train_job(cfg: DictConfig) -> float | None:
+def _train_job(cfg: DictConfig) -> float | str | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

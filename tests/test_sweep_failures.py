@@ -4,7 +4,6 @@ malora-report name the failures."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ def test_a_user_error_is_recorded_in_one_line_without_raising(tmp_path: Path) ->
     def job() -> dict:
         raise ConfigError("adapter.rank=0 must be >= 1")
 
-    assert math.isnan(run_sweep_job(job, tmp_path / "job", ["adapter.rank=0"]))
+    assert run_sweep_job(job, tmp_path / "job", ["adapter.rank=0"]) == "failed: adapter.rank=0 must be >= 1"
     assert read_failure(tmp_path / "job") == {"status": "failed", "error": "adapter.rank=0 must be >= 1",
                                               "error_type": "ConfigError", "overrides": ["adapter.rank=0"]}
 
@@ -34,7 +33,7 @@ def test_an_unexpected_error_is_recorded_with_its_traceback(tmp_path: Path) -> N
     def job() -> dict:
         raise RuntimeError("CUDA out of\nmemory")
 
-    assert math.isnan(run_sweep_job(job, tmp_path, []))
+    assert run_sweep_job(job, tmp_path, []) == "failed: CUDA out of memory"
     record = read_failure(tmp_path)
     assert (record["error"], record["error_type"]) == ("CUDA out of memory", "RuntimeError")
     assert "Traceback" in record["traceback"] and "in job" in record["traceback"]
@@ -44,7 +43,7 @@ def test_a_job_that_succeeds_returns_its_accuracy_and_clears_an_earlier_failure(
     (tmp_path / "failure.json").write_text("{}")
     assert run_sweep_job(lambda: {"status": "completed", "eval_after_average": 61.5}, tmp_path, []) == 61.5
     assert not (tmp_path / "failure.json").exists()
-    assert math.isnan(run_sweep_job(lambda: {"status": "interrupted"}, tmp_path, []))  # no final accuracy
+    assert run_sweep_job(lambda: {"status": "interrupted"}, tmp_path, []) == "interrupted without a final evaluation"
 
 
 def test_ctrl_c_still_ends_the_sweep(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 Hydra's sweepers end a sweep at a job's exception (the basic sweeper re-raises it, Optuna's stops the
 study, the submitit launcher stops collecting results) and ``sys.exit`` ends it at once. A sweep job
 therefore catches the error, writes ``failure.json`` (the one-line error, its type, the overrides, and
-the traceback of an unexpected error) and returns NaN, which Optuna records as a failed trial.
-``callbacks.FailedJobs`` turns the failures into the sweep's exit status. Ctrl-C still ends the sweep.
+the traceback of an unexpected error) and returns a line saying so instead of an accuracy: Optuna records
+a trial whose value is not a number as failed, logs the line, and goes on (the preset allows any failure
+rate). ``callbacks.FailedJobs`` turns the failures into the sweep's exit status. Ctrl-C still ends the sweep.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from malora_train.errors import MaloraError, launch_rank
 from malora_train.run_dir import FAILURE_FILE, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-NO_RESULT = float("nan")  # a job that failed or ended without a final evaluation
-
 
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
@@ -40,8 +38,10 @@ def record_failure(run_dir: Path, err: Exception, overrides: list[str]) -> None:
     write_json_atomic(run_dir / FAILURE_FILE, record)
 
 
-def run_sweep_job(train_job: Callable[[], dict[str, Any] | None], run_dir: Path, overrides: list[str]) -> float:
-    """Run ``train_job`` (one training run into ``run_dir``); its final average accuracy, NaN without one.
+def run_sweep_job(train_job: Callable[[], dict[str, Any] | None], run_dir: Path,
+                  overrides: list[str]) -> float | str:
+    """Run ``train_job`` (one training run into ``run_dir``); its final average accuracy, or without one
+    a line saying why (``failed: <error>``, ``interrupted without a final evaluation``).
 
     An exception is recorded (by rank 0) and not raised; a failure record from an earlier attempt in the
     same folder is removed first, so failure.json always describes the latest attempt."""
@@ -55,6 +55,8 @@ def run_sweep_job(train_job: Callable[[], dict[str, Any] | None], run_dir: Path,
             record_failure(run_dir, err, overrides)
         else:
             log.error("job failed on rank %d: %s", launch_rank(), one_line(err))
-        return NO_RESULT
+        return f"failed: {one_line(err)}"
     value = (summary or {}).get("eval_after_average")
-    return float(value) if value is not None else NO_RESULT
+    if value is None:
+        return f"{(summary or {}).get('status', 'ended')} without a final evaluation"
+    return float(value)
