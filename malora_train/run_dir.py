@@ -28,6 +28,7 @@ ROUTING_FILE = "routing.json"
 ROUTING_PLOT = "routing_heatmap.png"
 WANDB_ID_FILE = ".wandb_id"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+FAILURE_FILE = "failure.json"  # a sweep job that raised: the error (malora_train.sweep.jobs)
 
 # what a run writes itself (Hydra's .hydra/ and log are left out: with several ranks, rank 0's Hydra may
 # already have written them when another rank checks)

@@ -13,8 +13,8 @@ from malora_train.config import AdapterConfig, RouterConfig
 @pytest.mark.parametrize("kind", adapter_kinds())
 def test_composite_path_matches_fast_path_values_and_gradients(kind: str) -> None:
     torch.manual_seed(0)
-    cfg = AdapterConfig(kind=kind, rank=3, num_experts=4, dropout=0.0, shared_rank=6, expert_rank=3,
-                        router=RouterConfig(top_k=2))
+    cfg = ADAPTER_CLASSES[kind].own_config(AdapterConfig(kind=kind, rank=3, num_experts=4, dropout=0.0,
+                                                         shared_rank=6, expert_rank=3, router=RouterConfig(top_k=2)))
     base = nn.Linear(12, 10).double().requires_grad_(False)
     kwargs = layer_kwargs(cfg)
     if kind != "lora":

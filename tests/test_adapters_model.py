@@ -8,7 +8,13 @@ import re
 import pytest
 import torch
 
-from malora_train.adapters import AdaptedCausalLM, adapter_kinds, adapter_layers, match_targets
+from malora_train.adapters import (
+    ADAPTER_CLASSES,
+    AdaptedCausalLM,
+    adapter_kinds,
+    adapter_layers,
+    match_targets,
+)
 from malora_train.config import AdapterConfig, RouterConfig
 from malora_train.errors import ConfigError
 from malora_train.labels import IGNORE_INDEX
@@ -34,6 +40,7 @@ def _adapted(make_tiny_model, kind: str, seed: int = 0, **overrides) -> AdaptedC
     """The tiny model with ``kind`` adapters whose tensors are all random (B would start at zero)."""
     router = RouterConfig(**overrides.pop("router", {}))
     cfg = AdapterConfig(kind=kind, dropout=overrides.pop("dropout", 0.0), router=router, **overrides)
+    cfg = ADAPTER_CLASSES[kind].own_config(cfg)  # a spec shared by every kind: lora has no router
     model = AdaptedCausalLM.from_base(make_tiny_model(0), cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,9 +1,9 @@
 """The package's shape: imports run one way, down the floors, and no module imports itself round a circle.
 
 Floors, ground first: errors, labels and config; the run directory and packed attention; models, data and
-adapters (separate rooms that do not import each other); evaluation; training; the commands and the Python
-API (separate rooms); the CLI and the package's list of public names. A module may import its own floor's
-room or any floor below, never one above.
+adapters (separate rooms that do not import each other); evaluation; training; the commands, the Python API
+and the sweep machinery (separate rooms); the CLI and the package's list of public names. A module may
+import its own floor's room or any floor below, never one above.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ FLOORS = {
     "malora_train.models": 2, "malora_train.data": 2, "malora_train.adapters": 2,
     "malora_train.eval": 3,
     "malora_train.train": 4,
-    "malora_train.commands": 5, "malora_train.api": 5,
+    "malora_train.commands": 5, "malora_train.api": 5, "malora_train.sweep": 5,
     "malora_train.cli": 6, "malora_train": 6,
 }
 

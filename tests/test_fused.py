@@ -21,6 +21,7 @@ def build(kind: str, dropout: float, dtype=torch.float64, device="cpu", context=
     cfg = AdapterConfig(kind=kind, rank=6 if kind == "lora" else 4, num_experts=5, dropout=dropout,
                         shared_rank=8 if kind == "malora" else None, expert_rank=5 if kind == "malora" else None,
                         router=RouterConfig(top_k=2, dense=kind == "hydralora"))
+    cfg = ADAPTER_CLASSES[kind].own_config(cfg)  # a spec shared by every kind: lora has no experts
     kwargs = layer_kwargs(cfg)
     if issubclass(ADAPTER_CLASSES[kind], MixtureAdapterLinear):
         kwargs["context"] = context

@@ -106,8 +106,8 @@ def test_csv_has_one_line_per_configuration_with_mean_and_std_over_seeds(sweep: 
     rows = read_csv(sweep / "report.csv")
     metrics = [f"acc_{t}" for t in TASKS] + ["acc_average", "final_lm_loss", "tokens_per_s"]
     stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
-    assert list(rows[0]) == ["config", "adapter", "seeds", "incomplete", "trainable_params", "trainable_percent",
-                             *stats]
+    assert list(rows[0]) == ["config", "adapter", "seeds", "incomplete", "failed", "trainable_params",
+                             "trainable_percent", *stats]
     assert [row["config"] for row in rows] == [
         "model=tiny,adapter=lora,adapter.rank=4", "model=tiny,adapter=lora,adapter.rank=8",
         "model=tiny,adapter=molora,adapter.rank=4", "model=tiny,adapter=molora,adapter.rank=8",
@@ -121,7 +121,8 @@ def test_csv_has_one_line_per_configuration_with_mean_and_std_over_seeds(sweep: 
             assert float(row[f"{name}_std"]) == pytest.approx(std), name
             assert std > 0
     interrupted = rows[4]
-    assert (interrupted["adapter"], interrupted["seeds"], interrupted["incomplete"]) == ("molora", "0", "1")
+    assert (interrupted["adapter"], interrupted["seeds"], interrupted["incomplete"], interrupted["failed"]) == (
+        "molora", "0", "1", "0")
     assert interrupted["acc_average_mean"] == interrupted["trainable_params"] == ""
 
 
@@ -141,6 +142,37 @@ def test_markdown_table_is_written_and_printed_with_the_incomplete_run(sweep: Pa
     assert "Overrides shared by every configuration: `model=tiny`." in lines
     assert ("- `8_model=tiny,adapter=molora,adapter.rank=16,seed=0` "
             "(`model=tiny,adapter=molora,adapter.rank=16,seed=0`): incomplete, last logged step 3") in lines
+
+
+def write_failure(job_dir: Path, overrides: list[str], error: str) -> None:
+    """A sweep job that raised before training: Hydra's overrides and the failure record, nothing else."""
+    (job_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job_dir / "failure.json").write_text(json.dumps({"status": "failed", "error": error,
+                                                      "error_type": "ConfigError", "overrides": overrides}))
+
+
+def test_failed_jobs_are_listed_with_their_error_and_counted(sweep: Path, capsys) -> None:
+    overrides = ["model=tiny", "adapter=molora", "adapter.rank=0", "seed=0"]
+    job = f"9_{','.join(overrides)}"
+    write_failure(sweep / job, overrides, "adapter.rank=0 must be >= 1")
+    write_failure(sweep / "10_x", [*overrides[:3], "seed=1"], "adapter.rank=0 must be >= 1")
+    main([str(sweep)])
+    printed = capsys.readouterr().out
+    assert "`adapter=molora,adapter.rank=0` | molora | – | 0 (+2 failed) |" in printed
+    assert "`adapter=molora,adapter.rank=16` | molora | – | 0 (+1 incomplete) |" in printed
+    assert "Runs not aggregated (3, failed or without a completed summary.json):" in printed
+    assert f"- `{job}` (`{','.join(overrides)}`): failed: adapter.rank=0 must be >= 1, nothing logged" in printed
+    failed = next(r for r in read_csv(sweep / "report.csv") if r["config"].endswith("adapter.rank=0"))
+    assert (failed["seeds"], failed["incomplete"], failed["failed"]) == ("0", "0", "2")
+
+
+def test_a_completed_run_wins_over_a_later_refused_attempt(sweep: Path, capsys) -> None:
+    job = sweep / "0_model=tiny,adapter=lora,adapter.rank=4,seed=0"
+    write_failure(job, ["model=tiny", "adapter=lora", "adapter.rank=4", "seed=0"], "already holds a run")
+    main([str(sweep)])
+    assert "already holds a run" not in capsys.readouterr().out
+    assert read_csv(sweep / "report.csv")[0]["seeds"] == "2"
 
 
 def test_plot_is_a_valid_png(sweep: Path, tmp_path: Path, capsys) -> None:

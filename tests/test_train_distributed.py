@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from malora_train.adapters import AdaptedCausalLM, adapter_kinds, load_adapter
+from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, load_adapter
 from malora_train.config import AdapterConfig
 from malora_train.train import checkpoint as ckpt
 
@@ -145,6 +145,7 @@ def test_every_trainable_tensor_gets_a_gradient_so_ddp_needs_no_unused_parameter
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AdapterConfig),
                                               {"kind": kind, "num_experts": 8, "router": {"top_k": 1}}))
+    cfg = ADAPTER_CLASSES[kind].own_config(cfg)  # a spec shared by every kind: lora has no router
     model = AdaptedCausalLM.from_base(make_tiny_model(), cfg).train()
     ids = torch.randint(3, 200, (1, 3))  # 3 tokens, top-1 of 8 experts: most experts get no token
     model(ids, torch.ones_like(ids), ids, torch.zeros(1, dtype=torch.long)).loss.backward()

@@ -6,8 +6,9 @@ Adding an adapter kind (PEFT's ``tuners/<method>/`` folders are the model: confi
    or ``MixtureAdapterLinear`` (experts behind the top-K router). Set ``kind`` (the ``adapter.kind``
    value) and ``tensor_kinds`` (its trainable tensors, for the parameter report and the saved file),
    create the tensors with ``param_factory`` and initialise them in ``reset_parameters``.
-2. Own its configuration: override ``expert_rank_of`` when the kind sizes its experts itself (MALoRA
-   from λ), extend ``layer_kwargs`` to validate and pass its own ``adapter.*`` keys (errors name the
+2. Own its configuration: list the ``adapter.*`` keys it adds in ``config_keys`` (any other key set away
+   from its default is refused, naming it), override ``expert_rank_of`` when the kind sizes its experts
+   itself (MALoRA from λ), extend ``layer_kwargs`` to validate and pass its own keys (errors name the
    key), and ``apply_freezing`` for its ablation switches.
 3. Say what it computes: ``reference_delta`` (or, for mixtures, ``rank_space``/``expert_forward`` and
    the fast-path hooks ``down_projection``/``coeff_projection``/``shared_down``), plus

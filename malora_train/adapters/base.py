@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters import fused
+from malora_train.adapters.keys import keep_owned, reject_foreign_keys, reject_unused
 from malora_train.adapters.router import (
     Routing,
     assignment_counts,
@@ -65,11 +66,15 @@ class AdapterLinear(nn.Module):
     ZeRO-3 gathers them in this module's forward hook. They are kept in float32; under autocast the
     matmuls run in the autocast dtype, otherwise the input is upcast to the adapter dtype.
 
-    A kind owns its configuration: ``layer_kwargs`` validates ``adapter.*`` and sizes the layer,
+    A kind owns its configuration: ``config_keys`` names the ``adapter.*`` keys it reads, ``layer_kwargs``
+    validates them (and refuses any other key set away from its default) and sizes the layer,
     ``apply_freezing`` applies its ablation switches; injection only calls them.
     """
 
     kind: ClassVar[str] = ""
+    # the adapter.* keys this class reads; a subclass lists only those it adds (``owned_keys`` joins them)
+    config_keys: ClassVar[tuple[str, ...]] = ("kind", "target_modules", "rank", "alpha", "dropout", "use_rslora",
+                                              "impl")
     # parameter name -> tensor kind, for the parameter report
     tensor_kinds: ClassVar[dict[str, str]] = {}
     routed: ClassVar[bool] = False  # True: the layer takes the model's RoutingContext
@@ -77,8 +82,22 @@ class AdapterLinear(nn.Module):
     peft_format: ClassVar[bool] = False  # True: saved as a PEFT adapter (PeftModel loads it)
 
     @classmethod
+    def owned_keys(cls) -> tuple[str, ...]:
+        """Every ``adapter.*`` key the kind reads: ``config_keys`` of the class and its bases."""
+        keys: dict[str, None] = {}
+        for klass in reversed(cls.__mro__):
+            keys.update(dict.fromkeys(vars(klass).get("config_keys", ())))
+        return tuple(keys)
+
+    @classmethod
+    def own_config(cls, cfg: AdapterConfig) -> AdapterConfig:
+        """``cfg`` narrowed to this kind: the keys it does not read back at their defaults."""
+        return keep_owned(cfg, cls.owned_keys())
+
+    @classmethod
     def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
         """Validated constructor arguments shared by every adapted layer of one config."""
+        reject_foreign_keys(cfg, cls.owned_keys())
         if cfg.impl not in IMPLS:
             raise ConfigError(f"adapter.impl={cfg.impl!r} is not one of {', '.join(IMPLS)}")
         if cfg.rank < 1:
@@ -184,6 +203,7 @@ class MixtureAdapterLinear(AdapterLinear):
 
     shared_down: ClassVar[bool] = False
     routed = True
+    config_keys = ("num_experts", "router")
 
     @classmethod
     def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
@@ -191,6 +211,8 @@ class MixtureAdapterLinear(AdapterLinear):
         router = cfg.router
         if cfg.num_experts < 1:
             raise ConfigError(f"adapter.num_experts={cfg.num_experts} must be >= 1")
+        if router.dense:
+            reject_unused(cfg, ("router.top_k",), "with adapter.router.dense=true (every expert gets every token)")
         top_k = cfg.num_experts if router.dense else router.top_k
         if not 1 <= top_k <= cfg.num_experts:
             raise ConfigError(f"adapter.router.top_k={router.top_k} must be in "

@@ -44,6 +44,7 @@ class MALoRALinear(MixtureAdapterLinear):
     kind = "malora"
     tensor_kinds = {"router": "router", "shared_A": "shared subspace", "coeff_P": "expert down",
                     "lora_B": "expert up"}
+    config_keys = ("lam", "shared_rank", "expert_rank", "beta", "freeze_shared", "freeze_coeff")
 
     @classmethod
     def expert_rank_of(cls, cfg: AdapterConfig) -> int:

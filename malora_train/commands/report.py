@@ -1,9 +1,10 @@
 """``malora-report <dir>``: gather the runs of a sweep (a Hydra multirun folder, or any folder of runs) into
 one table, mean ± sample std over seeds, as report.md, report.csv and accuracy_vs_params.png.
 
-A run is a folder holding ``summary.json`` (written when training finished), ``metrics.jsonl`` or
-``.hydra/overrides.yaml``; a run without ``summary.json`` failed or was interrupted and is listed as
-incomplete. Runs are grouped by their overrides minus ``seed=``.
+A run is a folder holding ``summary.json`` (written when training finished), ``metrics.jsonl``,
+``failure.json`` (a sweep job that raised: its error) or ``.hydra/overrides.yaml``; a run with a failure
+record is listed as failed with its error, one without ``summary.json`` as incomplete. Runs are grouped
+by their overrides minus ``seed=``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 from malora_train.errors import DataError, MaloraError, exit_with_error
 from malora_train.run_dir import (
     CONFIG_FILE,
+    FAILURE_FILE,
     HYDRA_OVERRIDES,
     METRICS_FILE,
     SUMMARY_FILE,
@@ -35,7 +37,7 @@ from malora_train.run_dir import (
 )
 
 OVERRIDES_FILE = HYDRA_OVERRIDES
-RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, str(OVERRIDES_FILE))
+RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, FAILURE_FILE, str(OVERRIDES_FILE))
 OUTPUTS = ("report.md", "report.csv", "accuracy_vs_params.png")
 SEED_OVERRIDE = re.compile(r"^[+~]*seed=(.*)$")
 JOB_FOLDER = re.compile(r"^\d+_(.+)$")  # Hydra's ``<job num>_<override_dirname>``
@@ -51,8 +53,9 @@ class Run:
     path: Path
     overrides: list[str]
     adapter: str
-    status: str  # summary.json's status, or "incomplete" without one
+    status: str  # "failed" with a failure record, else summary.json's status, or "incomplete" without one
     last_step: int | None
+    error: str | None = None  # a failed run's one-line error
     final_lm_loss: float | None = None
     trainable_params: int | None = None
     trainable_percent: float | None = None
@@ -63,6 +66,10 @@ class Run:
     @property
     def completed(self) -> bool:
         return self.status == "completed"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
     @property
     def seed(self) -> str | None:
@@ -114,7 +121,7 @@ class Row:
 
 def find_run_dirs(root: Path) -> list[Path]:
     """Every folder below ``root`` (itself included) that holds a run marker, in path order."""
-    found = {path.parent for marker in (SUMMARY_FILE, METRICS_FILE) for path in root.rglob(marker)}
+    found = {path.parent for marker in (SUMMARY_FILE, METRICS_FILE, FAILURE_FILE) for path in root.rglob(marker)}
     found |= {path.parent.parent for path in root.rglob(OVERRIDES_FILE.name) if path.parent.name == ".hydra"}
     return sorted(found)
 
@@ -170,16 +177,26 @@ def number(summary: dict[str, Any], key: str, path: Path) -> float | None:
     return value
 
 
+def run_status(summary: dict[str, Any] | None, failure: dict[str, Any] | None) -> str:
+    """A completed summary wins (a later attempt refused by the run-directory guard leaves its failure
+    record beside it); otherwise a failure record; otherwise the summary's status, or incomplete."""
+    status = str(summary.get("status", "completed")) if summary is not None else "incomplete"
+    return "failed" if failure is not None and status != "completed" else status
+
+
 def read_run(run_dir: Path, root: Path) -> Run:
     summary_path = run_dir / SUMMARY_FILE
     summary = read_json_object(summary_path) if summary_path.is_file() else None
+    failure_path = run_dir / FAILURE_FILE
+    failure = read_json_object(failure_path) if failure_path.is_file() else None
     metrics_path = run_dir / METRICS_FILE
     records = read_jsonl(metrics_path) if metrics_path.is_file() else []
     overrides = read_overrides(run_dir, root)
     steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
     run = Run(path=run_dir, overrides=overrides, adapter=adapter_kind(run_dir, overrides, summary),
-              status=str(summary.get("status", "completed")) if summary is not None else "incomplete",
-              last_step=max(steps) if steps else None)
+              status=run_status(summary, failure), last_step=max(steps) if steps else None)
+    if run.failed:
+        run.error = str(failure.get("error") or failure.get("error_type") or "no error recorded")
     if not run.completed:
         return run
     accuracy = summary.get("eval_after") or {}
@@ -280,8 +297,16 @@ def format_params(row: Row) -> str:
     return f"{text} ({row.trainable_percent:.2f}%)" if row.trainable_percent is not None else text
 
 
+def unfinished_counts(row: Row) -> dict[str, int]:
+    """{"failed": n, "incomplete": m} over the row's runs that did not complete (interrupted ones are
+    incomplete)."""
+    failed = sum(run.failed for run in row.unfinished)
+    return {"failed": failed, "incomplete": len(row.unfinished) - failed}
+
+
 def format_seeds(row: Row) -> str:
-    return f"{len(row.runs)} (+{len(row.unfinished)} incomplete)" if row.unfinished else str(len(row.runs))
+    counts = [f"+{n} {what}" for what, n in unfinished_counts(row).items() if n]
+    return f"{len(row.runs)} ({', '.join(counts)})" if counts else str(len(row.runs))
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -302,12 +327,13 @@ def unfinished_list(rows: list[Row], root: Path) -> str:
     runs = [run for row in rows for run in row.unfinished]
     if not runs:
         return ""
-    lines = [f"Runs not aggregated ({len(runs)}, no completed summary.json):"]
+    lines = [f"Runs not aggregated ({len(runs)}, failed or without a completed summary.json):"]
     for run in runs:
         step = f"last logged step {run.last_step}" if run.last_step is not None else "nothing logged"
         where = run.path.relative_to(root).as_posix() if run.path != root else "."
         overrides = ",".join(run.overrides) or "default"
-        lines.append(f"- `{where}` (`{overrides}`): {run.status}, {step}")
+        status = f"failed: {run.error}" if run.failed else run.status
+        lines.append(f"- `{where}` (`{overrides}`): {status}, {step}")
     return "\n".join(lines)
 
 
@@ -328,7 +354,7 @@ def markdown_report(rows: list[Row], root: Path) -> str:
 def csv_header(tasks: list[str]) -> list[str]:
     metrics = [f"acc_{t}" for t in tasks] + ["acc_average", "final_lm_loss", "tokens_per_s"]
     stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
-    return ["config", "adapter", "seeds", "incomplete", "trainable_params", "trainable_percent", *stats]
+    return ["config", "adapter", "seeds", "incomplete", "failed", "trainable_params", "trainable_percent", *stats]
 
 
 def csv_text(rows: list[Row]) -> str:
@@ -340,8 +366,9 @@ def csv_text(rows: list[Row]) -> str:
     for row in rows:
         stats = [row.accuracy.get(t) or Stat(None, None) for t in tasks]
         stats += [row.average, row.final_lm_loss, row.tokens_per_s]
-        cells = [row.config, row.adapter, len(row.runs), len(row.unfinished), row.trainable_params,
-                 row.trainable_percent, *(v for s in stats for v in (s.mean, s.std))]
+        unfinished = unfinished_counts(row)
+        cells = [row.config, row.adapter, len(row.runs), unfinished["incomplete"], unfinished["failed"],
+                 row.trainable_params, row.trainable_percent, *(v for s in stats for v in (s.mean, s.std))]
         writer.writerow(["" if cell is None else cell for cell in cells])
     return out.getvalue()
 

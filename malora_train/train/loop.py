@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
 
-from malora_train.adapters import AdaptedCausalLM, parameter_report
+from malora_train.adapters import AdaptedCausalLM, layer_kwargs, parameter_report
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
 from malora_train.errors import ConfigError, MaloraError
@@ -112,6 +112,7 @@ def validate(cfg: Config) -> None:
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
     check_wandb_mode(cfg.logger.wandb.mode)
+    layer_kwargs(cfg.adapter)  # the adapter's keys, before a model is loaded
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
