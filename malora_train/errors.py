@@ -21,6 +21,10 @@ class DataError(MaloraError):
     """An input file or record is malformed; the message names the file, line/record and field."""
 
 
+class OutputError(MaloraError):
+    """A file or folder cannot be written (read-only folder, disk full); the message names the path."""
+
+
 def launch_rank() -> int:
     """This process's rank as the launcher set it (0 without a launcher), known before any set-up."""
     return int(os.environ.get("RANK", "0"))

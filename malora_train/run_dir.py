@@ -1,22 +1,32 @@
-"""The run directory, on the ground floor: the names of the files a run leaves, the guard that keeps one
-run from overwriting another, the one way to write a file (atomically) and the readers.
+"""The run directory, on the ground floor: the names of the files a run leaves, its unique default
+name, the lock and the guard that keep one run from overwriting another, the one way to write a file
+(atomically) and the readers.
 
 Every module that writes into a run directory (training, checkpoints, adapters, routing, reports) does
 it through ``atomic_write``: a reader, a crash or a kill sees the old file or the new one, whole, never
 half of one. Files get the permissions of a normally created file (0666 minus the umask), not the 0600
-of a temporary file.
+of a temporary file. A file that cannot be written (read-only folder, disk full) is an ``OutputError``
+naming it.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
+import functools
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from malora_train.errors import ConfigError, DataError
+from safetensors import SafetensorError
+
+from malora_train.errors import ConfigError, DataError, OutputError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -29,6 +39,7 @@ ROUTING_PLOT = "routing_heatmap.png"
 WANDB_ID_FILE = ".wandb_id"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 FAILURE_FILE = "failure.json"  # a sweep job that raised: the error (malora_train.sweep.jobs)
+LOCK_FILE = ".lock"  # held (flock) by the process that runs in the directory; names it (pid, host)
 
 # what a run writes itself (Hydra's .hydra/ and log are left out: with several ranks, rank 0's Hydra may
 # already have written them when another rank checks)
@@ -43,12 +54,154 @@ def guard_run_dir(run_dir: Path, resume: str | None) -> None:
                           "trainer.resume=auto to continue it or choose another hydra.run.dir")
 
 
+def remove_unstarted_outputs(run_dir: Path) -> None:
+    """Delete what a fresh run wrote before its first step (its config, an eval line) after it failed, so
+    the directory can be used again. Only for a run that found the directory free (the guard passed)."""
+    for name in (CONFIG_FILE, METRICS_FILE, WANDB_ID_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / name).unlink()
+
+
+def completed_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json of a run that completed, or None (no summary, an unreadable one, or not completed)."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = read_json_object(path)
+    except DataError:
+        return None
+    return summary if summary.get("status") == "completed" else None
+
+
+@functools.cache
+def run_stamp() -> str:
+    """``<date>/<time>_<pid>``: the default run folder's name, unique to this process (two runs started in
+    the same second get two folders). Fixed for the process's lifetime."""
+    return f"{time.strftime('%Y-%m-%d/%H-%M-%S')}_{os.getpid()}"
+
+
+# -- the lock --------------------------------------------------------------------------------------------
+# One run at a time in a directory: ``flock`` on LOCK_FILE, held for the whole run. The kernel drops it when
+# the process ends, even by kill -9; the file keeps the holder's pid and host, so a run that finds it left
+# behind says whose lock it takes over, and one that finds it held says who holds it.
+_held: dict[Path, list[int]] = {}  # resolved run directory -> [file descriptor, times locked]
+
+
+def _holder() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+def _read_lock(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode(errors="replace")
+
+
+def _open_locked(path: Path, run_dir: Path) -> int:
+    """A descriptor of ``path`` holding its exclusive lock; ConfigError naming the holder if it is taken."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_file_mode())
+        except OSError as err:
+            raise OutputError(f"{path}: cannot create the run directory's lock ({err.strerror})") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(_read_lock(fd))
+            os.close(fd)
+            raise ConfigError(f"hydra.run.dir={run_dir} is in use by another run ({holder}); wait for it to "
+                              "end or choose another hydra.run.dir") from None
+        except OSError as err:
+            os.close(fd)
+            raise OutputError(f"{path}: cannot lock it ({err.strerror})") from err
+        try:  # its last holder may have deleted it between our open and our lock: then take the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Take the run directory's lock (creating the directory), or fail with a ConfigError naming the
+    run that holds it. Re-entrant within a process. Returns a warning when the lock file was left by a
+    run that ended without releasing it (killed), None otherwise."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        _held[key][1] += 1
+        return None
+    ensure_dir(key)
+    path = key / LOCK_FILE
+    fd = _open_locked(path, Path(run_dir))
+    previous = _read_lock(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, _holder().encode(), 0)
+    _held[key] = [fd, 1]
+    if previous.strip():
+        return (f"{path}: the run that held this directory ({_describe_holder(previous)}) ended without "
+                "releasing it (killed?); taking it over")
+    return None
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release one ``lock_run_dir``; the last release deletes the lock file, then drops the lock."""
+    key = Path(run_dir).resolve()
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] > 0:
+        return
+    del _held[key]
+    with contextlib.suppress(OSError):
+        os.unlink(key / LOCK_FILE)
+    os.close(entry[0])
+
+
+@atexit.register
+def unlock_all_run_dirs() -> None:
+    """Release every lock this process holds (a process that exits early, e.g. on a user error)."""
+    for key in list(_held):
+        _held[key][1] = 1
+        unlock_run_dir(key)
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, enabled: bool = True) -> Iterator[str | None]:
+    """``lock_run_dir`` for a block (``enabled=False``: a no-op, for ranks other than 0)."""
+    if not enabled:
+        yield None
+        return
+    note = lock_run_dir(run_dir)
+    try:
+        yield note
+    finally:
+        unlock_run_dir(run_dir)
+
+
 # -- writing ---------------------------------------------------------------------------------------------
 
 def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def ensure_dir(path: Path) -> Path:
+    """``mkdir -p``; a folder that cannot be made (read-only parent, disk full) is an OutputError."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot create the folder ({err.strerror or err})") from err
+    return Path(path)
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,7 +217,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write`` on a temporary file beside ``path`` (same suffix, so writers that pick a format from
     it still do), flush it to disk, then rename it over ``path``; a failure leaves no temporary file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write it ({err.strerror or err})") from err
     os.close(fd)
     try:
         write(Path(tmp))
@@ -72,6 +228,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk with its own error type
+        raise OutputError(f"{path}: cannot write it ({getattr(err, 'strerror', None) or err})") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -83,6 +241,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
     write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (``metrics.jsonl``); a failed write is an OutputError naming the file."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(line + "\n")
+    except OSError as err:
+        raise OutputError(f"{path}: cannot append to it ({err.strerror or err})") from err
 
 
 # -- reading ---------------------------------------------------------------------------------------------

@@ -66,6 +66,36 @@ def tiny_tokenizer():
     return load_tokenizer(model_config("tiny"))
 
 
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A folder nothing can be written into (chmod for a normal user; chattr +i for root, whom
+    permissions do not stop); skips where neither works."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)],
+                                                        capture_output=True).returncode:
+            pytest.skip("running as root without chattr: cannot make a read-only folder")
+    else:
+        folder.chmod(0o555)
+    try:
+        probe = folder / "probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            yield folder
+        else:
+            probe.unlink()
+            pytest.skip("this file system lets the read-only folder be written")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The commonsense mixture (``<task>/{train,test}.json``): $MALORA_SHARED_DATA or ../shared/data."""

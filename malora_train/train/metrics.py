@@ -23,6 +23,7 @@ from malora_train.run_dir import (
     ROUTING_PLOT,
     SUMMARY_FILE,
     WANDB_ID_FILE,
+    append_line,
     atomic_write,
     write_text_atomic,
 )
@@ -78,8 +79,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self.wandb is not None:
             self.wandb.log(record, step=step)
 
