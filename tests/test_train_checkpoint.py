@@ -1,16 +1,21 @@
-"""Checkpoint files: only complete folders count, partial ones are cleaned, retention, exact state
-round trips (optimizer, RNG), and metrics.jsonl after a killed write."""
+"""Checkpoint files: only complete folders count, partial ones are cleaned, retention (pruning that a
+kill cannot leave half done), the manifest that finds damaged files, resume's fallback to the newest
+intact checkpoint, exact state round trips (optimizer, RNG), and metrics.jsonl after a killed write."""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from malora_train.config import WandbConfig
+from malora_train.config import TrainerConfig, WandbConfig
 from malora_train.errors import ConfigError
 from malora_train.run_dir import write_json_atomic
 from malora_train.train import checkpoint as ckpt
@@ -18,18 +23,21 @@ from malora_train.train.metrics import MetricsLogger
 
 
 def make_checkpoint(run_dir, step: int, name: str | None = None, complete: bool = True):
+    """A checkpoint folder with a tensor file and the state file; ``complete``: with its manifest."""
     path = ckpt.checkpoint_root(run_dir) / (name or f"step_{step}")
     path.mkdir(parents=True)
     (path / "adapter.bin").write_text(str(step))
+    save_file({"exp_avg": torch.arange(1.0, 65.0)}, str(path / "optimizer.safetensors"))
+    write_json_atomic(path / ckpt.STATE_FILE, {"step": step})
     if complete:
-        write_json_atomic(path / ckpt.STATE_FILE, {"step": step})
+        ckpt.write_manifest(path)
     return path
 
 
 def test_only_complete_step_folders_are_checkpoints(tmp_path):
     make_checkpoint(tmp_path, 2)
     make_checkpoint(tmp_path, 10)
-    make_checkpoint(tmp_path, 4, complete=False)  # no state file: never finished
+    make_checkpoint(tmp_path, 4, complete=False)  # no manifest: never finished
     make_checkpoint(tmp_path, 6, name=".tmp-step_6")
     assert ckpt.complete_checkpoints(tmp_path) == [(2, tmp_path / "checkpoints" / "step_2"),
                                                    (10, tmp_path / "checkpoints" / "step_10")]
@@ -67,6 +75,82 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
     ckpt.prune(tmp_path, keep_last=2, keep_steps={4})
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4, 8, 10]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_4", "step_8"]
+
+
+def test_pruning_renames_before_deleting_so_a_kill_never_leaves_a_listed_partial_folder(tmp_path,
+                                                                                       monkeypatch):
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path, step)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # the process dies after deleting one file of step_2
+        if path.name.endswith("step_2") and path.exists():
+            next(p for p in path.iterdir() if p.is_file()).unlink()
+            raise KeyboardInterrupt("killed")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune(tmp_path, keep_last=2, keep_steps=set())
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4, 6]  # step_2 is gone from the list
+    for _, path in ckpt.complete_checkpoints(tmp_path):
+        ckpt.verify_checkpoint(path)
+    monkeypatch.undo()
+    ckpt.remove_partial(tmp_path)  # the next start clears the half-deleted folder
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4", "step_6"]
+
+
+# -- the manifest ----------------------------------------------------------------------------------------
+def zero_bytes_inside_the_tensor(path):
+    data = bytearray(path.read_bytes())
+    data[-40:-20] = bytes(20)  # inside the float data: the file still parses, with other numbers
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda p: (p / "optimizer.safetensors").write_bytes((p / "optimizer.safetensors").read_bytes()[:100]),
+     r"optimizer\.safetensors: 100 bytes, the manifest says \d+ \(truncated\?\)"),
+    (lambda p: zero_bytes_inside_the_tensor(p / "optimizer.safetensors"),
+     r"optimizer\.safetensors: content differs from the manifest \(corrupted\)"),
+    (lambda p: (p / "adapter.bin").unlink(), r"adapter\.bin: missing"),
+    (lambda p: (p / ckpt.STATE_FILE).write_text('{"st'), r"trainer_state\.json: \d+ bytes, the manifest"),
+    (lambda p: (p / ckpt.MANIFEST_FILE).write_text("{"), r"manifest\.json: unreadable manifest"),
+], ids=["truncated", "zeroed", "missing", "state-truncated", "manifest"])
+def test_a_damaged_checkpoint_is_named_and_auto_resume_falls_back(tmp_path, caplog, damage, problem):
+    make_checkpoint(tmp_path, 2)
+    newest = make_checkpoint(tmp_path, 4)
+    ckpt.verify_checkpoint(newest)
+    damage(newest)
+    with pytest.raises(ckpt.DamagedCheckpoint, match=problem):
+        ckpt.verify_checkpoint(newest)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resolve_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "step_2"
+    assert re.search(rf"skipping damaged checkpoint step_4 \(.*{problem}", caplog.text)
+    assert "resuming from" in caplog.text and "step_2, the newest intact checkpoint" in caplog.text
+    with pytest.raises(ConfigError, match=rf"^trainer.resume={newest}: damaged checkpoint: .*{problem}"):
+        ckpt.resolve_resume(tmp_path, str(newest))
+
+
+def test_auto_resume_with_only_damaged_checkpoints_refuses_to_start_over(tmp_path):
+    path = make_checkpoint(tmp_path, 2)
+    (path / "adapter.bin").write_text("x" * 10)
+    with pytest.raises(ConfigError, match=r"every checkpoint in .* is damaged \(newest: .*adapter\.bin"):
+        ckpt.resolve_resume(tmp_path, "auto")
+
+
+def test_a_finished_run_is_left_alone_unless_more_is_asked(tmp_path):
+    write_json_atomic(tmp_path / "summary.json", {"status": "completed", "steps": 8, "max_steps": 8,
+                                                  "epochs": 1.0, "eval_after_average": 50.0})
+    assert ckpt.finished_run(tmp_path, TrainerConfig(max_steps=8, resume=None)) is None  # the guard's job
+    assert ckpt.finished_run(tmp_path, TrainerConfig(max_steps=8, resume="auto"))["steps"] == 8
+    assert ckpt.finished_run(tmp_path, TrainerConfig(max_steps=6, resume="auto")) is not None
+    assert ckpt.finished_run(tmp_path, TrainerConfig(max_steps=12, resume="auto")) is None
+    write_json_atomic(tmp_path / "summary.json", {"status": "completed", "steps": 5, "max_steps": 0,
+                                                  "epochs": 1.0})
+    assert ckpt.finished_run(tmp_path, TrainerConfig(max_steps=0, epochs=1.0, resume="auto")) is not None
+    assert ckpt.finished_run(tmp_path, TrainerConfig(max_steps=0, epochs=2.0, resume="auto")) is None
+    with pytest.raises(ConfigError, match="holds a completed run without a checkpoint to continue from"):
+        ckpt.check_extendable(tmp_path, None)
 
 
 def test_optimizer_state_round_trips_exactly_without_pickle(tmp_path):

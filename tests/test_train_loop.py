@@ -152,7 +152,8 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path, monkeypatch, run_trai
     for step, path in ckpt.complete_checkpoints(run_dir):
         files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
         assert files == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.json",
-                         "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors", ckpt.STATE_FILE}
+                         "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors", ckpt.STATE_FILE,
+                         ckpt.MANIFEST_FILE}
         state = read_json(path / ckpt.STATE_FILE)
         assert state["train"]["step"] == step
         assert state["scheduler"]["last_epoch"] == step
