@@ -11,6 +11,7 @@ import pytest
 
 from malora_train.config import CustomTaskConfig, DataConfig
 from malora_train.data import build_tasks, hub
+from malora_train.data.records import read_records
 from malora_train.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +141,25 @@ def test_custom_malformed_records_name_file_line_and_field(tmp_path):
         custom([review_task(path)])
     with pytest.raises(DataError, match="file not found"):
         custom([review_task(tmp_path / "missing.jsonl")])
+
+
+def test_custom_empty_answer_is_not_a_label(tmp_path):
+    """With ``labels: []`` the labels come from the file: an empty answer is an error naming the record."""
+    path = write(tmp_path / "r.json", [{"aspect": "a", "text": "t", "sentiment": "positive"},
+                                       {"aspect": "a", "text": "u", "sentiment": "  "}])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} record 2: field 'sentiment' is empty"):
+        custom([review_task(path)])
+
+
+@pytest.mark.parametrize("layout", ["one line", "indented"])
+def test_a_json_file_holding_one_object_says_so(tmp_path, layout):
+    records = [{"aspect": "a", "text": "t", "sentiment": "positive"}]
+    path = write(tmp_path / "r.json", json.dumps({"data": records}, indent=2 if layout == "indented" else None))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: the file is one JSON object; expected a JSON "
+                                        r"list of records .* its key 'data' holds a list"):
+        custom([review_task(path)])
+    one_record = write(tmp_path / "one.jsonl", json.dumps(records[0]) + "\n")  # JSONL with one record is fine
+    assert [r.fields for r in read_records(one_record)] == records
 
 
 @pytest.mark.parametrize(

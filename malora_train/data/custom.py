@@ -65,12 +65,20 @@ def _render(record: Record, template: str, fields: list[str]) -> str:
         raise DataError(f"{record.where}: the prompt_template cannot format this record ({err})") from None
 
 
+def _answer(record: Record, field: str) -> str:
+    """A record's answer when the labels come from the file: an empty one would become a label."""
+    value = record.scalar(field)
+    if not value.strip():
+        raise record.error(field, "is empty (every record needs an answer)")
+    return value
+
+
 def load_custom_task(task: CustomTaskConfig, cfg: DataConfig) -> RawTask:
     fields = template_fields(task.prompt_template, f"custom task {task.name}")
     paths = [Path(task.path).expanduser()] + ([Path(task.eval_path).expanduser()] if task.eval_path else [])
     splits = [read_records(path) for path in paths]
     labels = [str(label) for label in task.labels] or sorted(
-        {record.scalar(task.answer_field) for records in splits for record in records}
+        {_answer(record, task.answer_field) for records in splits for record in records}
     )
     pairs = [
         [(_render(record, task.prompt_template, fields), record.label(task.answer_field, labels))

@@ -66,6 +66,23 @@ def read_json(path: Path) -> Any:
     return _parse_json(_read_text(path), path)
 
 
+def _refuse_single_object(text: str, path: Path) -> None:
+    """A ``.json`` file, or a file spread over several lines, that holds one JSON object is not a record
+    file (a one-line ``.jsonl`` file with one record is)."""
+    if path.suffix.lower() == ".jsonl" and "\n" not in text.strip():
+        return
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return  # several objects, one a line: JSONL
+    if not isinstance(whole, dict):
+        return
+    lists = [key for key, value in whole.items() if isinstance(value, list)]
+    hint = f"; its key {lists[0]!r} holds a list: make that list the whole file" if lists else ""
+    raise DataError(f"{path}: the file is one JSON object; expected a JSON list of records [{{...}}, ...] "
+                    f"or JSONL (one object a line){hint}")
+
+
 def read_records(path: Path) -> list[Record]:
     """A JSON file holding a list of objects, or JSONL (one object a line; blank lines skipped).
 
@@ -77,6 +94,7 @@ def read_records(path: Path) -> list[Record]:
         rows = _parse_json(text, path)
         located = [(f"{path} record {i + 1}", row) for i, row in enumerate(rows)]
     elif start == "{":
+        _refuse_single_object(text, path)
         located = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
