@@ -1,54 +1,73 @@
 """Entry points, a thin dispatcher: ``malora-train`` (a Hydra main: overrides, ``-m`` multirun),
 ``malora-eval`` and ``malora-inspect`` (composed from the same configs, without creating an output
-folder) and ``malora-report``; the work itself is in ``train`` and ``commands``.
+folder) and ``malora-report``; the work itself is in ``train`` and ``commands``. Every command answers
+``--help``, and every user error (a Hydra override included) is one line and exit status 2.
 
-Several processes: ``accelerate launch --config_file conf/accelerate/<single|ddp|deepspeed_zero2|
+Several processes: ``accelerate launch --config_file <configs>/accelerate/<single|ddp|deepspeed_zero2|
 deepspeed_zero3>.yaml [--num_processes N] -m malora_train.cli <overrides>`` (or ``torchrun
 --nproc_per_node N -m malora_train.cli ...``). Every rank runs the same Hydra main; they agree on one
-run directory, and only rank 0 writes into it.
+run directory, and only rank 0 locks it and writes into it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from unittest import mock
 
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from malora_train.commands.composition import (
+    HELP_FLAGS,
+    compose_config,
+    describe_hydra_error,
+    job_config,
+    parse_command_line,
+    quote_path_value,
+    resumed_run_dir,
+    run_config,
+    to_config,
+)
 from malora_train.config import CONF_DIR, Config, register_configs
 from malora_train.errors import MaloraError, exit_with_error, launch_rank
-from malora_train.run_dir import guard_run_dir
+from malora_train.run_dir import guard_run_dir, lock_run_dir, run_stamp, unlock_all_run_dirs
 
 log = logging.getLogger("malora_train")
 register_configs()
-
-
-def to_config(cfg: DictConfig) -> Config:
-    """The typed config object (dataclasses) the rest of the code takes."""
-    return OmegaConf.to_object(cfg)
-
-
-def _one_line(err: Exception) -> str:
-    """Hydra/OmegaConf errors span several lines (message, key, hint): keep them on one."""
-    text = str(err)
-    if err.__cause__ is not None:
-        text += "\n" + str(err.__cause__)
-    keep = [ln.strip() for ln in text.splitlines()
-            if ln.strip() and not ln.strip().startswith(("To append", "reference_type", "object_type"))]
-    return " | ".join(keep) or type(err).__name__
+if not OmegaConf.has_resolver("malora.run_stamp"):  # the default run folder's name (conf/config.yaml)
+    OmegaConf.register_new_resolver("malora.run_stamp", run_stamp)
 
 
 class RunDirGuard(Callback):
-    """Registered in ``conf/config.yaml`` (``hydra.callbacks``): refuses an occupied run directory
-    before the job starts, so not even Hydra's own files in it are touched."""
+    """Registered in ``conf/config.yaml`` (``hydra.callbacks``): before Hydra writes anything into the run
+    directory, check the config, lock the directory, say so and stop when a resumed run is already
+    complete, and refuse a directory that holds another run."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from malora_train.train.checkpoint import finished_message, finished_run
+        from malora_train.train.preflight import check_config
+
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
         try:
-            guard_run_dir(run_dir, OmegaConf.select(config, "trainer.resume"))
+            cfg = to_config(job_config(config, run_dir, list(OmegaConf.select(config, "hydra.overrides.task"))))
+            check_config(cfg)
+            finished = finished_run(run_dir, cfg.trainer)
+            if finished is not None:  # said before the lock: nothing in the directory is touched
+                if launch_rank() == 0:
+                    print(finished_message(run_dir, finished), flush=True)
+                sys.exit(0)
+            if launch_rank() == 0:
+                note = lock_run_dir(run_dir)  # held until the command ends (train_main releases it)
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+            guard_run_dir(run_dir, cfg.trainer.resume)
         except MaloraError as err:
             exit_with_error(err)
 
@@ -67,7 +86,8 @@ def _train_job(cfg: DictConfig) -> float | str | None:
     overrides = list(hydra_cfg.overrides.task)
 
     def job() -> dict:
-        return train(to_config(cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        job_cfg = job_config(cfg, run_dir, overrides)  # resuming: the run's own config, the command line on top
+        return train(to_config(job_cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(job_cfg, resolve=True),
                      overrides=overrides)
 
     if hydra_cfg.mode == RunMode.MULTIRUN:  # a failing job is recorded and the sweep goes on
@@ -79,52 +99,109 @@ def _train_job(cfg: DictConfig) -> float | str | None:
     return summary.get("eval_after_average") if summary else None
 
 
+def _os_error_line(err: OSError) -> str:
+    where = err.filename if err.filename is not None else "a file"
+    return f"{where}: {err.strerror or err}"
+
+
 def train_main() -> None:
     import hydra
 
+    from malora_train.commands.help import help_page
     from malora_train.train.distributed import agree_on_run_dir
 
+    argv = sys.argv[1:]
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(help_page("malora-train", _help_defaults()))
+        return
+    argv = [quote_path_value(arg) for arg in argv]
+    try:
+        if resumed_run_dir(argv) is not None:  # keep the run's own .hydra/ files (its original overrides)
+            argv.append("hydra.output_subdir=null")
+    except MaloraError as err:
+        exit_with_error(err)
     agree_on_run_dir()
     if launch_rank() != 0:  # Hydra's own files (.hydra/, the log file) are written by rank 0 alone
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+        argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    sys.argv = [sys.argv[0], *argv]
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_train_job)
-    main()
+    try:
+        with mock.patch.dict(os.environ, {"HYDRA_FULL_ERROR": "1"}):  # errors come to us, not printed
+            main()
+    except (HydraException, OmegaConfBaseException) as err:
+        exit_with_error(describe_hydra_error(err))
+    except OSError as err:  # Hydra creating the run directory or its files: read-only, disk full
+        if err.filename is None:
+            _report_unexpected()
+        exit_with_error(_os_error_line(err))
+    except Exception:
+        _report_unexpected()
+    finally:
+        unlock_all_run_dirs()
+
+
+def _report_unexpected() -> NoReturn:
+    """A bug, or a launcher's own failure (sbatch refusing a job): its traceback and exit status 1, as
+    Hydra itself reports them."""
+    traceback.print_exc()
+    sys.exit(1)
+
+
+def _help_defaults() -> DictConfig | None:
+    try:
+        return compose_config([])
+    except MaloraError:
+        return None
 
 
 def compose(argv: list[str]) -> Config:
     """Compose ``conf/config.yaml`` with command-line overrides, as ``malora-train`` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return to_config(hydra_compose(config_name="config", overrides=argv))
-    except (HydraException, OmegaConfBaseException) as err:
-        exit_with_error(_one_line(err))
+        return to_config(compose_config(argv))
+    except MaloraError as err:
+        exit_with_error(err)
+
+
+def _command_config(program: str, argv: list[str], run_dir_argument: bool = False) -> Config | None:
+    """The config of ``malora-eval``/``malora-inspect``, or None after printing the help page."""
+    from malora_train.commands.help import help_page
+
+    line = parse_command_line(argv, program, run_dir_argument=run_dir_argument)
+    if line.help:
+        print(help_page(program, _help_defaults()))
+        return None
+    if len(line.paths) > 1:
+        raise MaloraError(f"{program} takes one run directory, got {len(line.paths)}: {' '.join(line.paths)}")
+    overrides = line.overrides + [quote_path_value(f"eval.run_dir={path}") for path in line.paths]
+    composed = compose_config(overrides, line.config_dirs)
+    run_dir = OmegaConf.select(composed, "eval.run_dir")
+    if run_dir:
+        composed = run_config(Path(run_dir), composed, overrides, key="eval.run_dir")
+    return to_config(composed)
 
 
 def inspect_main(argv: list[str] | None = None) -> None:
     from malora_train.commands.inspect import inspect_command
 
-    cfg = compose(sys.argv[1:] if argv is None else argv)
     try:
-        inspect_command(cfg)
+        cfg = _command_config("malora-inspect", sys.argv[1:] if argv is None else argv)
+        if cfg is not None:
+            inspect_command(cfg)
     except MaloraError as err:
-        exit_with_error(err)
+        exit_with_error(err, program="malora-inspect")
 
 
-def eval_main(argv: list[str] | None = None) -> None:
+def eval_main(argv: list[str] | None = None) -> dict | None:
     from malora_train.commands.evaluate import eval_command
 
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = compose(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        eval_command(cfg, argv)
+        cfg = _command_config("malora-eval", sys.argv[1:] if argv is None else argv, run_dir_argument=True)
+        if cfg is None:
+            return None
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return eval_command(cfg)
     except MaloraError as err:
-        exit_with_error(err)
+        exit_with_error(err, program="malora-eval")
 
 
 def report_main(argv: list[str] | None = None) -> None:

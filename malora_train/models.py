@@ -111,6 +111,18 @@ def smollm2_dir(cfg: ModelConfig) -> Path:
     return target
 
 
+def _from_pretrained(auto_class: Any, location: str, key: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained`` with its failures as one line naming the key: a folder or hub id it
+    cannot read, or a folder whose own code it may not run."""
+    try:
+        return auto_class.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(f"{key}={location!r}: the model folder holds its own code; to run it, pass "
+                              "model.trust_remote_code=true on the command line (only for code you trust)") from None
+        raise ConfigError(f"{key}={location!r}: {err}".splitlines()[0]) from err
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """``model.tokenizer``: None (the model's own), ``builtin`` (bytes, made in-process),
     ``smollm2_package`` (SmolLM2's, from the packaged GGUF) or a hub id / folder."""
@@ -119,8 +131,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     elif cfg.tokenizer == SMOLLM2_SOURCE:
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir(cfg)))
     else:
-        source = cfg.tokenizer or _weights_location(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        source = _local_or_hub(cfg.tokenizer, key) if cfg.tokenizer else _weights_location(cfg)
+        tokenizer = _from_pretrained(AutoTokenizer, source, key, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -134,13 +147,33 @@ def _source(cfg: ModelConfig) -> str:
     return source
 
 
+def _local_or_hub(value: str, key: str) -> str:
+    """A local folder (absolute, made absolute) or a hub id. A value that can only be a path (starts with
+    / . ~, or has more than one /) or names something on disk must be a folder."""
+    path = Path(value).expanduser()
+    if value.startswith(("/", ".", "~")) or value.count("/") > 1 or path.exists():
+        if not path.is_dir():
+            problem = "is a file, not a model folder" if path.exists() else "no such folder"
+            raise ConfigError(f"{key}={value}: {problem}")
+        return str(path.resolve())
+    return value
+
+
 def _weights_location(cfg: ModelConfig) -> str:
     source = _source(cfg)
     if source == SMOLLM2_SOURCE:
         return str(smollm2_dir(cfg))
     if source == "pretrained":
-        return str(cfg.name_or_path)
+        return _local_or_hub(str(cfg.name_or_path), "model.name_or_path")
     raise ConfigError(f"model={cfg.name} has random weights and no tokenizer files: set model.tokenizer")
+
+
+def base_model_location(cfg: ModelConfig) -> str:
+    """What a saved adapter names as its base model (PEFT's ``base_model_name_or_path``): the hub id or
+    the absolute folder it was loaded from; a random-weight architecture has none and gives its name."""
+    if _source(cfg) == "architecture":
+        return cfg.name
+    return _weights_location(cfg)
 
 
 def architecture_config(cfg: ModelConfig):
@@ -174,10 +207,7 @@ def load_model(
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-            except OSError as err:
-                raise ConfigError(f"model.name_or_path={location!r}: {err}".splitlines()[0]) from err
+            model = _from_pretrained(AutoModelForCausalLM, location, "model.name_or_path", **kwargs)
             if device is not None:
                 model.to(device)
     model.config.use_cache = False

@@ -158,8 +158,9 @@ def run_training() -> Callable[..., dict]:
 
     def run(run_dir: Path, *overrides: str) -> dict:
         cfg = compose([*TINY_TRAINING, *overrides])
+        resolved_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))  # config.yaml, as the CLI writes it
         try:
-            return train(cfg, Path(run_dir), resolved_yaml="# test run\n", overrides=list(overrides))
+            return train(cfg, Path(run_dir), resolved_yaml=resolved_yaml, overrides=list(overrides))
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()

@@ -13,8 +13,7 @@ PAPER_TASKS = ["piqa", "openbookqa", "boolq", "ARC-Challenge", "ARC-Easy"]
 @pytest.mark.shared_data
 def test_five_task_mixture_trains_and_evaluates_with_both_scorers(
         shared_data_dir, run_training, read_metrics, tmp_path, capsys) -> None:
-    from malora_train.cli import compose
-    from malora_train.commands.evaluate import eval_command
+    from malora_train.cli import eval_main
 
     run_dir = tmp_path / "run"
     data = [f"data.root={shared_data_dir}", "data.train_per_task=32", "data.eval_per_task=6",
@@ -34,15 +33,13 @@ def test_five_task_mixture_trains_and_evaluates_with_both_scorers(
 
     capsys.readouterr()
     for scorer in ("label_logits", "generate"):
-        argv = [f"eval.run_dir={run_dir}", f"eval.scorer={scorer}", "eval.max_new_tokens=12",
-                "model=tiny", *data, "data=commonsense_intra"]
-        report = eval_command(compose(argv), argv)
+        # the run's own config (tiny model, its data settings), the scorer from the command line
+        report = eval_main([f"eval.run_dir={run_dir}", f"eval.scorer={scorer}", "eval.max_new_tokens=12"])
         printed = capsys.readouterr().out
         assert set(report["accuracy"]) == set(PAPER_TASKS)
         for task in PAPER_TASKS:
             assert task in printed
         assert all(0.0 <= acc <= 100.0 for acc in report["accuracy"].values())
     # the label-logit scorer is the one training uses: malora-eval must reproduce the run's own figures
-    argv = [f"eval.run_dir={run_dir}", "model=tiny", *data, "data=commonsense_intra"]
-    again = eval_command(compose(argv), argv)
+    again = eval_main([str(run_dir)])
     assert again["accuracy"] == pytest.approx(summary["eval_after"])

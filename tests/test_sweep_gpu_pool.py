@@ -90,7 +90,7 @@ def test_a_job_whose_process_dies_fails_alone(tmp_path: Path, monkeypatch, capsy
 
 def test_without_a_visible_gpu_the_sweep_stops_with_one_line(monkeypatch, train_cli, capsys) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert train_cli("-m", "hydra/launcher=gpu_pool", "model=tiny", "seed=0,1") == 1
+    assert train_cli("-m", "hydra/launcher=gpu_pool", "model=tiny", "seed=0,1") == 2  # a user error
     err = capsys.readouterr().err
     assert "hydra/launcher=gpu_pool: no GPU is visible; name them with hydra.launcher.gpus=[0,1,...]" in err
     assert "Traceback" not in err

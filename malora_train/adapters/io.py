@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from malora_train.adapters.adapted_lm import AdaptedCausalLM
 from malora_train.adapters.inject import adapter_layers, adapter_state_dict
 from malora_train.adapters.registry import adapter_class
-from malora_train.config import AdapterConfig
+from malora_train.config import AdapterConfig, escape_interpolations
 from malora_train.errors import ConfigError
 from malora_train.run_dir import atomic_write, write_text_atomic
 
@@ -101,9 +102,9 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[st
             path = Path(adapter_dir) / LORA_METADATA
             config = {**config, **json.loads(path.read_text())}
         meta = config["malora_train"]
-        schema = OmegaConf.structured(AdapterConfig)
-        adapter_cfg = OmegaConf.to_object(OmegaConf.merge(schema, meta["adapter"]))
-    except (json.JSONDecodeError, KeyError, ValueError) as err:
+        schema = OmegaConf.structured(AdapterConfig)  # plain data: a "${...}" in the file stays text
+        adapter_cfg = OmegaConf.to_object(OmegaConf.merge(schema, escape_interpolations(meta["adapter"])))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as err:
         raise ConfigError(f"{path}: not a malora-train adapter config ({err})") from err
     return adapter_cfg, config
 

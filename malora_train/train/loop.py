@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -22,13 +21,14 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
 
-from malora_train.adapters import AdaptedCausalLM, layer_kwargs, parameter_report
+from malora_train.adapters import AdaptedCausalLM, parameter_report
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
-from malora_train.errors import ConfigError, MaloraError
+from malora_train.errors import MaloraError, launch_rank
 from malora_train.eval import EvalResult, evaluate, routing_report, write_routing
 from malora_train.labels import IGNORE_INDEX, loss_targets
 from malora_train.models import (
+    base_model_location,
     compile_decoder,
     enable_activation_checkpointing,
     load_model_and_tokenizer,
@@ -36,8 +36,11 @@ from malora_train.models import (
 from malora_train.run_dir import (
     CONFIG_FILE,
     LOSS_PLOT,
+    RUN_OUTPUTS,
     SUMMARY_FILE,
     guard_run_dir,
+    remove_unstarted_outputs,
+    run_dir_lock,
     write_json_atomic,
     write_text_atomic,
 )
@@ -56,13 +59,13 @@ from malora_train.train.distributed import (
 from malora_train.train.metrics import (
     MetricsLogger,
     Progress,
-    check_wandb_mode,
     format_summary,
     peak_memory_gb,
     plot_losses,
     run_name_from_overrides,
 )
 from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
+from malora_train.train.preflight import check_config
 from malora_train.train.step_stats import WindowStats
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,9 @@ class NonFiniteLoss(MaloraError):
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT (a preempted job, Ctrl-C) into a flag checked at each step boundary."""
+    """Turns SIGTERM/SIGINT (a preempted job, Ctrl-C) into a flag checked at each step boundary. A second
+    signal changes nothing: it must not interrupt the checkpoint being saved (kill -9 stops at once, and
+    the last complete checkpoint stays loadable)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -85,34 +90,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
+        self.requested = True  # and nothing else: a handler that prints or raises could break a save under way
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def validate(cfg: Config) -> None:
-    """Fail at start, before anything is written, on settings the schema's types let through."""
-    trainer = cfg.trainer
-    for key in ("micro_batch_size", "grad_accum", "log_every"):
-        value = getattr(trainer, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"trainer.{key}={value} must be >= 1")
-    for key in ("max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay"):
-        if getattr(trainer, key) < 0:
-            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be >= 0")
-    if trainer.save_every and trainer.keep_last < 1:
-        raise ConfigError(f"trainer.keep_last={trainer.keep_last} must be >= 1 when trainer.save_every "
-                          "is set")
-    if not math.isfinite(trainer.lr):
-        raise ConfigError(f"trainer.lr={trainer.lr} must be finite")
-    if trainer.compile and cfg.data.packing is False:
-        raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
-    check_wandb_mode(cfg.logger.wandb.mode)
-    layer_kwargs(cfg.adapter)  # the adapter's keys, before a model is loaded
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -136,7 +118,7 @@ class Trainer:
     def _setup_launch(self) -> None:
         """Validate, start the processes, claim the run directory, find the checkpoint to resume."""
         trainer = self.cfg.trainer
-        validate(self.cfg)
+        check_config(self.cfg)
         self.accelerator = acc = build_accelerator(trainer)
         check_launch(trainer, acc)
         self.is_main = acc.is_main_process
@@ -149,6 +131,7 @@ class Trainer:
             ckpt.remove_partial(self.run_dir)
         acc.wait_for_everyone()
         self.resume_from = ckpt.resolve_resume(self.run_dir, trainer.resume)
+        ckpt.check_extendable(self.run_dir, self.resume_from)
 
     def _setup_model(self) -> None:
         """The base model and tokenizer: the same seed on every rank, so the adapters built next start
@@ -220,7 +203,7 @@ class Trainer:
 
     @property
     def base_model_name(self) -> str:
-        return self.cfg.model.name_or_path or self.cfg.model.name
+        return base_model_location(self.cfg.model)
 
     def _tick(self) -> None:
         """Add the time since the last tick to the run's wall time (kept across resumes)."""
@@ -441,9 +424,33 @@ class Trainer:
             "adapter_dir": str(adapter_dir),
             "world_size": self.world,
             "mixed_precision": self.accelerator.mixed_precision,
+            "max_steps": self.cfg.trainer.max_steps,  # what was asked: a resume asking for more continues
+            "epochs": self.cfg.trainer.epochs,
         }
 
 
 def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[str] | None = None) -> dict:
-    """Run one training job into ``run_dir`` and return its summary (``status`` completed or interrupted)."""
-    return Trainer(cfg, run_dir, resolved_yaml, overrides or []).run()
+    """Run one training job into ``run_dir`` and return its summary (``status`` completed or interrupted).
+
+    The run directory is locked for the whole run (by rank 0). ``trainer.resume`` on a run that already
+    completed what is asked returns its summary and touches nothing. A fresh run that fails before its
+    first step removes what it wrote, so the directory can be used again."""
+    run_dir = Path(run_dir)
+    main = launch_rank() == 0
+    finished = ckpt.finished_run(run_dir, cfg.trainer)
+    if finished is not None:
+        if main:
+            print(ckpt.finished_message(run_dir, finished), flush=True)
+        return finished
+    with run_dir_lock(run_dir, enabled=main) as note:
+        if note:
+            log.warning(note)
+        fresh = not any((run_dir / name).exists() for name in RUN_OUTPUTS)
+        trainer = None
+        try:
+            trainer = Trainer(cfg, run_dir, resolved_yaml, overrides or [])
+            return trainer.run()
+        except Exception:
+            if main and fresh and (trainer is None or trainer.state.step == 0):
+                remove_unstarted_outputs(run_dir)
+            raise

@@ -1,0 +1,70 @@
+"""Checks on the whole config before anything is loaded or written: every choice key holds one of its
+options, every number is in its range. A typo such as ``eval.scorer=foo`` fails in a second, naming the
+key, instead of after training (leaving an occupied run directory behind).
+
+Each part is checked by the module that owns it (data, adapters, eval, the loop's numbers); this module
+only calls them all, in the order a user reads the config.
+"""
+
+from __future__ import annotations
+
+import math
+
+from malora_train.adapters import layer_kwargs
+from malora_train.config import Config
+from malora_train.data.mixture import check_mixture_options
+from malora_train.data.tasks import check_options
+from malora_train.errors import ConfigError
+from malora_train.eval import check_eval_config
+from malora_train.models import COMPILE_MODES, DTYPES, SOURCES
+from malora_train.train.distributed import mixed_precision
+from malora_train.train.metrics import check_wandb_mode
+from malora_train.train.optim import SCHEDULES
+
+EXPORTS = ("merged",)  # malora-eval eval.export
+
+
+def check_choice(key: str, value: object, options: tuple[str, ...] | list[str]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
+
+
+def check_config(cfg: Config) -> None:
+    """Fail on any setting the schema's types let through but the code would reject later."""
+    model = cfg.model
+    if not model.name_or_path:
+        check_choice("model.source", model.source, SOURCES)
+    check_choice("model.dtype", model.dtype, ("auto", *DTYPES))
+    layer_kwargs(cfg.adapter)  # the kind's own keys and sizes (and no key it does not read)
+    check_options(cfg.data)
+    check_mixture_options([], cfg.data.sampling, cfg.data.temperature, None, None)
+    check_trainer(cfg)
+    check_eval_config(cfg.eval)
+    if cfg.eval.export is not None:
+        check_choice("eval.export", cfg.eval.export, EXPORTS)
+    check_wandb_mode(cfg.logger.wandb.mode)
+
+
+def check_trainer(cfg: Config) -> None:
+    trainer = cfg.trainer
+    for key in ("micro_batch_size", "grad_accum", "log_every"):
+        value = getattr(trainer, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"trainer.{key}={value} must be >= 1")
+    for key in ("max_steps", "save_every", "eval_every", "max_grad_norm", "weight_decay"):
+        if getattr(trainer, key) < 0:
+            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be >= 0")
+    if trainer.save_every and trainer.keep_last < 1:
+        raise ConfigError(f"trainer.keep_last={trainer.keep_last} must be >= 1 when trainer.save_every "
+                          "is set")
+    if not (math.isfinite(trainer.lr) and trainer.lr > 0):
+        raise ConfigError(f"trainer.lr={trainer.lr} must be a finite number > 0")
+    if trainer.max_steps == 0 and not trainer.epochs > 0:
+        raise ConfigError("set trainer.max_steps > 0 or trainer.epochs > 0")
+    check_choice("trainer.lr_scheduler", trainer.lr_scheduler, SCHEDULES)
+    check_choice("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES)
+    if trainer.compile and cfg.data.packing is False:
+        raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
+    if not 0 <= trainer.warmup_ratio < 1:
+        raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
+    mixed_precision(trainer)

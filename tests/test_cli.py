@@ -1,0 +1,374 @@
+"""The commands as a user meets them: ``--help`` pages, one-line errors for everything Hydra rejects, a bad
+choice or path found before anything is loaded or written, a run directory's own config under
+``malora-eval`` and a resumed ``malora-train`` (the command line on top, shape changes refused), sweep
+folder names pasted as they are, a completed run left alone, write failures naming the path."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from malora_train import run_dir as rd
+from malora_train.config import Config
+from malora_train.train import checkpoint as ckpt
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, program: str, argv: list[str]) -> int:
+    """``<program> <argv>`` in this process (malora-train, -eval, -inspect or -report); its exit status."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from malora_train import cli
+
+    main = {"malora-train": cli.train_main, "malora-eval": cli.eval_main, "malora-inspect": cli.inspect_main,
+            "malora-report": cli.report_main}[program]
+    monkeypatch.setattr(sys, "argv", [program, *argv])
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        main()
+        return 0
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    finally:  # Hydra configured logging for the job: put the test's back
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def error_line(capsys, program: str = "malora-train", alone: bool = True) -> str:
+    """The one error line on stderr (``alone``: nothing else there, as for an error found before any work;
+    else progress bars of the work done before may precede it); no traceback."""
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith(f"{program}: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert err == errors[0] or not alone, err
+    return errors[0][len(f"{program}: error: "):]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TINY = ["model=tiny", "data.train_per_task=16", "data.eval_per_task=4", "data.max_length=256",
+        "trainer.micro_batch_size=2", "trainer.progress=false", "trainer.eval_before=false"]
+RUN_OVERRIDES = [*TINY, "data.tasks=[sentiment,case]", "adapter=lora", "adapter.rank=4", "trainer.max_steps=4",
+                 "trainer.save_every=2"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A completed tiny run (LoRA r=4 on two tasks, checkpoints at 2 and 4), trained through the CLI."""
+    from _pytest.monkeypatch import MonkeyPatch
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    patch = MonkeyPatch()
+    try:
+        assert run_cli(patch, "malora-train", [*RUN_OVERRIDES, f"hydra.run.dir={run_dir}"]) == 0
+    finally:
+        patch.undo()
+    return run_dir
+
+
+# -- --help -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("program", ["malora-train", "malora-eval", "malora-inspect"])
+def test_every_command_has_a_help_page_with_groups_options_and_described_keys(monkeypatch, capsys, program):
+    assert run_cli(monkeypatch, program, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {program} ")
+    groups = {"malora-train": ["model", "adapter", "data", "trainer"], "malora-eval": ["model", "data"],
+              "malora-inspect": ["model", "adapter"]}[program]
+    for group in groups:
+        options = sorted(p.stem for p in (REPO_ROOT / "conf" / group).glob("*.yaml"))
+        [line] = [ln for ln in out.splitlines() if ln.startswith(f"  {group} ")]
+        assert [o.rstrip("*") for o in line.split(None, 1)[1].split(", ")] == options
+    keys = [ln.split()[0] for ln in out.split("keys (")[1].split("\noptions:")[0].splitlines()[1:] if ln.strip()]
+    sections = {"malora-train": {"seed", "model", "adapter", "data", "trainer", "eval", "logger"},
+                "malora-eval": {"seed", "model", "data", "eval"},
+                "malora-inspect": {"model", "adapter", "inspect"}}[program]
+    assert {k.split(".")[0].split("[")[0] for k in keys} == sections
+    assert "adapter.router.top_k" in keys or program == "malora-eval"
+    assert "  --config-dir DIR" in out and "-h, --help" in out
+
+
+def test_every_schema_key_has_a_description():
+    from malora_train.commands.help import key_docs
+
+    docs = key_docs(None)
+    assert {"seed", "adapter.rank", "data.custom_tasks[i].prompt_template", "trainer.resume"} <= {
+        d.key for d in docs}
+    assert [d.key for d in docs if not d.description] == []
+
+
+def test_help_shows_the_defaults_after_the_default_group_options(monkeypatch, capsys):
+    assert run_cli(monkeypatch, "malora-train", ["--help"]) == 0
+    lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")}
+    assert lines["trainer.max_steps"][1] == "50"  # conf/trainer/default.yaml, not the schema's 0
+    assert lines["adapter.rank"][1:4] == ["8", "expert", "rank"]
+
+
+def test_malora_report_has_its_help_page(monkeypatch, capsys):
+    assert run_cli(monkeypatch, "malora-report", ["--help"]) == 0
+    assert "usage: malora-report" in capsys.readouterr().out
+
+
+# -- Hydra's stage: one line, exit 2 -------------------------------------------------------------------------
+@pytest.mark.parametrize(("override", "message"), [
+    ("adapter.rnak=4", "adapter.rnak: no such config key (did you mean adapter.rank?)"),
+    ("trainer.lr=fast", "trainer.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    ("adapter=foo", "adapter=foo: no such option; choose one of hydralora, lora, malora, molora"),
+    ("adapter.rank=[4", "cannot parse override 'adapter.rank=[4': "),
+    ("adapter", "cannot parse override 'adapter': expected key=value or group=option"),
+    ("adapter.rank=4,8", "adapter.rank=4,8: a comma-separated value is a sweep: add -m"),
+    ("+foo=1", "foo: no such config key"),
+    ("eval.scorer=foo", "eval.scorer='foo' is not one of label_logits, generate"),
+    ("trainer.lr_scheduler=cosin", "trainer.lr_scheduler='cosin' is not one of linear, cosine, constant"),
+    ("data.sampling=random", "data.sampling='random' is not one of proportional, uniform, temperature"),
+    ("logger.wandb.mode=loud", "logger.wandb.mode='loud' is not one of online, offline, disabled"),
+    ("eval.export=gguf", "eval.export='gguf' is not one of merged"),
+])
+def test_bad_overrides_are_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    assert run_cli(monkeypatch, "malora-train", [*TINY, override, f"hydra.run.dir={run_dir}"]) == 2
+    assert error_line(capsys).startswith(message)
+    assert not run_dir.exists()  # not even Hydra's .hydra/ folder
+
+
+def test_compose_based_commands_give_the_same_one_line_errors(monkeypatch, capsys):
+    for program in ("malora-eval", "malora-inspect"):
+        assert run_cli(monkeypatch, program, ["adapter.rnak=4"]) == 2
+        assert error_line(capsys, program) == "adapter.rnak: no such config key (did you mean adapter.rank?)"
+        assert run_cli(monkeypatch, program, ["--bogus"]) == 2
+        assert error_line(capsys, program) == f"unknown option --bogus (see {program} --help)"
+
+
+def test_a_read_only_output_folder_is_one_line_naming_it(monkeypatch, capsys, read_only_dir):
+    run_dir = read_only_dir / "run"
+    assert run_cli(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=1", f"hydra.run.dir={run_dir}"]) == 2
+    assert error_line(capsys).startswith(f"{run_dir}: cannot create the folder (")  # EACCES, or EPERM for root
+    assert not run_dir.exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(monkeypatch, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills up while summary.json is written
+        if "/.summary.json." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(rd.os, "fsync", fsync)
+    assert run_cli(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=2", "trainer.save_every=2",
+                                                 f"hydra.run.dir={run_dir}"]) == 2
+    assert error_line(capsys, alone=False) == f"{run_dir / 'summary.json'}: cannot write it (No space left on device)"
+    assert not (run_dir / "summary.json").exists() and not list(run_dir.glob(".summary.json*"))
+    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [2]  # the steps are safe in the checkpoint
+
+
+def test_a_missing_local_model_folder_says_so(monkeypatch, capsys, tmp_path):
+    assert run_cli(monkeypatch, "malora-train", [*TINY, "model.source=pretrained", "model.tokenizer=null",
+                                                 "model.name_or_path=./no-such-model",
+                                                 f"hydra.run.dir={tmp_path / 'run'}"]) == 2
+    assert error_line(capsys) == "model.name_or_path=./no-such-model: no such folder"
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_the_directory_reusable(monkeypatch, capsys, tmp_path):
+    from malora_train.train.loop import Trainer
+
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "trainer.max_steps=2", "trainer.eval_before=true", f"hydra.run.dir={run_dir}"]
+
+    def failing_eval(self, record_routing=False):
+        raise RuntimeError("the evaluation ran out of memory")
+
+    monkeypatch.setattr(Trainer, "evaluate", failing_eval)
+    assert run_cli(monkeypatch, "malora-train", argv) == 1  # not a user error: its traceback, as Hydra gives it
+    assert "RuntimeError: the evaluation ran out of memory" in capsys.readouterr().err
+    assert (run_dir / ".hydra").is_dir() and not (run_dir / "config.yaml").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "malora-train", argv) == 0  # no trainer.resume needed: nothing was started
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+
+# -- a run directory's own config ----------------------------------------------------------------------------
+def test_eval_on_a_run_directory_starts_from_its_config(monkeypatch, capsys, trained_run):
+    from malora_train.cli import eval_main
+
+    capsys.readouterr()
+    report = eval_main([f"eval.run_dir={trained_run}", "data.eval_per_task=3"])
+    assert set(report["accuracy"]) == {"sentiment", "case"}  # the run's tasks, not the default mixture
+    assert {c["total"] for c in report["counts"].values()} == {3}  # the command line on top
+    summary = json.loads((trained_run / "summary.json").read_text())
+    again = eval_main([str(trained_run)])  # the run directory as a plain argument: the run's own figures
+    assert again["accuracy"] == pytest.approx(summary["eval_after"])
+
+
+def test_a_sweep_job_folder_is_pasted_as_it_is(monkeypatch, capsys, trained_run, tmp_path):
+    from malora_train.cli import eval_main
+
+    job = tmp_path / "multirun" / "2026-01-01" / "12-00-00_42" / "3_adapter=lora,adapter.rank=4,seed=0"
+    shutil.copytree(trained_run, job)
+    for argv in ([f"eval.run_dir={job}", "data.eval_per_task=2"], [str(job), "data.eval_per_task=2"]):
+        report = eval_main(argv)
+        assert report["adapter"] == str(job / "adapter") and set(report["accuracy"]) == {"sentiment", "case"}
+
+
+def test_a_run_directory_cannot_enable_remote_code(monkeypatch, capsys, trained_run, tmp_path):
+    """``trust_remote_code`` and the model folder's code come from the command line, never config.yaml."""
+    from malora_train.cli import _command_config
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["trust_remote_code"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = _command_config("malora-eval", [str(run)], run_dir_argument=True)
+    assert isinstance(cfg, Config) and cfg.model.trust_remote_code is False
+    assert _command_config("malora-eval", [str(run), "model.trust_remote_code=true"],
+                           run_dir_argument=True).model.trust_remote_code is True
+
+
+def test_a_saved_config_is_plain_data(monkeypatch, trained_run, tmp_path):
+    from malora_train.cli import _command_config
+
+    monkeypatch.setenv("MALORA_TEST_SECRET", "hunter2")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["logger"]["wandb"]["name"] = "${oc.env:MALORA_TEST_SECRET}"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = _command_config("malora-eval", [str(run)], run_dir_argument=True)
+    assert cfg.logger.wandb.name == "${oc.env:MALORA_TEST_SECRET}"
+
+
+def test_a_completed_run_resumed_is_left_untouched(monkeypatch, capsys, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", f"hydra.run.dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{run} is complete (4 steps, eval average ")
+    assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in trained_run.iterdir())
+
+    # asking for more steps continues from the last checkpoint, with the run's own config
+    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6",
+                                                 f"hydra.run.dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["adapter"] == "lora" and set(summary["eval_after"]) == {
+        "sentiment", "case"}
+    train_steps = [r["step"] for r in rd.read_jsonl(run / "metrics.jsonl") if "lm_loss" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_named_when_asked_for(monkeypatch, capsys,
+                                                                                  trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    damaged = run / "checkpoints" / "step_4" / "optimizer.safetensors"
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "malora-train", [f"trainer.resume={damaged.parent}", "trainer.max_steps=6",
+                                                 f"hydra.run.dir={run}"]) == 2
+    assert error_line(capsys) == (f"trainer.resume={damaged.parent}: damaged checkpoint: {damaged}: 200 bytes, "
+                                  f"the manifest says {size} (truncated?)")
+    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6",
+                                                 f"hydra.run.dir={run}"]) == 0
+    log = (run / "cli.log").read_text()
+    assert f"skipping damaged checkpoint step_4 ({damaged}: 200 bytes" in log
+    assert f"resumed from {run / 'checkpoints' / 'step_2'} at step 2" in log
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize(("override", "key"), [("adapter.rank=8", "adapter.rank"), ("adapter=malora", "adapter.kind"),
+                                               ("model=smollm2_135m", "model.name")])
+def test_resuming_refuses_a_change_of_tensor_shapes(monkeypatch, capsys, trained_run, tmp_path, override, key):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6", override,
+                                                 f"hydra.run.dir={run}"]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"{key}=") and line.endswith(
+        f"in {run / 'config.yaml'}: a run resumes with the model and adapter it was trained with (start a new "
+        "run to change them)")
+    assert snapshot(run) == before
+
+
+def test_config_dir_adds_a_users_own_group_options(monkeypatch, capsys, tmp_path):
+    """A user's data YAML from another folder, selected like a packaged option (nothing copied)."""
+    from malora_train.cli import _command_config
+
+    mine = tmp_path / "myconf" / "data"
+    mine.mkdir(parents=True)
+    (mine / "two_tasks.yaml").write_text("name: two_tasks\nsource: synthetic\ntasks: [sentiment, compare]\n"
+                                         "eval_per_task: 6\n")
+    cfg = _command_config("malora-inspect", ["--config-dir", str(tmp_path / "myconf"), "data=two_tasks"])
+    assert cfg.data.tasks == ["sentiment", "compare"] and cfg.data.eval_per_task == 6
+    assert cfg.data.prompt_template == "alpaca"  # the schema's default: the file is typed and checked
+    (mine / "bad.yaml").write_text("tasks: [a]\nsampling_rate: 2\n")
+    assert run_cli(monkeypatch, "malora-inspect", [f"--config-dir={tmp_path / 'myconf'}", "data=bad"]) == 2
+    assert "sampling_rate" in error_line(capsys, "malora-inspect")
+
+
+# -- runs side by side ---------------------------------------------------------------------------------------
+def cli_process(cwd: Path, argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MALORA_RUN_DIR", None)
+    return subprocess.Popen([sys.executable, "-m", "malora_train.cli", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_run_in_a_running_directory_is_refused_and_changes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    first = cli_process(tmp_path, [*TINY, "trainer.max_steps=400", f"hydra.run.dir={run_dir}"])
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n")):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    config = (run_dir / "config.yaml").read_bytes()
+    hydra_files = {name: (run_dir / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
+    for extra in (["trainer.resume=auto"], ["adapter=lora"]):  # resuming it, or a new run over it
+        second = cli_process(tmp_path, [*TINY, "trainer.max_steps=400", *extra, f"hydra.run.dir={run_dir}"])
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, out + err
+        assert err.strip().startswith(f"malora-train: error: hydra.run.dir={run_dir} is in use by another run "
+                                      f"(pid {first.pid} on host ")
+        assert "\n" not in err.strip()
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 0
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert {name: (run_dir / ".hydra" / name).read_bytes() for name in hydra_files} == hydra_files
+    steps = [r["step"] for r in rd.read_jsonl(run_dir / "metrics.jsonl") if "lm_loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # one run's steps, each once
+    assert not (run_dir / rd.LOCK_FILE).exists()
+
+
+def test_runs_started_together_without_a_run_directory_get_their_own(tmp_path):
+    runs = [cli_process(tmp_path, [*TINY, "trainer.max_steps=1", "eval.routing=false"]) for _ in range(2)]
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+    folders = sorted((tmp_path / "outputs").glob("*/*"))
+    assert sorted(f.name.rsplit("_", 1)[1] for f in folders) == sorted(str(run.pid) for run in runs)
+    assert all((folder / "summary.json").is_file() for folder in folders)
