@@ -62,7 +62,7 @@ def one_process(tmp_path_factory, tiny_training_overrides) -> Path:
     return run_dir
 
 
-def launch(config: str, cwd: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+def launch(config: str, cwd: Path, overrides: list[str], succeed: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MALORA_RUN_DIR", None)
@@ -70,7 +70,7 @@ def launch(config: str, cwd: Path, overrides: list[str]) -> subprocess.Completed
     command = [*accelerate_launch(), "--config_file", str(config_file), "--num_processes", "2",
                "-m", "malora_train.cli", *overrides]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (result.returncode == 0) == succeed, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
 
@@ -86,7 +86,9 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
         result = launch(config, cwd, overrides)
         [run_dir] = list((tmp_path / "outputs").glob("*/*"))
     else:
-        cwd, run_dir = REPO_ROOT, tmp_path / "run"  # the DeepSpeed JSON path is relative to the repo root
+        # from a directory that is not the repository's: the launch config's relative DeepSpeed JSON path
+        # is found among the configs
+        cwd, run_dir = tmp_path, tmp_path / "run"
         result = launch(config, cwd, [*overrides, f"hydra.run.dir={run_dir}"])
 
     # one run directory, written once: each step logged once, one summary, rank 0's messages only
@@ -110,6 +112,8 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
     for key in expected:
         torch.testing.assert_close(saved[key], expected[key], rtol=1e-4, atol=1e-6)
+    if config == "deepspeed_zero2":
+        assert_crafted_checkpoint_is_refused(run_dir, tmp_path, overrides)
     if config == "deepspeed_zero3":
         assert_reloads_outside_deepspeed(run_dir, summary)
         # resuming from ZeRO-3's sharded optimizer state continues the run exactly
@@ -120,6 +124,34 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
             resumed = train_losses(resumed_dir, key)
             assert list(resumed) == list(range(3, STEPS + 1))
             assert resumed == {s: v for s, v in train_losses(run_dir, key).items() if s > 2}, key
+
+
+class RunsCode:
+    """Unpickling this calls ``os.mkdir(marker)``: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def assert_crafted_checkpoint_is_refused(run_dir: Path, tmp_path: Path, overrides: list[str]) -> None:
+    """A DeepSpeed checkpoint file replaced by one that runs code when unpickled (its manifest rewritten to
+    match): resuming from it stops with one line naming the file, and the code never runs."""
+    checkpoint = run_dir / "checkpoints" / "step_2"
+    [model_states] = list(checkpoint.glob("deepspeed/state/mp_rank_00_model_states.pt"))
+    state = torch.load(model_states, weights_only=False)  # our own file, from the run above
+    marker = tmp_path / "code-ran"
+    state["payload"] = RunsCode(marker)
+    torch.save(state, model_states)
+    ckpt.write_manifest(checkpoint)
+    result = launch("deepspeed_zero2", tmp_path, [*overrides, f"hydra.run.dir={tmp_path / 'crafted'}",
+                                                  f"trainer.resume={checkpoint}"], succeed=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("malora-train: error:")]
+    assert errors == [f"malora-train: error: {model_states}: refused to load it: it holds objects other than "
+                      f"tensors and plain data, which could run code ({errors[0].rsplit('(', 1)[1]}"], errors
+    assert not marker.exists()
 
 
 def assert_reloads_outside_deepspeed(run_dir: Path, summary: dict) -> None:

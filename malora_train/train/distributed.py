@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -17,8 +16,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from malora_train.adapters import AdaptedCausalLM, adapter_state_dict
-from malora_train.config import TrainerConfig
+from malora_train.config import CONF_DIR, TrainerConfig
 from malora_train.errors import ConfigError
+from malora_train.run_dir import run_stamp
 
 RUN_DIR_KEY = "malora_run_stamp"
 TIMEOUT = timedelta(minutes=30)
@@ -54,7 +54,7 @@ def agree_on_run_dir() -> None:
     _init_process_group()
     store = dist.distributed_c10d._get_default_store()
     if dist.get_rank() == 0:
-        store.set(RUN_DIR_KEY, time.strftime("%Y-%m-%d/%H-%M-%S"))
+        store.set(RUN_DIR_KEY, run_stamp())
     stamp = store.get(RUN_DIR_KEY).decode()
     os.environ["MALORA_RUN_DIR"] = f"outputs/{stamp}"
     os.environ.setdefault("MALORA_SWEEP_DIR", f"multirun/{stamp}")
@@ -67,6 +67,18 @@ def _skip_deepspeed_shm_build() -> None:
     the name ``torch``), so the module is taken from ``importlib`` instead."""
     module = importlib.import_module("deepspeed.comm.torch")
     module.build_shm_op = lambda: None
+
+
+def _find_deepspeed_config_file() -> None:
+    """The launch configs name ``conf/deepspeed/<stage>.json`` relative to the installed package's folder;
+    when that path is not there from the current directory, take the packaged file, so ``accelerate
+    launch --config_file <conf>/accelerate/deepspeed_zero2.yaml`` works from any directory."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return
+    packaged = CONF_DIR.parent / path
+    if packaged.is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(packaged)
 
 
 def mixed_precision(trainer: TrainerConfig) -> str:
@@ -84,6 +96,8 @@ def build_accelerator(trainer: TrainerConfig) -> Accelerator:
     handlers = []
     if cpu and world_size() > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=TIMEOUT))
+    if uses_deepspeed():
+        _find_deepspeed_config_file()
     if cpu and uses_deepspeed():
         _skip_deepspeed_shm_build()
     # DeepSpeed on CPU goes through Accelerate's GPU-style path with a gloo backend
