@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup train test bench bench-gpu lint clean
+.PHONY: setup train test bench bench-loop bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ test: setup
 
 bench: setup
 	$(PY) scripts/bench.py --model tiny --device cpu $(ARGS)
+
+bench-loop: setup
+	$(PY) scripts/bench_loop.py $(ARGS)
 
 bench-gpu: setup
 	$(PY) scripts/bench.py --model llama2_7b --device cuda --suite full --impl fast --json bench-gpu.json $(ARGS)

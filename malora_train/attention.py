@@ -15,6 +15,8 @@ packed training, padded evaluation and generation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -56,6 +58,26 @@ def _ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count.contiguous(), order.contiguous()
 
 
+_MASK_MODS: dict[tuple, tuple[torch.Tensor, Callable]] = {}
+
+
+def _document_causal_mask_mod(document_ids: torch.Tensor) -> Callable:
+    """The token-level mask function, one per batch shape and device, reading the document ids from a
+    buffer they are copied into (in stream order): a new function every step would make torch.compile
+    re-trace every step."""
+    key = (tuple(document_ids.shape), document_ids.device)
+    if key not in _MASK_MODS:
+        buffer = torch.empty_like(document_ids)
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (buffer[b, q_idx] == buffer[b, kv_idx]) & (q_idx >= kv_idx)
+
+        _MASK_MODS[key] = (buffer, document_causal)
+    buffer, mask_mod = _MASK_MODS[key]
+    buffer.copy_(document_ids)
+    return mask_mod
+
+
 def document_causal_block_mask(document_ids: torch.Tensor, block: int = FLEX_BLOCK) -> BlockMask:
     """A BlockMask for document-causal attention, from (B, L) document ids that never decrease along a row.
 
@@ -78,11 +100,7 @@ def document_causal_block_mask(document_ids: torch.Tensor, block: int = FLEX_BLO
     overlap = (k_high >= q_low) & (k_low <= q_high)
     full = before & (q_low == q_high) & (k_low == k_high) & (k_low == q_low)
     partial = (before & overlap & ~full) | diagonal
-    padded = document_ids
-
-    def document_causal(b, h, q_idx, kv_idx):
-        return (padded[b, q_idx] == padded[b, kv_idx]) & (q_idx >= kv_idx)
-
+    document_causal = _document_causal_mask_mod(document_ids)
     kv_count, kv_index = _ordered_blocks(partial[:, None])
     full_count, full_index = _ordered_blocks(full[:, None])
     return BlockMask.from_kv_blocks(kv_count, kv_index, full_count, full_index, BLOCK_SIZE=block,

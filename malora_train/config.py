@@ -159,8 +159,10 @@ class TrainerConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0: none)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
-    compile: bool = False  # torch.compile the whole decoder (fixed shapes: use with data.packing)
+    compile: bool = False  # torch.compile the decoder for training steps (fixed shapes: needs data.packing)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    # layers: each decoder layer, one shared graph (seconds to compile) | decoder: one graph (minutes)
+    compile_scope: str = "layers"
     eval_before: bool = True  # evaluate before training
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # checkpoint every N steps (0: only the final adapter)

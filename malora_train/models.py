@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,14 +233,28 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("layers", "decoder")
 
 
-def compile_decoder(model: torch.nn.Module, mode: str) -> Callable[..., Any]:
-    """``trainer.compile``: the whole decoder (embeddings, every layer with its adapters, the final norm)
-    through torch.compile, as one graph of fixed shapes; the adapters then run their composite plain-torch
-    path, which the compiler fuses with the frozen layers, and ``reduce-overhead`` replays it as CUDA graphs.
-    Returns the compiled callable; the module itself stays as it was (evaluation, whose shapes vary, runs
-    it uncompiled)."""
+def compile_model(model: torch.nn.Module, mode: str, scope: str = "layers") -> None:
+    """``trainer.compile``: torch.compile every decoder layer with its adapters (``layers``: one graph
+    serves them all, since parameters are graph inputs, so compiling takes seconds) or the whole decoder as
+    one graph (``decoder``: embeddings and final norm too, minutes to compile); fixed shapes. The adapters
+    run their composite plain-torch path, which the compiler fuses with the frozen layer, and
+    ``reduce-overhead`` replays the graphs as CUDA graphs. Run evaluation, whose shapes vary, under
+    ``torch.compiler.set_stance("force_eager")``."""
     if mode not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    return torch.compile(model.get_decoder(), mode=mode, dynamic=False)
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"trainer.compile_scope={scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+    decoder = model.get_decoder()
+    if scope == "decoder":
+        decoder.compile(mode=mode, dynamic=False)
+        return
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ConfigError("trainer.compile_scope=layers needs a model whose decoder keeps its blocks in .layers; "
+                          "use trainer.compile_scope=decoder")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile(mode=mode, dynamic=False)

@@ -305,29 +305,36 @@ def test_wandb_offline_logs_locally_with_the_run_name_from_the_overrides(tmp_pat
     assert b"adapter=lora,trainer.max_steps=2" in log_file.read_bytes()
 
 
-def test_compile_option_runs_the_decoder_through_torch_compile(monkeypatch, run_training, train_losses,
+@pytest.mark.parametrize("scope", ["layers", "decoder"])
+def test_compile_option_runs_the_decoder_through_torch_compile(scope, monkeypatch, run_training, train_losses,
                                                               tmp_path) -> None:
-    """trainer.compile=true compiles the whole decoder as one graph for training forwards and trains as
-    eager does. Inductor's code generation takes minutes on a CPU, so here the graph runs on the aot_eager
-    backend: dynamo's trace and AOTAutograd's forward/backward split are the real ones (the GPU test runs
-    inductor). Packing is on: compiling needs its fixed shapes."""
+    """trainer.compile=true compiles each decoder layer (or the whole decoder) for the packed training steps
+    and trains as eager does; evaluation runs eagerly. Inductor's code generation takes minutes on a CPU,
+    so here the graphs run on the aot_eager backend: dynamo's trace and AOTAutograd's forward/backward split
+    are the real ones (the GPU test runs inductor)."""
     import torch._dynamo
 
     compiled = []
-    original = torch.compile
+    original = torch.nn.Module.compile
 
-    def compile_on_aot_eager(model, **kwargs):
-        compiled.append((type(model).__name__, kwargs.get("mode"), kwargs.get("dynamic")))
-        return original(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    def compile_on_aot_eager(self, **kwargs):
+        compiled.append((type(self).__name__, kwargs.get("mode"), kwargs.get("dynamic")))
+        original(self, backend="aot_eager", fullgraph=True, dynamic=False)
 
-    monkeypatch.setattr(torch, "compile", compile_on_aot_eager)
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_on_aot_eager)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     common = ["trainer.max_steps=3", "adapter.dropout=0", "data.packing=true", "data.eval_per_task=2"]
-    run_training(tmp_path / "compiled", *common, "trainer.compile=true", "trainer.compile_mode=max-autotune")
+    run_training(tmp_path / "compiled", *common, "trainer.compile=true", "trainer.compile_mode=max-autotune",
+                 f"trainer.compile_scope={scope}")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     run_training(tmp_path / "eager", *common)
-    assert compiled == [("LlamaModel", "max-autotune", False)]
-    assert graphs == 1  # one graph for the packed training steps; evaluation ran the module uncompiled
+    expected = [("LlamaDecoderLayer", "max-autotune", False)] * 2 if scope == "layers" else [
+        ("LlamaModel", "max-autotune", False)]
+    assert compiled == expected
+    # layers: one graph for the first layer (its input, the frozen embedding, needs no gradient) and one for
+    # every other layer, reused at every step; evaluation compiled nothing
+    assert graphs == (2 if scope == "layers" else 1)
     assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
 
 

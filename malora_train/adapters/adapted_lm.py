@@ -3,9 +3,7 @@ answer tokens and the routers' auxiliary loss separately."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +47,12 @@ class AdaptedCausalLM(nn.Module):
         self.targets = targets
         self.record_routing = False
         self.num_tasks = 0
-        # what runs the decoder in training forwards (a compiled version of it, trainer.compile); kept out
-        # of the module tree so its parameters are not registered twice
-        self.__dict__["training_decoder"] = None
         self._mixture = [(n, m) for n, m in adapter_layers(model) if isinstance(m, MixtureAdapterLinear)]
         keys = [_decoder_layer_key(name) for name, _ in self._mixture]
         self.balance_layer_names = list(dict.fromkeys(keys))
-        self._balance_group = torch.tensor([self.balance_layer_names.index(k) for k in keys], dtype=torch.long)
+        group = torch.tensor([self.balance_layer_names.index(k) for k in keys], dtype=torch.long)
+        # (module -> decoder layer, modules per decoder layer), moved to the device once: no copy a forward
+        self._balance_groups = {torch.device("cpu"): (group, torch.bincount(group).float())}
 
     @classmethod
     def from_base(cls, model: nn.Module, cfg: AdapterConfig) -> AdaptedCausalLM:
@@ -66,10 +63,6 @@ class AdaptedCausalLM(nn.Module):
     def mixture_layers(self) -> list[tuple[str, MixtureAdapterLinear]]:
         return list(self._mixture)
 
-    def set_training_decoder(self, decoder: Callable[..., Any] | None) -> None:
-        """Run training forwards through ``decoder`` (e.g. the compiled decoder) instead of the model's own;
-        evaluation keeps the module itself. A plain attribute, so no parameter is registered twice."""
-        self.__dict__["training_decoder"] = decoder
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -124,8 +117,6 @@ class AdaptedCausalLM(nn.Module):
 
     def _hidden_states(self, input_ids, attention_mask, position_ids, document_ids) -> torch.Tensor:
         body = self.model.get_decoder()
-        if self.training and self.training_decoder is not None:
-            body = self.training_decoder
         if document_ids is not None:  # packed rows: a document-causal mask instead of the padding mask
             attention_mask = packed_attention_mask(document_ids, self.model.config._attn_implementation)
         return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -159,9 +150,9 @@ class AdaptedCausalLM(nn.Module):
         ent = torch.stack([m.aux["entropy"] for m in layers]).mean()
         per_layer = None
         if len(layers) == len(self._mixture):  # every layer reported: the per-decoder-layer means
-            group = self._balance_group.to(balances.device)
+            group, count = self._balance_group_on(balances.device)
             sums = balances.new_zeros(len(self.balance_layer_names)).index_add_(0, group, balances.detach())
-            per_layer = sums / torch.bincount(group, minlength=len(self.balance_layer_names))
+            per_layer = sums / count
         for m in layers:  # keep only detached copies: the next forward must not hold this graph
             m.aux = {k: v.detach() for k, v in m.aux.items()}
         router = self.adapter_cfg.router
@@ -171,6 +162,12 @@ class AdaptedCausalLM(nn.Module):
         if router.z_loss_coef:
             aux = aux + router.z_loss_coef * z
         return aux, balance, z, ent, per_layer
+
+    def _balance_group_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._balance_groups:
+            group, count = self._balance_groups[torch.device("cpu")]
+            self._balance_groups[device] = (group.to(device), count.to(device))
+        return self._balance_groups[device]
 
     # -- diagnostics ---------------------------------------------------------------------------------
     def routing_counts(self) -> dict[str, torch.Tensor]:

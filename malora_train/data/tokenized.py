@@ -103,6 +103,8 @@ class TokenizedSplit:
             "truncated": pa.array(self.truncated, type=pa.bool_()),
         })
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a cache write is not worth a progress bar
         try:
             datasets.Dataset(table).save_to_disk(str(tmp))
             os.rename(tmp, folder)
@@ -111,6 +113,8 @@ class TokenizedSplit:
                 log.warning("could not write the tokenised-data cache %s", folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if bars:
+                datasets.enable_progress_bars()
 
     @classmethod
     def _load(cls, folder: Path, task_index: int) -> TokenizedSplit:

@@ -29,7 +29,7 @@ from malora_train.eval import EvalResult, evaluate, routing_report, write_routin
 from malora_train.labels import IGNORE_INDEX, loss_targets
 from malora_train.models import (
     base_model_location,
-    compile_decoder,
+    compile_model,
     enable_activation_checkpointing,
     load_model_and_tokenizer,
 )
@@ -69,6 +69,7 @@ from malora_train.train.preflight import check_config
 from malora_train.train.step_stats import WindowStats
 
 log = logging.getLogger(__name__)
+phase = torch.profiler.record_function  # names a part of the step in profiler traces (nearly free otherwise)
 
 
 class NonFiniteLoss(MaloraError):
@@ -144,10 +145,11 @@ class Trainer:
     def _setup_adapters(self) -> None:
         trainer = self.cfg.trainer
         self.model = AdaptedCausalLM.from_base(self.base_model, self.cfg.adapter)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if trainer.gradient_checkpointing:
             enable_activation_checkpointing(self.base_model)
         if trainer.compile:
-            self.model.set_training_decoder(compile_decoder(self.base_model, trainer.compile_mode))
+            compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope)
         self.params = parameter_report(self.model)
 
     def _setup_data(self) -> None:
@@ -292,40 +294,45 @@ class Trainer:
     # -- one optimiser step ----------------------------------------------------------------------------------
     def train_step(self) -> None:
         """Queue one optimiser step on the device. Nothing here waits for the device (with
-        ``trainer.skip_nonfinite`` the finite check does): its metrics wait in ``self.window``."""
+        ``trainer.skip_nonfinite`` the finite check does): its metrics wait in ``self.window``. The phases
+        are named for the profiler (``scripts/bench_loop.py`` reports them)."""
         trainer, acc = self.cfg.trainer, self.accelerator
-        batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
-        answers = sum(answer_tokens(b) for b in batches)
-        normalizer = max(1, answers)  # the step's global answer tokens
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        with phase("data"):
+            batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
+            answers = sum(answer_tokens(b) for b in batches)
+            normalizer = max(1, answers)  # the step's global answer tokens
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self._last_lr = self.scheduler.get_last_lr()[0]
         finite, grad_norm = True, None
         for batch in batches:
-            host = self._local_batch(batch)
-            inputs = to_device({k: v for k, v in host.items() if k != "labels"}, acc.device)
+            with phase("data"):
+                host = self._local_batch(batch)
+                inputs = to_device({k: v for k, v in host.items() if k != "labels"}, acc.device)
             with acc.accumulate(self.engine):
-                if self.cfg.trainer.compile:  # a new iteration for compiled CUDA graphs (a no-op otherwise)
+                if trainer.compile:  # a new iteration for compiled CUDA graphs (a no-op otherwise)
                     torch.compiler.cudagraph_mark_step_begin()
-                # forward: the LM loss as a share of the whole step's loss (its global answer tokens)
-                out = self.engine(**inputs, loss_normalizer=normalizer / self.world)
-                if trainer.skip_nonfinite:
-                    finite = self._loss_is_finite(out.loss) and finite
-                # backward: Accelerate divides every micro-batch's loss by grad_accum, which only the aux
-                # loss (a per-forward mean) wants
-                acc.backward(out.lm_loss * trainer.grad_accum + out.aux_loss)
-                if acc.sync_gradients and not self.deepspeed and trainer.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), trainer.max_grad_norm)
-                # optimizer step (applied by Accelerate once the micro-batches of the step are in)
-                if finite:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self.window.add_forward(out, host)
-        if self.deepspeed:
-            grad_norm = self.engine.get_global_grad_norm()
-        self.scheduler.step()
-        self.window.add_step(tokens, answers, grad_norm)
-        self._skipped += not finite
-        self.state.tokens += tokens
+                with phase("forward"):  # the LM loss as a share of the step's loss (its global answer tokens)
+                    out = self.engine(**inputs, loss_normalizer=normalizer / self.world)
+                    if trainer.skip_nonfinite:
+                        finite = self._loss_is_finite(out.loss) and finite
+                with phase("backward"):  # Accelerate divides each micro-batch's loss by grad_accum, which
+                    # only the aux loss (a per-forward mean) wants
+                    acc.backward(out.lm_loss * trainer.grad_accum + out.aux_loss)
+                with phase("optimizer"):  # applied by Accelerate once the step's micro-batches are in
+                    if acc.sync_gradients and not self.deepspeed and trainer.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(self.trainable, trainer.max_grad_norm)
+                    if finite:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            with phase("bookkeeping"):
+                self.window.add_forward(out, host)
+        with phase("bookkeeping"):
+            if self.deepspeed:
+                grad_norm = self.engine.get_global_grad_norm()
+            self.scheduler.step()
+            self.window.add_step(tokens, answers, grad_norm)
+            self._skipped += not finite
+            self.state.tokens += tokens
 
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's rows of a global micro-batch and where their loss is, on the host."""
@@ -340,12 +347,14 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, record_routing: bool = False) -> EvalResult:
-        """Each rank scores its shard (padded so every rank runs as many forwards, as ZeRO-3 needs)."""
-        return evaluate(
-            self.model, self.tokenizer, self.tasks, self.cfg.eval, rank=self.process_index,
-            world_size=self.world, all_reduce=all_reduce_sum, record_routing=record_routing,
-            max_length=self.cfg.data.max_length, progress=self.is_main and self.cfg.trainer.progress,
-        )
+        """Each rank scores its shard (padded so every rank runs as many forwards, as ZeRO-3 needs). A
+        compiled model evaluates eagerly: evaluation batches change shape, the compiled graphs do not."""
+        with torch.compiler.set_stance("force_eager"):
+            return evaluate(
+                self.model, self.tokenizer, self.tasks, self.cfg.eval, rank=self.process_index,
+                world_size=self.world, all_reduce=all_reduce_sum, record_routing=record_routing,
+                max_length=self.cfg.data.max_length, progress=self.is_main and self.cfg.trainer.progress,
+            )
 
     def _log_eval(self, result: EvalResult, step: int) -> None:
         metrics = {f"eval/{task}": score.accuracy for task, score in result.scores.items()}

@@ -125,11 +125,13 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, disable=not (enabled and is_main), desc="train",
                         unit="step", dynamic_ncols=True)
 
-    def update(self, metrics: dict[str, Any]) -> None:
-        self.bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}", aux=f"{metrics['aux_loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-            tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False,
-        )
+    def update(self, metrics: dict[str, Any] | None) -> None:
+        """One step done; ``metrics`` when a logging window closed with it (the figures shown until the next)."""
+        if metrics:
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", aux=f"{metrics['aux_loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False,
+            )
         self.bar.update(1)
 
     def write(self, text: str) -> None:

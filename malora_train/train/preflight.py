@@ -16,7 +16,7 @@ from malora_train.data.mixture import check_mixture_options
 from malora_train.data.tasks import check_options
 from malora_train.errors import ConfigError
 from malora_train.eval import check_eval_config
-from malora_train.models import COMPILE_MODES, DTYPES, SOURCES
+from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_wandb_mode
 from malora_train.train.optim import SCHEDULES
@@ -63,6 +63,7 @@ def check_trainer(cfg: Config) -> None:
         raise ConfigError("set trainer.max_steps > 0 or trainer.epochs > 0")
     check_choice("trainer.lr_scheduler", trainer.lr_scheduler, SCHEDULES)
     check_choice("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES)
+    check_choice("trainer.compile_scope", trainer.compile_scope, COMPILE_SCOPES)
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
     if not 0 <= trainer.warmup_ratio < 1:

@@ -1,0 +1,317 @@
+"""Throughput of the real training loop: ``malora-train``'s own ``Trainer`` (config, data stream, packing,
+adapters, optimizer, metrics window) run for N steps per adapter and compile mode, beside HF ``Trainer`` +
+PEFT LoRA on the same examples (``--baseline hf-peft``), in one process.
+
+    python scripts/bench_loop.py                                       # `make bench-loop` (CPU: tiny model)
+    python scripts/bench_loop.py --model smollm2_135m_shape --data commonsense_intra --device cuda \\
+        --adapters lora,molora,malora --modes eager,reduce-overhead --baseline hf-peft --json out.json \\
+        -- data.root=/path/to/commonsense
+
+Per run: tokens/s (real tokens, median over the measured steps of each step's tokens over its time),
+the step-time spread (max and p90 over the median), peak memory, and a breakdown of a few profiled steps
+into the loop's named phases (data, forward, backward, optimizer, bookkeeping; host and device
+milliseconds). Step times come from CUDA events recorded at each step's start (no synchronisation in the
+measured steps), or from the host clock on the CPU. Prints one table last and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from malora_train.cli import compose  # noqa: E402
+from malora_train.labels import IGNORE_INDEX  # noqa: E402
+
+PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
+MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench_loop.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--data", default="synthetic")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--adapters", default="lora,molora,malora")
+    parser.add_argument("--modes", default="eager", help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--rows", type=int, default=16, help="micro-batch rows (packed: of --length tokens)")
+    parser.add_argument("--length", type=int, default=256, help="data.max_length (the packed row length)")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps of the phase breakdown")
+    parser.add_argument("--no-packing", action="store_true", help="padded rows (data.packing=false)")
+    parser.add_argument("--baseline", choices=("none", "hf-peft"), default="none")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="more malora-train overrides (after --)")
+    args = parser.parse_args(argv)
+    bad = [m for m in args.modes.split(",") if m not in MODES]
+    if bad:
+        parser.error(f"--modes: unknown {', '.join(bad)} (choose from {', '.join(MODES)})")
+    if args.steps < 2 or args.warmup < 1:
+        parser.error("--steps must be >= 2 and --warmup >= 1")
+    return args
+
+
+def overrides_for(args: argparse.Namespace, adapter: str, mode: str) -> list[str]:
+    total = args.warmup + args.steps + args.profile_steps
+    out = [f"model={args.model}", f"data={args.data}", f"adapter={adapter}", f"trainer.max_steps={total}",
+           f"trainer.micro_batch_size={args.rows}", f"data.max_length={args.length}",
+           f"data.packing={'false' if args.no_packing else 'true'}", "trainer.eval_before=false",
+           "trainer.progress=false", "trainer.save_every=0", f"trainer.log_every={total}", "data.eval_per_task=1"]
+    if mode != "eager":
+        out += ["trainer.compile=true", f"trainer.compile_mode={mode}"]
+    return out + list(args.overrides)
+
+
+class StepClock:
+    """Times of step starts: CUDA events (read after the run) or the host clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def summarise(times: list[float], tokens: list[int]) -> dict[str, float]:
+    rates = [n / t for n, t in zip(tokens, times)]
+    median = statistics.median(times)
+    ordered = sorted(times)
+    return {"tokens_per_s": statistics.median(rates), "step_s": median,
+            "max_over_median": max(times) / median, "p90_over_median": ordered[int(0.9 * (len(ordered) - 1))] / median,
+            "tokens_per_step": statistics.mean(tokens), "mean_tokens_per_s": sum(tokens) / sum(times)}
+
+
+def phase_breakdown(step, steps: int, cuda: bool) -> dict[str, dict[str, float]]:
+    """Host and device milliseconds per named phase (the spans of its annotation on the host timeline and,
+    on a GPU, on the device timeline), averaged over ``steps`` profiled steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    result = {name: {"host_ms": 0.0, "device_ms": 0.0} for name in PHASES}
+    for event in prof.events():
+        if event.name in result:
+            side = "host_ms" if event.device_type == DeviceType.CPU else "device_ms"
+            result[event.name][side] += event.time_range.elapsed_us() / 1000 / steps
+    return result
+
+
+def reset_process_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_malora(args: argparse.Namespace, adapter: str, mode: str, workdir: Path) -> dict[str, Any]:
+    from malora_train.train.loop import Trainer
+
+    overrides = overrides_for(args, adapter, mode)
+    cfg = compose(overrides)
+    started = time.perf_counter()
+    trainer = Trainer(cfg, workdir / f"{adapter}-{mode}", "", overrides)
+    device = trainer.accelerator.device
+    trainer.engine.train()
+
+    tokens: list[int] = []
+
+    def step() -> None:
+        before = trainer.state.tokens
+        trainer.train_step()
+        trainer.state.step += 1
+        tokens.append(trainer.state.tokens - before)
+
+    clock = StepClock(device)
+    first_step = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warm = time.perf_counter()
+    for _ in range(args.steps):
+        clock.mark()
+        step()
+    clock.mark()
+    times = clock.durations()
+    wall = time.perf_counter() - warm
+    row = {"name": f"malora-train {adapter}", "adapter": adapter, "mode": mode, **summarise(times, tokens[-args.steps:]),
+           "wall_tokens_per_s": sum(tokens[-args.steps:]) / wall, "setup_s": first_step - started,
+           "warmup_s": warm - first_step, "trainable_params": trainer.params["trainable"],
+           "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
+    if args.profile_steps:
+        row["phases"] = phase_breakdown(step, args.profile_steps, device.type == "cuda")
+    metrics, _, _ = trainer.window.read(lambda t: t, 1, bool(trainer.model.mixture_layers()))
+    row["final_lm_loss"] = metrics["lm_loss"]
+    return row
+
+
+def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """HF Trainer + PEFT LoRA r64 as users run it: bf16 on a GPU, batch ``--rows``, dynamic padding, the
+    same examples in the same order as malora-train's (unpacked) stream draws them."""
+    import peft
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from malora_train.data import BatchStream, build_tasks
+    from malora_train.models import load_model_and_tokenizer
+
+    cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora", f"data.max_length={args.length}",
+                   *args.overrides])
+    device = torch.device(args.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, seed=cfg.seed)
+    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(cfg.adapter.target_modules),
+                           bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    total = args.warmup + args.steps
+    stream = BatchStream(build_tasks(cfg.data, cfg.seed), tokenizer,
+                         type(cfg.data)(**{**cfg.data.__dict__, "packing": False}), batch_size=args.rows, seed=cfg.seed)
+    examples = []
+    for _ in range(total):
+        batch = stream.next_batch()
+        for row in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][row].sum())
+            examples.append({"input_ids": batch["input_ids"][row, :length].tolist(),
+                             "labels": batch["labels"][row, :length].tolist()})
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = tokenizer.pad_token_id
+        return {"input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
+                "labels": torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows]),
+                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                                for r in rows])}
+
+    class InOrder(Trainer):  # the same order as our stream drew them (HF shuffles by default)
+        def _get_train_sampler(self, *unused):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    clock = StepClock(device)
+
+    class Marks(TrainerCallback):
+        def on_step_begin(self, *unused, **kwargs):
+            clock.mark()
+
+    training = TrainingArguments(output_dir=str(workdir / "hf"), per_device_train_batch_size=args.rows,
+                                 max_steps=total, bf16=device.type == "cuda", logging_steps=10**9,
+                                 save_strategy="no", report_to=[], dataloader_num_workers=0,
+                                 use_cpu=device.type == "cpu", learning_rate=1e-4)
+    trainer = InOrder(model=model, args=training, train_dataset=examples, data_collator=collate,
+                      callbacks=[Marks()])
+    trainer.train()
+    clock.mark()
+    times = clock.durations()[args.warmup:]
+    tokens = [sum(len(e["input_ids"]) for e in examples[i * args.rows:(i + 1) * args.rows]) for i in range(total)]
+    row = {"name": "HF Trainer + PEFT LoRA r64", "adapter": "peft-lora", "mode": "hf",
+           **summarise(times, tokens[args.warmup:]),
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    del trainer, model
+    return row
+
+
+def table(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
+    head = (f"{'run':<30} {'mode':<16} {'tokens/s':>10} {'step ms':>8} {'max/med':>8} {'p90/med':>8} "
+            f"{'tok/step':>8} {'mem GB':>7} {'x hf':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:<30} {r['mode']:<16} ERROR {r['error']}")
+            continue
+        ratio = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline and "error" not in baseline else math.nan
+        memory = f"{r['peak_memory_gb']:.2f}" if r.get("peak_memory_gb") is not None else "-"
+        lines.append(f"{r['name']:<30} {r['mode']:<16} {r['tokens_per_s']:>10.0f} {1000 * r['step_s']:>8.1f} "
+                     f"{r['max_over_median']:>8.2f} {r['p90_over_median']:>8.2f} {r['tokens_per_step']:>8.0f} "
+                     f"{memory:>7} {ratio:>6.2f}")
+    for r in rows:
+        if r.get("phases"):
+            parts = ", ".join(f"{k} {v['host_ms']:.1f}/{v['device_ms']:.1f}" for k, v in r["phases"].items())
+            lines.append(f"  {r['name']} {r['mode']} phases (host/device ms per step): {parts}")
+    return "\n".join(lines)
+
+
+def write_json(args: argparse.Namespace, rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> None:
+    """The report so far (written after every run, so a run cut short by a time limit keeps what it had)."""
+    if not args.json:
+        return
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    report = {"device": device, "torch": torch.__version__,
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "rows": rows, "baseline": baseline}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_loop.py: error: --device cuda but no GPU is visible", file=sys.stderr)
+        sys.exit(2)
+    rows: list[dict[str, Any]] = []
+    baseline = None
+    with tempfile.TemporaryDirectory(prefix="bench_loop.") as tmp:
+        workdir = Path(tmp)
+        for mode in args.modes.split(","):
+            for adapter in args.adapters.split(","):
+                try:
+                    rows.append(bench_malora(args, adapter, mode, workdir))
+                except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
+                    traceback.print_exc()
+                    rows.append({"name": f"malora-train {adapter}", "adapter": adapter, "mode": mode,
+                                 "error": f"{type(err).__name__}: {err}"[:300]})
+                reset_process_state()
+                print(json.dumps(rows[-1]), flush=True)
+                write_json(args, rows, baseline)
+        if args.baseline == "hf-peft":
+            try:
+                baseline = bench_hf_peft(args, workdir)
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc()
+                baseline = {"name": "HF Trainer + PEFT LoRA r64", "mode": "hf", "error": f"{type(err).__name__}: {err}"}
+            reset_process_state()
+            print(json.dumps(baseline), flush=True)
+            write_json(args, rows, baseline)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    print(f"\n{device}, torch {torch.__version__}, {args.model} on {args.data}, "
+          f"{'padded' if args.no_packing else 'packed'} {args.rows}x{args.length}, {args.steps} steps after "
+          f"{args.warmup} warm-up")
+    print(table(rows + ([baseline] if baseline else []), baseline))
+
+
+if __name__ == "__main__":
+    main()
