@@ -222,9 +222,10 @@ def test_sigterm_twice_saves_at_the_next_step_and_the_hint_resumes_with_the_runs
         tmp_path, tiny_training_overrides, train_losses, make_tiny_model):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    steps = 120  # enough that a loaded machine cannot finish the run before the signals arrive
     # no periodic checkpoints: the one there comes from the signal; a non-default adapter and length, which
     # the printed hint must bring back without retyping them
-    overrides = [*tiny_training_overrides, "adapter=lora", "adapter.rank=4", "trainer.max_steps=30"]
+    overrides = [*tiny_training_overrides, "adapter=lora", "adapter.rank=4", f"trainer.max_steps={steps}"]
     proc = start_run(run_dir, overrides, "run.log")
     wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 3, proc,
                poll=0.01)
@@ -235,7 +236,7 @@ def test_sigterm_twice_saves_at_the_next_step_and_the_hint_resumes_with_the_runs
     output = (tmp_path / "run.log").read_text()
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     [step] = [s for s, _ in ckpt.complete_checkpoints(run_dir)]
-    assert 3 <= step < 30
+    assert 3 <= step < steps
     assert_every_listed_checkpoint_loads(run_dir, make_tiny_model)
     hint = f"stopped by signal at step {step}; saved {run_dir / 'checkpoints' / f'step_{step}'}; continue with "
     assert hint in output
@@ -250,8 +251,8 @@ def test_sigterm_twice_saves_at_the_next_step_and_the_hint_resumes_with_the_runs
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = read_json(run_dir / "summary.json")
     assert (summary["status"], summary["steps"], summary["model"], summary["adapter"]) == (
-        "completed", 30, "tiny", "lora")
-    assert list(train_losses(run_dir)) == list(range(1, 31))
+        "completed", steps, "tiny", "lora")
+    assert list(train_losses(run_dir)) == list(range(1, steps + 1))
     assert (run_dir / f"config.resumed_step_{step}.yaml").is_file()
 
 

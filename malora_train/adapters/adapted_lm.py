@@ -11,7 +11,7 @@ from torch import nn
 
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.inject import adapter_layers, inject_adapters
-from malora_train.attention import packed_attention_mask
+from malora_train.attention import document_causal_dense_mask, packed_attention_mask
 from malora_train.config import AdapterConfig
 from malora_train.labels import IGNORE_INDEX, loss_targets
 
@@ -119,6 +119,10 @@ class AdaptedCausalLM(nn.Module):
         body = self.model.get_decoder()
         if document_ids is not None:  # packed rows: a document-causal mask instead of the padding mask
             attention_mask = packed_attention_mask(document_ids, self.model.config._attn_implementation)
+        elif self.training and attention_mask is not None and attention_mask.dim() == 2:
+            # padded training rows: the real tokens one document, the padding another, as a ready 4-D mask
+            # (transformers' own would read on the host whether the batch has padding at all)
+            attention_mask = document_causal_dense_mask(1 - attention_mask.long())
         return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=False).last_hidden_state
 

@@ -99,7 +99,13 @@ class StopRequest:
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
+    """Positions with a loss in a host batch."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding in a host batch."""
+    return int(batch["attention_mask"].sum())
 
 
 class Trainer:
@@ -301,7 +307,7 @@ class Trainer:
             batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
             answers = sum(answer_tokens(b) for b in batches)
             normalizer = max(1, answers)  # the step's global answer tokens
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens = sum(real_tokens(b) for b in batches)
         self._last_lr = self.scheduler.get_last_lr()[0]
         finite, grad_norm = True, None
         for batch in batches:

@@ -1,0 +1,43 @@
+"""`make bench-loop` on the CPU: the real Trainer's steps for each adapter and the HF + PEFT baseline on the
+same examples, a table and JSON (the GPU figures in BENCHMARKS.md come from the same script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--device", "cpu", "--adapters", "lora,malora",
+         "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--rows", "2", "--length", "128",
+         "--baseline", "hf-peft", "--json", str(out), "--", "data.train_per_task=16", "data.cache=false"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["adapter"]: row for row in report["rows"]}
+    assert set(rows) == {"lora", "malora"} and all("error" not in r for r in rows.values())
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["max_over_median"] >= 1 and row["tokens_per_step"] > 0
+        assert set(row["phases"]) == {"data", "forward", "backward", "optimizer", "bookkeeping"}
+        assert row["phases"]["forward"]["host_ms"] > 0
+        assert row["trainable_params"] > 0
+    assert rows["malora"]["trainable_params"] != rows["lora"]["trainable_params"]
+    baseline = report["baseline"]
+    assert baseline["name"] == "HF Trainer + PEFT LoRA r64" and baseline["tokens_per_s"] > 0
+    table = result.stdout.splitlines()
+    assert any(line.startswith("malora-train malora") for line in table)
+    assert any(line.startswith("HF Trainer + PEFT LoRA r64") for line in table)
+
+
+def test_bench_loop_refuses_bad_arguments_in_one_line() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--modes", "fastest"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--modes: unknown fastest" in result.stderr
