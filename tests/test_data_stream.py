@@ -97,6 +97,21 @@ def test_truncation_counts(tasks, tokenizer):
     assert stream.truncated == emitted > 0
 
 
+def test_truncation_is_one_warning_line_for_the_whole_mixture(tasks, tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="malora_train.data.stream"):
+        stream = make_stream(tasks, tokenizer, batch_size=8, max_length=60)
+    counts = {name: count for name, count in stream.truncated_in_train.items() if count}
+    assert len(counts) >= 2  # several tasks truncate, and still one line
+    [record] = caplog.records
+    per_task = ", ".join(f"{name} {count}" for name, count in counts.items())
+    assert record.getMessage() == (f"data.max_length=60: {stream.truncated_total} of {stream.train_size} "
+                                   f"training examples lose prompt tokens from the left ({per_task})")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="malora_train.data.stream"):
+        make_stream(tasks, tokenizer, batch_size=8, max_length=256)
+    assert caplog.records == []
+
+
 def test_resume_refuses_another_batch_size(tasks, tokenizer):
     state = make_stream(tasks, tokenizer, batch_size=4).state_dict()
     with pytest.raises(Exception, match="cannot resume the data stream"):

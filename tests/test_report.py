@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from malora_train.commands.report import main
+from malora_train.commands.report import Row, Stat, accuracy_figure, main
 
 TASKS = ("boolq", "piqa", "arc_e")
 KINDS = {"lora": 1_024, "molora": 4_352}  # trainable parameters per unit of rank
@@ -186,6 +186,28 @@ def test_plot_is_a_valid_png(sweep: Path, tmp_path: Path, capsys) -> None:
     assert height > 100 and width > 100
     assert (out / "report.md").is_file() and (out / "report.csv").is_file()
     assert not (sweep / "report.md").exists()
+
+
+def plot_row(rank: int, params: int, average: float) -> Row:
+    overrides = [f"adapter.rank={rank}", "trainer.lr=0.0001"]
+    return Row(overrides=overrides, distinct=overrides, adapter="lora", runs=[], unfinished=[],
+               trainable_params=params, trainable_percent=None, accuracy={}, average=Stat(average, None),
+               final_lm_loss=Stat(None, None), tokens_per_s=Stat(None, None))
+
+
+def test_plot_labels_do_not_overlap() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # six configurations within 1% of each other's parameters and 0.3 points of accuracy, and two far away
+    rows = [plot_row(8 + i, 10_000 + 10 * i, 50.0 + 0.05 * i) for i in range(6)]
+    rows += [plot_row(1, 1_000, 20.0), plot_row(64, 1_000_000, 90.0)]
+    fig = accuracy_figure(rows)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    [ax] = fig.axes
+    boxes = [text.get_window_extent(renderer) for text in ax.texts]
+    assert len(boxes) == 8
+    overlapping = [(i, j) for i in range(8) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert overlapping == []
 
 
 def test_no_group_gives_one_row_per_run_without_std(sweep: Path, capsys) -> None:

@@ -379,25 +379,24 @@ def point_label(row: Row) -> str:
     return ",".join(rest) or row.adapter
 
 
-def plot_accuracy(rows: list[Row], path: Path) -> None:
-    """Average accuracy after training against trainable parameters (log x), one marker per adapter kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def accuracy_figure(rows: list[Row]):
+    """Average accuracy after training against trainable parameters (log x), one marker per adapter kind,
+    each point labelled with its overrides (labels moved apart where they would overlap)."""
+    from matplotlib.figure import Figure
 
     markers = "os^DvPX*"
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
     plotted = [r for r in rows if r.average.mean is not None and r.trainable_params]
     kinds = list(dict.fromkeys(r.adapter for r in plotted))
+    labels = []
     for index, kind in enumerate(kinds):
         points = sorted((r for r in plotted if r.adapter == kind), key=lambda r: r.trainable_params)
         ax.errorbar([r.trainable_params for r in points], [r.average.mean for r in points],
                     yerr=[r.average.std or 0.0 for r in points], fmt=markers[index % len(markers)],
                     color=f"C{index}", capsize=3, markersize=7, label=kind)
-        for r in points:
-            ax.annotate(point_label(r), (r.trainable_params, r.average.mean), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7, color=f"C{index}")
+        labels += [ax.annotate(point_label(r), (r.trainable_params, r.average.mean), textcoords="offset points",
+                               xytext=(5, 4), fontsize=7, color=f"C{index}") for r in points]
     if plotted:
         ax.set_xscale("log")
         ax.legend(title="adapter")
@@ -407,8 +406,32 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
            title="accuracy against trainable parameters (error bars: std over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    spread_labels(fig, labels)
+    return fig
+
+
+def spread_labels(fig, labels: list, tries: int = 40) -> None:
+    """Shift each point label up or down (alternating, one line height further each try) until it
+    overlaps no label placed before it. Offsets are in points, so the layout holds at any dpi."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    placed = []
+    for label in labels:
+        x, y = label.xyann
+        step = label.get_window_extent(renderer).height * 72 / fig.dpi + 1
+        for attempt in range(tries):
+            shift = (attempt + 1) // 2 * step * (1 if attempt % 2 else -1)
+            label.xyann = (x, y + shift)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(label.get_window_extent(renderer))
+
+
+def plot_accuracy(rows: list[Row], path: Path) -> None:
+    fig = accuracy_figure(rows)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
 
 
 # -- command -----------------------------------------------------------------------------------------------

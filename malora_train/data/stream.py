@@ -40,6 +40,15 @@ def tokenized_cache_dir(cfg: DataConfig) -> Path | None:
     return Path(base) / "malora-train" / "tokenized"
 
 
+def warn_truncation(truncated: Mapping[str, int], total: int, max_length: int) -> None:
+    """One warning line for the whole mixture (not one per task): how many examples lose prompt tokens."""
+    counts = {name: count for name, count in truncated.items() if count}
+    if counts:
+        per_task = ", ".join(f"{name} {count}" for name, count in counts.items())
+        log.warning("data.max_length=%d: %d of %d training examples lose prompt tokens from the left (%s)",
+                    max_length, sum(counts.values()), total, per_task)
+
+
 class BatchStream:
     """Deterministic stream of global micro-batches (``Collator`` output) drawn from the task mixture.
 
@@ -65,11 +74,8 @@ class BatchStream:
         self.splits = [TokenizedSplit.encode(tokenizer, task.train, cfg.max_length, index, cache_dir, tokenizer_id)
                        for index, task in enumerate(tasks.values())]
         self.truncated_in_train = {name: sum(split.truncated) for name, split in zip(self.task_names, self.splits)}
-        for name, count in self.truncated_in_train.items():
-            if count:
-                log.warning("task %s: %d of %d training examples are longer than data.max_length=%d and lose "
-                            "prompt tokens from the left", name, count, len(tasks[name].train), cfg.max_length)
         self.train_size = sum(len(split) for split in self.splits)
+        warn_truncation(self.truncated_in_train, self.train_size, cfg.max_length)
         self.mixture = TaskMixture({name: len(split) for name, split in zip(self.task_names, self.splits)},
                                    cfg.sampling, cfg.temperature, cfg.task_weights, cfg.task_caps, seed)
         self.collator = Collator(tokenizer.pad_token_id)
