@@ -154,8 +154,9 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 4e-4  # AdamW peak learning rate
     weight_decay: float = 0.01  # on adapter matrices, never on norms or biases
-    lr_scheduler: str = "linear"  # linear | cosine | constant
-    warmup_ratio: float = 0.1  # warm-up steps = ceil(warmup_ratio x steps)
+    lr_scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # its extra arguments, e.g. {num_cycles: 2}
+    warmup_ratio: float = 0.1  # warm-up steps (from lr 0) = ceil(warmup_ratio x steps)
     max_grad_norm: float = 1.0  # gradient clipping (0: none)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)

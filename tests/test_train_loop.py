@@ -233,8 +233,9 @@ def test_a_run_writes_metrics_summary_config_and_plot(tmp_path, monkeypatch, cap
         assert per_task and all(row[f"tokens/{k[5:]}"] > 0 for k in per_task)
         assert row["loss"] == pytest.approx(row["lm_loss"] + row["aux_loss"])
         assert row["aux_loss"] == pytest.approx(0.01 * row["balance_loss"])
-    # warm-up over ceil(0.5 * 4) = 2 steps, then linear decay; each line has the lr its step used
-    assert [r["lr"] for r in train_rows] == pytest.approx([0.001, 0.002, 0.002, 0.001])
+    # transformers' linear schedule: warm-up from 0 over ceil(0.5 * 4) = 2 steps, then linear decay; each
+    # line has the lr its step used
+    assert [r["lr"] for r in train_rows] == pytest.approx([0.0, 0.001, 0.002, 0.001])
     assert [r["step"] for r in rows if "eval/average" in r] == [0, 2, 4]
     assert all({f"eval/{t}" for t in TASKS} <= set(r) for r in rows if "eval/average" in r)
 

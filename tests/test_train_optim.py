@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import SchedulerType
 
 from malora_train.adapters import AdaptedCausalLM, adapter_kinds
 from malora_train.config import AdapterConfig, TrainerConfig
 from malora_train.errors import ConfigError
-from malora_train.train.optim import build_optimizer, build_scheduler, lr_multiplier, total_steps
+from malora_train.train.optim import build_optimizer, build_scheduler, schedule_names, total_steps
 
 
 def trainer_cfg(**overrides) -> TrainerConfig:
@@ -39,10 +41,11 @@ def test_every_adapter_tensor_is_decayed(make_tiny_model, kind):
     assert {id(p) for p in group["params"]} == {id(p) for p in trainable} and group["weight_decay"] == 0.01
 
 
-def lrs(schedule: str, steps: int, warmup_ratio: float) -> list[float]:
+def lrs(schedule: str, steps: int, warmup_ratio: float, **kwargs) -> list[float]:
+    """The lr of each of ``steps`` optimiser steps (peak lr 1)."""
     param = nn.Parameter(torch.zeros(2, 2))
     optimizer = torch.optim.AdamW([param], lr=1.0)
-    cfg = trainer_cfg(lr_scheduler=schedule, warmup_ratio=warmup_ratio)
+    cfg = trainer_cfg(lr_scheduler=schedule, warmup_ratio=warmup_ratio, lr_scheduler_kwargs=kwargs)
     scheduler = build_scheduler(optimizer, cfg, steps)
     seen = []
     for _ in range(steps):
@@ -52,27 +55,76 @@ def lrs(schedule: str, steps: int, warmup_ratio: float) -> list[float]:
     return seen
 
 
+# transformers' schedules warm up linearly from 0: the lr of step k (0-based) is k / warmup
+
+
 def test_linear_schedule_warms_up_then_decays_towards_zero():
     # 10 steps, warm-up ceil(0.2 * 10) = 2 steps
-    expected = [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    expected = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
     assert lrs("linear", 10, 0.2) == pytest.approx(expected)
 
 
 def test_cosine_schedule_warms_up_then_follows_half_a_cosine():
     got = lrs("cosine", 10, 0.2)
-    assert got[:2] == pytest.approx([0.5, 1.0])
+    assert got[:2] == pytest.approx([0.0, 0.5])
     assert got[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
 
 
-def test_constant_schedule_and_no_warmup():
-    assert lrs("constant", 4, 0.0) == [1.0, 1.0, 1.0, 1.0]
-    assert lr_multiplier(0, 4, 0, "linear") == 1.0
+def test_constant_schedules_with_and_without_warmup():
+    assert lrs("constant", 4, 0.5) == [1.0, 1.0, 1.0, 1.0]  # transformers' constant has no warm-up
+    assert lrs("constant_with_warmup", 4, 0.5) == pytest.approx([0.0, 0.5, 1.0, 1.0])
+
+
+def test_every_transformers_schedule_is_available_with_its_own_arguments():
+    assert set(schedule_names()) == {kind.value for kind in SchedulerType} - {"reduce_lr_on_plateau", "greedy"}
+    # two cosine cycles after a 2-step warm-up: the lr is back at the peak half-way through the 8 steps
+    restarts = lrs("cosine_with_restarts", 10, 0.2, num_cycles=2)
+    assert restarts[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * ((2 * k / 8) % 1))) for k in range(8)])
+    # a quadratic decay from the peak to lr_end over the 8 steps after the warm-up
+    assert lrs("polynomial", 10, 0.2, power=2.0, lr_end=0.0)[2:] == pytest.approx([(1 - k / 8) ** 2 for k in range(8)])
+    # warm-up, a stable plateau, then a linear decay over the last num_decay_steps (to min_lr_ratio)
+    assert lrs("warmup_stable_decay", 10, 0.2, num_decay_steps=4, decay_type="linear") == pytest.approx(
+        [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert lrs("cosine_with_min_lr", 10, 0.2, min_lr_rate=0.1)[-1] == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine_with_restarts", "inverse_sqrt", "warmup_stable_decay"])
+def test_schedule_state_round_trips_through_json_exactly(name):
+    """A checkpoint keeps the scheduler's state as JSON: a resumed schedule gives the very same lrs."""
+    kwargs = {"num_decay_steps": 3} if name == "warmup_stable_decay" else {}
+    expected = lrs(name, 12, 0.25, **kwargs)
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    cfg = trainer_cfg(lr_scheduler=name, warmup_ratio=0.25, lr_scheduler_kwargs=kwargs)
+    first = build_scheduler(optimizer, cfg, 12)
+    for _ in range(5):
+        optimizer.step()
+        first.step()
+    saved = json.loads(json.dumps(first.state_dict()))
+    saved_groups = optimizer.state_dict()["param_groups"]  # the optimizer's own checkpoint holds the lr
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    resumed = build_scheduler(optimizer, cfg, 12)
+    optimizer.load_state_dict({"state": {}, "param_groups": saved_groups})
+    resumed.load_state_dict(saved)
+    seen = []
+    for _ in range(7):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        resumed.step()
+    assert seen == expected[5:]  # exact
 
 
 def test_schedule_and_optimizer_settings_are_checked():
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ConfigError, match="trainer.lr_scheduler='step'"):
+    with pytest.raises(ConfigError, match="trainer.lr_scheduler='step' is not supported; choose one of linear"):
         build_scheduler(optimizer, trainer_cfg(lr_scheduler="step"), 10)
+    with pytest.raises(ConfigError, match="'reduce_lr_on_plateau' is not supported .it steps on a validation"):
+        build_scheduler(optimizer, trainer_cfg(lr_scheduler="reduce_lr_on_plateau"), 10)
+    with pytest.raises(ConfigError, match=r"trainer.lr_scheduler=cosine_with_min_lr with trainer.lr_scheduler_kwargs"
+                                          r"=\{\}: .*min_lr"):
+        build_scheduler(optimizer, trainer_cfg(lr_scheduler="cosine_with_min_lr"), 10)
+    with pytest.raises(ConfigError, match=r"trainer.lr_scheduler_kwargs=\{'cycles': 2\}: .*unexpected keyword"):
+        build_scheduler(optimizer, trainer_cfg(lr_scheduler="cosine", lr_scheduler_kwargs={"cycles": 2}), 10)
     with pytest.raises(ConfigError, match="trainer.warmup_ratio"):
         build_scheduler(optimizer, trainer_cfg(warmup_ratio=1.0), 10)
     with pytest.raises(ConfigError, match="trainer.lr=0"):

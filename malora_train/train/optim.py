@@ -1,4 +1,4 @@
-"""AdamW over the adapter tensors and the learning-rate schedule (warm-up, then linear/cosine/constant)."""
+"""AdamW over the adapter tensors and the learning-rate schedule (any of ``transformers.get_scheduler``'s)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import SchedulerType, get_scheduler
 
 from malora_train.config import TrainerConfig
 from malora_train.errors import ConfigError
-
-SCHEDULES = ("linear", "cosine", "constant")
 
 
 def build_optimizer(model: nn.Module, trainer: TrainerConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -31,30 +30,40 @@ def build_optimizer(model: nn.Module, trainer: TrainerConfig, fused: bool = Fals
     return torch.optim.AdamW(groups, lr=trainer.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
-def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Factor on the peak lr before optimiser step ``step`` (0-based)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+# schedules that step on a validation metric (``scheduler.step(metric)``): the loop steps once per update
+METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+
+
+def schedule_names() -> list[str]:
+    """The ``transformers.get_scheduler`` names this loop can drive."""
+    return [kind.value for kind in SchedulerType if kind.value not in METRIC_SCHEDULES]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    if trainer.lr_scheduler not in SCHEDULES:
-        raise ConfigError(f"trainer.lr_scheduler={trainer.lr_scheduler!r} is not one of "
-                          f"{', '.join(SCHEDULES)}")
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """``transformers.get_scheduler(trainer.lr_scheduler)`` with ``ceil(warmup_ratio x steps)`` warm-up steps
+    and ``trainer.lr_scheduler_kwargs`` (e.g. ``num_cycles``, ``power``, ``min_lr_rate``, ``num_decay_steps``)."""
+    name = trainer.lr_scheduler
+    if name not in schedule_names():
+        why = " (it steps on a validation metric)" if name in METRIC_SCHEDULES else ""
+        raise ConfigError(f"trainer.lr_scheduler={name!r} is not supported{why}; choose one of "
+                          f"{', '.join(schedule_names())}")
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
-    warmup = math.ceil(trainer.warmup_ratio * total_steps)
-    schedule = trainer.lr_scheduler
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, schedule)
-    )
+    kwargs = dict(trainer.lr_scheduler_kwargs)
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(trainer.warmup_ratio * total_steps),
+                             num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"trainer.lr_scheduler={name} with trainer.lr_scheduler_kwargs={kwargs}: {err}") from err
+
+
+def check_schedule(trainer: TrainerConfig) -> None:
+    """``trainer.lr_scheduler``, ``trainer.lr_scheduler_kwargs`` and ``trainer.warmup_ratio`` as
+    ``build_scheduler`` takes them, tried on a throwaway optimiser before anything is loaded: an unknown
+    name, a missing or misspelt argument fails in a second instead of after the model has loaded."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    build_scheduler(optimizer, trainer, max(trainer.max_steps, 10))
 
 
 def total_steps(trainer: TrainerConfig, batches_for_epochs: Callable[[float], int]) -> int:

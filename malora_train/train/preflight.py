@@ -19,7 +19,7 @@ from malora_train.eval import check_eval_config
 from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_wandb_mode
-from malora_train.train.optim import SCHEDULES
+from malora_train.train.optim import check_schedule
 
 EXPORTS = ("merged",)  # malora-eval eval.export
 
@@ -61,11 +61,11 @@ def check_trainer(cfg: Config) -> None:
         raise ConfigError(f"trainer.lr={trainer.lr} must be a finite number > 0")
     if trainer.max_steps == 0 and not trainer.epochs > 0:
         raise ConfigError("set trainer.max_steps > 0 or trainer.epochs > 0")
-    check_choice("trainer.lr_scheduler", trainer.lr_scheduler, SCHEDULES)
     check_choice("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES)
     check_choice("trainer.compile_scope", trainer.compile_scope, COMPILE_SCOPES)
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
+    check_schedule(trainer)  # a transformers.get_scheduler name and the arguments it takes
     mixed_precision(trainer)
