@@ -191,10 +191,10 @@ class EvalConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases logging."""
+    """Weights & Biases logging (with ``logger.trackers=[wandb]``)."""
 
-    mode: str = "disabled"  # online | offline | disabled
-    project: str = "malora-train"  # the wandb project
+    mode: Optional[str] = None  # online | offline | disabled; None: wandb's own ($WANDB_MODE, else online)
+    project: str = "malora-train"  # the wandb project; also the folder under logs/ of the trackers that write files
     entity: Optional[str] = None  # the wandb team or user
     name: Optional[str] = None  # None: built from the command-line overrides
     tags: list[str] = field(default_factory=list)  # wandb run tags
@@ -204,6 +204,9 @@ class WandbConfig:
 class LoggerConfig:
     """Experiment trackers."""
 
+    # Accelerate trackers that mirror metrics.jsonl: wandb, tensorboard, mlflow, comet_ml, aim, clearml, dvclive,
+    # swanlab, trackio; one that is not installed is skipped with a warning
+    trackers: list[str] = field(default_factory=list)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases
 
 

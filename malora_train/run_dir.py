@@ -37,6 +37,7 @@ LOSS_PLOT = "loss.png"
 ROUTING_FILE = "routing.json"
 ROUTING_PLOT = "routing_heatmap.png"
 WANDB_ID_FILE = ".wandb_id"
+TRACKER_LOGS_DIR = "logs"  # the trackers that write files (tensorboard, aim, ...) write below it
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 FAILURE_FILE = "failure.json"  # a sweep job that raised: the error (malora_train.sweep.jobs)
 LOCK_FILE = ".lock"  # held (flock) by the process that runs in the directory; names it (pid, host)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from malora_train.config import TrainerConfig, WandbConfig
+from malora_train.config import LoggerConfig, TrainerConfig
 from malora_train.errors import ConfigError
 from malora_train.run_dir import write_json_atomic
 from malora_train.train import checkpoint as ckpt
@@ -191,7 +191,7 @@ def test_rng_states_round_trip(tmp_path):
 def test_resumed_metrics_drop_later_lines_and_a_line_cut_by_a_kill(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')
-    MetricsLogger(tmp_path, True, WandbConfig(), "name", {}, resume_step=3)
+    MetricsLogger(tmp_path, True, LoggerConfig(), "name", {}, resume_step=3)
     assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:3]) + "\n"
-    MetricsLogger(tmp_path, True, WandbConfig(), "name", {}, resume_step=-1)  # resume=auto, nothing saved
+    MetricsLogger(tmp_path, True, LoggerConfig(), "name", {}, resume_step=-1)  # resume=auto, nothing saved
     assert (tmp_path / "metrics.jsonl").read_text() == ""

@@ -9,11 +9,12 @@ import importlib
 import os
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from malora_train.adapters import AdaptedCausalLM, adapter_state_dict
 from malora_train.config import CONF_DIR, TrainerConfig
@@ -91,7 +92,9 @@ def mixed_precision(trainer: TrainerConfig) -> str:
     return choice
 
 
-def build_accelerator(trainer: TrainerConfig) -> Accelerator:
+def build_accelerator(trainer: TrainerConfig, trackers: list[str] | None = None,
+                      logging_dir: Path | None = None) -> Accelerator:
+    """``trackers``: Accelerate tracker names (``log_with``); those that write files write below ``logging_dir``."""
     cpu = use_cpu()
     handlers = []
     if cpu and world_size() > 1:
@@ -106,6 +109,8 @@ def build_accelerator(trainer: TrainerConfig) -> Accelerator:
         mixed_precision=mixed_precision(trainer),
         gradient_accumulation_steps=trainer.grad_accum,
         kwargs_handlers=handlers,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(logging_dir=str(logging_dir)) if logging_dir else None,
     )
 
 

@@ -38,6 +38,7 @@ from malora_train.run_dir import (
     LOSS_PLOT,
     RUN_OUTPUTS,
     SUMMARY_FILE,
+    TRACKER_LOGS_DIR,
     guard_run_dir,
     remove_unstarted_outputs,
     run_dir_lock,
@@ -60,6 +61,7 @@ from malora_train.train.metrics import (
     MetricsLogger,
     Progress,
     format_summary,
+    installed_trackers,
     peak_memory_gb,
     plot_losses,
     run_name_from_overrides,
@@ -126,7 +128,8 @@ class Trainer:
         """Validate, start the processes, claim the run directory, find the checkpoint to resume."""
         trainer = self.cfg.trainer
         check_config(self.cfg)
-        self.accelerator = acc = build_accelerator(trainer)
+        self.accelerator = acc = build_accelerator(trainer, installed_trackers(self.cfg.logger),
+                                                   self.run_dir / TRACKER_LOGS_DIR)
         check_launch(trainer, acc)
         self.is_main = acc.is_main_process
         self.process_index, self.world = acc.process_index, acc.num_processes
@@ -200,9 +203,10 @@ class Trainer:
             name = f"config.resumed_step_{self.state.step}.yaml" if self.resume_from else CONFIG_FILE
             write_text_atomic(self.run_dir / name, resolved_yaml)
         resume_step = self.state.step if self.resume_from else (-1 if trainer.resume else None)
-        self.metrics = MetricsLogger(self.run_dir, self.is_main, self.cfg.logger.wandb,
+        self.metrics = MetricsLogger(self.run_dir, self.is_main, self.cfg.logger,
                                      run_name_from_overrides(overrides),
-                                     OmegaConf.to_container(OmegaConf.structured(self.cfg)), resume_step)
+                                     OmegaConf.to_container(OmegaConf.structured(self.cfg)), resume_step,
+                                     accelerator=self.accelerator)
         self.window = WindowStats(self.task_names, self.model.balance_layer_names, self.accelerator.device)
         self._window_start = self.state.step  # the last step of the previous logging window
         self._last_lr = self.scheduler.get_last_lr()[0]

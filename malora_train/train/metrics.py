@@ -1,18 +1,20 @@
-"""What a user sees: a progress bar, ``metrics.jsonl`` (one object per logged step), wandb, a loss plot
-and the summary printed at the end."""
+"""What a user sees: a progress bar, ``metrics.jsonl`` (one object per logged step) mirrored to Accelerate's
+trackers (wandb, TensorBoard, ...), a loss plot and the summary printed at the end."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from malora_train.config import WandbConfig
+from malora_train.config import LoggerConfig
 from malora_train.errors import ConfigError
 from malora_train.eval import EvalResult, format_accuracy_table, format_expert_shares
 from malora_train.run_dir import (
@@ -28,7 +30,9 @@ from malora_train.run_dir import (
     write_text_atomic,
 )
 
+log = logging.getLogger(__name__)
 WANDB_MODES = ("online", "offline", "disabled")
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}  # where the package's name is not the tracker's
 
 
 def run_name_from_overrides(overrides: list[str]) -> str:
@@ -37,36 +41,81 @@ def run_name_from_overrides(overrides: list[str]) -> str:
     return ",".join(keep) or "default"
 
 
-def check_wandb_mode(mode: str) -> None:
-    if mode not in WANDB_MODES:
+def check_logger(cfg: LoggerConfig) -> None:
+    """Tracker names Accelerate knows, a valid wandb mode, and no wandb setting that would do nothing."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in cfg.trackers:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"logger.trackers: {name!r} is not an Accelerate tracker; choose from "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+    mode = cfg.wandb.mode
+    if mode is not None and mode not in WANDB_MODES:
         raise ConfigError(f"logger.wandb.mode={mode!r} is not one of {', '.join(WANDB_MODES)}")
+    if mode in ("online", "offline") and "wandb" not in cfg.trackers:
+        raise ConfigError(f"logger.wandb.mode={mode} logs nothing unless logger.trackers names wandb "
+                          "(logger.trackers=[wandb])")
+
+
+def installed_trackers(cfg: LoggerConfig) -> list[str]:
+    """The trackers of ``logger.trackers`` whose package is installed; each missing one is named in a warning."""
+    from accelerate.tracking import get_available_trackers
+
+    check_logger(cfg)
+    available = {str(tracker) for tracker in get_available_trackers()}
+    chosen = []
+    for name in dict.fromkeys(cfg.trackers):
+        if name in available:
+            chosen.append(name)
+        else:
+            log.warning("logger.trackers: %s is not installed (pip install %s); not logging to it", name,
+                        TRACKER_PACKAGES.get(name, name))
+    return chosen
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """``{"trainer": {"lr": 1e-3}}`` -> ``{"trainer.lr": 1e-3}``; lists and None as text (TensorBoard's
+    hyper-parameters take scalars only)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
 
 
 class MetricsLogger:
-    """Appends metrics to ``metrics.jsonl`` and mirrors them to wandb. Only rank 0 (``enabled``) writes.
+    """Appends metrics to ``metrics.jsonl`` and mirrors them to the Accelerate trackers the ``accelerator``
+    was built with (``logger.trackers``). Only rank 0 (``enabled``) writes.
 
-    ``resume_step``: lines after it are dropped first (a resumed run logs those steps again); None for a
-    fresh run, -1 to drop everything (``trainer.resume=auto`` that found no checkpoint).
+    ``resume_step``: lines after it are dropped first (a resumed run logs those steps again; TensorBoard
+    purges its events after it too); None for a fresh run, -1 to drop everything (``trainer.resume=auto``
+    that found no checkpoint).
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbConfig, run_name: str,
-                 config: dict[str, Any], resume_step: int | None) -> None:
-        check_wandb_mode(wandb_cfg.mode)
+    def __init__(self, run_dir: Path, enabled: bool, logger_cfg: LoggerConfig, run_name: str,
+                 config: dict[str, Any], resume_step: int | None, accelerator: Accelerator | None = None) -> None:
+        check_logger(logger_cfg)
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
-        self.wandb = None
+        self.trackers = []
         if not enabled:
             return
         if resume_step is not None:
             self._truncate_after(resume_step)
-        if wandb_cfg.mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
-                tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, dir=str(run_dir), config=config,
-                resume="allow", id=_wandb_id(run_dir),
-            )
+        if accelerator is not None and accelerator.log_with:
+            wandb = logger_cfg.wandb
+            init_kwargs = {
+                "wandb": {"entity": wandb.entity, "name": wandb.name or run_name, "tags": list(wandb.tags),
+                          "dir": str(run_dir), "resume": "allow", "id": _wandb_id(run_dir),
+                          **({"mode": wandb.mode} if wandb.mode else {})},
+                "tensorboard": {"purge_step": resume_step + 1} if resume_step is not None else {},
+            }
+            accelerator.init_trackers(wandb.project, init_kwargs=init_kwargs)
+            self.trackers = list(accelerator.trackers)
+            for tracker in self.trackers:  # wandb shows the nested config; the others take flat scalars
+                tracker.store_init_configuration(config if tracker.name == "wandb" else flat_config(config))
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint: they will be logged again."""
@@ -78,15 +127,18 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        append_line(self.path, json.dumps(record))
-        if self.wandb is not None:
-            self.wandb.log(record, step=step)
+        values = {k: _plain(v) for k, v in metrics.items()}
+        append_line(self.path, json.dumps({"step": step, **values}))
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-            self.wandb.finish()
+        for tracker in self.trackers:
+            if tracker.name == "wandb":
+                tracker.tracker.summary.update({k: v for k, v in summary.items()
+                                                if isinstance(v, (int, float, str))})
+            tracker.finish()
+        self.trackers = []
 
 
 def _step_of(line: str) -> float:

@@ -18,7 +18,7 @@ from malora_train.errors import ConfigError
 from malora_train.eval import check_eval_config
 from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
 from malora_train.train.distributed import mixed_precision
-from malora_train.train.metrics import check_wandb_mode
+from malora_train.train.metrics import check_logger
 from malora_train.train.optim import check_schedule
 
 EXPORTS = ("merged",)  # malora-eval eval.export
@@ -42,7 +42,7 @@ def check_config(cfg: Config) -> None:
     check_eval_config(cfg.eval)
     if cfg.eval.export is not None:
         check_choice("eval.export", cfg.eval.export, EXPORTS)
-    check_wandb_mode(cfg.logger.wandb.mode)
+    check_logger(cfg.logger)  # tracker names, the wandb mode and trackers=[wandb] when it is set
 
 
 def check_trainer(cfg: Config) -> None:
