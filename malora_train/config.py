@@ -114,8 +114,10 @@ class CustomTaskConfig:
     eval_path: Optional[str] = None  # separate eval file; null: a held-out share of `path`
     prompt_template: str = "???"  # instruction with {field} placeholders
     answer_field: str = "answer"  # the record field holding the answer
-    labels: list[str] = field(default_factory=list)  # empty: the distinct answers in the file
-    target_template: str = "the correct answer is {label}"  # the trained answer text
+    answer_type: str = "label"  # label (a closed set) | number (math: open, compared as floats) | letter (A-E)
+    labels: list[str] = field(default_factory=list)  # empty: the distinct answers (letter: A-E; number: none)
+    # what the model learns to write: {label} and record fields, e.g. "{rationale} The answer is {label}."
+    target_template: str = "the correct answer is {label}"
 
 
 @dataclass

@@ -167,13 +167,69 @@ def test_a_json_file_holding_one_object_says_so(tmp_path, layout):
     [
         ({"prompt_template": "no placeholders"}, r"custom_tasks\[0\]\.prompt_template has no \{field\}"),
         ({"prompt_template": "{0} and {x.y}"}, r"placeholder \{0\} must name a record field"),
-        ({"target_template": "{label} is right"}, r"custom_tasks\[0\]\.target_template=.* must end with"),
+        ({"target_template": "{label} or {label}"}, r"custom_tasks\[0\]\.target_template=.* names \{label\} more"),
+        ({"target_template": "always the same"}, r"custom_tasks\[0\]\.target_template=.* needs \{label\}"),
         ({"labels": ["a", "a"]}, r"custom_tasks\[0\]\.labels=\['a', 'a'\] must be distinct"),
+        ({"answer_type": "digits"}, r"custom_tasks\[0\]\.answer_type='digits' is not one of label, number, letter"),
+        ({"answer_type": "number", "labels": ["1", "2"]}, r"custom_tasks\[0\]\.labels must be empty for answer_type"),
+        ({"answer_type": "letter", "labels": ["A", "b"]}, r"custom_tasks\[0\]\.labels=\['A', 'b'\] must be capital"),
     ],
 )
 def test_custom_config_errors(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         custom([review_task(tmp_path / "r.jsonl", **change)])
+
+
+def math_records(tmp_path: Path) -> Path:
+    rows = [{"question": "Tom has 3 bags of 6 apples. How many apples?", "rationale": "3 bags of 6 make 3 * 6.",
+             "answer": 18},
+            {"question": "What is 1,000 + 200?", "rationale": "Add them.", "answer": "1,200"},
+            {"question": "Half of 5?", "rationale": "5 / 2 = 2.5", "answer": 2.5}]
+    return write(tmp_path / "math.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+def math_task(path: Path, **fields) -> CustomTaskConfig:
+    spec = {"name": "math", "path": str(path), "eval_path": str(path), "prompt_template": "{question}",
+            "answer_field": "answer", "answer_type": "number", "target_template": "The answer is {label}.", **fields}
+    return CustomTaskConfig(**spec)
+
+
+def test_custom_number_task_has_open_numeric_labels_and_fixed_text_around_them(tmp_path):
+    task = custom([math_task(math_records(tmp_path))])["math"]
+    assert task.answer_type == "number" and task.labels == [] and task.label_pattern == ""
+    assert (task.answer_prefix, task.answer_suffix) == ("The answer is ", ".")
+    assert [(e.label, e.target) for e in task.eval] == [("18", "The answer is 18."), ("1,200", "The answer is 1,200."),
+                                                        ("2.5", "The answer is 2.5.")]
+    assert not task.per_example_targets and not task.closed_targets  # open answers: only generation scores it
+
+
+def test_custom_target_with_a_rationale_is_trained_on_whole(tmp_path, tiny_tokenizer):
+    from malora_train.data import IGNORE_INDEX, encode_example
+
+    spec = math_task(math_records(tmp_path), target_template="{rationale} So the answer is {label}.")
+    task = custom([spec])["math"]
+    assert task.per_example_targets and (task.answer_prefix, task.answer_suffix) == ("", "")
+    example = task.train[0]
+    assert example.target == "3 bags of 6 make 3 * 6. So the answer is 18." and example.label == "18"
+    encoded = encode_example(tiny_tokenizer, example, max_length=256)
+    answer = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(answer, skip_special_tokens=True) == example.target  # the rationale too
+    assert answer[-1] == tiny_tokenizer.eos_token_id
+    assert encoded.labels[:len(encoded.labels) - len(answer)] == [IGNORE_INDEX] * (len(encoded.labels) - len(answer))
+
+
+def test_custom_number_and_letter_answers_are_checked(tmp_path):
+    path = write(tmp_path / "bad.jsonl", '{"question": "q", "answer": "18"}\n{"question": "q2", "answer": "eighteen"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: field 'answer' = 'eighteen' is not a number"):
+        custom([math_task(path)])
+    letters = write(tmp_path / "aqua.jsonl", '{"question": "q", "answer": "C"}\n{"question": "q2", "answer": "F"}\n')
+    spec = math_task(letters, answer_type="letter", target_template="The answer is {label}")
+    with pytest.raises(DataError, match=r"aqua.jsonl line 2: field 'answer' = 'F' is not one of the task's labels "
+                                        r"A/B/C/D/E"):
+        custom([spec])
+    write(letters, '{"question": "q", "answer": "C"}\n{"question": "q2", "answer": "A"}\n')
+    task = custom([spec])["math"]
+    assert task.answer_type == "letter" and task.labels == ["A", "B", "C", "D", "E"] and task.closed_targets
 
 
 def test_custom_names_unique_and_source_required(tmp_path):

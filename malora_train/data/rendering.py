@@ -2,7 +2,8 @@
 
 Every source (synthetic, LLM-Adapters JSON, hub, BIG-bench, custom files) produces a ``RawTask`` of
 (instruction, label) pairs; ``render_task`` wraps each instruction in the chosen prompt template and
-writes the target ``answer_prefix + label``, so every task looks the same to training and scoring.
+writes the target ``answer_prefix + label + answer_suffix``, so every task looks the same to training and
+scoring. A custom task may give each pair a target of its own instead (a rationale before the answer).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from malora_train.data.types import Example, TaskData
 from malora_train.errors import ConfigError
@@ -25,15 +27,25 @@ PLAIN_TEMPLATE = "{instruction}\n### Response:\n"
 PROMPT_TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "plain": PLAIN_TEMPLATE}
 
 
+class Pair(NamedTuple):
+    """One example as a source reads it; sources may give plain ``(instruction, label)`` tuples."""
+
+    instruction: str
+    label: str
+    target: str | None = None  # the whole target when it is more than prefix + label + suffix (a rationale)
+
+
 @dataclass
 class RawTask:
     """A task as its source reads it, before caps and the prompt template are applied."""
 
     name: str
     labels: list[str]
-    train: list[tuple[str, str]] = field(default_factory=list)  # (instruction, label)
-    eval: list[tuple[str, str]] = field(default_factory=list)
+    train: list[tuple[str, ...]] = field(default_factory=list)  # Pair fields: (instruction, label[, target])
+    eval: list[tuple[str, ...]] = field(default_factory=list)
     answer_prefix: str = ANSWER_PREFIX
+    answer_suffix: str = ""
+    answer_type: str = "label"  # label | number | letter (data/answers.py)
 
 
 def check_template(name: str) -> str:
@@ -48,7 +60,10 @@ def render_prompt(template: str, instruction: str) -> str:
 
 
 def label_pattern(labels: Sequence[str]) -> str:
-    """A regex whose first match in generated text is a label; longest labels first, whole words only."""
+    """A regex whose first match in generated text is a label; longest labels first, whole words only
+    ("" for no labels: a number task's answers are open)."""
+    if not labels:
+        return ""
     alternatives = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
     return rf"(?<!\w)(?:{alternatives})(?!\w)"
 
@@ -71,13 +86,18 @@ def numbered_labels(kind: str, count: int) -> list[str]:
 
 def render_task(raw: RawTask, template: str) -> TaskData:
     prompt_template = check_template(template)
+    pairs = {split: [Pair(*pair) for pair in getattr(raw, split)] for split in ("train", "eval")}
 
-    def examples(pairs: list[tuple[str, str]]) -> list[Example]:
+    def examples(split: str) -> list[Example]:
         return [
-            Example(task=raw.name, prompt=prompt_template.replace("{instruction}", instruction),
-                    target=raw.answer_prefix + label, label=label)
-            for instruction, label in pairs
+            Example(task=raw.name, prompt=prompt_template.replace("{instruction}", pair.instruction),
+                    target=pair.target if pair.target is not None
+                    else raw.answer_prefix + pair.label + raw.answer_suffix, label=pair.label)
+            for pair in pairs[split]
         ]
 
+    per_example = any(pair.target is not None for split in pairs.values() for pair in split)
     return TaskData(name=raw.name, labels=list(raw.labels), answer_prefix=raw.answer_prefix,
-                    label_pattern=label_pattern(raw.labels), train=examples(raw.train), eval=examples(raw.eval))
+                    label_pattern=label_pattern(raw.labels) if raw.answer_type == "label" else "",
+                    train=examples("train"), eval=examples("eval"), answer_type=raw.answer_type,
+                    answer_suffix=raw.answer_suffix, per_example_targets=per_example)

@@ -6,6 +6,7 @@ record fails at once with a message naming the key, file, record and field.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from malora_train.config import DataConfig
@@ -94,11 +95,11 @@ def _capped(raw: RawTask, cfg: DataConfig) -> RawTask:
     if cfg.source == "synthetic":
         return raw
 
-    def cap(pairs: list[tuple[str, str]], limit: int | None, split: str) -> list[tuple[str, str]]:
-        return stable_subset(pairs, [instruction for instruction, _ in pairs], limit, salt=f"cap:{raw.name}:{split}")
+    def cap(pairs: list[tuple[str, ...]], limit: int | None, split: str) -> list[tuple[str, ...]]:
+        return stable_subset(pairs, [pair[0] for pair in pairs], limit, salt=f"cap:{raw.name}:{split}")
 
-    return RawTask(name=raw.name, labels=raw.labels, answer_prefix=raw.answer_prefix,
-                   train=cap(raw.train, cfg.train_per_task, "train"), eval=cap(raw.eval, cfg.eval_per_task, "eval"))
+    return dataclasses.replace(raw, train=cap(raw.train, cfg.train_per_task, "train"),
+                               eval=cap(raw.eval, cfg.eval_per_task, "eval"))
 
 
 def build_tasks(cfg: DataConfig, seed: int) -> dict[str, TaskData]:

@@ -10,7 +10,8 @@ class Example:
     """One rendered instruction -> answer pair.
 
     ``prompt`` is the full text the model sees before its answer (template applied);
-    ``target`` is what it must produce, always ``answer_prefix + label`` of its task.
+    ``target`` is what it must produce: ``answer_prefix + label + answer_suffix`` of its task, or, for a
+    task with ``per_example_targets``, text of its own around the label (a rationale before it).
     """
 
     task: str
@@ -24,8 +25,16 @@ class TaskData:
     """A task's examples and what scoring needs to know about its answers."""
 
     name: str
-    labels: list[str]  # the closed label set, e.g. ["answer1", "answer2", "answer3", "answer4"]
-    answer_prefix: str  # e.g. "the correct answer is "; every target is answer_prefix + label
-    label_pattern: str  # regex whose first match in generated text is the predicted label
+    labels: list[str]  # the closed label set, e.g. ["answer1", "answer2"]; empty for answer_type number
+    answer_prefix: str  # e.g. "the correct answer is "; a target is answer_prefix + label + answer_suffix
+    label_pattern: str  # regex whose first match in generated text is the predicted label (answer_type label)
     train: list[Example] = field(default_factory=list)
     eval: list[Example] = field(default_factory=list)
+    answer_type: str = "label"  # label | number | letter (data/answers.py)
+    answer_suffix: str = ""
+    per_example_targets: bool = False  # targets hold text of their own (a rationale): generation scores them
+
+    @property
+    def closed_targets(self) -> bool:
+        """Every target is one of the labels' fixed texts, so the labels' likelihoods can be compared."""
+        return self.answer_type != "number" and not self.per_example_targets
