@@ -166,7 +166,8 @@ class TrainerConfig:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     # layers: each decoder layer, one shared graph (seconds to compile) | decoder: one graph (minutes)
     compile_scope: str = "layers"
-    eval_before: bool = True  # evaluate before training
+    eval_before: bool = True  # evaluate before the first step (eval/step_0/)
+    eval_after: bool = True  # evaluate after the last step (and write routing.json)
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # checkpoint every N steps (0: only the final adapter)
     keep_last: int = 2  # checkpoints kept (plus the best by eval)
@@ -183,7 +184,10 @@ class EvalConfig:
     scorer: str = "label_logits"  # label_logits | generate
     batch_size: int = 16  # examples per forward
     num_beams: int = 1  # generate: beam search width
-    max_new_tokens: int = 16  # generate: tokens generated per answer
+    max_new_tokens: int = 16  # generate: tokens generated per answer (e.g. 256 for targets that hold a rationale)
+    max_examples: Optional[int] = None  # per task, every evaluation: the first N of its eval split (null: all)
+    max_labels: int = 32  # label_logits leaves a task with more labels to generate (each label costs a forward)
+    number_tolerance: float = 1e-3  # answer_type=number: correct when |predicted - gold| <= this
     routing: bool = True  # routing.json + heatmap for mixture adapters
     run_dir: Optional[str] = None  # malora-eval: a run directory (its config, with the command line on top)
     adapter_path: Optional[str] = None  # malora-eval: an adapter folder

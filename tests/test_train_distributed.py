@@ -100,6 +100,10 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
         assert list(got) == list(range(1, STEPS + 1))
         assert got == pytest.approx(expected, rel=1e-4), key
     assert [r["step"] for r in read_metrics(run_dir) if "eval/average" in r] == [STEPS]
+    # each rank scored half the eval examples: one predictions file holds them all, in task and id order
+    predictions = run_dir / "eval" / f"step_{STEPS}" / "predictions_label_logits.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [(r["task"], r["id"]) for r in rows] == [(task, i) for task in TASKS for i in range(8)]
     assert result.stdout.count(f"== tiny + malora: {STEPS} steps") == 1
     assert (run_dir / "cli.log").read_text().count("run directory:") == 1
     checkpoint = run_dir / "checkpoints" / f"step_{STEPS}"  # saved at the end: 5 is off the save_every grid

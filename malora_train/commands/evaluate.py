@@ -1,6 +1,7 @@
 """``malora-eval``: per-task accuracy of a base model plus a saved adapter (or a whole run directory,
-whose saved config the command line was put on top of, see ``composition.run_config``), and
-``eval.export=merged`` to write a LoRA-merged full model."""
+whose saved config the command line was put on top of, see ``composition.run_config``), with
+``eval_<scorer>.json`` and ``predictions_<scorer>.jsonl`` written to ``eval.output_dir`` (by default the run
+directory's ``eval/``), and ``eval.export=merged`` to write a LoRA-merged full model."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from malora_train.adapters import load_adapter, merge_lora, read_adapter_config
 from malora_train.config import Config
 from malora_train.data import build_tasks
 from malora_train.errors import ConfigError
-from malora_train.eval import evaluate, format_accuracy_table
+from malora_train.eval import (
+    evaluate,
+    format_accuracy_table,
+    predictions_file,
+    scorer_notes,
+    write_predictions,
+)
 from malora_train.models import load_model_and_tokenizer
-from malora_train.run_dir import ADAPTER_DIR, ensure_dir, write_json_atomic
+from malora_train.run_dir import ADAPTER_DIR, EVAL_DIR, ensure_dir, write_json_atomic
 from malora_train.train.preflight import check_config
 
 log = logging.getLogger(__name__)
@@ -40,14 +47,29 @@ def eval_command(cfg: Config) -> dict[str, Any]:
     if cfg.eval.export:
         return export(cfg, model, tokenizer)
     tasks = build_tasks(cfg.data, cfg.seed)
+    for note in scorer_notes(tasks, cfg.eval):
+        log.warning(note)
     result = evaluate(model, tokenizer, tasks, cfg.eval, progress=True)
     report = {"adapter": str(adapter_dir), "scorer": cfg.eval.scorer, **result.to_json()}
     print(format_accuracy_table(None, result))
     print(json.dumps(report))
-    if cfg.eval.output_dir:
-        out = ensure_dir(Path(cfg.eval.output_dir))
-        write_json_atomic(out / f"eval_{cfg.eval.scorer}.json", report)
+    out = results_dir(cfg)
+    if out is None:
+        log.warning("eval.output_dir is not set: the report and predictions are not saved")
+        return report
+    ensure_dir(out)
+    write_json_atomic(out / f"eval_{cfg.eval.scorer}.json", report)
+    predictions = [p for task in result.predictions.values() for p in task]
+    path = write_predictions(predictions_file(out, cfg.eval.scorer), predictions, list(tasks))
+    log.info("wrote %s and %s", out / f"eval_{cfg.eval.scorer}.json", path)
     return report
+
+
+def results_dir(cfg: Config) -> Path | None:
+    """eval.output_dir, else the evaluated run directory's eval/ folder (None with neither)."""
+    if cfg.eval.output_dir:
+        return Path(cfg.eval.output_dir)
+    return Path(cfg.eval.run_dir) / EVAL_DIR if cfg.eval.run_dir else None
 
 
 def export(cfg: Config, model, tokenizer) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from malora_train.data.answers import ANSWER_TYPES, parse_number
 from malora_train.data.collate import (
     join_prompt_and_target,
     leading_specials,
@@ -22,13 +23,13 @@ from malora_train.errors import ConfigError, DataError
 
 @dataclass(frozen=True)
 class LabelContinuations:
-    """Each label's answer ``answer_prefix + label + EOS`` split into the tokens every label's answer
-    starts with (``shared``) and the label's own remaining tokens (``tails``, never empty)."""
+    """Each label's answer ``answer_prefix + label + answer_suffix + EOS`` split into the tokens every
+    label's answer starts with (``shared``) and the label's own remaining tokens (``tails``, never empty)."""
 
     labels: list[str]
     shared: list[int]
     tails: list[list[int]]
-    longest_target: list[int]  # the longest label's target ids without EOS, for prompt truncation
+    longest_answer: int  # tokens of the longest label's answer, EOS included (for prompt truncation)
 
     @property
     def first_tokens(self) -> list[int]:
@@ -50,7 +51,8 @@ def eos_id(tokenizer) -> int:
 def label_continuations(tokenizer, task: TaskData) -> LabelContinuations:
     """Tokenise each full target (not the label alone: BPE merges across the prefix/label boundary
     differ) and take the longest common token prefix as the shared part."""
-    targets = target_token_ids(tokenizer, [task.answer_prefix + label for label in task.labels])
+    targets = target_token_ids(tokenizer, [task.answer_prefix + label + task.answer_suffix
+                                           for label in task.labels])
     answers = [list(target) + [eos_id(tokenizer)] for target in targets]
     for i, answer in enumerate(answers):
         if answer in answers[:i]:
@@ -60,39 +62,48 @@ def label_continuations(tokenizer, task: TaskData) -> LabelContinuations:
     while len({answer[shared] for answer in answers}) == 1:  # ends: distinct answers differ somewhere
         shared += 1
     return LabelContinuations(list(task.labels), answers[0][:shared], [a[shared:] for a in answers],
-                              list(max(targets, key=len)))
+                              max(len(answer) for answer in answers))
 
 
-def scoring_prompts(tokenizer, examples: Sequence[Example], continuations: LabelContinuations,
+def scoring_prompts(tokenizer, examples: Sequence[Example], answer_tokens: int,
                     max_length: int | None) -> list[list[int]]:
-    """The examples' prompt ids; with ``max_length``, truncated as training truncates a prompt
-    followed by the task's longest answer."""
+    """The examples' prompt ids; with ``max_length``, truncated from the left as training truncates a
+    prompt followed by an answer of ``answer_tokens`` tokens (EOS included)."""
     prompts = [list(ids) for ids in prompt_token_ids(tokenizer, [ex.prompt for ex in examples])]
     if max_length is None or not prompts:
         return prompts
     keep = leading_specials(tokenizer, prompts[0])
+    eos = eos_id(tokenizer)
+    stand_in = [eos] * (answer_tokens - 1)  # only its length matters
     truncated = []
     for prompt in prompts:
-        ids, prompt_length, _ = join_prompt_and_target(prompt, continuations.longest_target,
-                                                       eos_id(tokenizer), max_length, keep)
+        ids, prompt_length, _ = join_prompt_and_target(prompt, stand_in, eos, max_length, keep)
         truncated.append(ids[:prompt_length])
     return truncated
 
 
 def check_task(task: TaskData, examples: Sequence[Example], split: str) -> None:
-    """Scoring assumes a closed, distinct label set and targets of the form ``answer_prefix + label``."""
-    if not task.labels:
+    """Scoring assumes a distinct label set (closed, except for numbers: any number is an answer) and,
+    unless the task has per-example targets, targets of the form ``answer_prefix + label + answer_suffix``."""
+    if task.answer_type not in ANSWER_TYPES:
+        raise DataError(f"task {task.name}: answer_type {task.answer_type!r} is not one of "
+                        f"{', '.join(ANSWER_TYPES)}")
+    if not task.labels and task.answer_type != "number":
         raise DataError(f"task {task.name}: the label set is empty")
     if len(set(task.labels)) != len(task.labels):
         raise DataError(f"task {task.name}: the label set {task.labels} has duplicates")
     known = set(task.labels)
     for index, example in enumerate(examples):
-        if example.label not in known:
-            raise DataError(f"task {task.name}, {split} example {index}: label {example.label!r} is not "
-                            f"one of {task.labels}")
-        if example.target != task.answer_prefix + example.label:
-            raise DataError(f"task {task.name}, {split} example {index}: target {example.target!r} is not "
-                            f"answer_prefix + label ({task.answer_prefix + example.label!r})")
+        where = f"task {task.name}, {split} example {index}"
+        if task.answer_type == "number":
+            if parse_number(example.label) is None:
+                raise DataError(f"{where}: label {example.label!r} is not a number")
+        elif example.label not in known:
+            raise DataError(f"{where}: label {example.label!r} is not one of {task.labels}")
+        expected = task.answer_prefix + example.label + task.answer_suffix
+        if not task.per_example_targets and example.target != expected:
+            raise DataError(f"{where}: target {example.target!r} is not answer_prefix + label + answer_suffix "
+                            f"({expected!r})")
 
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device):

@@ -1,8 +1,9 @@
-"""The two ways to turn a model's output into a predicted label.
+"""The two ways to score a task's examples with a model.
 
 ``score_label_logits`` (MoE-PEFT style, fast, used during training) compares the labels' tokens under
-the model at the answer position; ``score_generate`` (the LLM-Adapters protocol) generates text and
-extracts the first label-looking match. Both return one predicted label (or "") per example.
+the model at the answer position and returns one predicted label per example; ``generate_texts`` (the
+LLM-Adapters protocol) returns what the model writes after each prompt, from which ``answers.py`` reads
+the answer.
 
 Routing buckets: ``task_index`` is the row of the routing-count table each example's tokens go to
 (an int for all, or one per example); it only matters while routing is recorded (see routing.py).
@@ -10,14 +11,12 @@ Routing buckets: ``task_index`` is the row of the routing-count table each examp
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 
 from malora_train.adapters import AdaptedCausalLM
 from malora_train.data.types import Example, TaskData
-from malora_train.errors import DataError
 from malora_train.eval.encoding import (
     LabelContinuations,
     label_continuations,
@@ -61,7 +60,7 @@ def score_label_logits(model: AdaptedCausalLM, tokenizer, task: TaskData, exampl
     forward per batch of candidate sets. ``max_length`` truncates prompts as training does.
     """
     continuations = label_continuations(tokenizer, task)
-    prompts = scoring_prompts(tokenizer, examples, continuations, max_length)
+    prompts = scoring_prompts(tokenizer, examples, continuations.longest_answer, max_length)
     inputs = [prompt + continuations.shared for prompt in prompts]
     buckets = _buckets(task_index, len(examples))
     if continuations.one_token_decides:
@@ -109,36 +108,20 @@ def _sequence_logprob_argmax(model, tokenizer, continuations: LabelContinuations
     return predictions
 
 
-def compile_label_pattern(task: TaskData) -> re.Pattern:
-    try:
-        return re.compile(task.label_pattern)
-    except re.error as err:
-        raise DataError(f"task {task.name}: label_pattern {task.label_pattern!r} is not a valid regex: "
-                        f"{err}") from err
-
-
-def extract_label(pattern: re.Pattern, text: str) -> str:
-    """The first match of ``pattern`` in ``text`` (its first group if it has groups); "" if none."""
-    match = pattern.search(text)
-    if match is None:
-        return ""
-    return (match.group(1) if pattern.groups else match.group(0)) or ""
-
-
 @torch.no_grad()
-def score_generate(model: AdaptedCausalLM, tokenizer, task: TaskData, examples: Sequence[Example],
+def generate_texts(model: AdaptedCausalLM, tokenizer, task: TaskData, examples: Sequence[Example],
                    batch_size: int, num_beams: int = 1, max_new_tokens: int = 16,
                    task_index: TaskIndex = None, max_length: int | None = None) -> list[str]:
-    """Generate from the prompt (greedy, or beam search with ``num_beams`` > 1) and extract the first
-    match of ``task.label_pattern`` in the new text. While routing is recorded, the prompts' routing
-    is counted by one extra prompt-only forward per batch (generation itself counts nothing).
-    ``max_length`` truncates prompts as training does (leaving room for the longest answer)."""
-    pattern = compile_label_pattern(task)
+    """What the model writes after each prompt (greedy, or beam search with ``num_beams`` > 1), up to EOS
+    or ``max_new_tokens``. While routing is recorded, the prompts' routing is counted by one extra
+    prompt-only forward per batch (generation itself counts nothing). ``max_length`` truncates prompts as
+    training does, leaving room for the longest label's answer (or, for open answers, ``max_new_tokens``)."""
     device = model_device(model)
     pad_token = pad_id_of(tokenizer)
-    inputs = scoring_prompts(tokenizer, examples, label_continuations(tokenizer, task), max_length)
+    room = label_continuations(tokenizer, task).longest_answer if task.closed_targets else max_new_tokens
+    inputs = scoring_prompts(tokenizer, examples, room, max_length)
     buckets = _buckets(task_index, len(examples))
-    predictions = [""] * len(inputs)
+    texts = [""] * len(inputs)
     for rows in length_batches([len(x) for x in inputs], batch_size):
         batch = [inputs[i] for i in rows]
         if buckets is not None and model.record_routing:
@@ -153,7 +136,6 @@ def score_generate(model: AdaptedCausalLM, tokenizer, task: TaskData, examples: 
             max_new_tokens=max_new_tokens, pad_token_id=pad_token, eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
         )
-        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        for i, text in zip(rows, texts):
-            predictions[i] = extract_label(pattern, text)
-    return predictions
+        for i, text in zip(rows, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+            texts[i] = text
+    return texts

@@ -197,6 +197,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_objects(items: list) -> list:
+    """Every rank's ``items`` concatenated in rank order, on every rank (``items`` itself in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[list | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+    return items
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True if ``flag`` is true on any rank (so every rank stops at the same step)."""
     value = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -25,7 +25,15 @@ from malora_train.adapters import AdaptedCausalLM, parameter_report
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
 from malora_train.errors import MaloraError, launch_rank
-from malora_train.eval import EvalResult, evaluate, routing_report, write_routing
+from malora_train.eval import (
+    EvalResult,
+    evaluate,
+    predictions_file,
+    routing_report,
+    scorer_notes,
+    write_predictions,
+    write_routing,
+)
 from malora_train.labels import IGNORE_INDEX, loss_targets
 from malora_train.models import (
     base_model_location,
@@ -35,6 +43,7 @@ from malora_train.models import (
 )
 from malora_train.run_dir import (
     CONFIG_FILE,
+    EVAL_DIR,
     LOSS_PLOT,
     RUN_OUTPUTS,
     SUMMARY_FILE,
@@ -53,6 +62,7 @@ from malora_train.train.distributed import (
     build_accelerator,
     check_launch,
     configure_deepspeed,
+    gather_objects,
     local_rows,
     model_init_context,
     to_device,
@@ -271,6 +281,8 @@ class Trainer:
                      self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
                      self.params["percent"], self.total_steps,
                      f", packed rows of {self.cfg.data.max_length} tokens" if self.packing else "")
+            for note in scorer_notes(self.tasks, self.cfg.eval):
+                log.warning(note)
 
     def _eval_due(self) -> bool:
         """An in-training evaluation is due (the last step has the final evaluation instead)."""
@@ -367,9 +379,14 @@ class Trainer:
             )
 
     def _log_eval(self, result: EvalResult, step: int) -> None:
+        """The eval line of metrics.jsonl and eval/step_<N>/predictions_<scorer>.jsonl (every rank's)."""
         metrics = {f"eval/{task}": score.accuracy for task, score in result.scores.items()}
         metrics["eval/average"] = result.average
         self.metrics.log(step, metrics)
+        predictions = gather_objects([p for task in result.predictions.values() for p in task])
+        if self.is_main and predictions:
+            folder = self.run_dir / EVAL_DIR / f"step_{step}"
+            write_predictions(predictions_file(folder, self.cfg.eval.scorer), predictions, self.task_names)
 
     def _periodic_eval(self, progress: Progress) -> bool:
         """Evaluate during training; True when this is the best evaluation so far."""
@@ -396,14 +413,17 @@ class Trainer:
         return summary
 
     def finish(self) -> dict[str, Any]:
-        """Final evaluation, adapter, routing report, summary.json and loss plot; prints the summary."""
+        """Final evaluation (unless trainer.eval_after=false), adapter, routing report, summary.json and
+        loss plot; prints the summary."""
         state = self.state
-        after = self.evaluate(record_routing=True)
-        self._log_eval(after, state.step)
-        routing = (routing_report(self.model, self.task_names, all_reduce=all_reduce_sum)
-                   if self.model.mixture_layers() else None)
+        after, routing = None, None
+        if self.cfg.trainer.eval_after:
+            after = self.evaluate(record_routing=True)
+            self._log_eval(after, state.step)
+            if self.model.mixture_layers():
+                routing = routing_report(self.model, self.task_names, all_reduce=all_reduce_sum)
         adapter_dir = self.checkpointer.save_final_adapter()
-        if state.best_average is None or after.average >= state.best_average:
+        if after is not None and (state.best_average is None or after.average >= state.best_average):
             state.best_average, state.best_step = after.average, state.step
         self._tick()
         summary = self._summary(after, adapter_dir)
@@ -418,7 +438,7 @@ class Trainer:
         self.metrics.finish(summary)
         return summary
 
-    def _summary(self, after: EvalResult, adapter_dir: Path) -> dict[str, Any]:
+    def _summary(self, after: EvalResult | None, adapter_dir: Path) -> dict[str, Any]:
         state = self.state
         before = state.eval_before or {}
         return {
@@ -436,8 +456,8 @@ class Trainer:
             "trainable_percent": self.params["percent"],
             "eval_before": before.get("accuracy"),
             "eval_before_average": before.get("average"),
-            "eval_after": after.to_json()["accuracy"],
-            "eval_after_average": after.average,
+            "eval_after": after.to_json()["accuracy"] if after is not None else None,
+            "eval_after_average": after.average if after is not None else None,
             "best_eval_average": state.best_average,
             "best_step": state.best_step,
             "adapter_dir": str(adapter_dir),

@@ -19,8 +19,10 @@ from malora_train.errors import ConfigError
 from malora_train.eval import EvalResult, format_accuracy_table, format_expert_shares
 from malora_train.run_dir import (
     ADAPTER_DIR,
+    EVAL_DIR,
     LOSS_PLOT,
     METRICS_FILE,
+    PREDICTIONS_FILE,
     ROUTING_FILE,
     ROUTING_PLOT,
     SUMMARY_FILE,
@@ -232,23 +234,26 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def format_summary(summary: dict[str, Any], before: EvalResult | None, after: EvalResult,
+def format_summary(summary: dict[str, Any], before: EvalResult | None, after: EvalResult | None,
                    routing: dict | None, run_dir: Path) -> str:
     """The text printed when a run completes: throughput, parameters, accuracy before -> after and, for
     mixtures, the share of each task's tokens per expert."""
     best = summary["best_eval_average"]
+    best_text = f"best eval average {best:.2f} at step {summary['best_step']}" if best is not None else "no eval"
     lines = ["", f"== {summary['model']} + {summary['adapter']}: {summary['steps']} steps, "
                  f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.0f} s "
                  f"({summary['tokens_per_s']:.0f} tokens/s while training), "
                  f"peak memory {summary['peak_memory_gb']:.1f} GB",
              f"   trainable parameters {summary['trainable_params']:,} "
-             f"({summary['trainable_percent']:.2f}% of the base model); "
-             f"best eval average {best:.2f} at step {summary['best_step']}", "",
-             format_accuracy_table(before, after)]
+             f"({summary['trainable_percent']:.2f}% of the base model); {best_text}", "",
+             format_accuracy_table(before, after)
+             or "no evaluation (trainer.eval_before=false, trainer.eval_after=false, trainer.eval_every=0)"]
     if routing:
         lines += ["", "share of each task's tokens routed to each expert (%, average over layers):",
                   format_expert_shares(routing)]
     files = [METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, f"{ADAPTER_DIR}/"]
+    if before is not None or after is not None:
+        files.append(f"{EVAL_DIR}/step_<N>/{PREDICTIONS_FILE.format(scorer='<scorer>')}")
     if routing:
         files += [ROUTING_FILE, ROUTING_PLOT]
     lines += ["", f"outputs: {run_dir} ({', '.join(files)})"]
