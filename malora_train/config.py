@@ -133,7 +133,7 @@ class DataConfig:
     train_per_task: Optional[int] = None  # cap on training examples per task (synthetic: how many)
     eval_per_task: Optional[int] = None  # cap on eval examples per task (synthetic: how many)
     eval_fraction: float = 0.2  # split for tasks that have no train split
-    prompt_template: str = "alpaca"  # alpaca | plain
+    prompt_template: str = "alpaca"  # alpaca | plain | chat (the tokenizer's chat template; instruct models)
     sampling: str = "proportional"  # proportional | uniform | temperature
     temperature: float = 2.0  # sampling=temperature: p ~ n^(1/T)
     task_weights: dict[str, float] = field(default_factory=dict)  # per-task probability multipliers

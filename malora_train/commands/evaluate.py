@@ -46,7 +46,7 @@ def eval_command(cfg: Config) -> dict[str, Any]:
     model = load_adapter(base, adapter_dir)
     if cfg.eval.export:
         return export(cfg, model, tokenizer)
-    tasks = build_tasks(cfg.data, cfg.seed)
+    tasks = build_tasks(cfg.data, cfg.seed, tokenizer)
     for note in scorer_notes(tasks, cfg.eval):
         log.warning(note)
     result = evaluate(model, tokenizer, tasks, cfg.eval, progress=True)

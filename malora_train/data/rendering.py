@@ -9,10 +9,11 @@ scoring. A custom task may give each pair a target of its own instead (a rationa
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from malora_train.data.chat import chat_renderer
 from malora_train.data.types import Example, TaskData
 from malora_train.errors import ConfigError
 
@@ -25,6 +26,8 @@ ALPACA_TEMPLATE = (
 # The plain template keeps alpaca's answer cue, so text after "### Response:" is the answer in both.
 PLAIN_TEMPLATE = "{instruction}\n### Response:\n"
 PROMPT_TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "plain": PLAIN_TEMPLATE}
+CHAT = "chat"  # the tokenizer's own chat template (data/chat.py)
+TEMPLATE_NAMES = (*PROMPT_TEMPLATES, CHAT)
 
 
 class Pair(NamedTuple):
@@ -48,15 +51,23 @@ class RawTask:
     answer_type: str = "label"  # label | number | letter (data/answers.py)
 
 
-def check_template(name: str) -> str:
-    if name not in PROMPT_TEMPLATES:
-        raise ConfigError(f"data.prompt_template={name!r} is not one of {', '.join(PROMPT_TEMPLATES)}")
-    return PROMPT_TEMPLATES[name]
+def check_template(name: str) -> None:
+    if name not in TEMPLATE_NAMES:
+        raise ConfigError(f"data.prompt_template={name!r} is not one of {', '.join(TEMPLATE_NAMES)}")
 
 
-def render_prompt(template: str, instruction: str) -> str:
-    """``template`` is a template name (alpaca | plain)."""
-    return check_template(template).replace("{instruction}", instruction)
+def prompt_renderer(name: str, tokenizer=None) -> Callable[[str], str]:
+    """instruction -> prompt for the template ``name`` (alpaca | plain | chat; chat needs the tokenizer)."""
+    check_template(name)
+    if name == CHAT:
+        return chat_renderer(tokenizer)
+    template = PROMPT_TEMPLATES[name]
+    return lambda instruction: template.replace("{instruction}", instruction)
+
+
+def render_prompt(template: str, instruction: str, tokenizer=None) -> str:
+    """``template`` is a template name (alpaca | plain | chat)."""
+    return prompt_renderer(template, tokenizer)(instruction)
 
 
 def label_pattern(labels: Sequence[str]) -> str:
@@ -84,13 +95,13 @@ def numbered_labels(kind: str, count: int) -> list[str]:
     return [f"{kind}{i + 1}" for i in range(count)]
 
 
-def render_task(raw: RawTask, template: str) -> TaskData:
-    prompt_template = check_template(template)
+def render_task(raw: RawTask, prompt: Callable[[str], str]) -> TaskData:
+    """``prompt``: a ``prompt_renderer``."""
     pairs = {split: [Pair(*pair) for pair in getattr(raw, split)] for split in ("train", "eval")}
 
     def examples(split: str) -> list[Example]:
         return [
-            Example(task=raw.name, prompt=prompt_template.replace("{instruction}", pair.instruction),
+            Example(task=raw.name, prompt=prompt(pair.instruction),
                     target=pair.target if pair.target is not None
                     else raw.answer_prefix + pair.label + raw.answer_suffix, label=pair.label)
             for pair in pairs[split]

@@ -15,7 +15,7 @@ from malora_train.data.commonsense import COMMONSENSE_LABELS, load_llm_adapters_
 from malora_train.data.custom import check_custom_tasks, load_custom_task
 from malora_train.data.hub import load_hub_task
 from malora_train.data.mixture import check_mixture_options
-from malora_train.data.rendering import RawTask, check_template, render_task
+from malora_train.data.rendering import RawTask, check_template, prompt_renderer, render_task
 from malora_train.data.splits import stable_subset
 from malora_train.data.synthetic import (
     DEFAULT_EVAL_PER_TASK,
@@ -102,8 +102,9 @@ def _capped(raw: RawTask, cfg: DataConfig) -> RawTask:
                                eval=cap(raw.eval, cfg.eval_per_task, "eval"))
 
 
-def build_tasks(cfg: DataConfig, seed: int) -> dict[str, TaskData]:
+def build_tasks(cfg: DataConfig, seed: int, tokenizer=None) -> dict[str, TaskData]:
     """Ordered task name -> TaskData (train and eval splits), everything validated at start-up.
+    ``tokenizer`` (the model's) is needed by ``data.prompt_template=chat``.
 
     Raises ConfigError for a bad option or unknown task name, DataError for a missing file, a malformed
     record (the message names file, record/line and field) or an empty task.
@@ -112,11 +113,12 @@ def build_tasks(cfg: DataConfig, seed: int) -> dict[str, TaskData]:
     names = selected_tasks(cfg)
     check_mixture_options(names, cfg.sampling, cfg.temperature, cfg.task_weights, cfg.task_caps)
     load = _loader(cfg, seed)
+    prompt = prompt_renderer(cfg.prompt_template, tokenizer)
     tasks = {}
     for name in names:
         raw = _capped(load(name), cfg)
         for split, pairs in (("training", raw.train), ("evaluation", raw.eval)):
             if not pairs:
                 raise DataError(f"task {name} (data.source={cfg.source}) has no {split} examples")
-        tasks[name] = render_task(raw, cfg.prompt_template)
+        tasks[name] = render_task(raw, prompt)
     return tasks

@@ -178,7 +178,7 @@ class Trainer:
         on_gpu = self.accelerator.device.type == "cuda"
         self.packing = data.packing if data.packing is not None else on_gpu
         data = dataclasses.replace(data, packing=self.packing)
-        self.tasks = build_tasks(data, self.cfg.seed)
+        self.tasks = build_tasks(data, self.cfg.seed, self.tokenizer)
         self.task_names = list(self.tasks)
         global_micro_batch = trainer.micro_batch_size * self.world
         self.stream = BatchStream(self.tasks, self.tokenizer, data, batch_size=global_micro_batch,
