@@ -17,10 +17,11 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ LOCK_FILE = ".lock"  # held (flock) by the process that runs in the directory; n
 # what a run writes itself (Hydra's .hydra/ and log are left out: with several ranks, rank 0's Hydra may
 # already have written them when another rank checks)
 RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, CHECKPOINTS_DIR)
+# folders a run may fill before its first step: the evaluation before training's predictions, the trackers'
+# files
+UNSTARTED_FOLDERS = (EVAL_DIR, TRACKER_LOGS_DIR)
 
 
 def guard_run_dir(run_dir: Path, resume: str | None) -> None:
@@ -57,12 +61,15 @@ def guard_run_dir(run_dir: Path, resume: str | None) -> None:
                           "trainer.resume=auto to continue it or choose another hydra.run.dir")
 
 
-def remove_unstarted_outputs(run_dir: Path) -> None:
+def remove_unstarted_outputs(run_dir: Path, folders: Iterable[str] = ()) -> None:
     """Delete what a fresh run wrote before its first step (its config, an eval line) after it failed, so
-    the directory can be used again. Only for a run that found the directory free (the guard passed)."""
+    the directory can be used again. Only for a run that found the directory free (the guard passed).
+    ``folders``: those of ``UNSTARTED_FOLDERS`` the run created (absent when it started), deleted whole."""
     for name in (CONFIG_FILE, METRICS_FILE, WANDB_ID_FILE):
         with contextlib.suppress(FileNotFoundError):
             (run_dir / name).unlink()
+    for name in folders:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def completed_summary(run_dir: Path) -> dict[str, Any] | None:

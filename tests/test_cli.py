@@ -141,12 +141,31 @@ def test_malora_report_has_its_help_page(monkeypatch, capsys):
     ("data.sampling=random", "data.sampling='random' is not one of proportional, uniform, temperature"),
     ("logger.wandb.mode=loud", "logger.wandb.mode='loud' is not one of online, offline, disabled"),
     ("eval.export=gguf", "eval.export='gguf' is not one of merged"),
+    ("trainer.lr_scheduler=reduce_lr_on_plateau", "trainer.lr_scheduler='reduce_lr_on_plateau' is not supported (it"),
+    ("trainer.lr_scheduler=cosine_with_min_lr", "trainer.lr_scheduler=cosine_with_min_lr with trainer.lr_scheduler_"),
+    ("logger.trackers=[tensorbord]", "logger.trackers: 'tensorbord' is not an Accelerate tracker; choose from "),
+    ("logger.wandb.mode=offline", "logger.wandb.mode=offline logs nothing unless logger.trackers names wandb"),
+    ("data.prompt_template=chatml", "data.prompt_template='chatml' is not one of alpaca, plain, chat"),
+    ("eval.max_labels=0", "eval.max_labels=0 must be >= 1"),
+    ("eval.max_examples=0", "eval.max_examples=0 must be >= 1"),
+    ("eval.number_tolerance=-1", "eval.number_tolerance=-1.0 must be >= 0"),
 ])
 def test_bad_overrides_are_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path, override, message):
     run_dir = tmp_path / "run"
     assert run_cli(monkeypatch, "malora-train", [*TINY, override, f"hydra.run.dir={run_dir}"]) == 2
     assert error_line(capsys).startswith(message)
     assert not run_dir.exists()  # not even Hydra's .hydra/ folder
+
+
+def test_schedule_arguments_as_the_readme_gives_them_pass_the_checks():
+    from malora_train.cli import compose
+    from malora_train.train.preflight import check_config
+
+    for argv in (["trainer.lr_scheduler=cosine_with_min_lr", "+trainer.lr_scheduler_kwargs={min_lr_rate: 0.1}"],
+                 ["trainer.lr_scheduler=cosine_with_restarts", "+trainer.lr_scheduler_kwargs.num_cycles=2"]):
+        cfg = compose([*TINY, *argv])
+        check_config(cfg)
+        assert cfg.trainer.lr_scheduler_kwargs in ({"min_lr_rate": 0.1}, {"num_cycles": 2})
 
 
 def test_compose_based_commands_give_the_same_one_line_errors(monkeypatch, capsys):

@@ -102,3 +102,28 @@ def test_malora_eval_writes_report_and_predictions_into_the_run(tmp_path, run_tr
     with caplog.at_level(logging.WARNING, logger="malora_train"):
         eval_main(argv)
     assert "eval.output_dir is not set: the report and predictions are not saved" in caplog.text
+
+
+def test_a_run_that_fails_before_its_first_step_removes_its_predictions_and_tracker_files(
+        tmp_path, run_training, read_metrics, monkeypatch):
+    """The evaluation before training and the trackers write before the first step: a fresh run that fails
+    then removes those folders too, so the directory is reused without another run's files in it."""
+    pytest.importorskip("tensorboard")
+    from malora_train.train.loop import Trainer
+
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_steps=2", "trainer.eval_before=true", "eval.max_examples=2",
+                 "logger.trackers=[tensorboard]"]
+
+    def failing_step(self):
+        raise RuntimeError("the first step ran out of memory")
+
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="first step"):
+        run_training(run_dir, *overrides)
+    assert sorted(p.name for p in run_dir.iterdir()) == []  # eval/step_0/, logs/, config.yaml, metrics.jsonl
+    monkeypatch.undo()
+    summary = run_training(run_dir, *overrides)
+    assert summary["status"] == "completed"
+    assert [r["step"] for r in read_metrics(run_dir) if "eval/average" in r] == [0, 2]
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["step_0", "step_2"]

@@ -58,7 +58,8 @@ PAGES = {
     "malora-eval": Page(
         usage="malora-eval [RUN_DIR] [eval.run_dir=DIR | eval.adapter_path=DIR] [key=value ...]",
         about="Per-task accuracy of a base model plus an adapter; a run directory brings its own config "
-              "(the command line goes on top). eval.export=merged writes a LoRA-merged model.",
+              "(the command line goes on top). The report and predictions_<scorer>.jsonl go to "
+              "eval.output_dir (default: RUN_DIR/eval/). eval.export=merged writes a LoRA-merged model.",
         sections=("seed", "model", "data", "eval"),
         groups=("model", "data"),
         options=(("RUN_DIR", "a run directory, the same as eval.run_dir=RUN_DIR"), *COMMON_OPTIONS),

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from malora_train.eval.evaluate import Prediction
-from malora_train.run_dir import PREDICTIONS_FILE, write_text_atomic
+from malora_train.run_dir import PREDICTIONS_FILE, ensure_dir, write_text_atomic
 
 
 def predictions_file(folder: Path, scorer: str) -> Path:
@@ -19,6 +19,6 @@ def write_predictions(path: Path, predictions: Iterable[Prediction], task_order:
     """Write ``predictions`` (from any number of ranks) sorted by task, in ``task_order``, then id."""
     position = {name: i for i, name in enumerate(task_order)}
     rows = sorted(predictions, key=lambda p: (position[p.task], p.id))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)  # a folder that cannot be made is an OutputError naming it
     write_text_atomic(path, "".join(json.dumps(p.to_json()) + "\n" for p in rows))
     return path

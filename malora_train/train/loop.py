@@ -48,6 +48,7 @@ from malora_train.run_dir import (
     RUN_OUTPUTS,
     SUMMARY_FILE,
     TRACKER_LOGS_DIR,
+    UNSTARTED_FOLDERS,
     guard_run_dir,
     remove_unstarted_outputs,
     run_dir_lock,
@@ -485,11 +486,12 @@ def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[s
         if note:
             log.warning(note)
         fresh = not any((run_dir / name).exists() for name in RUN_OUTPUTS)
+        created = [name for name in UNSTARTED_FOLDERS if not (run_dir / name).exists()]
         trainer = None
         try:
             trainer = Trainer(cfg, run_dir, resolved_yaml, overrides or [])
             return trainer.run()
         except Exception:
             if main and fresh and (trainer is None or trainer.state.step == 0):
-                remove_unstarted_outputs(run_dir)
+                remove_unstarted_outputs(run_dir, created)
             raise
