@@ -85,12 +85,16 @@ def _train_job(cfg: DictConfig) -> float | str | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
 
+    single = hydra_cfg.mode != RunMode.MULTIRUN
+
     def job() -> dict:
         job_cfg = job_config(cfg, run_dir, overrides)  # resuming: the run's own config, the command line on top
+        # a single run is the whole process: after a signal's stop, a repeated signal cannot kill it while it
+        # ends (a sweep gets its handlers back for the next job, and Ctrl-C there still ends the sweep)
         return train(to_config(job_cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(job_cfg, resolve=True),
-                     overrides=overrides)
+                     overrides=overrides, hold_signals=single)
 
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # a failing job is recorded and the sweep goes on
+    if not single:  # a failing job is recorded and the sweep goes on
         return run_sweep_job(job, run_dir, overrides)
     try:
         summary = job()

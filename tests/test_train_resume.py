@@ -270,3 +270,26 @@ def test_a_second_signal_during_the_save_does_not_interrupt_it(tmp_path, run_tra
     assert summary == {"status": "interrupted", "step": 3,
                        "checkpoint": str(tmp_path / "run" / "checkpoints" / "step_3")}
     assert_every_listed_checkpoint_loads(tmp_path / "run", make_tiny_model)
+
+
+def test_a_stopped_single_run_ignores_further_signals_and_a_library_caller_gets_its_handlers_back():
+    """The command line's single run (``hold``) ends with its process: a repeated signal after the stop's save,
+    while it ends (the interpreter's shutdown included), must not kill it (exit status 0, not -15): the
+    signals are ignored from there on. Elsewhere the previous handlers come back."""
+    from malora_train.train.loop import StopRequest
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for hold, stop in ((False, True), (True, False), (True, True)):
+            with StopRequest(hold=hold) as request:
+                if stop:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.01)
+                assert request.requested is stop
+            after = {sig: signal.getsignal(sig) for sig in before}
+            assert after == ({sig: signal.SIG_IGN for sig in before} if hold and stop else before)
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

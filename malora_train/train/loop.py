@@ -92,10 +92,16 @@ class NonFiniteLoss(MaloraError):
 class StopRequest:
     """Turns SIGTERM/SIGINT (a preempted job, Ctrl-C) into a flag checked at each step boundary. A second
     signal changes nothing: it must not interrupt the checkpoint being saved (kill -9 stops at once, and
-    the last complete checkpoint stays loadable)."""
+    the last complete checkpoint stays loadable).
 
-    def __init__(self) -> None:
+    The previous handlers come back on exit, unless ``hold`` and a stop was requested: then the signals are
+    ignored from there on, so a repeated one cannot kill a process that is ending anyway (the command line's
+    single run, after its save, while the lock is released and the interpreter shuts down; SIG_IGN, because
+    the interpreter's shutdown puts the default action back in place of a Python handler)."""
+
+    def __init__(self, hold: bool = False) -> None:
         self.requested = False
+        self.hold = hold
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -107,8 +113,9 @@ class StopRequest:
         self.requested = True  # and nothing else: a handler that prints or raises could break a save under way
 
     def __exit__(self, *exc) -> None:
+        held = self.requested and self.hold
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if held else handler)
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -124,9 +131,11 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 class Trainer:
     """A recipe: ``__init__`` runs the ``_setup_*`` steps in order; ``run()`` is the loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resolved_yaml: str, overrides: list[str]) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resolved_yaml: str, overrides: list[str],
+                 hold_signals: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.hold_signals = hold_signals  # StopRequest(hold=...): the process ends with this run
         self._setup_launch()
         self._setup_model()
         self._setup_adapters()
@@ -246,7 +255,7 @@ class Trainer:
         progress = Progress(self.total_steps, state.step, trainer.progress, self.is_main)
         saved_step = state.step if self.resume_from else None
         self.window.restart_clock()
-        with StopRequest() as stop:
+        with StopRequest(hold=self.hold_signals) as stop:
             while state.step < self.total_steps:
                 self.train_step()
                 state.step += 1
@@ -469,12 +478,14 @@ class Trainer:
         }
 
 
-def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[str] | None = None) -> dict:
+def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[str] | None = None,
+          hold_signals: bool = False) -> dict:
     """Run one training job into ``run_dir`` and return its summary (``status`` completed or interrupted).
 
     The run directory is locked for the whole run (by rank 0). ``trainer.resume`` on a run that already
     completed what is asked returns its summary and touches nothing. A fresh run that fails before its
-    first step removes what it wrote, so the directory can be used again."""
+    first step removes what it wrote, so the directory can be used again. ``hold_signals``: the process ends
+    with this run (``StopRequest``), so signals after a requested stop are ignored until it exits."""
     run_dir = Path(run_dir)
     main = launch_rank() == 0
     finished = ckpt.finished_run(run_dir, cfg.trainer)
@@ -489,7 +500,7 @@ def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[s
         created = [name for name in UNSTARTED_FOLDERS if not (run_dir / name).exists()]
         trainer = None
         try:
-            trainer = Trainer(cfg, run_dir, resolved_yaml, overrides or [])
+            trainer = Trainer(cfg, run_dir, resolved_yaml, overrides or [], hold_signals=hold_signals)
             return trainer.run()
         except Exception:
             if main and fresh and (trainer is None or trainer.state.step == 0):
