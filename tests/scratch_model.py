@@ -14,7 +14,8 @@ and gradients with it.
   forwards (rank r takes the r-th block of rows of each global micro-batch); ``recompute_steps`` and
   ``assert_logged_step`` check a run's ``metrics.jsonl`` against them.
 
-Use it in float64 (``model.double()``) so that what is left of a comparison is the package's float32.
+The tiny-model tests run it in float64 (``model.double()``), so that what is left of a comparison is the
+package's float32.
 """
 
 from __future__ import annotations
