@@ -12,6 +12,9 @@ from omegaconf import OmegaConf
 
 from malora_train.config import ModelConfig
 
+# the from-scratch reference model's checks (tests/scratch_model.py) report their values like test asserts
+pytest.register_assert_rewrite("scratch_model")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Tests must never reach the network (a hub call without these hangs for ~50 s).

@@ -48,7 +48,9 @@ def make_task(name: str, spec: dict, count: int, seed: int = 0) -> TaskData:
 
 
 def adapted(base: nn.Module, kind: str = "malora", seed: int = 0) -> AdaptedCausalLM:
-    """The tiny model with adapters whose up-projections and routers are random (so they matter)."""
+    """The tiny model with adapters whose up-projections and routers are random (so they matter); the same
+    whatever ran before (the adapters' own initialisation draws from the global generator)."""
+    torch.manual_seed(seed)
     model = AdaptedCausalLM.from_base(base, AdapterConfig(kind=kind, rank=4, num_experts=4, dropout=0.0,
                                                           router=RouterConfig(top_k=2)))
     gen = torch.Generator().manual_seed(seed)
@@ -255,13 +257,32 @@ def test_generate_matches_an_independent_greedy_decode(make_tiny_model, tiny_tok
     assert all(expected)
 
 
-def test_generate_scorer_end_to_end_returns_labels_or_empty(make_tiny_model, tiny_tokenizer):
+def beam_search_alone(model: AdaptedCausalLM, tokenizer, prompt: str, beams: int, steps: int) -> str:
+    """The text Hugging Face's own beam search writes after one prompt, unpadded, alone in its batch."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    out = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               num_beams=beams, max_new_tokens=steps, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_scorer_end_to_end_scores_what_beam_search_writes(make_tiny_model, tiny_tokenizer):
+    """Batched, left-padded beam search through ``evaluate``: the predictions are what each prompt alone
+    makes the model write, and an example is right exactly when that is its gold label."""
     model = adapted(make_tiny_model())
-    tasks = {"t": make_task("t", ONE_TOKEN, 5, seed=6)}
+    prompts = [ex.prompt for ex in make_task("t", ONE_TOKEN, 5, seed=6).eval]
+    pattern = r"\S{1,3}"  # whatever the random model writes: a non-trivial extraction
+    written = [extract_label(re.compile(pattern), beam_search_alone(model, tiny_tokenizer, p, 2, 4)) for p in prompts]
+    assert all(written)
+    # the gold label is the model's own answer for examples 0, 2 and 4, one it never writes for 1 and 3
+    gold = [answer if i % 2 == 0 else "never" for i, answer in enumerate(written)]
+    prefix = ONE_TOKEN["answer_prefix"]
+    task = TaskData("t", sorted({*written, "never"}), prefix, pattern,
+                    eval=[Example("t", p, prefix + label, label) for p, label in zip(prompts, gold)])
     cfg = EvalConfig(scorer="generate", batch_size=3, num_beams=2, max_new_tokens=4)
-    result = evaluate(model, tiny_tokenizer, tasks, cfg)
-    assert result.scores["t"].total == 5
-    assert all(p.extracted in ONE_TOKEN["labels"] or p.extracted == "" for p in result.predictions["t"])
+    result = evaluate(model, tiny_tokenizer, {"t": task}, cfg)
+    assert [p.extracted for p in result.predictions["t"]] == written
+    assert result.scores["t"] == TaskScore(3, 5)
 
 
 # -- bad input and reports -------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ gradient norm. The loop divides summed token losses by the step's global answer-
 left are float32 summation orders (~1e-7 relative), until top-k routing meets a near-tie: then that noise
 flips one token's expert choice, a discrete change that moves the loss by up to ~1e-4 (a wrongly scaled
 loss or gradient shows as a factor in the gradient norm). Dropout is off: each rank draws its own masks.
-Routing itself (top-2 of 8 experts) stays on.
+Routing itself (top-2 of 8 experts) stays on. The launched runs' steps are also checked against the
+step recomputed from scratch (``scratch_model``): what one process gets wrong the same way is caught too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scratch_model import AdapterSpec, assert_logged_step, recompute_steps
 
 from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, load_adapter
 from malora_train.config import AdapterConfig
@@ -35,6 +37,9 @@ COMMON = ["adapter=malora", "adapter.dropout=0", "adapter.router.balance_coef=0.
           "adapter.router.z_loss_coef=0.001", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last=3",
           "trainer.warmup_ratio=0"]
 TASKS = ["sentiment", "category", "case", "compare", "arithmetic"]
+# COMMON's MALoRA: r = 8, N = 8, lam = 0.5 -> d = 32, r-bar = 12, alpha = 24
+SPEC = AdapterSpec("malora", scaling=24 / 12, expert_rank=12, num_experts=8, top_k=2, balance_coef=0.01,
+                   z_loss_coef=0.001)
 
 
 def accelerate_launch() -> list[str]:
@@ -104,6 +109,12 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
     predictions = run_dir / "eval" / f"step_{STEPS}" / "predictions_label_logits.jsonl"
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert [(r["task"], r["id"]) for r in rows] == [(task, i) for task in TASKS for i in range(8)]
+    # the two ranks' forwards recomputed from scratch: step 1 from the base model (B = 0), step 3 from the
+    # checkpoint of step 2 (LM, per-task and auxiliary losses, gradient norm)
+    steps, task_names = recompute_steps(run_dir, overrides, SPEC, world_size=2, steps=(1, 3))
+    logged = {row["step"]: row for row in read_metrics(run_dir) if "lm_loss" in row}
+    for step, expected in steps.items():
+        assert_logged_step(logged[step], expected, task_names, norm_rel=1e-4)
     assert result.stdout.count(f"== tiny + malora: {STEPS} steps") == 1
     assert (run_dir / "cli.log").read_text().count("run directory:") == 1
     checkpoint = run_dir / "checkpoints" / f"step_{STEPS}"  # saved at the end: 5 is off the save_every grid
