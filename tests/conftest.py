@@ -186,26 +186,6 @@ def fresh_accelerate_state():
 def train_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
     """``train_cli(*argv)`` runs ``malora-train <argv>`` (Hydra, ``-m`` sweeps included) in this process and
     returns its exit status; logging and Accelerate's process-wide state are put back afterwards."""
-    import logging
-    import sys
+    from cli_runner import run_program
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    from malora_train.cli import train_main
-
-    def run(*argv: str) -> int:
-        monkeypatch.setattr(sys, "argv", ["malora-train", *argv])
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        try:
-            train_main()
-            return 0
-        except SystemExit as stop:
-            return int(stop.code or 0)
-        finally:  # Hydra configured logging for the job (into capsys' streams): put the test's back
-            root.handlers[:] = handlers
-            root.setLevel(level)
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-
-    return run
+    return lambda *argv: run_program(monkeypatch, "malora-train", list(argv))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import signal
@@ -18,35 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_runner import run_program
 
 from malora_train import run_dir as rd
 from malora_train.config import Config
 from malora_train.train import checkpoint as ckpt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, program: str, argv: list[str]) -> int:
-    """``<program> <argv>`` in this process (malora-train, -eval, -inspect or -report); its exit status."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from malora_train import cli
-
-    main = {"malora-train": cli.train_main, "malora-eval": cli.eval_main, "malora-inspect": cli.inspect_main,
-            "malora-report": cli.report_main}[program]
-    monkeypatch.setattr(sys, "argv", [program, *argv])
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        main()
-        return 0
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    finally:  # Hydra configured logging for the job: put the test's back
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def error_line(capsys, program: str = "malora-train", alone: bool = True) -> str:
@@ -78,7 +55,7 @@ def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     patch = MonkeyPatch()
     try:
-        assert run_cli(patch, "malora-train", [*RUN_OVERRIDES, f"hydra.run.dir={run_dir}"]) == 0
+        assert run_program(patch, "malora-train", [*RUN_OVERRIDES, f"hydra.run.dir={run_dir}"]) == 0
     finally:
         patch.undo()
     return run_dir
@@ -87,7 +64,7 @@ def trained_run(tmp_path_factory) -> Path:
 # -- --help -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("program", ["malora-train", "malora-eval", "malora-inspect"])
 def test_every_command_has_a_help_page_with_groups_options_and_described_keys(monkeypatch, capsys, program):
-    assert run_cli(monkeypatch, program, ["--help"]) == 0
+    assert run_program(monkeypatch, program, ["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {program} ")
     groups = {"malora-train": ["model", "adapter", "data", "trainer"], "malora-eval": ["model", "data"],
@@ -115,14 +92,14 @@ def test_every_schema_key_has_a_description():
 
 
 def test_help_shows_the_defaults_after_the_default_group_options(monkeypatch, capsys):
-    assert run_cli(monkeypatch, "malora-train", ["--help"]) == 0
+    assert run_program(monkeypatch, "malora-train", ["--help"]) == 0
     lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")}
     assert lines["trainer.max_steps"][1] == "50"  # conf/trainer/default.yaml, not the schema's 0
     assert lines["adapter.rank"][1:4] == ["8", "expert", "rank"]
 
 
 def test_malora_report_has_its_help_page(monkeypatch, capsys):
-    assert run_cli(monkeypatch, "malora-report", ["--help"]) == 0
+    assert run_program(monkeypatch, "malora-report", ["--help"]) == 0
     assert "usage: malora-report" in capsys.readouterr().out
 
 
@@ -152,7 +129,7 @@ def test_malora_report_has_its_help_page(monkeypatch, capsys):
 ])
 def test_bad_overrides_are_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path, override, message):
     run_dir = tmp_path / "run"
-    assert run_cli(monkeypatch, "malora-train", [*TINY, override, f"hydra.run.dir={run_dir}"]) == 2
+    assert run_program(monkeypatch, "malora-train", [*TINY, override, f"hydra.run.dir={run_dir}"]) == 2
     assert error_line(capsys).startswith(message)
     assert not run_dir.exists()  # not even Hydra's .hydra/ folder
 
@@ -170,15 +147,15 @@ def test_schedule_arguments_as_the_readme_gives_them_pass_the_checks():
 
 def test_compose_based_commands_give_the_same_one_line_errors(monkeypatch, capsys):
     for program in ("malora-eval", "malora-inspect"):
-        assert run_cli(monkeypatch, program, ["adapter.rnak=4"]) == 2
+        assert run_program(monkeypatch, program, ["adapter.rnak=4"]) == 2
         assert error_line(capsys, program) == "adapter.rnak: no such config key (did you mean adapter.rank?)"
-        assert run_cli(monkeypatch, program, ["--bogus"]) == 2
+        assert run_program(monkeypatch, program, ["--bogus"]) == 2
         assert error_line(capsys, program) == f"unknown option --bogus (see {program} --help)"
 
 
 def test_a_read_only_output_folder_is_one_line_naming_it(monkeypatch, capsys, read_only_dir):
     run_dir = read_only_dir / "run"
-    assert run_cli(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=1", f"hydra.run.dir={run_dir}"]) == 2
+    assert run_program(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=1", f"hydra.run.dir={run_dir}"]) == 2
     assert error_line(capsys).startswith(f"{run_dir}: cannot create the folder (")  # EACCES, or EPERM for root
     assert not run_dir.exists()
 
@@ -193,7 +170,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(monk
         return real_fsync(fd)
 
     monkeypatch.setattr(rd.os, "fsync", fsync)
-    assert run_cli(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=2", "trainer.save_every=2",
+    assert run_program(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=2", "trainer.save_every=2",
                                                  f"hydra.run.dir={run_dir}"]) == 2
     assert error_line(capsys, alone=False) == f"{run_dir / 'summary.json'}: cannot write it (No space left on device)"
     assert not (run_dir / "summary.json").exists() and not list(run_dir.glob(".summary.json*"))
@@ -201,7 +178,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(monk
 
 
 def test_a_missing_local_model_folder_says_so(monkeypatch, capsys, tmp_path):
-    assert run_cli(monkeypatch, "malora-train", [*TINY, "model.source=pretrained", "model.tokenizer=null",
+    assert run_program(monkeypatch, "malora-train", [*TINY, "model.source=pretrained", "model.tokenizer=null",
                                                  "model.name_or_path=./no-such-model",
                                                  f"hydra.run.dir={tmp_path / 'run'}"]) == 2
     assert error_line(capsys) == "model.name_or_path=./no-such-model: no such folder"
@@ -218,12 +195,12 @@ def test_a_run_that_fails_before_its_first_step_leaves_the_directory_reusable(mo
         raise RuntimeError("the evaluation ran out of memory")
 
     monkeypatch.setattr(Trainer, "evaluate", failing_eval)
-    assert run_cli(monkeypatch, "malora-train", argv) == 1  # not a user error: its traceback, as Hydra gives it
+    assert run_program(monkeypatch, "malora-train", argv) == 1  # not a user error: its traceback, as Hydra gives it
     assert "RuntimeError: the evaluation ran out of memory" in capsys.readouterr().err
     assert (run_dir / ".hydra").is_dir() and not (run_dir / "config.yaml").exists()
     monkeypatch.undo()
     capsys.readouterr()
-    assert run_cli(monkeypatch, "malora-train", argv) == 0  # no trainer.resume needed: nothing was started
+    assert run_program(monkeypatch, "malora-train", argv) == 0  # no trainer.resume needed: nothing was started
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
@@ -283,14 +260,14 @@ def test_a_completed_run_resumed_is_left_untouched(monkeypatch, capsys, trained_
     shutil.copytree(trained_run, run)
     before = snapshot(run)
     capsys.readouterr()
-    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", f"hydra.run.dir={run}"]) == 0
+    assert run_program(monkeypatch, "malora-train", ["trainer.resume=auto", f"hydra.run.dir={run}"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{run} is complete (4 steps, eval average ")
     assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == sorted(
         p.name for p in trained_run.iterdir())
 
     # asking for more steps continues from the last checkpoint, with the run's own config
-    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6",
+    assert run_program(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6",
                                                  f"hydra.run.dir={run}"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["adapter"] == "lora" and set(summary["eval_after"]) == {
@@ -307,11 +284,11 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_named_when_asked_for
     size = damaged.stat().st_size
     damaged.write_bytes(damaged.read_bytes()[:200])
     capsys.readouterr()
-    assert run_cli(monkeypatch, "malora-train", [f"trainer.resume={damaged.parent}", "trainer.max_steps=6",
+    assert run_program(monkeypatch, "malora-train", [f"trainer.resume={damaged.parent}", "trainer.max_steps=6",
                                                  f"hydra.run.dir={run}"]) == 2
     assert error_line(capsys) == (f"trainer.resume={damaged.parent}: damaged checkpoint: {damaged}: 200 bytes, "
                                   f"the manifest says {size} (truncated?)")
-    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6",
+    assert run_program(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6",
                                                  f"hydra.run.dir={run}"]) == 0
     log = (run / "cli.log").read_text()
     assert f"skipping damaged checkpoint step_4 ({damaged}: 200 bytes" in log
@@ -326,7 +303,7 @@ def test_resuming_refuses_a_change_of_tensor_shapes(monkeypatch, capsys, trained
     shutil.copytree(trained_run, run)
     before = snapshot(run)
     capsys.readouterr()
-    assert run_cli(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6", override,
+    assert run_program(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6", override,
                                                  f"hydra.run.dir={run}"]) == 2
     line = error_line(capsys)
     assert line.startswith(f"{key}=") and line.endswith(
@@ -347,7 +324,7 @@ def test_config_dir_adds_a_users_own_group_options(monkeypatch, capsys, tmp_path
     assert cfg.data.tasks == ["sentiment", "compare"] and cfg.data.eval_per_task == 6
     assert cfg.data.prompt_template == "alpaca"  # the schema's default: the file is typed and checked
     (mine / "bad.yaml").write_text("tasks: [a]\nsampling_rate: 2\n")
-    assert run_cli(monkeypatch, "malora-inspect", [f"--config-dir={tmp_path / 'myconf'}", "data=bad"]) == 2
+    assert run_program(monkeypatch, "malora-inspect", [f"--config-dir={tmp_path / 'myconf'}", "data=bad"]) == 2
     assert "sampling_rate" in error_line(capsys, "malora-inspect")
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_runner import run_program
 from safetensors.torch import load_file
 
 from malora_train.adapters import AdaptedCausalLM
@@ -22,27 +21,6 @@ from malora_train.train import checkpoint as ckpt
 from malora_train.train.loop import NonFiniteLoss, Trainer
 
 TASKS = ["sentiment", "category", "case", "compare", "arithmetic"]
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> int:
-    """``malora-train <argv>`` in this process; its exit status."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from malora_train.cli import train_main
-
-    monkeypatch.setattr(sys, "argv", ["malora-train", *argv])
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        train_main()
-        return 0
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    finally:  # Hydra configured logging for the job (into capsys' streams): put the test's back
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def error_lines(text: str) -> list[str]:
@@ -72,7 +50,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp
                                                                             tiny_training_overrides):
     run_dir = tmp_path / "run"
     nan_at_training_forward(monkeypatch, 5)
-    code = run_cli(monkeypatch, [*tiny_training_overrides, "trainer.max_steps=8", "trainer.save_every=2",
+    code = run_program(monkeypatch, "malora-train", [*tiny_training_overrides, "trainer.max_steps=8", "trainer.save_every=2",
                                  f"hydra.run.dir={run_dir}"])
     assert code == 2
     [line] = error_lines(capsys.readouterr().err)
@@ -118,13 +96,13 @@ def test_an_existing_run_dir_without_resume_is_refused_and_left_untouched(tmp_pa
     run_dir = tmp_path / "run"
     argv = [*tiny_training_overrides, "trainer.max_steps=2", "trainer.save_every=2",
             f"hydra.run.dir={run_dir}"]
-    assert run_cli(monkeypatch, argv) == 0
+    assert run_program(monkeypatch, "malora-train", argv) == 0
     before = snapshot(run_dir)
     hydra_files = {".hydra/config.yaml", ".hydra/overrides.yaml", "cli.log"}
     assert hydra_files | {"config.yaml", "metrics.jsonl", "summary.json"} <= set(before)
     capsys.readouterr()
 
-    assert run_cli(monkeypatch, [*argv, "adapter=lora"]) == 2
+    assert run_program(monkeypatch, "malora-train", [*argv, "adapter=lora"]) == 2
     [line] = error_lines(capsys.readouterr().err)
     assert line == (f"malora-train: error: hydra.run.dir={run_dir} already holds a run (config.yaml, "
                     "metrics.jsonl, summary.json, adapter, checkpoints); set trainer.resume=auto to continue "
@@ -218,7 +196,7 @@ def test_a_run_writes_metrics_summary_config_and_plot(tmp_path, monkeypatch, cap
     argv = [*tiny_training_overrides, "adapter=malora", "trainer.max_steps=4", "trainer.eval_before=true",
             "trainer.eval_every=2", "trainer.lr=0.002", "trainer.warmup_ratio=0.5", "trainer.progress=true",
             f"hydra.run.dir={run_dir}"]
-    assert run_cli(monkeypatch, argv) == 0
+    assert run_program(monkeypatch, "malora-train", argv) == 0
     out, err = capsys.readouterr()
 
     rows = read_metrics(run_dir)
