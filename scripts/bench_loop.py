@@ -4,7 +4,7 @@ PEFT LoRA on the same examples (``--baseline hf-peft``), in one process.
 
     python scripts/bench_loop.py                                       # `make bench-loop` (CPU: tiny model)
     python scripts/bench_loop.py --model smollm2_135m_shape --data commonsense_intra --device cuda \\
-        --adapters lora,molora,malora --modes eager,reduce-overhead --baseline hf-peft --json out.json \\
+        --adapters lora,molora,malora --modes eager,graphs --baseline hf-peft --json out.json \\
         -- data.root=/path/to/commonsense
 
 Per run: tokens/s (real tokens, median over the measured steps of each step's tokens over its time),
@@ -38,7 +38,9 @@ from malora_train.cli import compose  # noqa: E402
 from malora_train.labels import IGNORE_INDEX  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
-MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# eager, or a trainer.compile_mode; "+graphs" adds trainer.cuda_graphs=true ("graphs" alone: eager layers)
+MODES = ("eager", "graphs", "default", "default+graphs", "reduce-overhead", "max-autotune",
+         "max-autotune-no-cudagraphs")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,6 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--profile-steps", type=int, default=3, help="steps of the phase breakdown")
+    parser.add_argument("--kernels", type=int, default=0, help="also list the N kernels with the most device time")
     parser.add_argument("--no-packing", action="store_true", help="padded rows (data.packing=false)")
     parser.add_argument("--baseline", choices=("none", "hf-peft"), default="none")
     parser.add_argument("--json", type=Path, default=None)
@@ -72,8 +75,11 @@ def overrides_for(args: argparse.Namespace, adapter: str, mode: str) -> list[str
            f"trainer.micro_batch_size={args.rows}", f"data.max_length={args.length}",
            f"data.packing={'false' if args.no_packing else 'true'}", "trainer.eval_before=false",
            "trainer.progress=false", "trainer.save_every=0", f"trainer.log_every={total}", "data.eval_per_task=1"]
-    if mode != "eager":
-        out += ["trainer.compile=true", f"trainer.compile_mode={mode}"]
+    compile_mode, graphs = mode.removesuffix("+graphs"), mode.endswith("graphs")
+    if compile_mode not in ("eager", "graphs"):
+        out += ["trainer.compile=true", f"trainer.compile_mode={compile_mode}"]
+    if graphs:
+        out.append("trainer.cuda_graphs=true")
     return out + list(args.overrides)
 
 
@@ -108,9 +114,10 @@ def summarise(times: list[float], tokens: list[int]) -> dict[str, float]:
             "tokens_per_step": statistics.mean(tokens), "mean_tokens_per_s": sum(tokens) / sum(times)}
 
 
-def phase_breakdown(step, steps: int, cuda: bool) -> dict[str, dict[str, float]]:
+def phase_breakdown(step, steps: int, cuda: bool, kernels: int = 0) -> tuple[dict[str, dict[str, float]], list]:
     """Host and device milliseconds per named phase (the spans of its annotation on the host timeline and,
-    on a GPU, on the device timeline), averaged over ``steps`` profiled steps."""
+    on a GPU, on the device timeline), averaged over ``steps`` profiled steps; and the ``kernels`` kernels
+    with the most device time, as [name, ms per step, launches per step]."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -125,7 +132,12 @@ def phase_breakdown(step, steps: int, cuda: bool) -> dict[str, dict[str, float]]
         if event.name in result:
             side = "host_ms" if event.device_type == DeviceType.CPU else "device_ms"
             result[event.name][side] += event.time_range.elapsed_us() / 1000 / steps
-    return result
+    top = []
+    if cuda and kernels:
+        averages = [a for a in prof.key_averages() if a.device_type == DeviceType.CUDA]
+        averages.sort(key=lambda a: a.self_device_time_total, reverse=True)
+        top = [[a.key[:90], a.self_device_time_total / 1000 / steps, a.count / steps] for a in averages[:kernels]]
+    return result, top
 
 
 def reset_process_state() -> None:
@@ -176,7 +188,8 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, workdir: Pat
            "warmup_s": warm - first_step, "trainable_params": trainer.params["trainable"],
            "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
     if args.profile_steps:
-        row["phases"] = phase_breakdown(step, args.profile_steps, device.type == "cuda")
+        row["phases"], row["kernels"] = phase_breakdown(step, args.profile_steps, device.type == "cuda",
+                                                        args.kernels)
     metrics, _, _ = trainer.window.read(lambda t: t, 1, bool(trainer.model.mixture_layers()))
     row["final_lm_loss"] = metrics["lm_loss"]
     return row
@@ -262,6 +275,8 @@ def table(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
         if r.get("phases"):
             parts = ", ".join(f"{k} {v['host_ms']:.1f}/{v['device_ms']:.1f}" for k, v in r["phases"].items())
             lines.append(f"  {r['name']} {r['mode']} phases (host/device ms per step): {parts}")
+        for name, ms, count in r.get("kernels") or []:
+            lines.append(f"    {ms:7.2f} ms {count:6.0f}x  {name}")
     return "\n".join(lines)
 
 

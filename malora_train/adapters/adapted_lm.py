@@ -3,7 +3,7 @@ answer tokens and the routers' auxiliary loss separately."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,11 @@ class AdaptedOutput:
     token_loss: torch.Tensor  # (K,) each answer position's loss (0 on padding slots), detached
     loss_task: torch.Tensor  # (K,) the task of each answer position
     layer_balance: torch.Tensor | None  # (decoder layers,) balance loss per decoder layer, detached
+
+    def detached(self) -> AdaptedOutput:
+        """The same values cut from the autograd graph (what bookkeeping keeps after the backward)."""
+        return AdaptedOutput(**{f.name: (v.detach() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                                for f in fields(self)})
 
 
 class AdaptedCausalLM(nn.Module):

@@ -131,6 +131,7 @@ class AdapterLinear(nn.Module):
         self.scaling = scaling_factor(alpha, expert_rank, use_rslora)
         self.dropout_p = dropout
         self.impl = impl
+        self.dropout_salt = 0  # tells this layer's dropout mask from the others' under a device seed (inject sets it)
 
     def param_factory(self, *shape: int) -> nn.Parameter:
         device = self.base.weight.device
@@ -176,7 +177,7 @@ class AdapterLinear(nn.Module):
         return self.lora_A
 
     def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
-        z = fused.project(x, self.down_projection(), None, self.dropout_p, self.training)
+        z = fused.project(x, self.down_projection(), None, self.dropout_p, self.training, self.dropout_salt)
         return fused.gated_up(z, flat_out, self.lora_B, self.scaling)
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +322,7 @@ class MixtureAdapterLinear(AdapterLinear):
         # multiplicative jitter changes the router's input, so the logits cannot share the pass over x
         fused_router = not (self.training and self.jitter_noise > 0)
         projected = fused.project(x, self.down_projection(), self.router if fused_router else None,
-                                  self.dropout_p, self.training)
+                                  self.dropout_p, self.training, self.dropout_salt)
         if fused_router:
             z, logits = projected
         else:

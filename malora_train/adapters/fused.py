@@ -13,8 +13,10 @@ same Functions run on plain torch ops, which is what the equation tests check in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,23 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+_device_seed: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def device_dropout_seed(seed: torch.Tensor) -> Iterator[None]:
+    """Inside: the dropout kernels read their seed from ``seed`` (a one-element int64 CUDA tensor) when
+    they run, plus a salt per layer, instead of taking a number drawn when they are launched. A CUDA
+    graph replays its kernels with the arguments of its capture, so a captured step draws new masks
+    only this way (the caller writes a new seed before each replay)."""
+    global _device_seed
+    previous, _device_seed = _device_seed, seed
+    try:
+        yield
+    finally:
+        _device_seed = previous
+
+
 def _keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Bernoulli(1 - p) keep mask scaled by 1 / (1 - p), drawn again identically from ``seed``; in at
     least float32, as F.dropout scales (a bf16 1/0.95 would be off by 2e-3)."""
@@ -102,6 +121,9 @@ class _Project(torch.autograd.Function):
                 _kernel_failure(err)
                 kernel = False
         if not kernel:
+            if isinstance(seed, tuple):
+                raise RuntimeError("a device-side dropout seed (trainer.cuda_graphs) needs the Triton adapter "
+                                   "kernels; set adapter.dropout=0 to run without them")
             bits = None
             with _no_autocast(x):
                 xd = x * _keep_mask(x, p, seed) if p > 0 else x
@@ -155,11 +177,15 @@ class _Project(torch.autograd.Function):
         return gx, gdown, grouter, None, None, None
 
 
-def project(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p: float, training: bool):
+def project(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p: float, training: bool,
+            salt: int = 0):
     """``z = down dropout(x)`` in the compute dtype and, when ``router`` is given, float32 logits
-    ``router x`` (the router sees x without dropout). Returns z, or (z, logits) with a router."""
+    ``router x`` (the router sees x without dropout). Returns z, or (z, logits) with a router.
+    ``salt`` tells layers apart under ``device_dropout_seed`` (each layer's mask its own)."""
     p = p if training else 0.0
-    seed = draw_seed() if p > 0 else 0
+    seed: int | tuple[torch.Tensor, int] = 0
+    if p > 0:
+        seed = draw_seed() if _device_seed is None else (_device_seed, salt << 32)  # Philox's high word
     return _Project.apply(x, down, router, p, seed, compute_dtype(x))
 
 

@@ -58,11 +58,12 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, context: RoutingContex
     names = match_targets(model, cfg.target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in names:
+    for index, name in enumerate(names):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = cls(getattr(parent, child), **kwargs)
         layer.apply_freezing(cfg)
+        layer.dropout_salt = index
         setattr(parent, child, layer)
     return names
 

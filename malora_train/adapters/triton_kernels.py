@@ -59,11 +59,11 @@ def _unpack_keep(bits_ptr, rows, row_ok, word0, W, BLOCK_R: tl.constexpr, BLOCK_
 
 @triton.jit(do_not_specialize=["seed"])
 def _project_fwd_kernel(
-    x_ptr, d_ptr, w_ptr, z_ptr, logit_ptr, bits_ptr, T, n, seed, threshold, scale,
+    x_ptr, d_ptr, w_ptr, z_ptr, logit_ptr, bits_ptr, seed_ptr, T, n, seed, threshold, scale,
     R: tl.constexpr, N: tl.constexpr,
     R_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_ROUTER: tl.constexpr, DROPOUT: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
-    X_EXACT: tl.constexpr,
+    X_EXACT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
 ):
     # Every tensor is contiguous (the launchers make sure): rows of x are n long, of the mask W words.
     # (threshold and scale stay runtime values: as constexprs they make Triton 3.6 hoist the mask
@@ -80,6 +80,8 @@ def _project_fwd_kernel(
     acc = tl.zeros((BLOCK_M, R_PAD), tl.float32)
     acc_l = tl.zeros((BLOCK_M, N_PAD), tl.float32)
     row_draws = tl.cdiv(n, BLOCK_K) * Q  # Philox counters per row
+    if SEED_FROM_PTR:  # a captured step: the seed is read at replay time, ``seed`` salts it per layer
+        seed = tl.load(seed_ptr) + seed
     for k0 in range(0, n, BLOCK_K):
         b = k0 // BLOCK_K
         if DROPOUT:
@@ -231,11 +233,13 @@ def mask_words(n: int) -> int:
     return triton.cdiv(n, MASK_BITS)
 
 
-def project_forward(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p: float, seed: int,
-                    compute_dtype: torch.dtype, split_dtype: torch.dtype = torch.bfloat16,
-                    block_m: int | None = None, block_k: int = 128, num_warps: int = 4, num_stages: int = 3):
+def project_forward(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p: float,
+                    seed: int | tuple[torch.Tensor, int], compute_dtype: torch.dtype,
+                    split_dtype: torch.dtype = torch.bfloat16, block_m: int | None = None, block_k: int = 128,
+                    num_warps: int = 4, num_stages: int = 3):
     """(z (T, R) compute dtype, logits (T, N) float32 or None, packed keep mask (T, W) int32 or None).
-    ``down`` is best passed in the compute dtype: every block of rows reads all of it."""
+    ``down`` is best passed in the compute dtype: every block of rows reads all of it. ``seed``: the
+    dropout seed, or (a one-element int64 device tensor, an int added to it) read when the kernel runs."""
     T, n = x.shape
     R = down.shape[0]
     N = router.shape[0] if router is not None else 1
@@ -244,12 +248,13 @@ def project_forward(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | 
     logits = torch.empty(T, N, device=x.device, dtype=torch.float32) if router is not None else None
     bits = torch.empty(T, mask_words(n), device=x.device, dtype=torch.int32) if dropout else None
     block_m = block_m or (32 if T >= 32 * 100 else 16)
+    seed_tensor, seed = seed if isinstance(seed, tuple) else (None, seed)
     _project_fwd_kernel[(triton.cdiv(T, block_m),)](
-        x, down, router, z, logits, bits, T, n, seed, keep_threshold(p), 1.0 / (1.0 - p),
+        x, down, router, z, logits, bits, seed_tensor, T, n, seed, keep_threshold(p), 1.0 / (1.0 - p),
         R=R, N=N, R_PAD=_pad(R), N_PAD=_pad(N),
         BLOCK_M=block_m, BLOCK_K=block_k, HAS_ROUTER=router is not None, DROPOUT=dropout,
         CDT=_TL_DTYPES[compute_dtype], SPLIT=_TL_DTYPES[split_dtype], X_EXACT=x.dtype == split_dtype,
-        num_warps=num_warps, num_stages=num_stages,
+        SEED_FROM_PTR=seed_tensor is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return z, logits, bits
 

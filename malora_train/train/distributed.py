@@ -119,6 +119,11 @@ def check_launch(trainer: TrainerConfig, accelerator: Accelerator) -> None:
     if trainer.skip_nonfinite and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("trainer.skip_nonfinite=true is not supported under DeepSpeed (its engine applies "
                           "the accumulated gradients itself); run without it")
+    if trainer.cuda_graphs and (accelerator.device.type != "cuda" or accelerator.num_processes > 1):
+        where = (f"{accelerator.num_processes} processes" if accelerator.num_processes > 1
+                 else f"device {accelerator.device.type}")
+        raise ConfigError(f"trainer.cuda_graphs=true needs one process on a CUDA GPU (this launch: {where}); "
+                          "set it to false")
 
 
 def configure_deepspeed(accelerator: Accelerator, trainer: TrainerConfig) -> None:

@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
 
-from malora_train.adapters import AdaptedCausalLM, parameter_report
+from malora_train.adapters import AdaptedCausalLM, AdaptedOutput, parameter_report
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
 from malora_train.errors import MaloraError, launch_rank
@@ -68,6 +68,7 @@ from malora_train.train.distributed import (
     model_init_context,
     to_device,
 )
+from malora_train.train.graphs import StepGraphs
 from malora_train.train.metrics import (
     MetricsLogger,
     Progress,
@@ -202,11 +203,15 @@ class Trainer:
         schedule, and the engine Accelerate wraps the model into."""
         trainer, acc = self.cfg.trainer, self.accelerator
         fused = acc.device.type == "cuda" and not self.deepspeed
-        optimizer = build_optimizer(self.model, trainer, fused=fused)
+        optimizer = build_optimizer(self.model, trainer, fused=fused, capturable=trainer.cuda_graphs)
         self.scheduler = build_scheduler(optimizer, trainer, self.total_steps)
         configure_deepspeed(acc, trainer)
         self.engine, self.optimizer = acc.prepare(self.model, optimizer)
         set_seed(self.cfg.seed, device_specific=True)  # dropout: rank 0 as one process would, others their own
+        self.graphs = None
+        if trainer.cuda_graphs:
+            self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device)
+            self._loss_multiple = 256  # answer positions padded to a multiple: few shapes, so few graphs
 
     def _setup_state(self, resolved_yaml: str, overrides: list[str]) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the metrics log."""
@@ -315,7 +320,7 @@ class Trainer:
                           "trainer.log_every=1 names the step)")
             raise NonFiniteLoss(f"non-finite loss {where}; {self.checkpointer.last_good_hint()} (resume with "
                                 "trainer.resume=auto and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
-        metrics["lr"] = self._last_lr
+        metrics["lr"] = float(self._last_lr)  # a device tensor under trainer.cuda_graphs
         metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
         if self._skipped:
             metrics["skipped"] = self._skipped
@@ -324,10 +329,53 @@ class Trainer:
         return metrics
 
     # -- one optimiser step ----------------------------------------------------------------------------------
+    def _graphed_step(self) -> None:
+        """``train_step`` with ``trainer.cuda_graphs``: the same maths, its device work replayed as CUDA
+        graphs (``graphs.StepGraphs``); the step's answer-token count goes in as a tensor."""
+        trainer = self.cfg.trainer
+        with phase("data"):
+            batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
+            answers = sum(answer_tokens(b) for b in batches)
+            tokens = sum(real_tokens(b) for b in batches)
+            normalizer = torch.tensor(float(max(1, answers)))
+        self._last_lr = self.scheduler.get_last_lr()[0]
+        for batch in batches:
+            with phase("data"):
+                host = self._local_batch(batch)
+                inputs = {k: v for k, v in host.items() if k != "labels"}
+            with phase("forward"):  # and backward: one graph
+                out = self.graphs.micro_step({**inputs, "loss_normalizer": normalizer})
+            with phase("bookkeeping"):
+                self.window.add_forward(out, host)
+        with phase("optimizer"):
+            grad_norm = self.graphs.update()
+        with phase("bookkeeping"):
+            self.scheduler.step()
+            self.window.add_step(tokens, answers, grad_norm)
+            self.state.tokens += tokens
+
+    def _forward_backward(self, inputs: dict[str, torch.Tensor]) -> AdaptedOutput:
+        """One micro-batch's forward and backward as ``train_step`` runs them (graphs call it). The output
+        comes back detached: an autograd graph of an eager run still alive during a capture would tie the
+        capture to the default stream."""
+        out = self.engine(**inputs)
+        (out.lm_loss + out.aux_loss / self.cfg.trainer.grad_accum).backward()
+        return out.detached()
+
+    def _update(self) -> torch.Tensor | None:
+        """Clip, step, zero the gradients in place (graphs call it; they keep the gradient tensors)."""
+        max_norm = self.cfg.trainer.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True) if max_norm > 0 else None
+        self.optimizer.optimizer.step()
+        self.optimizer.optimizer.zero_grad(set_to_none=False)
+        return grad_norm
+
     def train_step(self) -> None:
         """Queue one optimiser step on the device. Nothing here waits for the device (with
         ``trainer.skip_nonfinite`` the finite check does): its metrics wait in ``self.window``. The phases
         are named for the profiler (``scripts/bench_loop.py`` reports them)."""
+        if self.graphs is not None:
+            return self._graphed_step()
         trainer, acc = self.cfg.trainer, self.accelerator
         with phase("data"):
             batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]

@@ -65,6 +65,15 @@ def check_trainer(cfg: Config) -> None:
     check_choice("trainer.compile_scope", trainer.compile_scope, COMPILE_SCOPES)
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
+    if trainer.cuda_graphs:
+        if cfg.data.packing is False:
+            raise ConfigError("trainer.cuda_graphs=true needs the fixed shapes of data.packing=true")
+        if trainer.skip_nonfinite:
+            raise ConfigError("trainer.cuda_graphs=true cannot skip steps (trainer.skip_nonfinite=true reads "
+                              "the loss on the host every step); set one of them to false")
+        if trainer.compile and trainer.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"trainer.compile_mode={trainer.compile_mode} makes CUDA graphs of its own; with "
+                              "trainer.cuda_graphs=true use compile_mode=default or max-autotune-no-cudagraphs")
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
     check_schedule(trainer)  # a transformers.get_scheduler name and the arguments it takes

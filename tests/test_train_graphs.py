@@ -1,0 +1,97 @@
+"""trainer.cuda_graphs on the CPU: the bookkeeping of ``graphs.StepGraphs`` (eager first, then one set of
+input tensors per shape reused by every later call) and the graphed training step giving the eager
+step's losses. The captures themselves run on a GPU only (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from malora_train.train.graphs import StepGraphs, input_key
+
+
+def _step_graphs(max_graphs: int = 8):
+    weight = torch.nn.Parameter(torch.ones(3))
+    seen_inputs: list[dict[str, torch.Tensor]] = []
+    updates: list[int] = []
+
+    def forward_backward(inputs):
+        seen_inputs.append(inputs)
+        (weight * inputs["x"].sum()).sum().backward()
+        return inputs["x"].sum()
+
+    def update():
+        updates.append(1)
+        with torch.no_grad():
+            weight.sub_(0.1 * weight.grad)
+            weight.grad.zero_()
+
+    graphs = StepGraphs(forward_backward, update, [weight], torch.device("cpu"), max_graphs=max_graphs)
+    return graphs, weight, seen_inputs, updates
+
+
+def test_first_sight_runs_eagerly_then_one_set_of_input_tensors_per_shape() -> None:
+    graphs, weight, seen, _ = _step_graphs()
+    assert weight.grad is not None and not weight.grad.any()  # allocated up front, zero
+    small = [{"x": torch.full((2,), float(i))} for i in range(4)]
+    outputs = [graphs.micro_step(inputs) for inputs in small]
+    assert [float(o) for o in outputs] == [0.0, 2.0, 4.0, 6.0]  # each call computed on its own batch
+    assert seen[0] is not seen[1]  # eager: a fresh copy
+    assert seen[1] is seen[2] is seen[3]  # captured: the same input tensors, refilled
+    big = graphs.micro_step({"x": torch.ones(5)})
+    assert float(big) == 5.0 and seen[4] is not seen[1]  # a new shape starts eagerly again
+    assert graphs.graph_count == 1
+    assert input_key({"x": torch.ones(5)}) != input_key({"x": torch.ones(2)})
+    assert input_key({"x": torch.ones(2)}) != input_key({"x": torch.ones(2, dtype=torch.long)})
+
+
+def test_no_more_graphs_than_max_graphs() -> None:
+    graphs, _, seen, _ = _step_graphs(max_graphs=1)
+    for length in (2, 2, 3, 3, 3):
+        graphs.micro_step({"x": torch.ones(length)})
+    assert graphs.graph_count == 1
+    assert seen[3] is not seen[4]  # the second shape stays eager
+
+
+def test_the_update_runs_every_step() -> None:
+    graphs, weight, _, updates = _step_graphs()
+    for _ in range(3):
+        graphs.micro_step({"x": torch.ones(2)})
+        graphs.update()
+    assert len(updates) == 3
+    # d/dw of sum(w * 2) is 2 per element; three SGD steps of 0.1 x 2 from 1
+    assert torch.allclose(weight.detach(), torch.full((3,), 1 - 3 * 0.2))
+
+
+@pytest.mark.parametrize("kind", ["lora", "malora"])
+def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train_losses, monkeypatch) -> None:
+    """The graphed step's code path (inputs copied into fixed tensors, the normaliser as a tensor, the
+    gradients zeroed in place, AdamW with a tensor learning rate) trains as the eager step does; on the
+    CPU nothing is captured, so the launch check that asks for a GPU is lifted for this test."""
+    import malora_train.train.loop as loop
+
+    monkeypatch.setattr(loop, "check_launch", lambda trainer, accelerator: None)
+    common = [f"adapter={kind}", "data.packing=true", "adapter.dropout=0", "trainer.max_steps=6",
+              "trainer.grad_accum=2", "trainer.eval_after=false"]
+    run_training(tmp_path / "graphed", *common, "trainer.cuda_graphs=true")
+    run_training(tmp_path / "eager", *common)
+    graphed, eager = train_losses(tmp_path / "graphed"), train_losses(tmp_path / "eager")
+    assert list(graphed) == list(range(1, 7))
+    assert graphed == pytest.approx(eager, rel=1e-5)
+    graphed_norm = train_losses(tmp_path / "graphed", "grad_norm")
+    assert graphed_norm == pytest.approx(train_losses(tmp_path / "eager", "grad_norm"), rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.packing=false"], "trainer.cuda_graphs=true needs the fixed shapes of data.packing=true"),
+    (["trainer.skip_nonfinite=true"], "trainer.cuda_graphs=true cannot skip steps"),
+    (["trainer.compile=true", "trainer.compile_mode=reduce-overhead"], "trainer.compile_mode=reduce-overhead"),
+    ([], "trainer.cuda_graphs=true needs one process on a CUDA GPU (this launch: device cpu)"),
+])
+def test_cuda_graphs_refuses_what_it_cannot_capture(overrides, message, tmp_path, run_training) -> None:
+    from malora_train.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        run_training(tmp_path / "run", "trainer.cuda_graphs=true", *overrides)
+    assert message in str(err.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
