@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup train test bench bench-loop bench-gpu lint clean
+.PHONY: setup train test study bench bench-loop bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ train: setup
 
 test: setup
 	$(VENV)/bin/pytest -q tests
+
+# The paper's comparison, one part at a time (resumable; see scripts/study.py and the README):
+#   make study PART=commonsense|ablations|synthetic|bigbench_probe|bigbench [ARGS="overrides --out DIR"]
+study: setup
+	@test -n "$(PART)" || { echo "make study: set PART=commonsense|ablations|synthetic|bigbench_probe|bigbench" >&2; exit 2; }
+	$(PY) scripts/study.py $(PART) $(ARGS)
 
 bench: setup
 	$(PY) scripts/bench.py --model tiny --device cpu $(ARGS)

@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import re
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -354,3 +355,44 @@ def test_fetch_extracts_only_the_chosen_tasks(tmp_path, fetch_script):
     with pytest.raises(SystemExit, match="no task.json for delta"):
         fetch_script.extract_tasks(sdist, ["gamma", "delta"], cache)
     assert not (cache / "gamma").exists()  # nothing written when a task is missing
+
+
+def fake_tree(root: Path) -> Path:
+    """The source tree pip unpacks (and, since pip 24, refuses to save as an archive)."""
+    tasks = root / "bigbench" / "benchmark_tasks"
+    for name, text in {"alpha/task.json": '{"examples": [0]}', "beta/sub/task.json": '{"examples": [1]}',
+                       "gamma/task.json": '{"examples": [2]}'}.items():
+        (tasks / name).parent.mkdir(parents=True, exist_ok=True)
+        (tasks / name).write_text(text)
+    (root / "bigbench" / "api").mkdir()
+    (root / "bigbench" / "api" / "task.json").write_text("not a task")
+    return root
+
+
+def test_fetch_reads_an_unpacked_tree_and_a_presets_task_list(tmp_path, fetch_script):
+    tree = fake_tree(tmp_path / "bigbench_0123")
+    preset = tmp_path / "probe.yaml"
+    preset.write_text("# @package _global_\ndata:\n  tasks: [beta, gamma]\n")
+    cache = tmp_path / "cache"
+    fetch_script.main(["--sdist", str(tree), "--tasks-of", str(preset), "--cache-dir", str(cache)])
+    written = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    assert written == ["beta/sub/task.json", "gamma/task.json"]
+    preset.write_text("data:\n  max_length: 3\n")
+    with pytest.raises(SystemExit, match="no data.tasks"):
+        fetch_script.main(["--sdist", str(tree), "--tasks-of", str(preset), "--cache-dir", str(cache)])
+
+
+def test_download_uses_the_tree_pip_unpacked_when_it_saves_no_archive(tmp_path, fetch_script, monkeypatch):
+    def pip_refusing(command, env):  # recent pip: unpacks into $TMPDIR, then refuses the bleurt URL dependency
+        assert "--no-clean" in command
+        fake_tree(Path(env["TMPDIR"]) / "pip-download-x1" / "bigbench_abc")
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(fetch_script.subprocess, "run", pip_refusing)
+    source = fetch_script.download_sdist(tmp_path)
+    assert source == tmp_path / "pip-download-x1" / "bigbench_abc"
+    written = fetch_script.extract_tasks(source, ["alpha"], tmp_path / "cache")
+    assert written == {"alpha": [tmp_path / "cache" / "alpha" / "task.json"]}
+    monkeypatch.setattr(fetch_script.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 1))
+    with pytest.raises(SystemExit, match="left neither"):
+        fetch_script.download_sdist(tmp_path / "empty")

@@ -30,6 +30,7 @@ def fake_results(kind: str, rank: int, seed: int) -> dict:
         "accuracy": accuracy,
         "average": sum(accuracy.values()) / len(accuracy),
         "tokens_per_s": 1000.0 + 37.0 * seed + (100.0 if kind == "lora" else 0.0),
+        "train_time_s": 2.0 + 0.5 * seed + (0.3 if kind == "lora" else 0.0) + 0.01 * rank,
         "final_lm_loss": 1.5 - 0.01 * rank + 0.05 * seed,
         "trainable_params": KINDS[kind] * rank,
     }
@@ -56,7 +57,8 @@ def write_run(job_dir: Path, overrides: list[str], kind: str, results: dict | No
     (job_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     summary = {
         "status": "completed", "model": "tiny", "adapter": kind, "steps": steps, "tokens": 12_345,
-        "wall_time_s": 12.3, "tokens_per_s": results["tokens_per_s"], "peak_memory_gb": 0.4,
+        "wall_time_s": 12.3, "train_time_s": results["train_time_s"], "tokens_per_s": results["tokens_per_s"],
+        "peak_memory_gb": 0.4,
         "trainable_params": results["trainable_params"],
         "total_params": 1_000_000 + results["trainable_params"],
         "trainable_percent": 100 * results["trainable_params"] / 1_000_000,
@@ -98,13 +100,14 @@ def expected(kind: str, rank: int) -> dict[str, tuple[float, float]]:
     values["acc_average"] = [r["average"] for r in runs]
     values["final_lm_loss"] = [r["final_lm_loss"] for r in runs]
     values["tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    values["step_time_s"] = [r["train_time_s"] / TRAIN_STEPS for r in runs]
     return {name: (statistics.mean(v), statistics.stdev(v)) for name, v in values.items()}
 
 
 def test_csv_has_one_line_per_configuration_with_mean_and_std_over_seeds(sweep: Path, capsys) -> None:
     main([str(sweep)])
     rows = read_csv(sweep / "report.csv")
-    metrics = [f"acc_{t}" for t in TASKS] + ["acc_average", "final_lm_loss", "tokens_per_s"]
+    metrics = [f"acc_{t}" for t in TASKS] + ["acc_average", "final_lm_loss", "tokens_per_s", "step_time_s"]
     stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
     assert list(rows[0]) == ["config", "adapter", "seeds", "incomplete", "failed", "trainable_params",
                              "trainable_percent", *stats]
@@ -132,7 +135,7 @@ def test_markdown_table_is_written_and_printed_with_the_incomplete_run(sweep: Pa
     assert printed == (sweep / "report.md").read_text()
     lines = printed.splitlines()
     assert lines[0] == ("| config | adapter | trainable params | seeds | boolq | piqa | arc_e | average | "
-                        "final lm_loss | tokens/s |")
+                        "final lm_loss | tokens/s | step time (s) |")
     mean, std = expected("lora", 8)["acc_piqa"]
     lora8 = next(line for line in lines if "`adapter=lora,adapter.rank=8`" in line)
     cells = [c.strip() for c in lora8.strip("|").split("|")]

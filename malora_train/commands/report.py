@@ -1,5 +1,7 @@
-"""``malora-report <dir>``: gather the runs of a sweep (a Hydra multirun folder, or any folder of runs) into
-one table, mean ± sample std over seeds, as report.md, report.csv and accuracy_vs_params.png.
+"""``malora-report <dir> [<dir> ...]``: gather the runs of one or more sweeps (Hydra multirun folders, or any
+folders of runs) into one table, mean ± sample std over seeds, as report.md, report.csv and
+accuracy_vs_params.png; report.md adds the paired comparison over seeds of every two configurations
+(``study_stats``) and the routing of each mixture (``study_routing``).
 
 A run is a folder holding ``summary.json`` (written when training finished), ``metrics.jsonl``,
 ``failure.json`` (a sweep job that raised: its error) or ``.hydra/overrides.yaml``; a run with a failure
@@ -22,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from malora_train.commands.study_routing import configuration_routing, read_routing, routing_markdown
+from malora_train.commands.study_stats import PairedComparison, paired_comparison
 from malora_train.errors import DataError, MaloraError, exit_with_error
 from malora_train.run_dir import (
     CONFIG_FILE,
@@ -62,6 +66,9 @@ class Run:
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
     average: float | None = None
     tokens_per_s: float | None = None
+    step_time_s: float | None = None  # training time per optimizer step (evaluation excluded)
+    routing: dict[str, Any] | None = None  # routing.json of a mixture
+    where: str = ""  # the run's folder as the report names it (relative to the folder given)
 
     @property
     def completed(self) -> bool:
@@ -107,6 +114,7 @@ class Row:
     average: Stat
     final_lm_loss: Stat
     tokens_per_s: Stat
+    step_time_s: Stat = dataclasses.field(default_factory=lambda: Stat(None, None))
 
     @property
     def config(self) -> str:
@@ -115,6 +123,15 @@ class Row:
     @property
     def label(self) -> str:
         return ",".join(self.distinct) or "default"
+
+    def averages_by_seed(self) -> dict[str, float]:
+        """Seed -> average accuracy after training (a seed run twice: the mean of its runs; a run without a
+        ``seed=`` override counts as seed ``default``)."""
+        values: dict[str, list[float]] = {}
+        for run in self.runs:
+            if run.average is not None:
+                values.setdefault(run.seed or "default", []).append(run.average)
+        return {seed: statistics.fmean(v) for seed, v in values.items()}
 
 
 # -- reading runs ------------------------------------------------------------------------------------------
@@ -194,7 +211,8 @@ def read_run(run_dir: Path, root: Path) -> Run:
     overrides = read_overrides(run_dir, root)
     steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
     run = Run(path=run_dir, overrides=overrides, adapter=adapter_kind(run_dir, overrides, summary),
-              status=run_status(summary, failure), last_step=max(steps) if steps else None)
+              status=run_status(summary, failure), last_step=max(steps) if steps else None,
+              where=run_dir.relative_to(root).as_posix() if run_dir != root else ".")
     if run.failed:
         run.error = str(failure.get("error") or failure.get("error_type") or "no error recorded")
     if not run.completed:
@@ -209,6 +227,9 @@ def read_run(run_dir: Path, root: Path) -> Run:
     run.trainable_params = int(params) if params is not None else None
     run.trainable_percent = number(summary, "trainable_percent", summary_path)
     run.final_lm_loss = final_lm_loss(metrics_path, records)
+    train_time, steps_done = number(summary, "train_time_s", summary_path), number(summary, "steps", summary_path)
+    run.step_time_s = train_time / steps_done if train_time is not None and steps_done else None
+    run.routing = read_routing(run_dir)
     return run
 
 
@@ -248,6 +269,7 @@ def aggregate(overrides: list[str], runs: list[Run]) -> Row:
         average=Stat.of([r.average for r in done]),
         final_lm_loss=Stat.of([r.final_lm_loss for r in done]),
         tokens_per_s=Stat.of([r.tokens_per_s for r in done]),
+        step_time_s=Stat.of([r.step_time_s for r in done]),
     )
 
 
@@ -312,47 +334,88 @@ def format_seeds(row: Row) -> str:
 def markdown_table(rows: list[Row]) -> str:
     tasks = task_names(rows)
     header = ["config", "adapter", "trainable params", "seeds", *tasks, "average", "final lm_loss",
-              "tokens/s"]
-    align = ["---"] * 4 + ["---:"] * (len(tasks) + 3)  # numbers right-aligned
+              "tokens/s", "step time (s)"]
+    align = ["---"] * 4 + ["---:"] * (len(tasks) + 4)  # numbers right-aligned
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in rows:
         cells = [f"`{row.label}`".replace("|", "\\|"), row.adapter, format_params(row), format_seeds(row),
                  *(format_stat(row.accuracy.get(t), 2) for t in tasks), format_stat(row.average, 2),
-                 format_stat(row.final_lm_loss, 4), format_stat(row.tokens_per_s, 0)]
+                 format_stat(row.final_lm_loss, 4), format_stat(row.tokens_per_s, 0),
+                 format_stat(row.step_time_s, 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def unfinished_list(rows: list[Row], root: Path) -> str:
+def unfinished_list(rows: list[Row]) -> str:
     runs = [run for row in rows for run in row.unfinished]
     if not runs:
         return ""
     lines = [f"Runs not aggregated ({len(runs)}, failed or without a completed summary.json):"]
     for run in runs:
         step = f"last logged step {run.last_step}" if run.last_step is not None else "nothing logged"
-        where = run.path.relative_to(root).as_posix() if run.path != root else "."
+        where = run.where
         overrides = ",".join(run.overrides) or "default"
         status = f"failed: {run.error}" if run.failed else run.status
         lines.append(f"- `{where}` (`{overrides}`): {status}, {step}")
     return "\n".join(lines)
 
 
-def markdown_report(rows: list[Row], root: Path) -> str:
-    """The table, a line on what it shows, and the runs left out of it."""
+def markdown_report(rows: list[Row]) -> str:
+    """The table, a line on what it shows, the runs left out of it, the paired comparisons and the routing."""
     parts = [markdown_table(rows),
-             "Accuracy after training (%), final training lm_loss and tokens/s: mean ± sample std over seeds "
-             f"({MISSING} for a single seed)."]
+             "Accuracy after training (%), final training lm_loss, tokens/s and training time per step: mean ± "
+             f"sample std over seeds ({MISSING} for a single seed)."]
     shared = common_overrides(rows)
     if shared:
         parts.append(f"Overrides shared by every configuration: `{','.join(shared)}`.")
-    unfinished = unfinished_list(rows, root)
+    unfinished = unfinished_list(rows)
     if unfinished:
         parts.append(unfinished)
+    comparisons = paired_comparisons(rows)
+    if comparisons:
+        parts.append(comparison_markdown(comparisons))
+    routing = [routing_markdown(row.label, r) for row in rows
+               if (r := configuration_routing([run.routing for run in row.runs if run.routing]))]
+    if routing:
+        parts.append("### Routing\n\n" + "\n\n".join(routing))
     return "\n\n".join(parts) + "\n"
 
 
+def paired_comparisons(rows: list[Row]) -> list[PairedComparison]:
+    """Every two configurations with at least two seeds in common, the better average first."""
+    found = []
+    for i, first in enumerate(rows):
+        for second in rows[i + 1:]:
+            a, b = first.averages_by_seed(), second.averages_by_seed()
+            if len(set(a) & set(b)) < 2:
+                continue
+            comparison = paired_comparison(first.label, second.label, a, b)
+            if comparison.mean < 0:
+                comparison = paired_comparison(second.label, first.label, b, a)
+            found.append(comparison)
+    return found
+
+
+def comparison_markdown(comparisons: list[PairedComparison]) -> str:
+    lines = ["### Paired comparison over seeds", "",
+             "| A | B | seeds | A − B per seed | mean ± std | t | p | A better on | verdict |",
+             "|---|---|---:|---|---:|---:|---:|---:|---|"]
+    for c in comparisons:
+        per_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(c.seeds, c.differences))
+        t = MISSING if c.t is None else f"{c.t:.2f}"
+        p = MISSING if c.p_value is None else f"{c.p_value:.3f}"
+        std = MISSING if c.std is None else f"{c.std:.2f}"
+        lines.append(f"| `{c.first}` | `{c.second}` | {len(c.seeds)} | {per_seed} | {c.mean:+.2f} ± {std} | {t} "
+                     f"| {p} | {c.wins}/{len(c.seeds)} | {c.verdict} |")
+    lines += ["", "Differences of the average accuracy after training (points), seed by seed (the same seed: the "
+              "same data order and evaluation). Student's paired t test, two-sided, 5% level: \"larger than "
+              "seed noise\" when |t| exceeds the t quantile for n − 1 degrees of freedom (12.71 for 2 seeds, "
+              "4.30 for 3); otherwise the seeds do not show a difference."]
+    return "\n".join(lines)
+
+
 def csv_header(tasks: list[str]) -> list[str]:
-    metrics = [f"acc_{t}" for t in tasks] + ["acc_average", "final_lm_loss", "tokens_per_s"]
+    metrics = [f"acc_{t}" for t in tasks] + ["acc_average", "final_lm_loss", "tokens_per_s", "step_time_s"]
     stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
     return ["config", "adapter", "seeds", "incomplete", "failed", "trainable_params", "trainable_percent", *stats]
 
@@ -365,7 +428,7 @@ def csv_text(rows: list[Row]) -> str:
     writer.writerow(csv_header(tasks))
     for row in rows:
         stats = [row.accuracy.get(t) or Stat(None, None) for t in tasks]
-        stats += [row.average, row.final_lm_loss, row.tokens_per_s]
+        stats += [row.average, row.final_lm_loss, row.tokens_per_s, row.step_time_s]
         unfinished = unfinished_counts(row)
         cells = [row.config, row.adapter, len(row.runs), unfinished["incomplete"], unfinished["failed"],
                  row.trainable_params, row.trainable_percent, *(v for s in stats for v in (s.mean, s.std))]
@@ -436,15 +499,19 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
 
 # -- command -----------------------------------------------------------------------------------------------
 
-def build_report(root: Path, out_dir: Path, group_by_seed: bool = True) -> tuple[list[Row], str]:
-    """Read every run below ``root``, write the three outputs into ``out_dir``; returns (rows, markdown)."""
-    if not root.is_dir():
-        raise DataError(f"{root}: not a directory")
-    run_dirs = find_run_dirs(root)
-    if not run_dirs:
-        raise DataError(f"{root}: no runs found (no {', '.join(RUN_MARKERS)} below it)")
-    rows = group_runs([read_run(d, root) for d in run_dirs], group_by_seed)
-    markdown = markdown_report(rows, root)
+def build_report(roots: Path | list[Path], out_dir: Path, group_by_seed: bool = True) -> tuple[list[Row], str]:
+    """Read every run below each of ``roots``, write the three outputs into ``out_dir``; returns (rows,
+    markdown). Runs of several sweeps with the same overrides are one configuration (their seeds pooled)."""
+    runs = []
+    for root in [roots] if isinstance(roots, Path) else roots:
+        if not root.is_dir():
+            raise DataError(f"{root}: not a directory")
+        run_dirs = find_run_dirs(root)
+        if not run_dirs:
+            raise DataError(f"{root}: no runs found (no {', '.join(RUN_MARKERS)} below it)")
+        runs += [read_run(d, root) for d in run_dirs]
+    rows = group_runs(runs, group_by_seed)
+    markdown = markdown_report(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "report.md", markdown)
     write_text_atomic(out_dir / "report.csv", csv_text(rows))
@@ -455,11 +522,13 @@ def build_report(root: Path, out_dir: Path, group_by_seed: bool = True) -> tuple
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="malora-report",
-        description="Gather the runs below DIR (e.g. a multirun/<date>/<time> folder) into report.md, "
-                    "report.csv and accuracy_vs_params.png, mean ± std over seeds.")
-    parser.add_argument("dir", type=Path, metavar="DIR",
-                        help="folder holding the runs (searched recursively)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: DIR)")
+        description="Gather the runs below each DIR (e.g. a multirun/<date>/<time> folder) into report.md, "
+                    "report.csv and accuracy_vs_params.png, mean ± std over seeds, with a paired comparison "
+                    "over seeds of every two configurations and the routing of each mixture.")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                        help="folder holding runs (searched recursively); several are reported together")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the report (default: the first DIR)")
     grouping = parser.add_mutually_exclusive_group()
     grouping.add_argument("--group-by-seed", dest="group", action="store_true", default=True,
                           help="one row per configuration, aggregated over seeds (default)")
@@ -469,9 +538,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    out_dir = args.out if args.out is not None else args.dir
+    out_dir = args.out if args.out is not None else args.dirs[0]
     try:
-        _, markdown = build_report(args.dir, out_dir, args.group)
+        _, markdown = build_report(args.dirs, out_dir, args.group)
     except (MaloraError, OSError) as err:
         exit_with_error(err, program="malora-report")
     print(markdown, end="")

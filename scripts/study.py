@@ -1,0 +1,160 @@
+"""Run one part of the paper's comparison as a resumable sweep, then report it (``make study PART=...``).
+
+    python scripts/study.py commonsense                 # +experiment=paper_commonsense: 5 methods x 3 seeds
+    python scripts/study.py ablations                   # paper_ablations, reported with commonsense's runs
+    python scripts/study.py synthetic                   # paper_synthetic
+    python scripts/study.py bigbench_probe [--min-gain 10]   # which BIG-bench tasks the model can learn
+    python scripts/study.py bigbench                    # paper_bigbench on the tasks the probe selected
+    python scripts/study.py synthetic model=tiny trainer.max_steps=2 '+variant=lora,molora' seed=0,1
+
+Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one folder
+per job named by its overrides (not by its number, so adding a seed or a method does not rename the others),
+with ``trainer.resume=auto``: a rerun skips every run that completed, continues an interrupted one from its
+last checkpoint and starts the others. Overrides after the part go on top of the preset (``+variant=...`` and
+``seed=...`` replace the preset's sweep). Then ``malora-report`` writes report.md, report.csv and
+accuracy_vs_params.png into the part's folder and the script prints where they are.
+
+The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 15 candidate tasks,
+evaluated before and after a short training. A task is selected when its accuracy after training is at
+least ``--min-gain`` points (default 10) above its zero-shot accuracy: with 200 evaluation examples a task, an
+accuracy near 50% has a standard error of 3.5 points, so 10 points is about three of them. The selection goes
+to ``<out>/bigbench_probe/selection.json``; ``bigbench`` trains on it (``data.tasks=[...]`` on the command line
+wins) and refuses fewer than 5 tasks. Rerunning the probe with another ``--min-gain`` selects again without
+training again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PRESETS = {"commonsense": "paper_commonsense", "ablations": "paper_ablations", "synthetic": "paper_synthetic",
+           "bigbench_probe": "bigbench_probe", "bigbench": "paper_bigbench"}
+REPORTED_WITH = {"ablations": ["commonsense"]}  # the ablations pair with commonsense's malora_intra runs
+MIN_BIGBENCH_TASKS = 5
+SELECTION_FILE = "selection.json"
+SWEEP_SETTINGS = [
+    "hydra.sweep.subdir=${hydra.job.override_dirname}",
+    "hydra.job.config.override_dirname.exclude_keys=[trainer.resume,trainer.progress]",
+    "trainer.resume=auto",
+]
+
+
+class StudyError(Exception):
+    """A part that cannot run as asked: one line for the user."""
+
+
+def sweep_command(part: str, out: Path, overrides: list[str]) -> list[str]:
+    """The malora-train arguments of one part."""
+    return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *SWEEP_SETTINGS, *overrides]
+
+
+def run_sweep(arguments: list[str]) -> int:
+    """``malora-train <arguments>`` in this process; its exit status (2 when a job failed)."""
+    from malora_train.cli import train_main
+
+    print("malora-train " + " ".join(arguments), flush=True)
+    argv = sys.argv
+    sys.argv = ["malora-train", *arguments]
+    try:
+        train_main()
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = argv
+
+
+# -- the BIG-bench probe ------------------------------------------------------------------------------------
+
+def probe_gains(probe_dir: Path) -> list[tuple[str, float, float, float]]:
+    """(task, zero-shot %, after training %, gain) for the probe's completed run, largest gain first."""
+    from malora_train.run_dir import SUMMARY_FILE, completed_summary
+
+    summaries = [s for path in sorted(probe_dir.rglob(SUMMARY_FILE)) if (s := completed_summary(path.parent))]
+    if len(summaries) != 1:
+        raise StudyError(f"{probe_dir}: expected one completed probe run, found {len(summaries)}")
+    before, after = summaries[0].get("eval_before") or {}, summaries[0].get("eval_after") or {}
+    if not before or not after:
+        raise StudyError(f"{probe_dir}: the probe run has no evaluation before and after training "
+                         "(trainer.eval_before and trainer.eval_after must stay true)")
+    rows = [(task, before[task], after[task], after[task] - before[task]) for task in after if task in before]
+    return sorted(rows, key=lambda row: -row[3])
+
+
+def select_tasks(probe_dir: Path, min_gain: float) -> list[str]:
+    """Print the probe's table, write and return the tasks whose gain is at least ``min_gain`` points."""
+    from malora_train.run_dir import write_json_atomic
+
+    rows = probe_gains(probe_dir)
+    selected = [task for task, _, _, gain in rows if gain >= min_gain]
+    print("\n| task | zero-shot | after training | gain | selected |\n|---|---:|---:|---:|---|")
+    for task, before, after, gain in rows:
+        print(f"| {task} | {before:.1f} | {after:.1f} | {gain:+.1f} | {'yes' if task in selected else 'no'} |")
+    write_json_atomic(probe_dir / SELECTION_FILE, {"min_gain": min_gain, "tasks": selected,
+                                                   "gains": {task: gain for task, _, _, gain in rows}})
+    print(f"\n{len(selected)} task(s) gain at least {min_gain:g} points: data.tasks=[{','.join(selected)}]"
+          f"\nwrote {probe_dir / SELECTION_FILE}")
+    return selected
+
+
+def selected_tasks(out: Path) -> list[str]:
+    path = out / "bigbench_probe" / SELECTION_FILE
+    if not path.is_file():
+        raise StudyError(f"{path} not found: run the probe first (make study PART=bigbench_probe), or pass "
+                         "data.tasks=[...]")
+    tasks = json.loads(path.read_text()).get("tasks") or []
+    if len(tasks) < MIN_BIGBENCH_TASKS:
+        raise StudyError(f"{path}: the probe selected {len(tasks)} task(s) ({', '.join(tasks) or 'none'}), fewer "
+                         f"than {MIN_BIGBENCH_TASKS}: rerun the probe with a lower --min-gain")
+    return tasks
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+def report(part: str, out: Path) -> Path:
+    from malora_train.commands.report import OUTPUTS, build_report
+
+    folders = [out / other for other in REPORTED_WITH.get(part, []) if (out / other).is_dir()] + [out / part]
+    _, markdown = build_report(folders, out / part)
+    print(markdown, end="")
+    print("reported " + ", ".join(str(f) for f in folders) + "; wrote "
+          + ", ".join(str(out / part / name) for name in OUTPUTS), flush=True)
+    return out / part
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=sorted(PRESETS), help="which part of the study")
+    parser.add_argument("overrides", nargs="*", help="malora-train overrides on top of the preset")
+    parser.add_argument("--out", type=Path, default=Path("studies"), help="where the parts go (default studies/)")
+    parser.add_argument("--min-gain", type=float, default=10.0,
+                        help="bigbench_probe: points a task must gain from training to be selected (default 10)")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = list(args.overrides)
+    try:
+        if args.part == "bigbench" and not any(o.lstrip("+~").startswith("data.tasks=") for o in overrides):
+            overrides.append(f"data.tasks=[{','.join(selected_tasks(args.out))}]")
+        status = run_sweep(sweep_command(args.part, args.out, overrides))
+        if not (args.out / args.part).is_dir():
+            return status or 2  # the sweep stopped before its first job (a bad override): its error is printed
+        report(args.part, args.out)
+        if args.part == "bigbench_probe":
+            select_tasks(args.out / args.part, args.min_gain)
+    except StudyError as err:
+        print(f"study.py: error: {err}", file=sys.stderr)
+        return 2
+    if status:
+        print(f"study.py: some runs failed (exit status {status}); they are listed in the report. Rerun the same "
+              "command to retry them: completed runs are skipped.", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""scripts/study.py: every preset composes with every method it sweeps; a part runs on the tiny model
+(2 methods x 2 seeds), is reported with its paired comparison, routing and plot, and a rerun trains nothing;
+the BIG-bench probe's selection by measured gain."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from malora_train.cli import compose
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "conf" / "experiment"
+TINY = ["model=tiny", "trainer.compile=false", "trainer.progress=false", "data.train_per_task=32",
+        "data.eval_per_task=4", "trainer.micro_batch_size=4", "trainer.max_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def swept_variants(preset: str) -> list[str]:
+    """The +variant values of a preset's sweep (following its defaults to the preset that sets them)."""
+    content = yaml.safe_load((EXPERIMENTS / f"{preset}.yaml").read_text())
+    params = (content.get("hydra") or {}).get("sweeper", {}).get("params", {})
+    if "+variant" in params:
+        return str(params["+variant"]).split(",")
+    parent = next(d for d in content["defaults"] if isinstance(d, str))
+    return swept_variants(parent)
+
+
+@pytest.mark.parametrize("part", ["commonsense", "ablations", "synthetic", "bigbench_probe", "bigbench"])
+def test_every_preset_composes_with_every_method_it_sweeps(study, part: str) -> None:
+    preset = study.PRESETS[part]
+    variants = swept_variants(preset)
+    assert variants
+    for variant in variants:
+        cfg = compose([f"+experiment={preset}", f"+variant={variant}"])
+        assert cfg.model.name == "smollm2_135m" and cfg.trainer.lr == 4e-4 and cfg.trainer.warmup_ratio == 0.1
+    expected = {"malora_intra": ("malora", 1.25, False), "malora_fixed_shared": ("malora", 1.25, True),
+                "malora": ("malora", 1.0, False), "malora_small": ("malora", 1.0, False)}
+    for variant, (kind, beta, frozen) in expected.items():
+        adapter = compose([f"+experiment={preset}", f"+variant={variant}"]).adapter
+        assert (adapter.kind, adapter.beta, adapter.freeze_shared) == (kind, beta, frozen)
+
+
+def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Path, capsys) -> None:
+    argv = ["synthetic", "--out", str(tmp_path), *TINY, "+variant=lora,molora", "seed=0,1"]
+    assert study.main(argv) == 0
+    part = tmp_path / "synthetic"
+    summaries = sorted(part.glob("*/summary.json"))
+    assert len(summaries) == 4
+    assert all(json.loads(s.read_text())["status"] == "completed" for s in summaries)
+    out = capsys.readouterr().out
+    assert "| `+variant=lora` | `+variant=molora` | 2 |" in out or "| `+variant=molora` | `+variant=lora` | 2 |" in out
+    assert "#### `+variant=molora` (2 seed(s), top-2 of 8)" in out
+    assert f"wrote {part / 'report.md'}" in out
+    assert (part / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    stamps = {s: s.stat().st_mtime_ns for s in summaries}
+    assert study.main(argv) == 0
+    assert out.count("is complete") == 0 and capsys.readouterr().out.count("is complete") == 4
+    assert {s: s.stat().st_mtime_ns for s in summaries} == stamps  # nothing trained again
+
+
+def write_probe(probe_dir: Path, before: dict[str, float], after: dict[str, float]) -> None:
+    run = probe_dir / "+variant=lora,seed=0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "eval_before": before,
+                                                  "eval_after": after}))
+
+
+def test_probe_selects_tasks_by_measured_gain_and_bigbench_needs_five(study, tmp_path: Path, capsys) -> None:
+    before = {f"t{i}": 50.0 for i in range(7)}
+    after = {"t0": 75.0, "t1": 60.0, "t2": 59.9, "t3": 52.0, "t4": 70.0, "t5": 45.0, "t6": 61.0}
+    write_probe(tmp_path / "bigbench_probe", before, after)
+    assert study.select_tasks(tmp_path / "bigbench_probe", 10.0) == ["t0", "t4", "t6", "t1"]
+    assert "data.tasks=[t0,t4,t6,t1]" in capsys.readouterr().out
+    with pytest.raises(study.StudyError, match="selected 4 task.*fewer than 5.*lower --min-gain"):
+        study.selected_tasks(tmp_path)
+    assert study.select_tasks(tmp_path / "bigbench_probe", 5.0) == ["t0", "t4", "t6", "t1", "t2"]
+    assert study.selected_tasks(tmp_path) == ["t0", "t4", "t6", "t1", "t2"]
+    assert study.main(["bigbench", "--out", str(tmp_path / "none")]) == 2
+    assert "run the probe first" in capsys.readouterr().err
