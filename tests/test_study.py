@@ -15,7 +15,7 @@ from malora_train.cli import compose
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "conf" / "experiment"
-TINY = ["model=tiny", "trainer.compile=false", "trainer.progress=false", "data.train_per_task=32",
+TINY = ["model=tiny", "trainer.cuda_graphs=false", "trainer.progress=false", "data.train_per_task=32",
         "data.eval_per_task=4", "trainer.micro_batch_size=4", "trainer.max_steps=2"]
 
 
