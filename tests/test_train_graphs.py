@@ -95,3 +95,39 @@ def test_cuda_graphs_refuses_what_it_cannot_capture(overrides, message, tmp_path
         run_training(tmp_path / "run", "trainer.cuda_graphs=true", *overrides)
     assert message in str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_graphed_run_saves_and_resumes_checkpoints(tmp_path, run_training, train_losses, monkeypatch) -> None:
+    """The capturable optimiser's learning rate is a tensor: checkpoints store it as a number and a resume
+    continues as the eager path's resume does (3 steps, then extended to 6 from the checkpoint)."""
+    import malora_train.train.loop as loop
+
+    monkeypatch.setattr(loop, "check_launch", lambda trainer, accelerator: None)
+    common = ["adapter=malora", "data.packing=true", "adapter.dropout=0", "trainer.eval_after=false",
+              "trainer.save_every=3"]
+    for mode in ("graphed", "eager"):
+        graphs = [f"trainer.cuda_graphs={mode == 'graphed'}"]
+        run_training(tmp_path / mode, *common, *graphs, "trainer.max_steps=3")
+        run_training(tmp_path / mode, *common, *graphs, "trainer.max_steps=6", "trainer.resume=auto")
+    graphed = train_losses(tmp_path / "graphed")
+    assert list(graphed) == list(range(1, 7))
+    assert graphed == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
+
+
+def test_a_tensor_learning_rate_stays_a_tensor_through_a_checkpoint(tmp_path) -> None:
+    from malora_train.train.checkpoint import load_optimizer, save_optimizer
+
+    def optimizer():
+        param = torch.nn.Parameter(torch.ones(3))
+        return param, torch.optim.AdamW([param], lr=torch.tensor(0.5))
+
+    param, saved = optimizer()
+    param.grad = torch.ones(3)
+    saved.step()
+    saved.param_groups[0]["lr"].fill_(0.25)
+    save_optimizer(saved, tmp_path)
+    _, loaded = optimizer()
+    load_optimizer(loaded, tmp_path)
+    lr = loaded.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and float(lr) == 0.25
+    assert torch.equal(loaded.state[loaded.param_groups[0]["params"][0]]["exp_avg"], saved.state[param]["exp_avg"])

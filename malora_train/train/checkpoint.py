@@ -271,17 +271,36 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             else:
                 scalars[f"{param_id}.{name}"] = value
     atomic_write(folder / "optimizer.safetensors", lambda path: save_file(tensors, str(path)))
-    write_json_atomic(folder / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
+    write_json_atomic(folder / "optimizer.json", {"param_groups": json_numbers(state["param_groups"]),
+                                                  "scalars": scalars})
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The saved state into ``optimizer``; hyper-parameters it holds as tensors (a capturable optimiser's
+    learning rate) stay tensors, on their device."""
     meta = read_json(folder / "optimizer.json")
     tensors = load_file(str(folder / "optimizer.safetensors"))
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         param_id, name = key.split(".", 1)
         state.setdefault(int(param_id), {})[name] = value
+    held = [{k: v for k, v in group.items() if torch.is_tensor(v)} for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, tensor_values in zip(optimizer.param_groups, held):
+        for key, old in tensor_values.items():
+            if not torch.is_tensor(group[key]):
+                group[key] = torch.tensor(group[key], dtype=old.dtype, device=old.device)
+
+
+def json_numbers(value: Any) -> Any:
+    """``value`` with its one-element tensors as numbers (JSON has no tensors)."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: json_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_numbers(v) for v in value]
+    return value
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -426,7 +445,7 @@ class Checkpointer:
                 save_optimizer(self.optimizer.optimizer, tmp)
             write_json_atomic(tmp / STATE_FILE, {
                 "train": dataclasses.asdict(state),
-                "scheduler": self.scheduler.state_dict(),
+                "scheduler": json_numbers(self.scheduler.state_dict()),
                 "stream": self.stream.state_dict(),
                 "world_size": self.world,
                 "deepspeed": self.deepspeed,
