@@ -37,7 +37,10 @@ MIN_BIGBENCH_TASKS = 5
 SELECTION_FILE = "selection.json"
 SWEEP_SETTINGS = [
     "hydra.sweep.subdir=${hydra.job.override_dirname}",
-    "hydra.job.config.override_dirname.exclude_keys=[trainer.resume,trainer.progress]",
+    # not in the folder names: the resume switches, and where files live (a path in a name nests the
+    # folders, and the same run on another machine must find its folder again)
+    "hydra.job.config.override_dirname.exclude_keys=[trainer.resume,trainer.progress,data.root,data.cache,"
+    "data.cache_dir,model.cache_dir,model.tokenizer]",
     "trainer.resume=auto",
 ]
 

@@ -53,11 +53,13 @@ def test_every_preset_composes_with_every_method_it_sweeps(study, part: str) -> 
 
 
 def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Path, capsys) -> None:
-    argv = ["synthetic", "--out", str(tmp_path), *TINY, "+variant=lora,molora", "seed=0,1"]
+    argv = ["synthetic", "--out", str(tmp_path), *TINY, "+variant=lora,molora", "seed=0,1",
+            f"data.cache_dir={tmp_path / 'tokenized'}"]
     assert study.main(argv) == 0
     part = tmp_path / "synthetic"
     summaries = sorted(part.glob("*/summary.json"))
-    assert len(summaries) == 4
+    assert len(summaries) == 4  # one folder a run, named without the path (a path would nest folders)
+    assert not any("cache_dir" in s.parent.name for s in summaries)
     assert all(json.loads(s.read_text())["status"] == "completed" for s in summaries)
     out = capsys.readouterr().out
     assert "| `+variant=lora` | `+variant=molora` | 2 |" in out or "| `+variant=molora` | `+variant=lora` | 2 |" in out
