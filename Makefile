@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup train test study bench bench-loop bench-gpu lint clean
+.PHONY: setup train test study bench bench-loop bench-scaling bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: setup
 
 bench-loop: setup
 	$(PY) scripts/bench_loop.py $(ARGS)
+
+# CPU: the smoke version (tiny model, 2 gloo processes); on GPUs: issue 14's table on the GPUs visible
+bench-scaling: setup
+	$(PY) scripts/bench_scaling.py $(ARGS)
 
 bench-gpu: setup
 	$(PY) scripts/bench.py --model llama2_7b --device cuda --suite full --impl fast --json bench-gpu.json $(ARGS)

@@ -175,6 +175,8 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept (plus the best by eval)
     resume: Optional[str] = None  # auto (this run directory's newest intact checkpoint) | a checkpoint path
     log_every: Optional[int] = None  # metrics read (one device sync) and logged every N steps; null: 1 on CPU, 10 on GPU
+    # DDP's gradient bucket in MB: one all-reduce per full bucket, started during backward (null: torch's 25)
+    ddp_bucket_cap_mb: Optional[float] = None
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss instead of stopping
     progress: bool = True  # console progress bar
 

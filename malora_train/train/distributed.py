@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 
 from malora_train.adapters import AdaptedCausalLM, adapter_state_dict
 from malora_train.config import CONF_DIR, TrainerConfig
@@ -92,11 +97,20 @@ def mixed_precision(trainer: TrainerConfig) -> str:
     return choice
 
 
+def ddp_settings(trainer: TrainerConfig) -> DistributedDataParallelKwargs:
+    """How DDP wraps the model. No unused-parameter search: every adapter tensor gets a gradient in every
+    forward (experts a token did not pick get zeros), so each bucket's all-reduce starts as soon as the
+    bucket fills during backward; the loop's ``accumulate`` skips the all-reduce on all but the last
+    micro-batch of a step."""
+    bucket = {} if trainer.ddp_bucket_cap_mb is None else {"bucket_cap_mb": trainer.ddp_bucket_cap_mb}
+    return DistributedDataParallelKwargs(find_unused_parameters=False, **bucket)
+
+
 def build_accelerator(trainer: TrainerConfig, trackers: list[str] | None = None,
                       logging_dir: Path | None = None) -> Accelerator:
     """``trackers``: Accelerate tracker names (``log_with``); those that write files write below ``logging_dir``."""
     cpu = use_cpu()
-    handlers = []
+    handlers: list = [ddp_settings(trainer)]
     if cpu and world_size() > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=TIMEOUT))
     if uses_deepspeed():
@@ -124,6 +138,9 @@ def check_launch(trainer: TrainerConfig, accelerator: Accelerator) -> None:
                  else f"device {accelerator.device.type}")
         raise ConfigError(f"trainer.cuda_graphs=true needs one process on a CUDA GPU (this launch: {where}); "
                           "set it to false")
+    if trainer.ddp_bucket_cap_mb is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("trainer.ddp_bucket_cap_mb applies to DDP; under DeepSpeed the bucket sizes are "
+                          "reduce_bucket_size and allgather_bucket_size in conf/deepspeed/*.json")
 
 
 def configure_deepspeed(accelerator: Accelerator, trainer: TrainerConfig) -> None:

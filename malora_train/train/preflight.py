@@ -57,6 +57,8 @@ def check_trainer(cfg: Config) -> None:
     if trainer.save_every and trainer.keep_last < 1:
         raise ConfigError(f"trainer.keep_last={trainer.keep_last} must be >= 1 when trainer.save_every "
                           "is set")
+    if trainer.ddp_bucket_cap_mb is not None and not trainer.ddp_bucket_cap_mb > 0:
+        raise ConfigError(f"trainer.ddp_bucket_cap_mb={trainer.ddp_bucket_cap_mb} must be > 0 (or null)")
     if not (math.isfinite(trainer.lr) and trainer.lr > 0):
         raise ConfigError(f"trainer.lr={trainer.lr} must be a finite number > 0")
     if trainer.max_steps == 0 and not trainer.epochs > 0:
