@@ -2,10 +2,12 @@
 adapters, optimizer, metrics window) run for N steps per adapter and compile mode, beside HF ``Trainer`` +
 PEFT LoRA on the same examples (``--baseline hf-peft``), in one process.
 
-    python scripts/bench_loop.py                                       # `make bench-loop` (CPU: tiny model)
-    python scripts/bench_loop.py --model smollm2_135m_shape --data commonsense_intra --device cuda \\
-        --adapters lora,molora,malora --modes eager,graphs --baseline hf-peft --json out.json \\
-        -- data.root=/path/to/commonsense
+    python scripts/bench_loop.py                  # `make bench-loop`: the table of BENCHMARKS.md on a GPU
+    python scripts/bench_loop.py --json out.json -- data.root=/path/to/commonsense   # data elsewhere
+
+Defaults by device. GPU: SmolLM2-135M shapes on ``commonsense_intra`` (``data.root``: ../shared/data/commonsense or
+$MALORA_COMMONSENSE_ROOT), each adapter eager and with ``trainer.cuda_graphs``, beside HF + PEFT. CPU: the tiny
+model on the synthetic mixture, eager, no baseline (a smoke run; tests/test_bench_loop.py keeps it working).
 
 Per run: tokens/s (real tokens, median over the measured steps of each step's tokens over its time),
 the step-time spread (max and p90 over the median), peak memory, and a breakdown of a few profiled steps
@@ -41,15 +43,21 @@ PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
 # eager, or a trainer.compile_mode; "+graphs" adds trainer.cuda_graphs=true ("graphs" alone: eager layers)
 MODES = ("eager", "graphs", "default", "default+graphs", "reduce-overhead", "max-autotune",
          "max-autotune-no-cudagraphs")
+# what a bare `make bench-loop` measures: the issue-9 table on a GPU, a smoke run on the CPU
+DEVICE_DEFAULTS = {
+    "cuda": {"model": "smollm2_135m_shape", "data": "commonsense_intra", "modes": "eager,graphs", "baseline": "hf-peft"},
+    "cpu": {"model": "tiny", "data": "synthetic", "modes": "eager", "baseline": "none"},
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_loop.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--data", default="synthetic")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="default: smollm2_135m_shape on a GPU, tiny on the CPU")
+    parser.add_argument("--data", default=None, help="default: commonsense_intra on a GPU, synthetic on the CPU")
     parser.add_argument("--adapters", default="lora,molora,malora")
-    parser.add_argument("--modes", default="eager", help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--modes", default=None,
+                        help=f"comma-separated: {', '.join(MODES)} (default: eager,graphs on a GPU, eager on the CPU)")
     parser.add_argument("--rows", type=int, default=16, help="micro-batch rows (packed: of --length tokens)")
     parser.add_argument("--length", type=int, default=256, help="data.max_length (the packed row length)")
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
@@ -57,10 +65,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3, help="steps of the phase breakdown")
     parser.add_argument("--kernels", type=int, default=0, help="also list the N kernels with the most device time")
     parser.add_argument("--no-packing", action="store_true", help="padded rows (data.packing=false)")
-    parser.add_argument("--baseline", choices=("none", "hf-peft"), default="none")
+    parser.add_argument("--baseline", choices=("none", "hf-peft"), default=None,
+                        help="default: hf-peft on a GPU, none on the CPU")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="more malora-train overrides (after --)")
     args = parser.parse_args(argv)
+    for key, value in DEVICE_DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         parser.error(f"--modes: unknown {', '.join(bad)} (choose from {', '.join(MODES)})")

@@ -41,3 +41,17 @@ def test_bench_loop_refuses_bad_arguments_in_one_line() -> None:
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--modes", "fastest"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--modes: unknown fastest" in result.stderr
+
+
+def test_a_bare_run_on_a_gpu_measures_the_table_of_benchmarks_md() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_loop
+    finally:
+        sys.path.pop(0)
+    gpu = bench_loop.parse_args(["--device", "cuda"])
+    assert (gpu.model, gpu.data, gpu.modes, gpu.baseline) == ("smollm2_135m_shape", "commonsense_intra",
+                                                              "eager,graphs", "hf-peft")
+    assert bench_loop.overrides_for(gpu, "malora", "graphs")[-1] == "trainer.cuda_graphs=true"
+    cpu = bench_loop.parse_args(["--device", "cpu", "--modes", "eager", "--model", "tiny"])
+    assert (cpu.model, cpu.data, cpu.baseline) == ("tiny", "synthetic", "none")
