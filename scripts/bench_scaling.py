@@ -21,10 +21,9 @@ the losses could not agree; an override after ``--`` puts it back). Per row:
 - loss agreement over the first ``--agree-steps`` steps with one process that runs the same forwards: rank
   r of N takes the r-th block of rows of each global micro-batch (``malora_train.train.distributed.
   local_rows``), so the reference is one process with the same micro-batch and ``trainer.grad_accum=N``
-  (same step count, so the same learning-rate schedule). Packed rows are the exception: the reference
-  packs its N micro-batches one by one and the N processes pack the global one at once, so after a few
-  steps some rows hold other documents and the difference includes that. ``--agree-steps 0`` skips the
-  references.
+  (same step count, so the same learning-rate schedule); packed rows too, since each rank's block of a
+  global micro-batch is packed on its own, as the reference packs its micro-batches one after the other.
+  ``--agree-steps 0`` skips the references.
 
 DDP runs as the trainer always runs it: ``find_unused_parameters=False`` (every adapter tensor gets a
 gradient in every forward), gradients all-reduced bucket by bucket during backward; ``--ddp-bucket-mb``

@@ -96,6 +96,21 @@ def test_packed_stream_resumes_exactly_with_the_carried_example(tasks, tiny_toke
         assert all(torch.equal(got[k], expected[i][k]) for k in got)
 
 
+def test_a_batch_of_blocks_is_what_one_process_packs_in_as_many_micro_batches(tasks, tiny_tokenizer) -> None:
+    """Rank r of N takes block r of each global packed batch: the N blocks are the N consecutive packed
+    micro-batches of one process with grad_accum=N (same rows, same tensors), and epochs count alike."""
+    config = DataConfig(packing=True, max_length=LENGTH, cache=False)
+    global_stream = BatchStream(tasks, tiny_tokenizer, config, batch_size=8, seed=3, blocks=2)
+    one_process = BatchStream(tasks, tiny_tokenizer, config, batch_size=4, seed=3)
+    for _ in range(12):
+        both = global_stream.next_batch()
+        first, second = one_process.next_batch(), one_process.next_batch()
+        for key, value in both.items():
+            assert torch.equal(value, torch.cat([first[key], second[key]])), key
+    assert global_stream.batches_for_epochs(1.0) * 2 in (one_process.batches_for_epochs(1.0),
+                                                         one_process.batches_for_epochs(1.0) + 1)
+
+
 def test_epochs_count_packed_batches(tasks, tiny_tokenizer) -> None:
     stream = packed_stream(tasks, tiny_tokenizer)
     batches = stream.batches_for_epochs(1.0)

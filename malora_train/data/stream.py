@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,20 @@ class BatchStream:
 
     With ``data.group_by_length`` it draws POOL_BATCHES batches' worth of examples at a time, sorts them
     by length, cuts them into batches and emits those in a seeded random order. With ``data.packing`` each
-    batch is ``batch_size`` rows of ``data.max_length`` tokens, filled first-fit in draw order.
+    batch is ``batch_size`` rows of ``data.max_length`` tokens, filled first-fit in draw order, one block of
+    ``batch_size / blocks`` rows after the other: with one block a process (rank r takes block r), N
+    processes see exactly the rows one process sees with N micro-batches a step.
     """
 
-    def __init__(self, tasks: Mapping[str, TaskData], tokenizer, cfg: DataConfig, batch_size: int, seed: int):
+    def __init__(self, tasks: Mapping[str, TaskData], tokenizer, cfg: DataConfig, batch_size: int, seed: int,
+                 blocks: int = 1):
         if batch_size < 1:
             raise ConfigError(f"micro batch size {batch_size} must be >= 1")
+        if batch_size % blocks:
+            raise ValueError(f"a batch of {batch_size} rows does not split into {blocks} blocks")
         self.task_names = list(tasks)
         self.batch_size = batch_size
+        self.block_rows = batch_size // blocks
         self.seed = seed
         self.group_by_length = cfg.group_by_length
         self.packing = bool(cfg.packing)
@@ -100,12 +106,19 @@ class BatchStream:
         return self.collator(examples)
 
     def _next_packed_batch(self) -> dict[str, torch.Tensor]:
-        rows, self._carry = fill_rows(self.batch_size, self.max_length, self._carry, self.mixture.draw,
-                                      self._length_of)
+        rows, self._carry = self._fill_blocks(self._carry, self.mixture.draw)
         self.truncated += sum(self.splits[task].truncated[index] for row in rows for task, index in row)
         self.batches += 1
         examples = [[self.splits[task].packed(index) for task, index in row] for row in rows]
         return pack_rows(examples, self.max_length, self.collator.pad_token_id)
+
+    def _fill_blocks(self, carry: Draw | None, draw: Callable[[], Draw]) -> tuple[list[list[Draw]], Draw]:
+        """A packed batch's rows, one block of ``block_rows`` after the other; and the next carry."""
+        rows: list[list[Draw]] = []
+        while len(rows) < self.batch_size:
+            block, carry = fill_rows(self.block_rows, self.max_length, carry, draw, self._length_of)
+            rows += block
+        return rows, carry
 
     def _length_of(self, draw: Draw) -> int:
         return self.splits[draw[0]].lengths[draw[1]]
@@ -126,7 +139,7 @@ class BatchStream:
             return mixture.draw()
 
         while drawn - (carry is not None) < wanted:
-            _, carry = fill_rows(self.batch_size, self.max_length, carry, draw, self._length_of)
+            _, carry = self._fill_blocks(carry, draw)
             batches += 1
         return max(1, batches)
 

@@ -193,7 +193,7 @@ class Trainer:
         self.task_names = list(self.tasks)
         global_micro_batch = trainer.micro_batch_size * self.world
         self.stream = BatchStream(self.tasks, self.tokenizer, data, batch_size=global_micro_batch,
-                                  seed=self.cfg.seed)
+                                  seed=self.cfg.seed, blocks=self.world)
         self.total_steps = total_steps(trainer, self.stream.batches_for_epochs)
         self.log_every = trainer.log_every or (10 if on_gpu else 1)
         self._loss_multiple = 64 if on_gpu else 1  # fewer distinct shapes for the LM head on a GPU
