@@ -338,7 +338,9 @@ def cli_process(cwd: Path, argv: list[str]) -> subprocess.Popen:
 
 def test_a_second_run_in_a_running_directory_is_refused_and_changes_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    first = cli_process(tmp_path, [*TINY, "trainer.max_steps=400", f"hydra.run.dir={run_dir}"])
+    # long enough to be still training when stopped (400 steps could end during the two refusals on a fast
+    # machine: the stop then fell into the final evaluation, which signals end at once)
+    first = cli_process(tmp_path, [*TINY, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}"])
     deadline = time.monotonic() + 120
     while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n")):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
