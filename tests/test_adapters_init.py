@@ -61,6 +61,24 @@ def test_malora_init_reproduces_the_kaiming_draws_in_one_shared_subspace(beta: f
     assert not torch.allclose(coeff[r_bar:2 * r_bar] @ shared, draws[1][:r_bar].double(), atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(8, 32, 576), (8, 32, 1536), (2, 16, 4096), (3, 48, 64)])
+def test_wide_svd_is_an_svd(shape) -> None:
+    """K = U diag(S) V^T with orthonormal U and rows of V^T, S descending and equal to LAPACK's singular values."""
+    from malora_train.adapters.malora import wide_svd
+
+    torch.manual_seed(0)
+    k = torch.empty(shape)
+    for draw in k:
+        nn.init.kaiming_uniform_(draw, a=math.sqrt(5))
+    k = k.double()
+    u, s, vh = wide_svd(k)
+    eye = torch.eye(shape[1], dtype=torch.float64).expand(shape[0], -1, -1)
+    torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, k, rtol=0, atol=1e-12)
+    torch.testing.assert_close(u.transpose(-1, -2) @ u, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vh @ vh.transpose(-1, -2), eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(s, torch.linalg.svdvals(k), rtol=0, atol=1e-12)
+
+
 def test_malora_beta_scales_the_shared_subspace_against_the_coefficients() -> None:
     small, _ = _paper_malora(1.0, seed=3)
     large, _ = _paper_malora(1.25, seed=3)
