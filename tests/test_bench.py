@@ -6,22 +6,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
+from script_modules import script_module
 
 from malora_train.adapters import adapter_layers
 
 
 @pytest.fixture(scope="module")
-def bench(repo_root):
-    spec = importlib.util.spec_from_file_location("bench", repo_root / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench"]
+def bench():
+    with script_module("bench") as module:
+        yield module
 
 
 def test_cpu_benchmark_prints_the_table_and_writes_json(bench, tmp_path, capsys) -> None:

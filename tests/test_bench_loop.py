@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from script_modules import script_module
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,14 +46,11 @@ def test_bench_loop_refuses_bad_arguments_in_one_line() -> None:
 
 
 def test_a_bare_run_on_a_gpu_measures_the_table_of_benchmarks_md() -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_loop
-    finally:
-        sys.path.pop(0)
-    gpu = bench_loop.parse_args(["--device", "cuda"])
+    with script_module("bench_loop") as bench_loop:
+        gpu = bench_loop.parse_args(["--device", "cuda"])
+        overrides = bench_loop.overrides_for(gpu, "malora", "graphs")
+        cpu = bench_loop.parse_args(["--device", "cpu", "--modes", "eager", "--model", "tiny"])
     assert (gpu.model, gpu.data, gpu.modes, gpu.baseline) == ("smollm2_135m_shape", "commonsense_intra",
                                                               "eager,graphs", "hf-peft")
-    assert bench_loop.overrides_for(gpu, "malora", "graphs")[-1] == "trainer.cuda_graphs=true"
-    cpu = bench_loop.parse_args(["--device", "cpu", "--modes", "eager", "--model", "tiny"])
+    assert overrides[-1] == "trainer.cuda_graphs=true"
     assert (cpu.model, cpu.data, cpu.baseline) == ("tiny", "synthetic", "none")

@@ -7,13 +7,12 @@ subprocesses), so the checks that launch nothing take no interpreter start-up.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from script_modules import script_module
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP, STEPS, BUCKET_MB = 2, 4, 0.5
@@ -23,12 +22,8 @@ SMALL_DATA = ["data.train_per_task=64", "data.eval_per_task=2", "data.cache=fals
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scaling", REPO / "scripts" / "bench_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_scaling"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_scaling"]
+    with script_module("bench_scaling") as module:
+        yield module
 
 
 @pytest.fixture

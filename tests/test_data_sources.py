@@ -1,6 +1,5 @@
 """BIG-bench task.json loader, custom JSON/JSONL tasks, hub converters (in memory) and the fetch script."""
 
-import importlib.util
 import io
 import json
 import re
@@ -9,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from script_modules import script_module
 
 from malora_train.config import CustomTaskConfig, DataConfig
 from malora_train.data import build_tasks, hub
@@ -320,10 +320,8 @@ def test_hub_loader_uses_train_and_eval_splits(monkeypatch):
 
 @pytest.fixture(scope="module")
 def fetch_script():
-    spec = importlib.util.spec_from_file_location("fetch_bigbench", REPO / "scripts" / "fetch_bigbench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with script_module("fetch_bigbench") as module:
+        yield module
 
 
 def fake_sdist(path: Path) -> Path:

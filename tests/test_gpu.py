@@ -52,18 +52,19 @@ def test_packed_rows_through_flex_attention_match_padded_rows(make_tiny_model, t
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
-def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch, tiny_training_overrides) -> None:
-    """With CUDA's sync debug mode set to error, any synchronising call inside train_step raises."""
+def assert_steps_never_synchronise(overrides: list[str], tmp_path, warmup: int):
+    """After ``warmup`` steps, three training steps run under CUDA's sync debug mode set to error: any
+    synchronising call inside ``train_step`` raises."""
     from accelerate.state import AcceleratorState, GradientState
 
     from malora_train.cli import compose
     from malora_train.train.loop import Trainer
 
-    cfg = compose([*tiny_training_overrides, "data.packing=true", "trainer.max_steps=8", "trainer.log_every=8"])
+    cfg = compose([*overrides, "data.packing=true", "trainer.max_steps=8", "trainer.log_every=8"])
     trainer = Trainer(cfg, tmp_path / "run", "", [])
     try:
         trainer.engine.train()
-        for _ in range(2):  # warm-up: allocator, kernel builds, first pinned buffers
+        for _ in range(warmup):
             trainer.train_step()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -72,9 +73,14 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch, tiny_
                 trainer.train_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        return trainer
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path, tiny_training_overrides) -> None:
+    assert_steps_never_synchronise(tiny_training_overrides, tmp_path, warmup=2)  # allocator, kernel builds
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
@@ -114,29 +120,9 @@ def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run
 
 def test_graphed_step_waits_for_nothing(tiny_training_overrides, tmp_path) -> None:
     """After its graphs are captured, a graphed step (dropout on) never synchronises with the device."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from malora_train.cli import compose
-    from malora_train.train.loop import Trainer
-
-    cfg = compose([*tiny_training_overrides, "adapter=malora", "data.packing=true", "trainer.cuda_graphs=true",
-                   "trainer.max_steps=8", "trainer.log_every=8"])
-    trainer = Trainer(cfg, tmp_path / "run", "", [])
-    try:
-        trainer.engine.train()
-        for _ in range(3):  # eager, capture, replay
-            trainer.train_step()
-        assert trainer.graphs.graph_count >= 2
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                trainer.train_step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    trainer = assert_steps_never_synchronise([*tiny_training_overrides, "adapter=malora", "trainer.cuda_graphs=true"],
+                                             tmp_path, warmup=3)  # eager, capture, replay
+    assert trainer.graphs.graph_count >= 2
 
 
 def test_a_replayed_projection_draws_its_dropout_mask_from_the_device_seed() -> None:

@@ -4,12 +4,12 @@ the BIG-bench probe's selection by measured gain."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from script_modules import script_module
 
 from malora_train.cli import compose
 
@@ -21,10 +21,8 @@ TINY = ["model=tiny", "trainer.cuda_graphs=false", "trainer.progress=false", "da
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with script_module("study") as module:
+        yield module
 
 
 def swept_variants(preset: str) -> list[str]:
