@@ -63,7 +63,7 @@ def test_the_update_runs_every_step() -> None:
     assert torch.allclose(weight.detach(), torch.full((3,), 1 - 3 * 0.2))
 
 
-@pytest.mark.parametrize("kind", ["lora", "malora"])
+@pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
 def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train_losses, monkeypatch) -> None:
     """The graphed step's code path (inputs copied into fixed tensors, the normaliser as a tensor, the
     gradients zeroed in place, AdamW with a tensor learning rate) trains as the eager step does; on the
@@ -86,6 +86,7 @@ def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train
     (["data.packing=false"], "trainer.cuda_graphs=true needs the fixed shapes of data.packing=true"),
     (["trainer.skip_nonfinite=true"], "trainer.cuda_graphs=true cannot skip steps"),
     (["trainer.compile=true", "trainer.compile_mode=reduce-overhead"], "trainer.compile_mode=reduce-overhead"),
+    (["trainer.gradient_checkpointing=true"], "with trainer.gradient_checkpointing=true is not supported"),
     ([], "trainer.cuda_graphs=true needs one process on a CUDA GPU (this launch: device cpu)"),
 ])
 def test_cuda_graphs_refuses_what_it_cannot_capture(overrides, message, tmp_path, run_training) -> None:

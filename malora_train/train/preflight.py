@@ -73,6 +73,10 @@ def check_trainer(cfg: Config) -> None:
         if trainer.skip_nonfinite:
             raise ConfigError("trainer.cuda_graphs=true cannot skip steps (trainer.skip_nonfinite=true reads "
                               "the loss on the host every step); set one of them to false")
+        if trainer.gradient_checkpointing:
+            raise ConfigError("trainer.cuda_graphs=true with trainer.gradient_checkpointing=true is not supported "
+                              "(the recomputation saves and restores RNG states, which a capture cannot); set one "
+                              "of them to false")
         if trainer.compile and trainer.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(f"trainer.compile_mode={trainer.compile_mode} makes CUDA graphs of its own; with "
                               "trainer.cuda_graphs=true use compile_mode=default or max-autotune-no-cudagraphs")
