@@ -87,7 +87,8 @@ def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train
     (["trainer.skip_nonfinite=true"], "trainer.cuda_graphs=true cannot skip steps"),
     (["trainer.compile=true", "trainer.compile_mode=reduce-overhead"], "trainer.compile_mode=reduce-overhead"),
     (["trainer.gradient_checkpointing=true"], "with trainer.gradient_checkpointing=true is not supported"),
-    ([], "trainer.cuda_graphs=true needs one process on a CUDA GPU (this launch: device cpu)"),
+    (["trainer.mixed_precision=fp16"], "with trainer.mixed_precision=fp16 is not supported"),
+    ([], "trainer.cuda_graphs=true needs one process on a CUDA GPU without DeepSpeed (this launch: device cpu)"),
 ])
 def test_cuda_graphs_refuses_what_it_cannot_capture(overrides, message, tmp_path, run_training) -> None:
     from malora_train.errors import ConfigError
@@ -132,3 +133,20 @@ def test_a_tensor_learning_rate_stays_a_tensor_through_a_checkpoint(tmp_path) ->
     lr = loaded.param_groups[0]["lr"]
     assert torch.is_tensor(lr) and float(lr) == 0.25
     assert torch.equal(loaded.state[loaded.param_groups[0]["params"][0]]["exp_avg"], saved.state[param]["exp_avg"])
+
+
+@pytest.mark.parametrize("processes, kind, where", [(2, "MULTI_GPU", "2 processes"), (1, "DEEPSPEED", "DeepSpeed")])
+def test_cuda_graphs_refuses_several_processes_and_deepspeed(processes, kind, where) -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from malora_train.config import TrainerConfig
+    from malora_train.errors import ConfigError
+    from malora_train.train.distributed import check_launch
+
+    launch = SimpleNamespace(device=torch.device("cuda"), num_processes=processes,
+                             distributed_type=DistributedType[kind])
+    with pytest.raises(ConfigError, match=f"this launch: {where}"):
+        check_launch(TrainerConfig(cuda_graphs=True), launch)
+    check_launch(TrainerConfig(cuda_graphs=False), launch)

@@ -133,11 +133,12 @@ def check_launch(trainer: TrainerConfig, accelerator: Accelerator) -> None:
     if trainer.skip_nonfinite and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("trainer.skip_nonfinite=true is not supported under DeepSpeed (its engine applies "
                           "the accumulated gradients itself); run without it")
-    if trainer.cuda_graphs and (accelerator.device.type != "cuda" or accelerator.num_processes > 1):
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if trainer.cuda_graphs and (accelerator.device.type != "cuda" or accelerator.num_processes > 1 or deepspeed):
         where = (f"{accelerator.num_processes} processes" if accelerator.num_processes > 1
-                 else f"device {accelerator.device.type}")
-        raise ConfigError(f"trainer.cuda_graphs=true needs one process on a CUDA GPU (this launch: {where}); "
-                          "set it to false")
+                 else "DeepSpeed" if deepspeed else f"device {accelerator.device.type}")
+        raise ConfigError(f"trainer.cuda_graphs=true needs one process on a CUDA GPU without DeepSpeed (this "
+                          f"launch: {where}); set it to false")
     if trainer.ddp_bucket_cap_mb is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("trainer.ddp_bucket_cap_mb applies to DDP; under DeepSpeed the bucket sizes are "
                           "reduce_bucket_size and allgather_bucket_size in conf/deepspeed/*.json")

@@ -73,6 +73,9 @@ def check_trainer(cfg: Config) -> None:
         if trainer.skip_nonfinite:
             raise ConfigError("trainer.cuda_graphs=true cannot skip steps (trainer.skip_nonfinite=true reads "
                               "the loss on the host every step); set one of them to false")
+        if trainer.mixed_precision == "fp16":
+            raise ConfigError("trainer.cuda_graphs=true with trainer.mixed_precision=fp16 is not supported (fp16 "
+                              "needs a loss scaler that reads the gradients on the host); use bf16")
         if trainer.gradient_checkpointing:
             raise ConfigError("trainer.cuda_graphs=true with trainer.gradient_checkpointing=true is not supported "
                               "(the recomputation saves and restores RNG states, which a capture cannot); set one "
