@@ -24,6 +24,7 @@ of replayed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,11 +40,13 @@ def input_key(inputs: dict[str, torch.Tensor]) -> InputKey:
     return tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
 
 
+@dataclass
 class _Captured:
     """One captured callable: its graph (None when only emulated), input tensors and output."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph | None, inputs: dict[str, torch.Tensor], output: Any) -> None:
-        self.graph, self.inputs, self.output = graph, inputs, output
+    graph: torch.cuda.CUDAGraph | None
+    inputs: dict[str, torch.Tensor]
+    output: Any
 
 
 class StepGraphs:
