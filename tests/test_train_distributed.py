@@ -126,7 +126,10 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
     for key in expected:
-        torch.testing.assert_close(saved[key], expected[key], rtol=1e-4, atol=1e-6)
+        # atol: 1% of one AdamW step (lr 1e-3). Adam divides by the gradient's running RMS, so where a gradient
+        # component is near zero, the reduction order's last-bit differences (ZeRO-3 reduce-scatters) become a
+        # visible share of that component's update (seen: 3.8e-6 on one of 3,072 lora_B values after 5 steps)
+        torch.testing.assert_close(saved[key], expected[key], rtol=1e-4, atol=1e-5)
     if config == "deepspeed_zero2":
         assert_crafted_checkpoint_is_refused(run_dir, tmp_path, overrides)
     if config == "deepspeed_zero3":
