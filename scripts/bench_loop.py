@@ -197,7 +197,7 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, workdir: Pat
     wall = time.perf_counter() - warm
     row = {"name": f"malora-train {adapter}", "adapter": adapter, "mode": mode, **summarise(times, tokens[-args.steps:]),
            "wall_tokens_per_s": sum(tokens[-args.steps:]) / wall, "setup_s": first_step - started,
-           "warmup_s": warm - first_step, "trainable_params": trainer.params["trainable"],
+           "warmup_s": warm - first_step, "step_times_s": times, "trainable_params": trainer.params["trainable"],
            "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
     if args.profile_steps:
         row["phases"], row["kernels"] = phase_breakdown(step, args.profile_steps, device.type == "cuda",

@@ -28,6 +28,7 @@ def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
     assert set(rows) == {"lora", "malora"} and all("error" not in r for r in rows.values())
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["max_over_median"] >= 1 and row["tokens_per_step"] > 0
+        assert len(row["step_times_s"]) == 2 and max(row["step_times_s"]) / row["step_s"] == row["max_over_median"]
         assert set(row["phases"]) == {"data", "forward", "backward", "optimizer", "bookkeeping"}
         assert row["phases"]["forward"]["host_ms"] > 0
         assert row["trainable_params"] > 0

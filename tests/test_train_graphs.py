@@ -150,3 +150,35 @@ def test_cuda_graphs_refuses_several_processes_and_deepspeed(processes, kind, wh
     with pytest.raises(ConfigError, match=f"this launch: {where}"):
         check_launch(TrainerConfig(cuda_graphs=True), launch)
     check_launch(TrainerConfig(cuda_graphs=False), launch)
+
+
+def test_a_run_that_could_capture_its_steps_is_told_so(tmp_path, tiny_training_overrides, monkeypatch, caplog) -> None:
+    """The hint appears where nothing stands in the way (here: the launch check lifted, packed rows), and
+    not when graphs are on, rows are padded, the config has an obstacle, or the launch is the CPU."""
+    import logging
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    import malora_train.train.loop as loop
+    from malora_train.cli import compose
+
+    monkeypatch.setattr(loop, "cuda_graphs_launch_obstacle", lambda accelerator: None)
+    monkeypatch.setattr(loop, "check_launch", lambda trainer, accelerator: None)
+
+    def announced(*overrides: str) -> bool:
+        cfg = compose([*tiny_training_overrides, "trainer.max_steps=1", *overrides])
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO, logger="malora_train.train.loop"):
+                loop.Trainer(cfg, tmp_path / f"run{len(list(tmp_path.iterdir()))}", "", [])._announce()
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        return any("trainer.cuda_graphs=true" in record.getMessage() for record in caplog.records)
+
+    assert announced("data.packing=true")
+    assert not announced("data.packing=true", "trainer.cuda_graphs=true")
+    assert not announced("data.packing=false")
+    assert not announced("data.packing=true", "trainer.gradient_checkpointing=true")
+    monkeypatch.undo()
+    assert not announced("data.packing=true")  # the CPU launch itself stands in the way

@@ -133,15 +133,22 @@ def check_launch(trainer: TrainerConfig, accelerator: Accelerator) -> None:
     if trainer.skip_nonfinite and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("trainer.skip_nonfinite=true is not supported under DeepSpeed (its engine applies "
                           "the accumulated gradients itself); run without it")
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if trainer.cuda_graphs and (accelerator.device.type != "cuda" or accelerator.num_processes > 1 or deepspeed):
-        where = (f"{accelerator.num_processes} processes" if accelerator.num_processes > 1
-                 else "DeepSpeed" if deepspeed else f"device {accelerator.device.type}")
-        raise ConfigError(f"trainer.cuda_graphs=true needs one process on a CUDA GPU without DeepSpeed (this "
-                          f"launch: {where}); set it to false")
+    if trainer.cuda_graphs and (obstacle := cuda_graphs_launch_obstacle(accelerator)):
+        raise ConfigError(obstacle)
     if trainer.ddp_bucket_cap_mb is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("trainer.ddp_bucket_cap_mb applies to DDP; under DeepSpeed the bucket sizes are "
                           "reduce_bucket_size and allgather_bucket_size in conf/deepspeed/*.json")
+
+
+def cuda_graphs_launch_obstacle(accelerator: Accelerator) -> str | None:
+    """Why this launch cannot capture its steps as CUDA graphs (the error to give), or None."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.device.type == "cuda" and accelerator.num_processes == 1 and not deepspeed:
+        return None
+    where = (f"{accelerator.num_processes} processes" if accelerator.num_processes > 1
+             else "DeepSpeed" if deepspeed else f"device {accelerator.device.type}")
+    return (f"trainer.cuda_graphs=true needs one process on a CUDA GPU without DeepSpeed (this launch: {where}); "
+            "set it to false")
 
 
 def configure_deepspeed(accelerator: Accelerator, trainer: TrainerConfig) -> None:

@@ -63,6 +63,7 @@ from malora_train.train.distributed import (
     build_accelerator,
     check_launch,
     configure_deepspeed,
+    cuda_graphs_launch_obstacle,
     gather_objects,
     local_rows,
     model_init_context,
@@ -79,7 +80,7 @@ from malora_train.train.metrics import (
     run_name_from_overrides,
 )
 from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
-from malora_train.train.preflight import check_config
+from malora_train.train.preflight import check_config, cuda_graphs_obstacle
 from malora_train.train.step_stats import WindowStats
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,14 @@ class Trainer:
                      f", packed rows of {self.cfg.data.max_length} tokens" if self.packing else "")
             for note in scorer_notes(self.tasks, self.cfg.eval):
                 log.warning(note)
+            if self.could_use_cuda_graphs():
+                log.info("this run could replay its steps as CUDA graphs, about 10x faster on a small model: "
+                         "trainer.cuda_graphs=true (README, Performance)")
+
+    def could_use_cuda_graphs(self) -> bool:
+        """``trainer.cuda_graphs`` is off, but nothing in the config or the launch stands in its way."""
+        return (not self.cfg.trainer.cuda_graphs and self.packing and cuda_graphs_obstacle(self.cfg) is None
+                and cuda_graphs_launch_obstacle(self.accelerator) is None)
 
     def _eval_due(self) -> bool:
         """An in-training evaluation is due (the last step has the final evaluation instead)."""
