@@ -115,8 +115,9 @@ def _read_lock(fd: int) -> str:
     return os.pread(fd, 4096, 0).decode(errors="replace")
 
 
-def _open_locked(path: Path, run_dir: Path) -> int:
-    """A descriptor of ``path`` holding its exclusive lock; ConfigError naming the holder if it is taken."""
+def _open_locked(path: Path, run_dir: Path, setting: str) -> int:
+    """A descriptor of ``path`` holding its exclusive lock; ConfigError naming the holder (and ``setting``,
+    the key that named the directory) if it is taken."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_file_mode())
@@ -127,8 +128,8 @@ def _open_locked(path: Path, run_dir: Path) -> int:
         except BlockingIOError:
             holder = _describe_holder(_read_lock(fd))
             os.close(fd)
-            raise ConfigError(f"hydra.run.dir={run_dir} is in use by another run ({holder}); wait for it to "
-                              "end or choose another hydra.run.dir") from None
+            raise ConfigError(f"{setting}={run_dir} is in use by another run ({holder}); wait for it to "
+                              f"end or choose another {setting}") from None
         except OSError as err:
             os.close(fd)
             raise OutputError(f"{path}: cannot lock it ({err.strerror})") from err
@@ -140,17 +141,18 @@ def _open_locked(path: Path, run_dir: Path) -> int:
         os.close(fd)
 
 
-def lock_run_dir(run_dir: Path) -> str | None:
+def lock_run_dir(run_dir: Path, setting: str = "hydra.run.dir") -> str | None:
     """Take the run directory's lock (creating the directory), or fail with a ConfigError naming the
-    run that holds it. Re-entrant within a process. Returns a warning when the lock file was left by a
-    run that ended without releasing it (killed), None otherwise."""
+    run that holds it (and ``setting``, the key that named the directory). Re-entrant within a process.
+    Returns a warning when the lock file was left by a run that ended without releasing it (killed),
+    None otherwise."""
     key = Path(run_dir).resolve()
     if key in _held:
         _held[key][1] += 1
         return None
     ensure_dir(key)
     path = key / LOCK_FILE
-    fd = _open_locked(path, Path(run_dir))
+    fd = _open_locked(path, Path(run_dir), setting)
     previous = _read_lock(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, _holder().encode(), 0)
@@ -185,12 +187,12 @@ def unlock_all_run_dirs() -> None:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path, enabled: bool = True) -> Iterator[str | None]:
+def run_dir_lock(run_dir: Path, enabled: bool = True, setting: str = "hydra.run.dir") -> Iterator[str | None]:
     """``lock_run_dir`` for a block (``enabled=False``: a no-op, for ranks other than 0)."""
     if not enabled:
         yield None
         return
-    note = lock_run_dir(run_dir)
+    note = lock_run_dir(run_dir, setting)
     try:
         yield note
     finally:

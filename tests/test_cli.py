@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_runner import run_program
+from lock_holder import hold_lock
 
 from malora_train import run_dir as rd
 from malora_train.config import Config
@@ -225,6 +226,21 @@ def test_a_sweep_job_folder_is_pasted_as_it_is(monkeypatch, capsys, trained_run,
     for argv in ([f"eval.run_dir={job}", "data.eval_per_task=2"], [str(job), "data.eval_per_task=2"]):
         report = eval_main(argv)
         assert report["adapter"] == str(job / "adapter") and set(report["accuracy"]) == {"sentiment", "case"}
+
+
+def test_eval_of_a_run_still_training_is_refused_in_one_line(monkeypatch, capsys, trained_run) -> None:
+    holder = hold_lock(trained_run, 60)
+    try:
+        before = snapshot(trained_run)
+        assert run_program(monkeypatch, "malora-eval", [str(trained_run)]) == 2
+        message = error_line(capsys, "malora-eval")
+        assert message.startswith(f"eval.run_dir={trained_run} is in use by another run (pid {holder.pid} on ")
+        assert message.endswith("wait for it to end or choose another eval.run_dir")
+        assert snapshot(trained_run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+        (trained_run / rd.LOCK_FILE).unlink()  # the killed holder's: the fixture's run is shared
 
 
 def test_a_run_directory_cannot_enable_remote_code(monkeypatch, capsys, trained_run, tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from lock_holder import HOLD, hold_lock
 
 from malora_train import run_dir as rd
 from malora_train.errors import ConfigError, DataError, OutputError
@@ -100,23 +101,6 @@ def test_guard_refuses_a_directory_holding_a_run_unless_resuming(tmp_path):
 
 
 # -- the lock ----------------------------------------------------------------------------------------------
-HOLD = """
-import sys, time
-from malora_train.run_dir import lock_run_dir
-lock_run_dir(sys.argv[1])
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-"""
-
-
-def hold_lock(run_dir, seconds: float) -> subprocess.Popen:
-    """Another process that takes the lock of ``run_dir`` and keeps it for ``seconds``."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(seconds)], stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 def test_a_locked_run_directory_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     holder = hold_lock(run, 30)

@@ -22,7 +22,7 @@ from malora_train.eval import (
     write_predictions,
 )
 from malora_train.models import load_model_and_tokenizer
-from malora_train.run_dir import ADAPTER_DIR, EVAL_DIR, ensure_dir, write_json_atomic
+from malora_train.run_dir import ADAPTER_DIR, EVAL_DIR, ensure_dir, run_dir_lock, write_json_atomic
 from malora_train.train.preflight import check_config
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,21 @@ def adapter_location(cfg: Config) -> Path | None:
 
 
 def eval_command(cfg: Config) -> dict[str, Any]:
+    """Evaluate (or export) an adapter. A run directory is locked meanwhile, as a training run locks it:
+    evaluating a run that is still training, or starting one in it during the evaluation, is refused."""
     check_config(cfg)
     adapter_dir = adapter_location(cfg)
     if adapter_dir is None:
         raise ConfigError("malora-eval needs eval.run_dir=<run directory> or eval.adapter_path=<adapter folder>")
-    read_adapter_config(adapter_dir)  # fail before the model loads
+    read_adapter_config(adapter_dir)  # fail before the model loads (and before a missing run directory is made)
+    run_dir = Path(cfg.eval.run_dir) if cfg.eval.run_dir else adapter_dir
+    with run_dir_lock(run_dir, enabled=bool(cfg.eval.run_dir), setting="eval.run_dir") as note:
+        if note:
+            log.warning(note)
+        return _evaluate_adapter(cfg, adapter_dir)
+
+
+def _evaluate_adapter(cfg: Config, adapter_dir: Path) -> dict[str, Any]:
     base, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
     model = load_adapter(base, adapter_dir)
     if cfg.eval.export:
