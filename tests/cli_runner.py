@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import pytest
 
 
-def run_program(monkeypatch: pytest.MonkeyPatch, program: str, argv: list[str]) -> int:
-    """``<program> <argv>`` in this process; its exit status. Logging (which Hydra configures for the job)
-    and Accelerate's process-wide state are put back afterwards."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from malora_train import cli
-
-    main = {"malora-train": cli.train_main, "malora-eval": cli.eval_main, "malora-inspect": cli.inspect_main,
-            "malora-report": cli.report_main}[program]
+def run_entry_point(monkeypatch: pytest.MonkeyPatch, program: str, main: Callable[[], object],
+                    argv: list[str]) -> int:
+    """``main()`` run as the command ``<program> <argv>``; its exit status. Logging (which Hydra configures
+    for the job) is put back afterwards."""
     monkeypatch.setattr(sys, "argv", [program, *argv])
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -28,5 +24,19 @@ def run_program(monkeypatch: pytest.MonkeyPatch, program: str, argv: list[str]) 
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def run_program(monkeypatch: pytest.MonkeyPatch, program: str, argv: list[str]) -> int:
+    """``<program> <argv>`` in this process, as ``run_entry_point``; Accelerate's process-wide state is put
+    back afterwards too."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from malora_train import cli
+
+    main = {"malora-train": cli.train_main, "malora-eval": cli.eval_main, "malora-inspect": cli.inspect_main,
+            "malora-report": cli.report_main}[program]
+    try:
+        return run_entry_point(monkeypatch, program, main, argv)
+    finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

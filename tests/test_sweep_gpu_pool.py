@@ -5,13 +5,12 @@ process dies fails alone."""
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_runner import run_entry_point
 
 
 def job_folders(sweep_dir: Path) -> dict[int, Path]:
@@ -64,17 +63,8 @@ def die_when_x_is_one(cfg) -> None:
 def run_app(monkeypatch, config_dir: Path, argv: list[str]) -> int:
     import hydra
 
-    monkeypatch.setattr(sys, "argv", ["app", *argv])
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        hydra.main(config_path=str(config_dir), config_name="config", version_base=None)(die_when_x_is_one)()
-        return 0
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    app = hydra.main(config_path=str(config_dir), config_name="config", version_base=None)(die_when_x_is_one)
+    return run_entry_point(monkeypatch, "app", app, argv)
 
 
 def test_a_job_whose_process_dies_fails_alone(tmp_path: Path, monkeypatch, capsys) -> None:
