@@ -197,7 +197,8 @@ class Trainer:
                                   seed=self.cfg.seed, blocks=self.world)
         self.total_steps = total_steps(trainer, self.stream.batches_for_epochs)
         self.log_every = trainer.log_every or (10 if on_gpu else 1)
-        self._loss_multiple = 64 if on_gpu else 1  # fewer distinct shapes for the LM head on a GPU
+        # answer positions padded to a multiple: fewer distinct shapes for the LM head on a GPU (graphs: few graphs)
+        self._loss_multiple = 256 if trainer.cuda_graphs else 64 if on_gpu else 1
 
     def _setup_optimizer(self) -> None:
         """AdamW (fused on a GPU; DeepSpeed's ZeRO wraps the optimizer itself and keeps the default), the
@@ -212,7 +213,6 @@ class Trainer:
         self.graphs = None
         if trainer.cuda_graphs:
             self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device)
-            self._loss_multiple = 256  # answer positions padded to a multiple: few shapes, so few graphs
 
     def _setup_state(self, resolved_yaml: str, overrides: list[str]) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the metrics log."""
@@ -341,13 +341,8 @@ class Trainer:
     def _graphed_step(self) -> None:
         """``train_step`` with ``trainer.cuda_graphs``: the same maths, its device work replayed as CUDA
         graphs (``graphs.StepGraphs``); the step's answer-token count goes in as a tensor."""
-        trainer = self.cfg.trainer
-        with phase("data"):
-            batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
-            answers = sum(answer_tokens(b) for b in batches)
-            tokens = sum(real_tokens(b) for b in batches)
-            normalizer = torch.tensor(float(max(1, answers)))
-        self._last_lr = self.scheduler.get_last_lr()[0]
+        batches, answers, tokens = self._start_step()
+        normalizer = torch.tensor(float(max(1, answers)))
         for batch in batches:
             with phase("data"):
                 host = self._local_batch(batch)
@@ -358,9 +353,23 @@ class Trainer:
                 self.window.add_forward(out, host)
         with phase("optimizer"):
             grad_norm = self.graphs.update()
+        self._end_step(tokens, answers, grad_norm, finite=True)
+
+    def _start_step(self) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+        """The step's global micro-batches, answer tokens and real tokens (host counts); notes the step's lr."""
+        with phase("data"):
+            batches = [self.stream.next_batch() for _ in range(self.cfg.trainer.grad_accum)]
+            answers = sum(answer_tokens(b) for b in batches)
+            tokens = sum(real_tokens(b) for b in batches)
+        self._last_lr = self.scheduler.get_last_lr()[0]
+        return batches, answers, tokens
+
+    def _end_step(self, tokens: int, answers: int, grad_norm: torch.Tensor | float | None, finite: bool) -> None:
+        """Advance the schedule and count the step in the logging window and the run's state."""
         with phase("bookkeeping"):
             self.scheduler.step()
             self.window.add_step(tokens, answers, grad_norm)
+            self._skipped += not finite
             self.state.tokens += tokens
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor]) -> AdaptedOutput:
@@ -386,12 +395,8 @@ class Trainer:
         if self.graphs is not None:
             return self._graphed_step()
         trainer, acc = self.cfg.trainer, self.accelerator
-        with phase("data"):
-            batches = [self.stream.next_batch() for _ in range(trainer.grad_accum)]
-            answers = sum(answer_tokens(b) for b in batches)
-            normalizer = max(1, answers)  # the step's global answer tokens
-            tokens = sum(real_tokens(b) for b in batches)
-        self._last_lr = self.scheduler.get_last_lr()[0]
+        batches, answers, tokens = self._start_step()
+        normalizer = max(1, answers)  # the step's global answer tokens
         finite, grad_norm = True, None
         for batch in batches:
             with phase("data"):
@@ -415,13 +420,9 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
             with phase("bookkeeping"):
                 self.window.add_forward(out, host)
-        with phase("bookkeeping"):
-            if self.deepspeed:
-                grad_norm = self.engine.get_global_grad_norm()
-            self.scheduler.step()
-            self.window.add_step(tokens, answers, grad_norm)
-            self._skipped += not finite
-            self.state.tokens += tokens
+        if self.deepspeed:
+            grad_norm = self.engine.get_global_grad_norm()
+        self._end_step(tokens, answers, grad_norm, finite)
 
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's rows of a global micro-batch and where their loss is, on the host."""
