@@ -102,6 +102,8 @@ class AdapterConfig:
     freeze_shared: bool = False  # MALoRA ablation: S_A frozen
     freeze_coeff: bool = False  # MALoRA ablation: P_t frozen
     impl: str = "fast"  # fast: rank-space gated product | reference: per-expert loop
+    # fast path: sibling layers reading one input (q/k/v, gate/up) project it together, one kernel for all
+    shared_input: bool = True
     router: RouterConfig = field(default_factory=RouterConfig)  # the router of mixture kinds
 
 

@@ -80,6 +80,7 @@ def test_eval_scores_a_saved_adapter_as_the_model_that_saved_it(tmp_path, capsys
     from malora_train.data import build_tasks
     from malora_train.eval import evaluate
 
+    torch.manual_seed(0)  # MALoRA's initialisation draws from the global generator: not from earlier tests' state
     base, tokenizer, cfg = tiny_base()
     adapter_cfg = AdapterConfig(kind="malora", rank=4, num_experts=4, dropout=0.0, router=RouterConfig(top_k=2))
     base_copy, _, _ = tiny_base()
@@ -87,7 +88,7 @@ def test_eval_scores_a_saved_adapter_as_the_model_that_saved_it(tmp_path, capsys
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, layer in adapter_layers(model.model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.5)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 2.0)
             layer.router.copy_(torch.randn(layer.router.shape, generator=gen))
     save_adapter(model, tmp_path / "adapter", "tiny")
     tasks = build_tasks(cfg.data, cfg.seed)

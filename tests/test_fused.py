@@ -100,32 +100,42 @@ def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @cuda
-@pytest.mark.parametrize("T_,n,R,N,p", [(4096, 4096, 64, 8, 0.05), (1000, 11008, 32, 8, 0.05),
-                                        (77, 300, 8, 5, 0.2), (130, 256, 96, 0, 0.0)])
-def test_triton_projection_matches_torch(T_: int, n: int, R: int, N: int, p: float) -> None:
+@pytest.mark.parametrize("T_,n,R,N,p,G", [(4096, 4096, 64, 8, 0.05, 1), (1000, 11008, 32, 8, 0.05, 1),
+                                          (77, 300, 8, 5, 0.2, 1), (130, 256, 96, 0, 0.0, 1),
+                                          (1000, 576, 32, 8, 0.05, 3), (300, 576, 64, 0, 0.1, 2)])
+def test_triton_projection_matches_torch(T_: int, n: int, R: int, N: int, p: float, G: int) -> None:
+    """The three projection kernels for a group of G layers reading x: each member's z, logits and
+    weight gradients, and dx summed over the members; member g's mask is the one a lone layer salted
+    g draws (the group adds g in Philox's high word)."""
     tk = fused.triton_kernels
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(T_, n, device="cuda", generator=gen).bfloat16()
-    down = torch.randn(R, n, device="cuda", generator=gen) * n**-0.5
-    router = torch.randn(N, n, device="cuda", generator=gen) * 0.02 if N else None
+    down = torch.randn(G, R, n, device="cuda", generator=gen) * n**-0.5
+    router = torch.randn(G, N, n, device="cuda", generator=gen) * 0.02 if N else None
     z, logits, bits = tk.project_forward(x, down, router, p, 99, torch.bfloat16)
-    keep = _unpack(bits, n) if p > 0 else torch.ones_like(x, dtype=torch.bool)
-    assert abs(keep.float().mean().item() - (1 - p)) < 0.02
-    xd = torch.where(keep, x.float() / (1 - p), 0.0).bfloat16()
-    assert _rel(z, xd.float() @ down.bfloat16().float().t()) < 1e-2
-    if router is not None:
-        assert _rel(logits, x.double() @ router.double().t()) < 5e-5  # tensor-core float32 accumulation
-    gz = torch.randn(T_, R, device="cuda", generator=gen).bfloat16()
-    gl = torch.randn(T_, N, device="cuda", generator=gen) * 1e-3 if N else None
+    gz = torch.randn(G, T_, R, device="cuda", generator=gen).bfloat16()
+    gl = torch.randn(G, T_, N, device="cuda", generator=gen) * 1e-3 if N else None
     gx = tk.project_input_grad(gz, gl, down, router, bits, p, torch.bfloat16)
-    gx_ref = torch.where(keep, (gz.float() @ down.bfloat16().float()) / (1 - p), 0.0)
-    if router is not None:
-        gx_ref = gx_ref + gl @ router
-    assert _rel(gx, gx_ref) < 1e-2
     gd, gw = tk.project_weight_grad(gz, gl, x, bits, p, R, max(N, 1), torch.bfloat16)
-    assert _rel(gd, gz.float().t() @ xd.float()) < 1e-3
-    if router is not None:
-        assert _rel(gw, gl.double().t() @ x.double()) < 5e-5
+    gx_ref = torch.zeros(T_, n, device="cuda")
+    for g in range(G):
+        keep = _unpack(bits[g], n) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+        if p > 0:
+            lone = tk.project_forward(x, down[g:g + 1].contiguous(), None, p, 99 + (g << 32), torch.bfloat16)[2]
+            assert torch.equal(lone[0], bits[g])
+            assert g == 0 or not torch.equal(bits[g], bits[0])
+        xd = torch.where(keep, x.float() / (1 - p), 0.0).bfloat16()
+        assert _rel(z[g], xd.float() @ down[g].bfloat16().float().t()) < 1e-2
+        if router is not None:
+            assert _rel(logits[g], x.double() @ router[g].double().t()) < 5e-5  # tensor-core float32 accumulation
+        gx_ref += torch.where(keep, (gz[g].float() @ down[g].bfloat16().float()) / (1 - p), 0.0)
+        if router is not None:
+            gx_ref += gl[g] @ router[g]
+        assert _rel(gd[g], gz[g].float().t() @ xd.float()) < 1e-3
+        if router is not None:
+            assert _rel(gw[g], gl[g].double().t() @ x.double()) < 5e-5
+    assert _rel(gx, gx_ref) < 1e-2
 
 
 @cuda

@@ -118,6 +118,19 @@ def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run
     assert graphed[20] < graphed[1]  # it trains
 
 
+def test_shared_input_groups_train_as_the_layers_one_by_one(tmp_path, run_training, train_losses) -> None:
+    """adapter.shared_input (q/k/v and gate/up projected by one kernel launch) under CUDA graphs with dropout on:
+    the group salts its members as the lone layers are salted, so the masks are the same and the losses equal
+    those of the layers computed one by one within bf16 noise."""
+    common = ["adapter=malora", "data.packing=true", "adapter.dropout=0.1", "trainer.max_steps=20",
+              "trainer.cuda_graphs=true", "data.eval_per_task=2", "trainer.log_every=1"]
+    run_training(tmp_path / "grouped", *common)
+    run_training(tmp_path / "alone", *common, "adapter.shared_input=false")
+    grouped, alone = train_losses(tmp_path / "grouped"), train_losses(tmp_path / "alone")
+    assert list(grouped) == list(range(1, 21))
+    assert grouped == pytest.approx(alone, rel=2e-2)
+
+
 def test_graphed_step_waits_for_nothing(tiny_training_overrides, tmp_path) -> None:
     """After its graphs are captured, a graphed step (dropout on) never synchronises with the device."""
     trainer = assert_steps_never_synchronise([*tiny_training_overrides, "adapter=malora", "trainer.cuda_graphs=true"],

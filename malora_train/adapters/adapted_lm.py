@@ -11,9 +11,13 @@ from torch import nn
 
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.inject import adapter_layers, inject_adapters
+from malora_train.adapters.working_copies import WorkingCopies
 from malora_train.attention import document_causal_dense_mask, packed_attention_mask
 from malora_train.config import AdapterConfig
 from malora_train.labels import IGNORE_INDEX, loss_targets
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class AdaptedCausalLM(nn.Module):
         self.record_routing = False
         self.num_tasks = 0
         self._mixture = [(n, m) for n, m in adapter_layers(model) if isinstance(m, MixtureAdapterLinear)]
+        self.working_copies = WorkingCopies([m for _, m in adapter_layers(model) if m.impl == "fast"])
         keys = [_decoder_layer_key(name) for name, _ in self._mixture]
         self.balance_layer_names = list(dict.fromkeys(keys))
         group = torch.tensor([self.balance_layer_names.index(k) for k in keys], dtype=torch.long)
@@ -121,6 +126,7 @@ class AdaptedCausalLM(nn.Module):
         return self.logits_at(picked)
 
     def _hidden_states(self, input_ids, attention_mask, position_ids, document_ids) -> torch.Tensor:
+        self._refresh_working_copies(input_ids.device.type)
         body = self.model.get_decoder()
         if document_ids is not None:  # packed rows: a document-causal mask instead of the padding mask
             attention_mask = packed_attention_mask(document_ids, self.model.config._attn_implementation)
@@ -130,6 +136,13 @@ class AdaptedCausalLM(nn.Module):
             attention_mask = document_causal_dense_mask(1 - attention_mask.long())
         return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=False).last_hidden_state
+
+    def _refresh_working_copies(self, device_type: str) -> None:
+        """Under a half-precision autocast, cast every adapter weight for this forward in one go."""
+        if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in HALF_DTYPES:
+            self.working_copies.refresh(torch.get_autocast_dtype(device_type))
+        else:
+            self.working_copies.release()
 
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on selected hidden states, in float32, honouring a model's logit scaling."""

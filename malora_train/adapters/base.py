@@ -18,6 +18,7 @@ from torch import nn
 
 from malora_train.adapters import fused
 from malora_train.adapters.keys import keep_owned, reject_foreign_keys, reject_unused
+from malora_train.adapters.shared_input import SharedInputGroup
 from malora_train.adapters.router import (
     Routing,
     assignment_counts,
@@ -74,7 +75,7 @@ class AdapterLinear(nn.Module):
     kind: ClassVar[str] = ""
     # the adapter.* keys this class reads; a subclass lists only those it adds (``owned_keys`` joins them)
     config_keys: ClassVar[tuple[str, ...]] = ("kind", "target_modules", "rank", "alpha", "dropout", "use_rslora",
-                                              "impl")
+                                              "impl", "shared_input")
     # parameter name -> tensor kind, for the parameter report
     tensor_kinds: ClassVar[dict[str, str]] = {}
     routed: ClassVar[bool] = False  # True: the layer takes the model's RoutingContext
@@ -132,6 +133,8 @@ class AdapterLinear(nn.Module):
         self.dropout_p = dropout
         self.impl = impl
         self.dropout_salt = 0  # tells this layer's dropout mask from the others' under a device seed (inject sets it)
+        self.input_group: SharedInputGroup | None = None  # siblings reading the same input (inject sets it)
+        self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
 
     def param_factory(self, *shape: int) -> nn.Parameter:
         device = self.base.weight.device
@@ -159,7 +162,7 @@ class AdapterLinear(nn.Module):
             # under torch.compile, plain differentiable ops let the compiler fuse them with the frozen layer
             result = self.composite_forward(self.adapter_input(x), flat_out)
         else:
-            result = self.fast_forward(self.adapter_input(x), flat_out)
+            result = self.fast_forward(self.adapter_input(x), flat_out, x)
         return result.view(out.shape)
 
     def add_scaled(self, flat_out: torch.Tensor, u: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -176,9 +179,30 @@ class AdapterLinear(nn.Module):
         """The matrix the fast path applies to ``dropout(x)``: ``lora_A`` (MALoRA: ``shared_A``)."""
         return self.lora_A
 
-    def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
-        z = fused.project(x, self.down_projection(), None, self.dropout_p, self.training, self.dropout_salt)
-        return fused.gated_up(z, flat_out, self.lora_B, self.scaling)
+    def coeff_projection(self) -> torch.Tensor | None:
+        """MALoRA's stacked P (N*R, d) between the shared projection and the up-projections."""
+        return None
+
+    def up_projection(self) -> torch.Tensor:
+        return self.lora_B
+
+    def cast(self, name: str) -> torch.Tensor | None:
+        """This forward's ready cast of a weight (``working_copies.CAST_WEIGHTS``), or None: cast at use."""
+        return self.casts.get(name) if self.casts else None
+
+    def project_input(self, x: torch.Tensor, source: torch.Tensor | None, router: torch.Tensor | None):
+        """``fused.project`` of this layer's flattened input ``x``, through its shared-input group when it has one
+        (``source``: the tensor the layer was called with, by which the group recognises its input)."""
+        # (under DeepSpeed ZeRO-3 a sibling's weights are gathered only in its own forward: each projects alone)
+        if self.input_group is not None and not hasattr(self.lora_B, "ds_id"):
+            return self.input_group.project(self, x, x if source is None else source, router is not None)
+        return fused.project(x, self.down_projection(), router, self.dropout_p, self.training, self.dropout_salt,
+                             down_cast=self.cast("down"))
+
+    def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor,
+                     source: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.project_input(x, source, None)
+        return fused.gated_up(z, flat_out, self.lora_B, self.scaling, up_cast=self.cast("up"))
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -314,15 +338,11 @@ class MixtureAdapterLinear(AdapterLinear):
     def expert_up(self, expert: int) -> torch.Tensor:
         return self.lora_B[:, expert * self.expert_rank:(expert + 1) * self.expert_rank]
 
-    def coeff_projection(self) -> torch.Tensor | None:
-        """MALoRA's stacked P (N*R, d) between the shared projection and the up-projections."""
-        return None
-
-    def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor,
+                     source: torch.Tensor | None = None) -> torch.Tensor:
         # multiplicative jitter changes the router's input, so the logits cannot share the pass over x
         fused_router = not (self.training and self.jitter_noise > 0)
-        projected = fused.project(x, self.down_projection(), self.router if fused_router else None,
-                                  self.dropout_p, self.training, self.dropout_salt)
+        projected = self.project_input(x, source, self.router if fused_router else None)
         if fused_router:
             z, logits = projected
         else:
@@ -330,7 +350,7 @@ class MixtureAdapterLinear(AdapterLinear):
         gates = self.fast_route(logits)
         return fused.gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates,
                               coeff=self.coeff_projection(), num_experts=self.num_experts,
-                              shared=self.shared_down)
+                              shared=self.shared_down, up_cast=self.cast("up"), coeff_cast=self.cast("coeff"))
 
     def composite_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
         routing = self.route(x)

@@ -109,10 +109,28 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 # -- project: z = D dropout(x), logits = W_g x ------------------------------------------------------------
 
+def member_seed(seed: int, member: int) -> int:
+    """The torch path's dropout seed of a group's ``member`` (member 0: the group's own). It moves the low 32
+    bits, the only ones the CPU generator reads; the kernels salt member g in Philox's high word instead."""
+    return (seed + member * 0x9E3779B9) % 2**63
+
+
 class _Project(torch.autograd.Function):
+    """A group of G layers reading the same x: inputs x, then G down-projections, then G routers (or
+    none); outputs the G z's, then the G logits."""
+
     @staticmethod
-    def forward(ctx, x, down, router, p, seed, cdt):
-        down_c = down.to(cdt)  # saved: the backward needs it too
+    def forward(ctx, x, p, seed, cdt, down_cast, router_stack, has_router, *weights):
+        G = len(weights) // (2 if has_router else 1)
+        downs, routers = weights[:G], weights[G:]
+        if down_cast is not None and down_cast.dtype == cdt:  # ready (working_copies)
+            down_c = down_cast
+        else:
+            down_c = (downs[0].unsqueeze(0) if G == 1 else torch.stack(downs)).to(cdt)  # saved: backward needs it
+        router = None
+        if has_router:
+            router = router_stack if router_stack is not None else (
+                routers[0].unsqueeze(0) if G == 1 else torch.stack(routers))
         kernel = use_triton(x) and cdt in _KERNEL_DTYPES and x.is_contiguous()
         if kernel:
             try:
@@ -125,25 +143,24 @@ class _Project(torch.autograd.Function):
                 raise RuntimeError("a device-side dropout seed (trainer.cuda_graphs) needs the Triton adapter "
                                    "kernels; set adapter.dropout=0 to run without them")
             bits = None
-            with _no_autocast(x):
-                xd = x * _keep_mask(x, p, seed) if p > 0 else x
-                z = F.linear(xd.to(cdt), down_c)
-                ldt = logits_dtype(x)
-                logits = F.linear(x.to(ldt), router.to(ldt)) if router is not None else None
+            z, logits = _project_torch(x, down_c, router, p, seed, cdt)
         ctx.save_for_backward(x, down_c, router, bits)
-        ctx.p, ctx.seed, ctx.cdt, ctx.down_dtype = p, seed, cdt, down.dtype
-        if router is None:
-            return z
-        return z, logits
+        ctx.p, ctx.seed, ctx.cdt, ctx.down_dtype = p, seed, cdt, downs[0].dtype
+        outputs = tuple(z.unbind(0))
+        return outputs + tuple(logits.unbind(0)) if has_router else outputs
 
     @staticmethod
-    def backward(ctx, grad_z, grad_logits=None):
+    def backward(ctx, *grads):
         x, down_c, router, bits = ctx.saved_tensors
         p, cdt = ctx.p, ctx.cdt
-        need_x, need_down, need_router = ctx.needs_input_grad[:3]
-        grad_z = grad_z.contiguous()
-        if grad_logits is not None:
-            grad_logits = grad_logits.contiguous()
+        G = down_c.shape[0]
+        need_x = ctx.needs_input_grad[0]
+        need_down = any(ctx.needs_input_grad[_WEIGHTS:_WEIGHTS + G])
+        need_router = router is not None and any(ctx.needs_input_grad[_WEIGHTS + G:])
+        grad_z = _stacked(grads[:G], x.shape[0], down_c.shape[1], cdt, x.device)
+        grad_logits = None
+        if router is not None:
+            grad_logits = _stacked(grads[G:], x.shape[0], router.shape[1], logits_dtype(x), x.device)
         gx = gdown = grouter = None
         kernel = use_triton(x) and cdt in _KERNEL_DTYPES and x.is_contiguous()
         if kernel:
@@ -153,40 +170,101 @@ class _Project(torch.autograd.Function):
                 if need_down or need_router:
                     gdown, grouter = triton_kernels.project_weight_grad(
                         grad_z if need_down else None, grad_logits if need_router else None, x, bits, p,
-                        down_c.shape[0], router.shape[0] if router is not None else 1, cdt)
+                        down_c.shape[1], router.shape[1] if router is not None else 1, cdt)
             except Exception as err:  # noqa: BLE001 - any build or launch failure
                 _kernel_failure(err)
                 kernel = False
         if not kernel:
-            if p > 0:
-                mask = unpack_keep(bits, x.shape[1], p) if bits is not None else _keep_mask(x, p, ctx.seed)
-            else:
-                mask = None
-            if need_x:
-                gx = grad_z @ down_c
-                gx = (gx * mask if mask is not None else gx).to(x.dtype)
-                if router is not None:
-                    gx = gx + (grad_logits @ router.to(grad_logits.dtype)).to(x.dtype)
-            if need_down:
-                xd = x * mask if mask is not None else x
-                gdown = grad_z.t() @ xd.to(cdt)
-            if need_router:
-                grouter = (grad_logits.t() @ x.to(grad_logits.dtype)).to(router.dtype)
-        if gdown is not None:
-            gdown = gdown.to(ctx.down_dtype)
-        return gx, gdown, grouter, None, None, None
+            gx, gdown, grouter = _project_backward_torch(x, down_c, router, bits, p, ctx.seed, grad_z, grad_logits,
+                                                         need_x, need_down, need_router)
+        gdowns = [gdown[g].to(ctx.down_dtype) if gdown is not None else None for g in range(G)]
+        grouters = [grouter[g] if grouter is not None else None for g in range(G)] if router is not None else []
+        return gx, *[None] * (_WEIGHTS - 1), *gdowns, *grouters
 
 
-def project(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p: float, training: bool,
-            salt: int = 0):
-    """``z = down dropout(x)`` in the compute dtype and, when ``router`` is given, float32 logits
-    ``router x`` (the router sees x without dropout). Returns z, or (z, logits) with a router.
-    ``salt`` tells layers apart under ``device_dropout_seed`` (each layer's mask its own)."""
+_WEIGHTS = 7  # _Project's inputs before the weights: x, p, seed, cdt, down_cast, router_stack, has_router
+
+
+def _stacked(grads, T: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The members' output gradients as one contiguous (G, T, width) tensor (zeros for an unused output)."""
+    grads = [g if g is not None else torch.zeros(T, width, dtype=dtype, device=device) for g in grads]
+    return grads[0].unsqueeze(0).contiguous() if len(grads) == 1 else torch.stack(grads)
+
+
+def _member_masks(x: torch.Tensor, p: float, seed: int, G: int, bits: torch.Tensor | None):
+    """Each member's scaled keep mask (None without dropout): from the kernels' bits, or drawn again."""
+    if p == 0:
+        return [None] * G
+    if bits is not None:
+        return [unpack_keep(bits[g], x.shape[1], p) for g in range(G)]
+    return [_keep_mask(x, p, member_seed(seed, g)) for g in range(G)]
+
+
+def _project_torch(x, down_c, router, p, seed, cdt):
+    """The torch path of the group's forward: without dropout one GEMM for every member's z (and one for the
+    logits); with it, each member's own mask."""
+    G, R, n = down_c.shape
+    T = x.shape[0]
+    with _no_autocast(x):
+        if p > 0:
+            z = torch.stack([F.linear((x * mask).to(cdt), down_c[g])
+                             for g, mask in enumerate(_member_masks(x, p, seed, G, None))])
+        else:
+            z = F.linear(x.to(cdt), down_c.reshape(G * R, n)).view(T, G, R).transpose(0, 1)
+        logits = None
+        if router is not None:
+            ldt = logits_dtype(x)
+            N = router.shape[1]
+            logits = F.linear(x.to(ldt), router.reshape(G * N, n).to(ldt)).view(T, G, N).transpose(0, 1)
+    return z, logits
+
+
+def _project_backward_torch(x, down_c, router, bits, p, seed, grad_z, grad_logits, need_x, need_down, need_router):
+    G = down_c.shape[0]
+    masks = _member_masks(x, p, seed, G, bits)
+    gx = gdown = grouter = None
+    if need_x:
+        gx = sum((grad_z[g] @ down_c[g]) * mask if mask is not None else grad_z[g] @ down_c[g]
+                 for g, mask in enumerate(masks)).to(x.dtype)
+        if router is not None:
+            gx = gx + sum(grad_logits[g] @ router[g].to(grad_logits.dtype) for g in range(G)).to(x.dtype)
+    if need_down:
+        gdown = torch.stack([grad_z[g].t() @ (x * mask if mask is not None else x).to(down_c.dtype)
+                             for g, mask in enumerate(masks)])
+    if need_router:
+        grouter = torch.stack([grad_logits[g].t() @ x.to(grad_logits.dtype) for g in range(G)]).to(router.dtype)
+    return gx, gdown, grouter
+
+
+def project_group(x: torch.Tensor, downs: list[torch.Tensor], routers: list[torch.Tensor] | None, p: float,
+                  training: bool, salt: int = 0, down_cast: torch.Tensor | None = None,
+                  router_stack: torch.Tensor | None = None) -> list:
+    """``project`` for G layers that read the same ``x`` (one kernel launch, or one GEMM on the torch path
+    without dropout): member g's z (and logits) as ``project`` gives them, each with its own dropout mask,
+    drawn from the group's seed as the layer salted ``salt + g`` draws it. ``down_cast`` (G, R, n) and
+    ``router_stack`` (G, N, n): the weights already cast and stacked (``working_copies``); gradients still go
+    to ``downs`` and ``routers``."""
     p = p if training else 0.0
     seed: int | tuple[torch.Tensor, int] = 0
     if p > 0:
         seed = draw_seed() if _device_seed is None else (_device_seed, salt << 32)  # Philox's high word
-    return _Project.apply(x, down, router, p, seed, compute_dtype(x))
+    has_router = routers is not None
+    outputs = _Project.apply(x, p, seed, compute_dtype(x), down_cast, router_stack, has_router, *downs,
+                             *(routers or ()))
+    G = len(downs)
+    if not has_router:
+        return list(outputs)
+    return list(zip(outputs[:G], outputs[G:]))
+
+
+def project(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p: float, training: bool,
+            salt: int = 0, down_cast: torch.Tensor | None = None):
+    """``z = down dropout(x)`` in the compute dtype and, when ``router`` is given, float32 logits
+    ``router x`` (the router sees x without dropout). Returns z, or (z, logits) with a router.
+    ``salt`` tells layers apart under ``device_dropout_seed`` (each layer's mask its own); ``down_cast``:
+    ``down`` already cast (``working_copies``)."""
+    return project_group(x, [down], [router] if router is not None else None, p, training, salt,
+                         down_cast.unsqueeze(0) if down_cast is not None else None)[0]
 
 
 # -- gated_up: y = out + s (gates * expand(z)) B^T ------------------------------------------------------------
@@ -195,10 +273,10 @@ class _GatedUp(torch.autograd.Function):
     """All tensors are in the compute dtype (z's) by construction: no autocast needed here."""
 
     @staticmethod
-    def forward(ctx, z, out, up, gates, coeff, scaling, num_experts, shared):
+    def forward(ctx, z, out, up, gates, coeff, scaling, num_experts, shared, up_cast, coeff_cast):
         cdt = z.dtype
         T = z.shape[0]
-        coeff_c = coeff.to(cdt) if coeff is not None else None
+        coeff_c = _ready(coeff_cast, cdt, coeff)
         u = z @ coeff_c.t() if coeff is not None else z
         gates_c = gates.to(cdt) if gates is not None else None
         if gates is None:
@@ -206,7 +284,7 @@ class _GatedUp(torch.autograd.Function):
         else:
             u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
             gated = (u3 * gates_c.unsqueeze(-1)).reshape(T, -1)
-        up_c = up.to(cdt)
+        up_c = _ready(up_cast, cdt, up)
         if out.dtype == cdt:
             y = torch.addmm(out, gated, up_c.t(), alpha=scaling)
         else:
@@ -246,15 +324,24 @@ class _GatedUp(torch.autograd.Function):
             gz = g_u @ coeff_c if need_z else None
         else:
             gz = g_u
-        return gz, grad_y if need_out else None, gup, ggates, gcoeff, None, None, None
+        return gz, grad_y if need_out else None, gup, ggates, gcoeff, None, None, None, None, None
+
+
+def _ready(cast: torch.Tensor | None, dtype: torch.dtype, weight: torch.Tensor | None) -> torch.Tensor | None:
+    """``weight`` in ``dtype``: its ready cast (``working_copies``) when there is one, else cast now."""
+    if weight is None:
+        return None
+    return cast if cast is not None and cast.dtype == dtype else weight.to(dtype)
 
 
 def gated_up(z: torch.Tensor, out: torch.Tensor, up: torch.Tensor, scaling: float,
              gates: torch.Tensor | None = None, coeff: torch.Tensor | None = None, num_experts: int = 1,
-             shared: bool = False) -> torch.Tensor:
+             shared: bool = False, up_cast: torch.Tensor | None = None,
+             coeff_cast: torch.Tensor | None = None) -> torch.Tensor:
     """``out + scaling * (gates * u) up^T`` where ``u = z coeff^T`` (MALoRA), ``z`` for every expert
-    (``shared``, HydraLoRA) or ``z`` itself split into ``num_experts`` blocks; no gates: plain LoRA."""
-    return _GatedUp.apply(z, out, up, gates, coeff, scaling, num_experts, shared)
+    (``shared``, HydraLoRA) or ``z`` itself split into ``num_experts`` blocks; no gates: plain LoRA.
+    ``up_cast``/``coeff_cast``: those weights already in z's dtype (``working_copies``)."""
+    return _GatedUp.apply(z, out, up, gates, coeff, scaling, num_experts, shared, up_cast, coeff_cast)
 
 
 # -- route: top-K routing and its auxiliary statistics ----------------------------------------------------

@@ -11,6 +11,7 @@ from torch import nn
 
 from malora_train.adapters.base import AdapterLinear, RoutingContext
 from malora_train.adapters.registry import adapter_class
+from malora_train.adapters.shared_input import group_shared_inputs
 from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError
 
@@ -58,14 +59,32 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, context: RoutingContex
     names = match_targets(model, cfg.target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
-    for index, name in enumerate(names):
+    layers = []
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = cls(getattr(parent, child), **kwargs)
         layer.apply_freezing(cfg)
-        layer.dropout_salt = index
         setattr(parent, child, layer)
+        layers.append(layer)
+    if cfg.shared_input:
+        group_shared_inputs(zip(names, layers))
+    assign_dropout_salts(layers)
     return names
+
+
+def assign_dropout_salts(layers: list[AdapterLinear]) -> None:
+    """A distinct salt per layer, in order, a shared-input group's members consecutive from its first (the
+    group's kernel salts member g as its first member's salt + g)."""
+    salted: set[int] = set()
+    salt = 0
+    for layer in layers:
+        if id(layer) in salted:
+            continue
+        for member in layer.input_group.members if layer.input_group is not None else [layer]:
+            member.dropout_salt = salt
+            salted.add(id(member))
+            salt += 1
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:

@@ -1,7 +1,9 @@
 """Triton kernels for the fused adapter path (CUDA only; ``fused.py`` falls back to plain torch elsewhere).
 
 Three kernels cover the part of an adapter that touches full-size activations, so each full-size
-tensor is read or written once per direction:
+tensor is read or written once per direction. Each takes a group of G layers that read the same x (q/k/v,
+gate/up; G = 1 for a layer on its own): D, W_g, z, logits and the mask are stacked by member, member g's
+dropout seed is the group's plus g in Philox's high word, and dx sums every member's contribution:
 
     project_forward   z = D dropout(x) and router logits = W_g x, one read of x; the dropout mask is
                       drawn on the fly (Philox) and kept as one bit per element for the backward
@@ -72,6 +74,14 @@ def _project_fwd_kernel(
     Q: tl.constexpr = BLOCK_K // 4
     W = tl.cdiv(n, 32)
     pid = tl.program_id(0)
+    member = tl.program_id(1).to(tl.int64)  # which layer of the group: its slice of D, W_g, z, logits, mask
+    d_ptr += member * R * n
+    z_ptr += member * T * R
+    if HAS_ROUTER:
+        w_ptr += member * N * n
+        logit_ptr += member * T * N
+    if DROPOUT:
+        bits_ptr += member * T * W
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     q = tl.arange(0, Q)
@@ -82,6 +92,7 @@ def _project_fwd_kernel(
     row_draws = tl.cdiv(n, BLOCK_K) * Q  # Philox counters per row
     if SEED_FROM_PTR:  # a captured step: the seed is read at replay time, ``seed`` salts it per layer
         seed = tl.load(seed_ptr) + seed
+    seed = seed + (member << 32)  # the next layer's salt
     for k0 in range(0, n, BLOCK_K):
         b = k0 // BLOCK_K
         if DROPOUT:
@@ -137,6 +148,7 @@ def _project_input_grad_kernel(
     R: tl.constexpr, N: tl.constexpr,
     R_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROUTER: tl.constexpr, DROPOUT: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
+    G: tl.constexpr,
 ):
     W = tl.cdiv(n, 32)
     pid_m = tl.program_id(0)
@@ -146,26 +158,30 @@ def _project_input_grad_kernel(
     row_ok = rows < T
     col_ok = cols < n
     rr = tl.arange(0, R_PAD)
-    gz = tl.load(gz_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr < R)[None, :],
-                 other=0.0).to(CDT)
-    d = tl.load(d_ptr + rr[:, None] * n + cols[None, :], mask=(rr < R)[:, None] & col_ok[None, :],
-                other=0.0).to(CDT)
-    acc = tl.dot(gz, d)
-    if DROPOUT:
-        keep = _unpack_keep(bits_ptr, rows, row_ok, pid_n * (BLOCK_N // 32), W, BLOCK_M, BLOCK_N)
-        acc = tl.where(keep, acc * scale, 0.0)
-    if HAS_ROUTER:
-        nn = tl.arange(0, N_PAD)
-        gl = tl.load(gl_ptr + rows[:, None] * N + nn[None, :], mask=row_ok[:, None] & (nn < N)[None, :],
-                     other=0.0)
-        w = tl.load(w_ptr + nn[:, None] * n + cols[None, :], mask=(nn < N)[:, None] & col_ok[None, :],
-                    other=0.0)
-        g_hi, g_mid, g_lo = _split3(gl, SPLIT)
-        w_hi, w_mid, w_lo = _split3(w, SPLIT)
-        # the result is rounded to the activation dtype: the terms below 2^-16 do not matter
-        acc += tl.dot(g_hi, w_hi)
-        acc += tl.dot(g_hi, w_mid)
-        acc += tl.dot(g_mid, w_hi)
+    nn = tl.arange(0, N_PAD)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for member in tl.static_range(G):  # dx is the sum of every member's
+        gz = tl.load(gz_ptr + member * T * R + rows[:, None] * R + rr[None, :],
+                     mask=row_ok[:, None] & (rr < R)[None, :], other=0.0).to(CDT)
+        d = tl.load(d_ptr + member * R * n + rr[:, None] * n + cols[None, :],
+                    mask=(rr < R)[:, None] & col_ok[None, :], other=0.0).to(CDT)
+        part = tl.dot(gz, d)
+        if DROPOUT:
+            keep = _unpack_keep(bits_ptr + member * T * W, rows, row_ok, pid_n * (BLOCK_N // 32), W, BLOCK_M,
+                                BLOCK_N)
+            part = tl.where(keep, part * scale, 0.0)
+        acc += part
+        if HAS_ROUTER:
+            gl = tl.load(gl_ptr + member * T * N + rows[:, None] * N + nn[None, :],
+                         mask=row_ok[:, None] & (nn < N)[None, :], other=0.0)
+            w = tl.load(w_ptr + member * N * n + nn[:, None] * n + cols[None, :],
+                        mask=(nn < N)[:, None] & col_ok[None, :], other=0.0)
+            g_hi, g_mid, g_lo = _split3(gl, SPLIT)
+            w_hi, w_mid, w_lo = _split3(w, SPLIT)
+            # the result is rounded to the activation dtype: the terms below 2^-16 do not matter
+            acc += tl.dot(g_hi, w_hi)
+            acc += tl.dot(g_hi, w_mid)
+            acc += tl.dot(g_mid, w_hi)
     tl.store(gx_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], acc.to(gx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -178,10 +194,17 @@ def _project_weight_grad_kernel(
     HAS_ROUTER: tl.constexpr, DROPOUT: tl.constexpr, CDT: tl.constexpr, SPLIT: tl.constexpr,
     X_EXACT: tl.constexpr, NEED_D: tl.constexpr,
 ):
-    """Partial sums over one token range: part[split, :R_PAD] = dD, part[split, R_PAD:] = dW_g."""
+    """Partial sums over one token range: part[member, split, :R_PAD] = dD, part[member, split, R_PAD:] = dW_g."""
     W = tl.cdiv(n, 32)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    member = tl.program_id(2).to(tl.int64)
+    if NEED_D:
+        gz_ptr += member * T * R
+    if HAS_ROUTER:
+        gl_ptr += member * T * N
+    if DROPOUT:
+        bits_ptr += member * T * W
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     rr = tl.arange(0, R_PAD)
@@ -215,7 +238,7 @@ def _project_weight_grad_kernel(
                 acc_w += tl.dot(tl.trans(g_lo), xs)
             else:
                 acc_w += tl.dot(tl.trans(gl), xt.to(tl.float32), input_precision="ieee")
-    part = part_ptr + pid_s * (R_PAD + N_PAD) * n
+    part = part_ptr + (member * tl.num_programs(1) + pid_s) * (R_PAD + N_PAD) * n
     if NEED_D:
         tl.store(part + rr[:, None] * n + cols[None, :], acc_d, mask=col_ok[None, :])
     if HAS_ROUTER:
@@ -237,19 +260,20 @@ def project_forward(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | 
                     seed: int | tuple[torch.Tensor, int], compute_dtype: torch.dtype,
                     split_dtype: torch.dtype = torch.bfloat16, block_m: int | None = None, block_k: int = 128,
                     num_warps: int = 4, num_stages: int = 3):
-    """(z (T, R) compute dtype, logits (T, N) float32 or None, packed keep mask (T, W) int32 or None).
-    ``down`` is best passed in the compute dtype: every block of rows reads all of it. ``seed``: the
-    dropout seed, or (a one-element int64 device tensor, an int added to it) read when the kernel runs."""
+    """For a group of G layers reading x: (z (G, T, R) compute dtype, logits (G, T, N) float32 or None, packed
+    keep masks (G, T, W) int32 or None) from ``down`` (G, R, n) and ``router`` (G, N, n) or None. ``down`` is
+    best passed in the compute dtype: every block of rows reads all of it. ``seed``: the dropout seed, or (a
+    one-element int64 device tensor, an int added to it) read when the kernel runs; member g adds g << 32."""
     T, n = x.shape
-    R = down.shape[0]
-    N = router.shape[0] if router is not None else 1
+    G, R = down.shape[:2]
+    N = router.shape[1] if router is not None else 1
     dropout = p > 0
-    z = torch.empty(T, R, device=x.device, dtype=compute_dtype)
-    logits = torch.empty(T, N, device=x.device, dtype=torch.float32) if router is not None else None
-    bits = torch.empty(T, mask_words(n), device=x.device, dtype=torch.int32) if dropout else None
+    z = torch.empty(G, T, R, device=x.device, dtype=compute_dtype)
+    logits = torch.empty(G, T, N, device=x.device, dtype=torch.float32) if router is not None else None
+    bits = torch.empty(G, T, mask_words(n), device=x.device, dtype=torch.int32) if dropout else None
     block_m = block_m or (32 if T >= 32 * 100 else 16)
     seed_tensor, seed = seed if isinstance(seed, tuple) else (None, seed)
-    _project_fwd_kernel[(triton.cdiv(T, block_m),)](
+    _project_fwd_kernel[(triton.cdiv(T, block_m), G)](
         x, down, router, z, logits, bits, seed_tensor, T, n, seed, keep_threshold(p), 1.0 / (1.0 - p),
         R=R, N=N, R_PAD=_pad(R), N_PAD=_pad(N),
         BLOCK_M=block_m, BLOCK_K=block_k, HAS_ROUTER=router is not None, DROPOUT=dropout,
@@ -263,16 +287,17 @@ def project_input_grad(gz: torch.Tensor, glogits: torch.Tensor | None, down: tor
                        router: torch.Tensor | None, bits: torch.Tensor | None, p: float, out_dtype: torch.dtype,
                        split_dtype: torch.dtype = torch.bfloat16, block_m: int = 64, block_n: int = 128,
                        num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    T, R = gz.shape
-    n = down.shape[1]
-    N = router.shape[0] if router is not None else 1
+    """dx (T, n), summed over the group's G members (every tensor stacked by member, as ``project_forward``)."""
+    G, T, R = gz.shape
+    n = down.shape[2]
+    N = router.shape[1] if router is not None else 1
     gx = torch.empty(T, n, device=gz.device, dtype=out_dtype)
     grid = (triton.cdiv(T, block_m), triton.cdiv(n, block_n))
     _project_input_grad_kernel[grid](
         gz, glogits, down, router, bits, gx, T, n, 1.0 / (1.0 - p),
         R=R, N=N, R_PAD=_pad(R), N_PAD=_pad(N), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_ROUTER=router is not None, DROPOUT=bits is not None, CDT=_TL_DTYPES[gz.dtype],
-        SPLIT=_TL_DTYPES[split_dtype], num_warps=num_warps, num_stages=num_stages,
+        SPLIT=_TL_DTYPES[split_dtype], G=G, num_warps=num_warps, num_stages=num_stages,
     )
     return gx
 
@@ -281,8 +306,10 @@ def project_weight_grad(gz: torch.Tensor | None, glogits: torch.Tensor | None, x
                         bits: torch.Tensor | None, p: float, R: int, N: int, compute_dtype: torch.dtype,
                         split_dtype: torch.dtype = torch.bfloat16, block_t: int = 64, block_n: int = 128,
                         waves: int = 4, num_warps: int = 4, num_stages: int = 2):
-    """(dD (R, n) float32 or None, dW_g (N, n) float32 or None); ``gz`` None skips dD."""
+    """(dD (G, R, n) float32 or None, dW_g (G, N, n) float32 or None) for a group of G members (``gz`` (G, T, R),
+    ``glogits`` (G, T, N), ``bits`` (G, T, W)); ``gz`` None skips dD."""
     T, n = x.shape
+    G = (gz if gz is not None else glogits).shape[0]
     col_tiles = triton.cdiv(n, block_n)
     # enough programs to fill the GPU (``waves`` per multiprocessor): split the token range, then sum
     # the float32 partials of dD and dW_g (stacked in one buffer: one sum for both)
@@ -292,16 +319,16 @@ def project_weight_grad(gz: torch.Tensor | None, glogits: torch.Tensor | None, x
     splits = triton.cdiv(T, rows_per_split)
     r_pad, n_pad = _pad(R), _pad(N)
     need_d, has_router = gz is not None, glogits is not None
-    part = torch.empty(splits, r_pad + n_pad, n, device=x.device, dtype=torch.float32)
-    _project_weight_grad_kernel[(col_tiles, splits)](
+    part = torch.empty(G, splits, r_pad + n_pad, n, device=x.device, dtype=torch.float32)
+    _project_weight_grad_kernel[(col_tiles, splits, G)](
         gz, glogits, x, bits, part, T, n, rows_per_split, 1.0 / (1.0 - p),
         R=R, N=N, R_PAD=r_pad, N_PAD=n_pad, BLOCK_T=block_t, BLOCK_N=block_n,
         HAS_ROUTER=has_router, DROPOUT=bits is not None, CDT=_TL_DTYPES[compute_dtype],
         SPLIT=_TL_DTYPES[split_dtype], X_EXACT=x.dtype == split_dtype, NEED_D=need_d,
         num_warps=num_warps, num_stages=num_stages,
     )
-    total = part[0] if splits == 1 else part.sum(0)
-    return total[:R] if need_d else None, total[r_pad:r_pad + N] if has_router else None
+    total = part[:, 0] if splits == 1 else part.sum(1)
+    return total[:, :R] if need_d else None, total[:, r_pad:r_pad + N] if has_router else None
 
 
 # -- routing --------------------------------------------------------------------------------------------
