@@ -6,6 +6,7 @@
     python scripts/study.py bigbench_probe [--min-gain 10]   # which BIG-bench tasks the model can learn
     python scripts/study.py bigbench                    # paper_bigbench on the tasks the probe selected
     python scripts/study.py synthetic model=tiny trainer.max_steps=2 '+variant=lora,molora' seed=0,1
+    python scripts/study.py commonsense --jobs 3        # the seeds as 3 processes side by side, then one report
 
 Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one folder
 per job named by its overrides (not by its number, so adding a seed or a method does not rename the others),
@@ -13,6 +14,11 @@ with ``trainer.resume=auto``: a rerun skips every run that completed, continues 
 last checkpoint and starts the others. Overrides after the part go on top of the preset (``+variant=...`` and
 ``seed=...`` replace the preset's sweep). Then ``malora-report`` writes report.md, report.csv and
 accuracy_vs_params.png into the part's folder and the script prints where they are.
+
+``--jobs N`` splits the sweep by seed into N processes that run at once (each its own ``study.py`` with its
+share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once. A 135M model leaves most of a
+large GPU idle: with CUDA MPS running (``nvidia-cuda-mps-control -d``) the processes' kernels share the GPU
+and the whole commonsense part took 12 minutes on one H200 with three processes (RESULTS.md).
 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 15 candidate tasks,
 evaluated before and after a short training. A task is selected when its accuracy after training is at
@@ -115,6 +121,51 @@ def selected_tasks(out: Path) -> list[str]:
     return tasks
 
 
+# -- parallel jobs -------------------------------------------------------------------------------------------
+
+def sweep_seeds(part: str, overrides: list[str]) -> list[str]:
+    """The seeds the part sweeps: a ``seed=`` override's, else its preset's (``hydra.sweeper.params.seed``)."""
+    for override in overrides:
+        if override.startswith("seed="):
+            return override.split("=", 1)[1].split(",")
+    from hydra import compose, initialize_config_dir
+    from malora_train.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"+experiment={PRESETS[part]}"], return_hydra_config=True)
+    seeds = cfg.hydra.sweeper.params.get("seed")
+    return str(seeds).split(",") if seeds is not None else ["0"]
+
+
+def job_overrides(seeds: list[str], jobs: int, overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides: ``overrides`` with its share of ``seeds`` (round robin; at most one job a seed)."""
+    rest = [o for o in overrides if not o.startswith("seed=")]
+    shares = [seeds[k::jobs] for k in range(min(jobs, len(seeds)))]
+    return [[*rest, f"seed={','.join(share)}"] for share in shares]
+
+
+def run_jobs(part: str, out: Path, overrides: list[str], jobs: int) -> int:
+    """Run the part as ``jobs`` ``study.py`` processes at once (split by seed); the worst exit status."""
+    import subprocess
+
+    logs = out / part / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running = []
+    for k, share in enumerate(job_overrides(sweep_seeds(part, overrides), jobs, overrides)):
+        log = logs / f"{k}.log"
+        command = [sys.executable, __file__, part, "--out", str(out), "--no-report", *share]
+        print(f"job {k}: {' '.join(command[1:])} > {log}", flush=True)
+        with log.open("w") as handle:
+            running.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT))
+    statuses = [process.wait() for process in running]
+    for k, status in enumerate(statuses):
+        if status:
+            tail = (logs / f"{k}.log").read_text().strip().splitlines()[-3:]
+            print(f"study.py: job {k} exited with status {status} ({logs / f'{k}.log'}):", *tail, sep="\n  ",
+                  file=sys.stderr)
+    return max(statuses)
+
+
 # -- the command ---------------------------------------------------------------------------------------------
 
 def report(part: str, out: Path) -> Path:
@@ -135,7 +186,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("studies"), help="where the parts go (default studies/)")
     parser.add_argument("--min-gain", type=float, default=10.0,
                         help="bigbench_probe: points a task must gain from training to be selected (default 10)")
-    return parser.parse_intermixed_args(argv)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes at once, the seeds split between them (default 1; see the top of this file)")
+    parser.add_argument("--no-report", action="store_true", help="run the jobs only (what each of --jobs does)")
+    args = parser.parse_intermixed_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,9 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.part == "bigbench" and not any(o.lstrip("+~").startswith("data.tasks=") for o in overrides):
             overrides.append(f"data.tasks=[{','.join(selected_tasks(args.out))}]")
-        status = run_sweep(sweep_command(args.part, args.out, overrides))
+        if args.jobs > 1:
+            status = run_jobs(args.part, args.out, overrides, args.jobs)
+        else:
+            status = run_sweep(sweep_command(args.part, args.out, overrides))
         if not (args.out / args.part).is_dir():
             return status or 2  # the sweep stopped before its first job (a bad override): its error is printed
+        if args.no_report:
+            return status
         report(args.part, args.out)
         if args.part == "bigbench_probe":
             select_tasks(args.out / args.part, args.min_gain)

@@ -5,6 +5,7 @@ the BIG-bench probe's selection by measured gain."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,33 @@ def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Pa
     assert study.main(argv) == 0
     assert out.count("is complete") == 0 and capsys.readouterr().out.count("is complete") == 4
     assert {s: s.stat().st_mtime_ns for s in summaries} == stamps  # nothing trained again
+
+
+def test_jobs_split_the_seeds_of_the_preset_or_of_the_command_line(study) -> None:
+    assert study.sweep_seeds("commonsense", []) == ["0", "1", "2"]
+    assert study.sweep_seeds("synthetic", []) == ["0", "1", "2"]  # inherited from paper_commonsense
+    assert study.sweep_seeds("bigbench_probe", []) == ["0"]
+    assert study.sweep_seeds("ablations", ["x=1", "seed=4,5"]) == ["4", "5"]
+    assert study.job_overrides(["0", "1", "2"], 2, ["a=1", "seed=0,1,2"]) == [["a=1", "seed=0,2"], ["a=1", "seed=1"]]
+    assert study.job_overrides(["0"], 3, []) == [["seed=0"]]  # never more jobs than seeds
+
+
+def test_parallel_jobs_run_every_seed_once_and_report_once(study, tmp_path: Path, capsys) -> None:
+    argv = ["synthetic", "--out", str(tmp_path), "--jobs", "2", *TINY, "+variant=lora", "seed=0,1",
+            f"data.cache_dir={tmp_path / 'tokenized'}"]
+    assert study.main(argv) == 0
+    part = tmp_path / "synthetic"
+    summaries = sorted(part.glob("*/summary.json"))
+    assert len(summaries) == 2
+    assert [re.search(r"seed=(\d)", s.parent.name).group(1) for s in summaries] == ["0", "1"]
+    logs = sorted((part / "jobs").glob("*.log"))
+    assert [log.name for log in logs] == ["0.log", "1.log"]
+    assert all("reported" not in log.read_text() for log in logs)  # the jobs train, the parent reports
+    out = capsys.readouterr().out
+    assert out.count(f"wrote {part / 'report.md'}") == 1
+    assert re.search(r"\| lora \| [\d,]+ \([\d.]+%\) \| 2 \|", out)  # one row, both seeds
+    with pytest.raises(SystemExit):
+        study.parse_args(["synthetic", "--jobs", "0"])
 
 
 def write_probe(probe_dir: Path, before: dict[str, float], after: dict[str, float]) -> None:
