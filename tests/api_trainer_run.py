@@ -69,3 +69,6 @@ def train_malora(out_dir: Path, batch_size: int) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     train_malora(Path(sys.argv[1]), int(sys.argv[2]))
+    if torch.distributed.is_initialized():  # leave together: a rank exiting under a live gloo group can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
