@@ -13,7 +13,8 @@ Per run: tokens/s (real tokens, median over the measured steps of each step's to
 the step-time spread (max and p90 over the median), peak memory, and a breakdown of a few profiled steps
 into the loop's named phases (data, forward, backward, optimizer, bookkeeping; host and device
 milliseconds). Step times come from CUDA events recorded at each step's start (no synchronisation in the
-measured steps), or from the host clock on the CPU. Prints one table last and writes the rows as JSON.
+measured steps), or from the host clock on the CPU. Prints one table last and writes the rows as JSON, with
+each measured step's device time, host time (the ``train_step`` call) and the CUDA graphs captured so far.
 """
 
 from __future__ import annotations
@@ -174,12 +175,16 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, workdir: Pat
     trainer.engine.train()
 
     tokens: list[int] = []
+    host_times: list[float] = []  # host seconds of each train_step call (what the device may wait for)
+    graph_counts: list[int] = []  # CUDA graphs captured so far, after each step (a capture shows as a rise)
 
     def step() -> None:
-        before = trainer.state.tokens
+        before, host_start = trainer.state.tokens, time.perf_counter()
         trainer.train_step()
         trainer.state.step += 1
+        host_times.append(time.perf_counter() - host_start)
         tokens.append(trainer.state.tokens - before)
+        graph_counts.append(trainer.graphs.graph_count if trainer.graphs is not None else 0)
 
     clock = StepClock(device)
     first_step = time.perf_counter()
@@ -197,7 +202,8 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, workdir: Pat
     wall = time.perf_counter() - warm
     row = {"name": f"malora-train {adapter}", "adapter": adapter, "mode": mode, **summarise(times, tokens[-args.steps:]),
            "wall_tokens_per_s": sum(tokens[-args.steps:]) / wall, "setup_s": first_step - started,
-           "warmup_s": warm - first_step, "step_times_s": times, "trainable_params": trainer.params["trainable"],
+           "warmup_s": warm - first_step, "step_times_s": times, "host_step_times_s": host_times[-args.steps:],
+           "graphs_after_step": graph_counts[-args.steps:], "trainable_params": trainer.params["trainable"],
            "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
     if args.profile_steps:
         row["phases"], row["kernels"] = phase_breakdown(step, args.profile_steps, device.type == "cuda",

@@ -29,6 +29,8 @@ def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["max_over_median"] >= 1 and row["tokens_per_step"] > 0
         assert len(row["step_times_s"]) == 2 and max(row["step_times_s"]) / row["step_s"] == row["max_over_median"]
+        assert len(row["host_step_times_s"]) == 2 and all(t > 0 for t in row["host_step_times_s"])
+        assert row["graphs_after_step"] == [0, 0]  # the CPU takes the eager path
         assert set(row["phases"]) == {"data", "forward", "backward", "optimizer", "bookkeeping"}
         assert row["phases"]["forward"]["host_ms"] > 0
         assert row["trainable_params"] > 0
