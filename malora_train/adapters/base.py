@@ -186,6 +186,12 @@ class AdapterLinear(nn.Module):
     def up_projection(self) -> torch.Tensor:
         return self.lora_B
 
+    @property
+    def partitioned(self) -> bool:
+        """True while DeepSpeed ZeRO-3 holds the adapter tensors as partitions (gathered only inside this
+        layer's own forward)."""
+        return hasattr(self.lora_B, "ds_id")
+
     def cast(self, name: str) -> torch.Tensor | None:
         """This forward's ready cast of a weight (``working_copies.CAST_WEIGHTS``), or None: cast at use."""
         return self.casts.get(name) if self.casts else None
@@ -193,8 +199,7 @@ class AdapterLinear(nn.Module):
     def project_input(self, x: torch.Tensor, source: torch.Tensor | None, router: torch.Tensor | None):
         """``fused.project`` of this layer's flattened input ``x``, through its shared-input group when it has one
         (``source``: the tensor the layer was called with, by which the group recognises its input)."""
-        # (under DeepSpeed ZeRO-3 a sibling's weights are gathered only in its own forward: each projects alone)
-        if self.input_group is not None and not hasattr(self.lora_B, "ds_id"):
+        if self.input_group is not None and not self.partitioned:  # ZeRO-3: a sibling's weights are not here
             return self.input_group.project(self, x, x if source is None else source, router is not None)
         return fused.project(x, self.down_projection(), router, self.dropout_p, self.training, self.dropout_salt,
                              down_cast=self.cast("down"))

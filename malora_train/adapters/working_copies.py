@@ -30,7 +30,7 @@ class WorkingCopies:
     @torch.no_grad()
     def refresh(self, dtype: torch.dtype) -> None:
         """Fill the buffers (made on first use, or for a new dtype or device) from the float32 weights."""
-        if not self.layers or hasattr(self.layers[0].lora_B, "ds_id"):  # ZeRO-3 partitions: cast at use
+        if not self.layers or self.layers[0].partitioned:  # ZeRO-3 partitions: cast at use
             self.release()
             return
         device = self.layers[0].lora_B.device
