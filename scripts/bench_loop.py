@@ -68,6 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-packing", action="store_true", help="padded rows (data.packing=false)")
     parser.add_argument("--baseline", choices=("none", "hf-peft"), default=None,
                         help="default: hf-peft on a GPU, none on the CPU")
+    parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
+                        help="run every adapter and mode again with these space-separated overrides, in the same "
+                             "process (repeatable): e.g. --also 'adapter.shared_input=false'")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="more malora-train overrides (after --)")
     args = parser.parse_args(argv)
@@ -82,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def overrides_for(args: argparse.Namespace, adapter: str, mode: str) -> list[str]:
+def overrides_for(args: argparse.Namespace, adapter: str, mode: str, extra: tuple[str, ...] = ()) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     out = [f"model={args.model}", f"data={args.data}", f"adapter={adapter}", f"trainer.max_steps={total}",
            f"trainer.micro_batch_size={args.rows}", f"data.max_length={args.length}",
@@ -93,7 +96,12 @@ def overrides_for(args: argparse.Namespace, adapter: str, mode: str) -> list[str
         out += ["trainer.compile=true", f"trainer.compile_mode={compile_mode}"]
     if graphs:
         out.append("trainer.cuda_graphs=true")
-    return out + list(args.overrides)
+    return out + list(args.overrides) + list(extra)
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """The override sets each adapter and mode runs with: none, then each ``--also``."""
+    return [()] + [tuple(also.split()) for also in args.also]
 
 
 class StepClock:
@@ -164,13 +172,18 @@ def reset_process_state() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_malora(args: argparse.Namespace, adapter: str, mode: str, workdir: Path) -> dict[str, Any]:
+def run_name(adapter: str, extra: tuple[str, ...]) -> str:
+    return f"malora-train {adapter}" + (f" [{' '.join(extra)}]" if extra else "")
+
+
+def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Path,
+                 extra: tuple[str, ...] = ()) -> dict[str, Any]:
     from malora_train.train.loop import Trainer
 
-    overrides = overrides_for(args, adapter, mode)
+    overrides = overrides_for(args, adapter, mode, extra)
     cfg = compose(overrides)
     started = time.perf_counter()
-    trainer = Trainer(cfg, workdir / f"{adapter}-{mode}", "", overrides)
+    trainer = Trainer(cfg, run_dir, "", overrides)
     device = trainer.accelerator.device
     trainer.engine.train()
 
@@ -200,7 +213,8 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, workdir: Pat
     clock.mark()
     times = clock.durations()
     wall = time.perf_counter() - warm
-    row = {"name": f"malora-train {adapter}", "adapter": adapter, "mode": mode, **summarise(times, tokens[-args.steps:]),
+    row = {"name": run_name(adapter, extra), "adapter": adapter, "mode": mode, "overrides": list(extra),
+           **summarise(times, tokens[-args.steps:]),
            "wall_tokens_per_s": sum(tokens[-args.steps:]) / wall, "setup_s": first_step - started,
            "warmup_s": warm - first_step, "step_times_s": times, "host_step_times_s": host_times[-args.steps:],
            "graphs_after_step": graph_counts[-args.steps:], "trainable_params": trainer.params["trainable"],
@@ -277,16 +291,16 @@ def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
-    head = (f"{'run':<30} {'mode':<16} {'tokens/s':>10} {'step ms':>8} {'max/med':>8} {'p90/med':>8} "
+    head = (f"{'run':<56} {'mode':<16} {'tokens/s':>10} {'step ms':>8} {'max/med':>8} {'p90/med':>8} "
             f"{'tok/step':>8} {'mem GB':>7} {'x hf':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['name']:<30} {r['mode']:<16} ERROR {r['error']}")
+            lines.append(f"{r['name']:<56} {r['mode']:<16} ERROR {r['error']}")
             continue
         ratio = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline and "error" not in baseline else math.nan
         memory = f"{r['peak_memory_gb']:.2f}" if r.get("peak_memory_gb") is not None else "-"
-        lines.append(f"{r['name']:<30} {r['mode']:<16} {r['tokens_per_s']:>10.0f} {1000 * r['step_s']:>8.1f} "
+        lines.append(f"{r['name']:<56} {r['mode']:<16} {r['tokens_per_s']:>10.0f} {1000 * r['step_s']:>8.1f} "
                      f"{r['max_over_median']:>8.2f} {r['p90_over_median']:>8.2f} {r['tokens_per_step']:>8.0f} "
                      f"{memory:>7} {ratio:>6.2f}")
     for r in rows:
@@ -320,16 +334,17 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_loop.") as tmp:
         workdir = Path(tmp)
         for mode in args.modes.split(","):
-            for adapter in args.adapters.split(","):
-                try:
-                    rows.append(bench_malora(args, adapter, mode, workdir))
-                except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
-                    traceback.print_exc()
-                    rows.append({"name": f"malora-train {adapter}", "adapter": adapter, "mode": mode,
-                                 "error": f"{type(err).__name__}: {err}"[:300]})
-                reset_process_state()
-                print(json.dumps(rows[-1]), flush=True)
-                write_json(args, rows, baseline)
+            for extra in variants(args):
+                for adapter in args.adapters.split(","):
+                    try:
+                        rows.append(bench_malora(args, adapter, mode, workdir / f"run{len(rows)}", extra))
+                    except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
+                        traceback.print_exc()
+                        rows.append({"name": run_name(adapter, extra), "adapter": adapter, "mode": mode,
+                                     "overrides": list(extra), "error": f"{type(err).__name__}: {err}"[:300]})
+                    reset_process_state()
+                    print(json.dumps(rows[-1]), flush=True)
+                    write_json(args, rows, baseline)
         if args.baseline == "hf-peft":
             try:
                 baseline = bench_hf_peft(args, workdir)

@@ -19,14 +19,19 @@ def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--device", "cpu", "--adapters", "lora,malora",
          "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--rows", "2", "--length", "128",
-         "--baseline", "hf-peft", "--json", str(out), "--", "data.train_per_task=16", "data.cache=false"],
+         "--baseline", "hf-peft", "--also", "adapter.shared_input=false", "--json", str(out), "--",
+         "data.train_per_task=16", "data.cache=false"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    rows = {row["adapter"]: row for row in report["rows"]}
-    assert set(rows) == {"lora", "malora"} and all("error" not in r for r in rows.values())
-    for row in rows.values():
+    assert [(r["adapter"], r["overrides"]) for r in report["rows"]] == [
+        ("lora", []), ("malora", []), ("lora", ["adapter.shared_input=false"]),
+        ("malora", ["adapter.shared_input=false"])]  # --also: every adapter again, in the same process
+    assert report["rows"][3]["name"] == "malora-train malora [adapter.shared_input=false]"
+    rows = {row["adapter"]: row for row in report["rows"][:2]}
+    assert all("error" not in r for r in report["rows"])
+    for row in report["rows"]:
         assert row["tokens_per_s"] > 0 and row["max_over_median"] >= 1 and row["tokens_per_step"] > 0
         assert len(row["step_times_s"]) == 2 and max(row["step_times_s"]) / row["step_s"] == row["max_over_median"]
         assert len(row["host_step_times_s"]) == 2 and all(t > 0 for t in row["host_step_times_s"])

@@ -139,6 +139,35 @@ def test_triton_projection_matches_torch(T_: int, n: int, R: int, N: int, p: flo
 
 
 @cuda
+@pytest.mark.parametrize("N,RE,RZ,coeff,shared", [(8, 12, 32, True, False), (8, 8, 64, False, False),
+                                                  (8, 13, 13, False, True), (8, 8, 22, True, False),
+                                                  (5, 3, 7, True, False)])
+def test_triton_expand_matches_float64(N: int, RE: int, RZ: int, coeff: bool, shared: bool) -> None:
+    """gated = gates * expand(z) and its backward (dgates, dz, dC) for MALoRA (z C^T), MoLoRA (z) and a
+    down-projection shared by the experts (HydraLoRA: z once per expert), against float64 arithmetic."""
+    tk = fused.triton_kernels
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    T_, NR = 3001, N * RE
+    z = torch.randn(T_, RZ, device="cuda", generator=gen).bfloat16()
+    c = (torch.randn(NR, RZ, device="cuda", generator=gen) * RZ**-0.5).bfloat16() if coeff else None
+    gates = torch.softmax(torch.randn(T_, N, device="cuda", generator=gen), -1)
+    gates = gates * (torch.rand(T_, N, device="cuda", generator=gen) > 0.5)
+    gated = tk.expand_forward(z, c, gates, NR)
+    u = z.double() @ c.double().t() if coeff else (z.double().repeat(1, N) if shared else z.double())
+    assert _rel(gated, (u.view(T_, N, RE) * gates.double().unsqueeze(-1)).reshape(T_, NR)) < 1e-2
+    gg = torch.randn(T_, NR, device="cuda", generator=gen).bfloat16()
+    ggates, gz, gc = tk.expand_backward(gg, z, c, gates, True, True, True)
+    assert _rel(ggates, (gg.double().view(T_, N, RE) * u.view(T_, N, RE)).sum(-1)) < 1e-5
+    gu = (gg.double().view(T_, N, RE) * gates.double().unsqueeze(-1)).reshape(T_, NR)
+    if coeff:
+        assert _rel(gz, gu @ c.double()) < 1e-2
+        assert _rel(gc, gu.t() @ z.double()) < 1e-2
+    else:
+        assert gc is None
+        assert _rel(gz, gu.view(T_, N, RE).sum(1) if shared else gu) < 1e-2
+
+
+@cuda
 @pytest.mark.parametrize("top_k,renormalize,masked", [(2, True, True), (8, True, False), (3, False, False)])
 def test_triton_routing_matches_torch_autograd(top_k: int, renormalize: bool, masked: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)

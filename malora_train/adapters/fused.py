@@ -270,27 +270,31 @@ def project(x: torch.Tensor, down: torch.Tensor, router: torch.Tensor | None, p:
 # -- gated_up: y = out + s (gates * expand(z)) B^T ------------------------------------------------------------
 
 class _GatedUp(torch.autograd.Function):
-    """All tensors are in the compute dtype (z's) by construction: no autocast needed here."""
+    """All tensors are in the compute dtype (z's) by construction: no autocast needed here. With gates, on
+    CUDA, the rank-space side (expand, gate; and its backward) runs in ``triton_kernels.expand_*``."""
 
     @staticmethod
     def forward(ctx, z, out, up, gates, coeff, scaling, num_experts, shared, up_cast, coeff_cast):
         cdt = z.dtype
-        T = z.shape[0]
         coeff_c = _ready(coeff_cast, cdt, coeff)
-        u = z @ coeff_c.t() if coeff is not None else z
-        gates_c = gates.to(cdt) if gates is not None else None
-        if gates is None:
-            gated = u
-        else:
-            u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
-            gated = (u3 * gates_c.unsqueeze(-1)).reshape(T, -1)
         up_c = _ready(up_cast, cdt, up)
+        u, gated = None, None
+        kernel = gates is not None and use_triton(z) and cdt in _KERNEL_DTYPES and z.shape[0] > 0
+        if kernel:
+            try:
+                gated = triton_kernels.expand_forward(z.contiguous(), coeff_c, gates.contiguous(), up.shape[1])
+            except Exception as err:  # noqa: BLE001 - any build or launch failure
+                _kernel_failure(err)
+                kernel = False
+        if not kernel:
+            u, gated = _expand_torch(z, gates, coeff_c, num_experts, shared)
         if out.dtype == cdt:
             y = torch.addmm(out, gated, up_c.t(), alpha=scaling)
         else:
             y = out + _mm_scaled(gated, up_c.t(), scaling).to(out.dtype)
-        ctx.save_for_backward(z, u if coeff is not None else None, gated, up_c, gates_c, coeff_c)
-        ctx.scaling, ctx.num_experts, ctx.shared = scaling, num_experts, shared
+        saved_gates = gates if kernel else (gates.to(cdt) if gates is not None else None)
+        ctx.save_for_backward(z, u if coeff is not None else None, gated, up_c, saved_gates, coeff_c)
+        ctx.scaling, ctx.num_experts, ctx.shared, ctx.kernel = scaling, num_experts, shared, kernel
         ctx.dtypes = (up.dtype, gates.dtype if gates is not None else None,
                       coeff.dtype if coeff is not None else None)
         return y
@@ -298,33 +302,66 @@ class _GatedUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         z, u, gated, up_c, gates_c, coeff_c = ctx.saved_tensors
-        s, num_experts, shared = ctx.scaling, ctx.num_experts, ctx.shared
+        s = ctx.scaling
         up_dtype, gates_dtype, coeff_dtype = ctx.dtypes
         need_z, need_out, need_up, need_gates, need_coeff = ctx.needs_input_grad[:5]
         cdt = z.dtype
-        T = z.shape[0]
-        gz = gup = ggates = gcoeff = None
+        gup = None
         grad_c = grad_y.to(cdt)
         if need_up:
             gup = _mm_scaled(grad_c.t(), gated, s).to(up_dtype)
         g_gated = _mm_scaled(grad_c, up_c, s)
-        if gates_c is None:
-            g_u = g_gated
-        else:
-            u = u if coeff_c is not None else z
-            g3 = g_gated.view(T, num_experts, -1)
-            u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
-            if need_gates:
-                ggates = (g3 * u3).sum(-1, dtype=torch.promote_types(cdt, gates_dtype)).to(gates_dtype)
-            g3 = g3 * gates_c.unsqueeze(-1)
-            g_u = g3.sum(1) if shared else g3.reshape(T, -1)
-        if coeff_c is not None:
-            if need_coeff:
-                gcoeff = (g_u.t() @ z).to(coeff_dtype)
-            gz = g_u @ coeff_c if need_z else None
-        else:
-            gz = g_u
+        grads = None
+        if ctx.kernel:
+            try:
+                grads = triton_kernels.expand_backward(g_gated, z.contiguous(), coeff_c, gates_c, need_gates,
+                                                       need_z, need_coeff)
+            except Exception as err:  # noqa: BLE001 - any build or launch failure: the torch ops instead
+                _kernel_failure(err)
+                u, _ = _expand_torch(z, None, coeff_c, ctx.num_experts, ctx.shared)
+                gates_c = gates_c.to(cdt)
+        if grads is None:
+            grads = _expand_backward_torch(g_gated, z, u, gates_c, coeff_c, ctx.num_experts, ctx.shared,
+                                           need_gates, need_z, need_coeff, gates_dtype)
+        ggates, gz, gcoeff = grads
+        ggates = ggates.to(gates_dtype) if ggates is not None else None
+        gcoeff = gcoeff.to(coeff_dtype) if gcoeff is not None else None
         return gz, grad_y if need_out else None, gup, ggates, gcoeff, None, None, None, None, None
+
+
+def _expand_torch(z, gates, coeff_c, num_experts, shared):
+    """(u, gated): u = z coeff^T (or z), gated = gates * u expanded per expert; the reference of
+    ``triton_kernels.expand_forward``."""
+    T = z.shape[0]
+    u = z @ coeff_c.t() if coeff_c is not None else z
+    if gates is None:
+        return u, u
+    u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
+    return u, (u3 * gates.to(z.dtype).unsqueeze(-1)).reshape(T, -1)
+
+
+def _expand_backward_torch(g_gated, z, u, gates_c, coeff_c, num_experts, shared, need_gates, need_z, need_coeff,
+                           gates_dtype):
+    """(dgates, dz, dcoeff) from dgated; the reference of ``triton_kernels.expand_backward``."""
+    T, cdt = z.shape[0], z.dtype
+    ggates = gz = gcoeff = None
+    if gates_c is None:
+        g_u = g_gated
+    else:
+        u = u if coeff_c is not None else z
+        g3 = g_gated.view(T, num_experts, -1)
+        u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
+        if need_gates:
+            ggates = (g3 * u3).sum(-1, dtype=torch.promote_types(cdt, gates_dtype))
+        g3 = g3 * gates_c.unsqueeze(-1)
+        g_u = g3.sum(1) if shared else g3.reshape(T, -1)
+    if coeff_c is not None:
+        if need_coeff:
+            gcoeff = g_u.t() @ z
+        gz = g_u @ coeff_c if need_z else None
+    else:
+        gz = g_u
+    return ggates, gz, gcoeff
 
 
 def _ready(cast: torch.Tensor | None, dtype: torch.dtype, weight: torch.Tensor | None) -> torch.Tensor | None:

@@ -10,8 +10,14 @@ dropout seed is the group's plus g in Philox's high word, and dx sums every memb
     project_input_grad   dx = (dz D) * mask / (1 - p) + dlogits W_g
     project_weight_grad  dD = dz^T dropout(x),  dW_g = dlogits^T x   (split over tokens, summed after)
 
-and two more do the whole top-K routing of a token block with its auxiliary-loss statistics, forward
-and backward. Router logits stay float32: a bf16 activation times a float32 weight is computed exactly
+two more do the whole top-K routing of a token block with its auxiliary-loss statistics, forward
+and backward, and two the rank-space side of ``gated_up`` (small tensors, but one kernel each instead of a
+chain of small ones):
+
+    expand_forward    gated = gates * expand(z)   (expand: z C^T for MALoRA, z itself, or z per expert)
+    expand_backward   dgates, dz and dC from dgated, with u = expand(z) recomputed
+
+ Router logits stay float32: a bf16 activation times a float32 weight is computed exactly
 by splitting the weight into three bf16 pieces (hi + mid + lo carry all 24 mantissa bits), whose
 products with a bf16 x are exact and are accumulated in float32 on the tensor cores.
 """
@@ -329,6 +335,120 @@ def project_weight_grad(gz: torch.Tensor | None, glogits: torch.Tensor | None, x
     )
     total = part[:, 0] if splits == 1 else part.sum(1)
     return total[:, :R] if need_d else None, total[:, r_pad:r_pad + N] if has_router else None
+
+
+# -- expand: the rank-space side of gated_up --------------------------------------------------------------
+
+@triton.jit
+def _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ: tl.constexpr, RZ_PAD: tl.constexpr,
+              HAS_COEFF: tl.constexpr, CDT: tl.constexpr):
+    """u (BLOCK_M, NR_PAD) float32: z C^T (MALoRA's P_t stacked in C), else column c of u is z's c mod RZ
+    (MoLoRA: u = z; a down-projection shared by every expert: z repeated once per expert)."""
+    if HAS_COEFF:
+        kk = tl.arange(0, RZ_PAD)
+        z = tl.load(z_ptr + rows[:, None] * RZ + kk[None, :], mask=row_ok[:, None] & (kk < RZ)[None, :], other=0.0)
+        ct = tl.load(c_ptr + cols[None, :] * RZ + kk[:, None], mask=col_ok[None, :] & (kk < RZ)[:, None], other=0.0)
+        return tl.dot(z.to(CDT), ct.to(CDT))
+    return tl.load(z_ptr + rows[:, None] * RZ + (cols % RZ)[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _expand_fwd_kernel(
+    z_ptr, c_ptr, g_ptr, out_ptr, T,
+    RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
+    NR_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_COEFF: tl.constexpr, CDT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, NR_PAD)
+    row_ok = rows < T
+    col_ok = cols < NR
+    ok = row_ok[:, None] & col_ok[None, :]
+    u = _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ, RZ_PAD, HAS_COEFF, CDT)
+    gates = tl.load(g_ptr + rows[:, None] * N + (cols // RE)[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + rows[:, None] * NR + cols[None, :], (u * gates).to(CDT), mask=ok)
+
+
+@triton.jit
+def _expand_bwd_kernel(
+    gg_ptr, z_ptr, c_ptr, g_ptr, ggates_ptr, gz_ptr, part_ptr, T,
+    RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
+    NR_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_COEFF: tl.constexpr, NEED_GATES: tl.constexpr,
+    NEED_Z: tl.constexpr, NEED_COEFF: tl.constexpr, CDT: tl.constexpr,
+):
+    """From dgated: dgates (float32), dz and this block's share of dC (float32 partials, summed after)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, NR_PAD)
+    kk = tl.arange(0, RZ_PAD)
+    row_ok = rows < T
+    col_ok = cols < NR
+    ok = row_ok[:, None] & col_ok[None, :]
+    gg = tl.load(gg_ptr + rows[:, None] * NR + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    gates = tl.load(g_ptr + rows[:, None] * N + (cols // RE)[None, :], mask=ok, other=0.0)
+    if NEED_GATES:
+        prod = gg * _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ, RZ_PAD, HAS_COEFF, CDT)
+        expert = cols // RE
+        for e in tl.static_range(N):
+            tl.store(ggates_ptr + rows * N + e, tl.sum(tl.where((expert == e)[None, :], prod, 0.0), axis=1),
+                     mask=row_ok)
+    gu = gg * gates  # du: zero past NR
+    z_ok = row_ok[:, None] & (kk < RZ)[None, :]
+    if HAS_COEFF:
+        gu_c = gu.to(CDT)
+        if NEED_Z:
+            c = tl.load(c_ptr + cols[:, None] * RZ + kk[None, :], mask=col_ok[:, None] & (kk < RZ)[None, :],
+                        other=0.0)
+            gz = tl.dot(gu_c, c.to(CDT))
+            tl.store(gz_ptr + rows[:, None] * RZ + kk[None, :], gz.to(CDT), mask=z_ok)
+        if NEED_COEFF:
+            z = tl.load(z_ptr + rows[:, None] * RZ + kk[None, :], mask=z_ok, other=0.0)
+            part = tl.dot(tl.trans(gu_c), z.to(CDT))
+            tl.store(part_ptr + pid * NR_PAD * RZ_PAD + cols[:, None] * RZ_PAD + kk[None, :], part)
+    elif NEED_Z:
+        if RZ == NR:
+            tl.store(gz_ptr + rows[:, None] * RZ + cols[None, :], gu.to(CDT), mask=ok)
+        else:  # z feeds every expert: dz sums the experts' du
+            fold = ((cols[:, None] % RZ) == kk[None, :]) & col_ok[:, None]
+            gz = tl.dot(gu, fold.to(tl.float32), input_precision="ieee")
+            tl.store(gz_ptr + rows[:, None] * RZ + kk[None, :], gz.to(CDT), mask=z_ok)
+
+
+_EXPAND_BLOCK_M = 32
+
+
+def _expand_shape(z: torch.Tensor, gates: torch.Tensor, width: int) -> dict:
+    N = gates.shape[1]
+    return dict(RZ=z.shape[1], RE=width // N, N=N, NR=width, RZ_PAD=_pad(z.shape[1]), NR_PAD=_pad(width),
+                BLOCK_M=_EXPAND_BLOCK_M, CDT=_TL_DTYPES[z.dtype])
+
+
+def expand_forward(z: torch.Tensor, coeff: torch.Tensor | None, gates: torch.Tensor, width: int) -> torch.Tensor:
+    """gated (T, width) in z's dtype: column c is u[:, c] * gates[:, c // (width / N)], u = z coeff^T with
+    ``coeff`` (width, RZ), else z's column c mod RZ (``gates`` (T, N) float32)."""
+    T = z.shape[0]
+    out = torch.empty(T, width, device=z.device, dtype=z.dtype)
+    _expand_fwd_kernel[(triton.cdiv(T, _EXPAND_BLOCK_M),)](
+        z, coeff, gates, out, T, HAS_COEFF=coeff is not None, num_warps=4, **_expand_shape(z, gates, width))
+    return out
+
+
+def expand_backward(grad_gated: torch.Tensor, z: torch.Tensor, coeff: torch.Tensor | None, gates: torch.Tensor,
+                    need_gates: bool, need_z: bool, need_coeff: bool):
+    """(dgates (T, N) float32, dz (T, RZ) z's dtype, dcoeff (width, RZ) float32), each None when not needed."""
+    T, width = grad_gated.shape
+    shape = _expand_shape(z, gates, width)
+    blocks = triton.cdiv(T, _EXPAND_BLOCK_M)
+    need_coeff = need_coeff and coeff is not None
+    ggates = torch.empty(T, shape["N"], device=z.device, dtype=torch.float32) if need_gates else None
+    gz = torch.empty_like(z) if need_z else None
+    part = (torch.empty(blocks, shape["NR_PAD"], shape["RZ_PAD"], device=z.device, dtype=torch.float32)
+            if need_coeff else None)
+    _expand_bwd_kernel[(blocks,)](
+        grad_gated, z, coeff, gates, ggates, gz, part, T, HAS_COEFF=coeff is not None, NEED_GATES=need_gates,
+        NEED_Z=need_z, NEED_COEFF=need_coeff, num_warps=4, **shape)
+    gcoeff = part.sum(0)[:width, :shape["RZ"]] if need_coeff else None
+    return ggates, gz, gcoeff
 
 
 # -- routing --------------------------------------------------------------------------------------------
