@@ -7,7 +7,8 @@ a CUDA graph, the whole forward and backward is one launch.
 Two kinds of graph share one memory pool:
 
 - a micro-batch's forward and backward, one per set of input shapes: packed rows fix every shape but
-  the number of answer positions, which the trainer pads to a multiple, so there are a few;
+  the number of answer positions, which the trainer pads to slots that only grow (``labels.answer_slots``),
+  so a run settles on one graph in its first steps;
 - the update: gradient clipping, AdamW (fused, ``capturable``, its learning rate a device tensor that the
   schedule fills in place) and zeroing the gradients in place.
 
