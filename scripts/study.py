@@ -41,14 +41,11 @@ PRESETS = {"commonsense": "paper_commonsense", "ablations": "paper_ablations", "
 REPORTED_WITH = {"ablations": ["commonsense"]}  # the ablations pair with commonsense's malora_intra runs
 MIN_BIGBENCH_TASKS = 5
 SELECTION_FILE = "selection.json"
-SWEEP_SETTINGS = [
-    "hydra.sweep.subdir=${hydra.job.override_dirname}",
-    # not in the folder names: the resume switches, and where files live (a path in a name nests the
-    # folders, and the same run on another machine must find its folder again)
-    "hydra.job.config.override_dirname.exclude_keys=[trainer.resume,trainer.progress,data.root,data.cache,"
-    "data.cache_dir,model.cache_dir,model.tokenizer]",
-    "trainer.resume=auto",
-]
+TASKS_FILE = "tasks.json"  # bigbench: the task list its runs trained on (not in their folder names)
+# not in the folder names: the resume switches, and where files live (a path in a name nests the folders,
+# and the same run on another machine must find its folder again)
+UNNAMED_KEYS = ["trainer.resume", "trainer.progress", "data.root", "data.cache", "data.cache_dir", "model.cache_dir",
+                "model.tokenizer"]
 
 
 class StudyError(Exception):
@@ -56,8 +53,28 @@ class StudyError(Exception):
 
 
 def sweep_command(part: str, out: Path, overrides: list[str]) -> list[str]:
-    """The malora-train arguments of one part."""
-    return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *SWEEP_SETTINGS, *overrides]
+    """The malora-train arguments of one part. BIG-bench's task list stays out of the folder names (eleven
+    task names make a name longer than a file system allows); ``check_tasks`` keeps one list a folder."""
+    unnamed = UNNAMED_KEYS + (["data.tasks"] if part == "bigbench" else [])
+    settings = ["hydra.sweep.subdir=${hydra.job.override_dirname}",
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]", "trainer.resume=auto"]
+    return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *settings, *overrides]
+
+
+def check_tasks(part_dir: Path, tasks: list[str]) -> None:
+    """Record the task list of a bigbench folder, or refuse another one (its finished runs, named without
+    the tasks, would be taken as this list's)."""
+    path = part_dir / TASKS_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text()).get("tasks")
+        if recorded != tasks:
+            raise StudyError(f"{path}: the runs in {part_dir} trained on data.tasks=[{','.join(recorded or [])}], "
+                             f"not [{','.join(tasks)}]: use another --out")
+        return
+    from malora_train.run_dir import write_json_atomic
+
+    part_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"tasks": tasks})
 
 
 def run_sweep(arguments: list[str]) -> int:
@@ -199,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
     try:
-        if args.part == "bigbench" and not any(o.lstrip("+~").startswith("data.tasks=") for o in overrides):
-            overrides.append(f"data.tasks=[{','.join(selected_tasks(args.out))}]")
+        if args.part == "bigbench":
+            given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("data.tasks=")]
+            tasks = given[-1].strip("[]").split(",") if given else selected_tasks(args.out)
+            if not given:
+                overrides.append(f"data.tasks=[{','.join(tasks)}]")
+            check_tasks(args.out / args.part, tasks)
         if args.jobs > 1:
             status = run_jobs(args.part, args.out, overrides, args.jobs)
         else:

@@ -122,11 +122,14 @@ def _assert_same_training(padded, exact) -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-def test_the_trainers_answer_slots_settle_on_one_k_and_change_no_loss(tmp_path, tiny_training_overrides) -> None:
-    """With a GPU's multiple (forced here on the CPU) every micro-batch after the first step has the same
-    K while its answer count varies (today's rounding to a multiple would give several K), and the
-    losses, per-task losses and trained weights are those of the CPU's exact K."""
+def test_the_trainers_answer_slots_settle_on_one_k_and_change_no_loss(tmp_path, tiny_training_overrides,
+                                                                       monkeypatch) -> None:
+    """With a GPU's multiple (forced here on the CPU, also on a GPU machine) every micro-batch after the first
+    step has the same K while its answer count varies (today's rounding to a multiple would give several K),
+    and the losses, per-task losses and trained weights are those of the CPU's exact K."""
     from malora_train.cli import compose
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
 
     cfg = compose([*tiny_training_overrides, *RUN])
     exact = _train(cfg, tmp_path / "exact", None)
@@ -156,6 +159,7 @@ def test_graphed_steps_see_one_input_shape_after_the_first_step(tmp_path, tiny_t
     from malora_train.cli import compose
 
     monkeypatch.setattr(loop, "check_launch", lambda trainer, accelerator: None)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     graphed = _train(compose([*tiny_training_overrides, *RUN, "trainer.cuda_graphs=true"]),
                      tmp_path / "graphed", 64)
     keys = graphed[4]

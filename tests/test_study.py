@@ -117,3 +117,27 @@ def test_probe_selects_tasks_by_measured_gain_and_bigbench_needs_five(study, tmp
     assert study.selected_tasks(tmp_path) == ["t0", "t4", "t6", "t1", "t2"]
     assert study.main(["bigbench", "--out", str(tmp_path / "none")]) == 2
     assert "run the probe first" in capsys.readouterr().err
+
+
+def test_bigbench_runs_are_named_without_their_task_list_and_keep_one_list_a_folder(study, tmp_path: Path,
+                                                                                      capsys) -> None:
+    """Five long task names would make a folder name past the file system's 255 bytes (eleven real ones did
+    on the H200): the runs are named by method and seed, and the folder remembers its task list."""
+    tasks = [f"a_multiple_choice_task_with_a_rather_long_name_number_{i}" for i in range(5)]
+    for i, task in enumerate(tasks):
+        examples = [{"input": f"Task {i}, question {j}?", "target_scores": {f"yes {j}": 1, f"no {j}": 0}}
+                    for j in range(24)]
+        (tmp_path / "bb" / task).mkdir(parents=True)
+        (tmp_path / "bb" / task / "task.json").write_text(json.dumps({"name": task, "examples": examples}))
+    (tmp_path / "out" / "bigbench_probe").mkdir(parents=True)
+    (tmp_path / "out" / "bigbench_probe" / study.SELECTION_FILE).write_text(json.dumps({"tasks": tasks}))
+    argv = ["bigbench", "--out", str(tmp_path / "out"), *TINY, "+variant=lora", "seed=0",
+            f"data.root={tmp_path / 'bb'}", f"data.cache_dir={tmp_path / 'tokenized'}", "--no-report"]
+    assert study.main(argv) == 0
+    runs = [s.parent.name for s in (tmp_path / "out" / "bigbench").glob("*/summary.json")]
+    assert len(runs) == 1 and "+variant=lora" in runs[0] and "data.tasks" not in runs[0]
+    assert json.loads((tmp_path / "out" / "bigbench" / study.TASKS_FILE).read_text())["tasks"] == tasks
+    capsys.readouterr()
+    assert study.main([*argv, f"data.tasks=[{','.join(tasks[:4])}]"]) == 2
+    assert "trained on data.tasks=[" in capsys.readouterr().err
+    assert "data.tasks" not in " ".join(study.sweep_command("commonsense", tmp_path, [])[3:5])
