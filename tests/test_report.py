@@ -231,6 +231,18 @@ def test_overrides_fall_back_to_the_job_folder_name(sweep: Path, capsys) -> None
     assert rows[0]["config"] == "model=tiny,adapter=lora,adapter.rank=4" and rows[0]["seeds"] == "2"
 
 
+def test_runs_whose_files_lived_elsewhere_are_one_configuration(sweep: Path, capsys) -> None:
+    """The same configuration run on two machines (its data, tokenizer and caches in other folders) is
+    one row: seed 1 of lora r=4 gets another data.root, model.tokenizer and data.cache."""
+    path = sweep / "1_model=tiny,adapter=lora,adapter.rank=4,seed=1" / ".hydra" / "overrides.yaml"
+    path.write_text(yaml.safe_dump(["model=tiny", "adapter=lora", "adapter.rank=4", "seed=1", "data.root=/elsewhere",
+                                    "model.tokenizer=/tok", "data.cache=false", "data.cache_dir=/c"]))
+    main([str(sweep)])
+    rows = read_csv(sweep / "report.csv")
+    assert rows[0]["config"] == "model=tiny,adapter=lora,adapter.rank=4" and rows[0]["seeds"] == "2"
+    assert len(rows) == len(KINDS) * len(RANKS) + 1
+
+
 def test_runs_repeating_a_seed_are_averaged_with_a_warning(sweep: Path, capsys) -> None:
     job = "0_model=tiny,adapter=lora,adapter.rank=4,seed=0"
     shutil.copytree(sweep / job, sweep.parent / "13-00-00" / job)
