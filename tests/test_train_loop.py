@@ -224,6 +224,7 @@ def test_a_run_writes_metrics_summary_config_and_plot(tmp_path, monkeypatch, cap
     assert summary["steps"] == 4 and summary["status"] == "completed" and summary["mixed_precision"] == "no"
     assert summary["tokens"] == sum(sum(r[f"tokens/{t}"] for t in TASKS) for r in train_rows)
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0 and summary["peak_memory_gb"] > 0
+    assert 0 < summary["startup_s"] < 60  # the set-up: model, adapters, data, optimizer
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["max_steps"] == 4 and config["model"]["name"] == "tiny"
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -135,6 +135,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, resolved_yaml: str, overrides: list[str],
                  hold_signals: bool = False) -> None:
+        began = time.perf_counter()
         self.cfg = cfg
         self.run_dir = run_dir
         self.hold_signals = hold_signals  # StopRequest(hold=...): the process ends with this run
@@ -144,6 +145,7 @@ class Trainer:
         self._setup_data()
         self._setup_optimizer()
         self._setup_state(resolved_yaml, overrides)
+        self.startup_s = time.perf_counter() - began  # model, adapters, data, optimizer: ready to train
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def _setup_launch(self) -> None:
@@ -295,7 +297,7 @@ class Trainer:
 
     def _announce(self) -> None:
         if self.is_main:
-            log.info("run directory: %s", self.run_dir)
+            log.info("run directory: %s (set up in %.1f s)", self.run_dir, self.startup_s)
             log.info("%s + %s: %s trainable parameters (%.2f%% of the base model), %d steps%s",
                      self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
                      self.params["percent"], self.total_steps,
@@ -524,6 +526,7 @@ class Trainer:
             "steps": state.step,
             "tokens": state.tokens,
             "wall_time_s": state.wall_time,
+            "startup_s": self.startup_s,  # this (last) start's set-up: model, adapters, data (imports excluded)
             "train_time_s": state.train_time,
             "tokens_per_s": state.tokens / state.train_time if state.train_time else 0.0,
             "peak_memory_gb": peak_memory_gb(self.accelerator.device),
