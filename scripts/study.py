@@ -20,10 +20,10 @@ share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once.
 large GPU idle: with CUDA MPS running (``nvidia-cuda-mps-control -d``) the processes' kernels share the GPU
 and the whole commonsense part took 12 minutes on one H200 with three processes (RESULTS.md).
 
-The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 15 candidate tasks,
-evaluated before and after a short training. A task is selected when its accuracy after training is at
-least ``--min-gain`` points (default 10) above its zero-shot accuracy: with 200 evaluation examples a task, an
-accuracy near 50% has a standard error of 3.5 points, so 10 points is about three of them. The selection goes
+The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
+evaluated before and after training. A task is selected when its accuracy after training is at least
+``--min-gain`` points (default 10) above its zero-shot accuracy: with 500 evaluation examples a task, an
+accuracy near 50% has a standard error of 2.2 points, so 10 points is about four and a half of them. The selection goes
 to ``<out>/bigbench_probe/selection.json``; ``bigbench`` trains on it (``data.tasks=[...]`` on the command line
 wins) and refuses fewer than 5 tasks. Rerunning the probe with another ``--min-gain`` selects again without
 training again.
