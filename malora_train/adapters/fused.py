@@ -280,9 +280,11 @@ class _GatedUp(torch.autograd.Function):
         up_c = _ready(up_cast, cdt, up)
         u, gated = None, None
         kernel = gates is not None and use_triton(z) and cdt in _KERNEL_DTYPES and z.shape[0] > 0
-        if kernel:
+        if kernel:  # the kernels read every tensor as contiguous rows
+            gates = gates.contiguous()
+            coeff_c = coeff_c.contiguous() if coeff_c is not None else None
             try:
-                gated = triton_kernels.expand_forward(z.contiguous(), coeff_c, gates.contiguous(), up.shape[1])
+                gated = triton_kernels.expand_forward(z.contiguous(), coeff_c, gates, up.shape[1])
             except Exception as err:  # noqa: BLE001 - any build or launch failure
                 _kernel_failure(err)
                 kernel = False
