@@ -41,18 +41,13 @@ def answer_slots(count: int, current: int, multiple: int, headroom: float = 1.5)
     return -(-math.ceil(count * headroom) // multiple) * multiple
 
 
-def loss_targets(labels: torch.Tensor, task_ids: torch.Tensor | None = None,
-                 multiple: int = 1, size: int | None = None) -> dict[str, torch.Tensor]:
-    """The (K,) tensors of a batch's answer positions, K padded up to a multiple of ``multiple`` (fewer
-    distinct shapes), or to exactly ``size`` slots when given (``answer_slots``; an error when the batch
-    has more answer positions), with slots whose target is IGNORE_INDEX:
+def loss_targets(labels: torch.Tensor, task_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The (K,) tensors of a batch's answer positions (``pad_loss_targets`` pads them to a fixed K):
 
     - ``loss_index``: flat position ``row * L + col`` of the hidden state that predicts a label,
     - ``loss_target``: the label (the token at ``col + 1``),
     - ``loss_row``: the row, ``loss_task``: the task of the predicted token (``task_ids`` per row (B,)
       or per token (B, L); 0 without).
-
-    A padding slot reads position 0 of row 0 for task 0 and carries no loss.
     """
     length = labels.shape[1]
     following = labels[:, 1:]
@@ -63,13 +58,17 @@ def loss_targets(labels: torch.Tensor, task_ids: torch.Tensor | None = None,
         task = task_ids[rows] if task_ids.dim() == 1 else task_ids[rows, cols + 1]
     found = {"loss_index": rows * length + cols, "loss_target": following[rows, cols],
              "loss_row": rows, "loss_task": task}
-    if size is None:
-        pad = -rows.numel() % max(1, multiple)
-    elif rows.numel() > size:
-        raise ValueError(f"{rows.numel()} answer positions do not fit in {size} slots")
-    else:
-        pad = size - rows.numel()
-    if pad:
-        fill = {"loss_index": 0, "loss_target": IGNORE_INDEX, "loss_row": 0, "loss_task": 0}
-        found = {key: torch.cat([value, value.new_full((pad,), fill[key])]) for key, value in found.items()}
     return found
+
+
+def pad_loss_targets(found: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """``loss_targets``' tensors padded to exactly ``size`` slots (``answer_slots``; an error when they hold
+    more answer positions). A padding slot reads position 0 of row 0 for task 0 and carries no loss: its
+    target is IGNORE_INDEX."""
+    count = found["loss_index"].numel()
+    if count > size:
+        raise ValueError(f"{count} answer positions do not fit in {size} slots")
+    if count == size:
+        return found
+    fill = {"loss_index": 0, "loss_target": IGNORE_INDEX, "loss_row": 0, "loss_task": 0}
+    return {key: torch.cat([value, value.new_full((size - count,), fill[key])]) for key, value in found.items()}

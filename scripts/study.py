@@ -146,6 +146,7 @@ def sweep_seeds(part: str, overrides: list[str]) -> list[str]:
         if override.startswith("seed="):
             return override.split("=", 1)[1].split(",")
     from hydra import compose, initialize_config_dir
+
     from malora_train.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

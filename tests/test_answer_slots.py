@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from malora_train.labels import IGNORE_INDEX, LOSS_KEYS, answer_slots, loss_targets
+from malora_train.labels import IGNORE_INDEX, LOSS_KEYS, answer_slots, loss_targets, pad_loss_targets
 
 # -- answer_slots --------------------------------------------------------------------------------------------
 
@@ -37,7 +37,7 @@ def test_answer_slots_of_multiple_one_are_the_exact_count() -> None:
     assert answer_slots(0, 3, 1) == 0
 
 
-# -- loss_targets(size=...) ----------------------------------------------------------------------------------
+# -- pad_loss_targets ----------------------------------------------------------------------------------------
 
 def _labels() -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.full((3, 8), IGNORE_INDEX)
@@ -50,7 +50,7 @@ def test_loss_targets_pads_to_an_exact_size_with_slots_that_carry_no_loss() -> N
     labels, tasks = _labels()
     exact = loss_targets(labels, tasks)
     assert exact["loss_index"].numel() == 6
-    padded = loss_targets(labels, tasks, size=10)
+    padded = pad_loss_targets(exact, 10)
     assert set(padded) == set(LOSS_KEYS)
     for key in LOSS_KEYS:
         assert padded[key].shape == (10,)
@@ -58,17 +58,15 @@ def test_loss_targets_pads_to_an_exact_size_with_slots_that_carry_no_loss() -> N
     assert (padded["loss_target"][6:] == IGNORE_INDEX).all()
     assert not padded["loss_index"][6:].any() and not padded["loss_row"][6:].any()
     assert not padded["loss_task"][6:].any()
-    same = loss_targets(labels, tasks, size=6)
+    same = pad_loss_targets(exact, 6)
     assert all(torch.equal(same[k], exact[k]) for k in LOSS_KEYS)
-    # size wins over multiple; multiple alone still rounds up
-    assert loss_targets(labels, tasks, multiple=4, size=7)["loss_index"].numel() == 7
-    assert loss_targets(labels, tasks, multiple=4)["loss_index"].numel() == 8
+    assert pad_loss_targets(exact, 7)["loss_index"].numel() == 7  # an exact size, not a multiple
 
 
 def test_loss_targets_refuses_a_size_smaller_than_the_answers() -> None:
     labels, tasks = _labels()
     with pytest.raises(ValueError, match="6 answer positions do not fit in 5 slots"):
-        loss_targets(labels, tasks, size=5)
+        pad_loss_targets(loss_targets(labels, tasks), 5)
 
 
 # -- the trainer ---------------------------------------------------------------------------------------------

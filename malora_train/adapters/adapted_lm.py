@@ -16,7 +16,6 @@ from malora_train.attention import document_causal_dense_mask, packed_attention_
 from malora_train.config import AdapterConfig
 from malora_train.labels import IGNORE_INDEX, loss_targets
 
-
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 

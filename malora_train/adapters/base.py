@@ -18,7 +18,6 @@ from torch import nn
 
 from malora_train.adapters import fused
 from malora_train.adapters.keys import keep_owned, reject_foreign_keys, reject_unused
-from malora_train.adapters.shared_input import SharedInputGroup
 from malora_train.adapters.router import (
     Routing,
     assignment_counts,
@@ -28,6 +27,7 @@ from malora_train.adapters.router import (
     top_k_route,
     z_loss,
 )
+from malora_train.adapters.shared_input import SharedInputGroup
 from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError
 

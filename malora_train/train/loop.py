@@ -34,7 +34,7 @@ from malora_train.eval import (
     write_predictions,
     write_routing,
 )
-from malora_train.labels import IGNORE_INDEX, answer_slots, loss_targets
+from malora_train.labels import IGNORE_INDEX, answer_slots, loss_targets, pad_loss_targets
 from malora_train.models import (
     base_model_location,
     compile_model,
@@ -199,10 +199,10 @@ class Trainer:
                                   seed=self.cfg.seed, blocks=self.world)
         self.total_steps = total_steps(trainer, self.stream.batches_for_epochs)
         self.log_every = trainer.log_every or (10 if on_gpu else 1)
-        # answer positions padded to a multiple: fewer distinct shapes for the LM head on a GPU (graphs: few graphs)
+        # on a GPU the LM head's answer slots only grow, rounded to this multiple (``labels.answer_slots``): the
+        # run settles on one K in its first step or two. Trainer state only: after a resume the first step grows
+        # it again. The CPU (1) takes exactly the answer positions.
         self._loss_multiple = 256 if trainer.cuda_graphs else 64 if on_gpu else 1
-        # on a GPU, answer slots that only grow (``labels.answer_slots``): the run settles on one K in its first
-        # step or two. Trainer state only: after a resume the first step grows it again.
         self._answer_slots = 0
 
     def _setup_optimizer(self) -> None:
@@ -432,13 +432,12 @@ class Trainer:
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's rows of a global micro-batch and where their loss is, on the host."""
         local = local_rows(batch, self.process_index, self.world)
-        task_ids, labels = local["task_ids"], local["labels"]
+        found = loss_targets(local["labels"], local["task_ids"])
         if self._loss_multiple > 1:  # a GPU: K padded to slots that only grow, with headroom
-            count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            count = found["loss_index"].numel()
             self._answer_slots = answer_slots(count, self._answer_slots, self._loss_multiple)
-            local.update(loss_targets(labels, task_ids, size=self._answer_slots))
-        else:  # the CPU: exactly the answer positions
-            local.update(loss_targets(labels, task_ids, multiple=self._loss_multiple))
+            found = pad_loss_targets(found, self._answer_slots)
+        local.update(found)  # the CPU: exactly the answer positions
         return local
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
