@@ -48,6 +48,9 @@ LOCK_FILE = ".lock"  # held (flock) by the process that runs in the directory; n
 # what a run writes itself (Hydra's .hydra/ and log are left out: with several ranks, rank 0's Hydra may
 # already have written them when another rank checks)
 RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, CHECKPOINTS_DIR)
+# overrides that say where a run's files live, not what it computes: the same run on another machine has other
+# values (scripts/study.py leaves them out of run folder names, malora-report out of a configuration)
+LOCATION_KEYS = ("data.root", "data.cache", "data.cache_dir", "model.cache_dir", "model.tokenizer")
 # folders a run may fill before its first step: the evaluation before training's predictions, the trackers'
 # files
 UNSTARTED_FOLDERS = (EVAL_DIR, TRACKER_LOGS_DIR)

@@ -42,10 +42,6 @@ REPORTED_WITH = {"ablations": ["commonsense"]}  # the ablations pair with common
 MIN_BIGBENCH_TASKS = 5
 SELECTION_FILE = "selection.json"
 TASKS_FILE = "tasks.json"  # bigbench: the task list its runs trained on (not in their folder names)
-# not in the folder names: the resume switches, and where files live (a path in a name nests the folders,
-# and the same run on another machine must find its folder again)
-UNNAMED_KEYS = ["trainer.resume", "trainer.progress", "data.root", "data.cache", "data.cache_dir", "model.cache_dir",
-                "model.tokenizer"]
 
 
 class StudyError(Exception):
@@ -55,7 +51,11 @@ class StudyError(Exception):
 def sweep_command(part: str, out: Path, overrides: list[str]) -> list[str]:
     """The malora-train arguments of one part. BIG-bench's task list stays out of the folder names (eleven
     task names make a name longer than a file system allows); ``check_tasks`` keeps one list a folder."""
-    unnamed = UNNAMED_KEYS + (["data.tasks"] if part == "bigbench" else [])
+    from malora_train.run_dir import LOCATION_KEYS
+
+    # not in the folder names: the resume switches, and where files live (a path in a name nests the folders,
+    # and the same run on another machine must find its folder again)
+    unnamed = ["trainer.resume", "trainer.progress", *LOCATION_KEYS] + (["data.tasks"] if part == "bigbench" else [])
     settings = ["hydra.sweep.subdir=${hydra.job.override_dirname}",
                 f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]", "trainer.resume=auto"]
     return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *settings, *overrides]

@@ -31,6 +31,7 @@ from malora_train.run_dir import (
     CONFIG_FILE,
     FAILURE_FILE,
     HYDRA_OVERRIDES,
+    LOCATION_KEYS,
     METRICS_FILE,
     SUMMARY_FILE,
     atomic_write,
@@ -46,11 +47,8 @@ OUTPUTS = ("report.md", "report.csv", "accuracy_vs_params.png")
 SEED_OVERRIDE = re.compile(r"^[+~]*seed=(.*)$")
 JOB_FOLDER = re.compile(r"^\d+_(.+)$")  # Hydra's ``<job num>_<override_dirname>``
 OVERRIDE_SEPARATOR = re.compile(r",(?=[\w.+~/-]+=)")  # a comma that starts ``key=``, not one inside a list
-# overrides that do not change a result: Hydra's, the resume and display switches, and where files live (the
-# same run's data, tokenizer and caches sit elsewhere on another machine; scripts/study.py leaves them out of
-# its folder names for the same reason)
-UNCOMPARED_OVERRIDES = ("hydra.", "hydra/", "trainer.resume", "trainer.progress", "logger.", "data.root", "data.cache",
-                        "model.cache_dir", "model.tokenizer")
+# overrides that do not change a result: Hydra's, the resume and display switches, where files live
+UNCOMPARED_OVERRIDES = ("hydra.", "hydra/", "trainer.resume", "trainer.progress", "logger.", *LOCATION_KEYS)
 MISSING = "–"
 
 
