@@ -288,14 +288,14 @@ class _GatedUp(torch.autograd.Function):
             except Exception as err:  # noqa: BLE001 - any build or launch failure
                 _kernel_failure(err)
                 kernel = False
-        if not kernel:
+        if not kernel:  # the torch ops gate in z's dtype
+            gates = gates.to(cdt) if gates is not None else None
             u, gated = _expand_torch(z, gates, coeff_c, num_experts, shared)
         if out.dtype == cdt:
             y = torch.addmm(out, gated, up_c.t(), alpha=scaling)
         else:
             y = out + _mm_scaled(gated, up_c.t(), scaling).to(out.dtype)
-        saved_gates = gates if kernel else (gates.to(cdt) if gates is not None else None)
-        ctx.save_for_backward(z, u if coeff is not None else None, gated, up_c, saved_gates, coeff_c)
+        ctx.save_for_backward(z, u if coeff is not None else None, gated, up_c, gates, coeff_c)
         ctx.scaling, ctx.num_experts, ctx.shared, ctx.kernel = scaling, num_experts, shared, kernel
         ctx.dtypes = (up.dtype, gates.dtype if gates is not None else None,
                       coeff.dtype if coeff is not None else None)
@@ -331,15 +331,15 @@ class _GatedUp(torch.autograd.Function):
         return gz, grad_y if need_out else None, gup, ggates, gcoeff, None, None, None, None, None
 
 
-def _expand_torch(z, gates, coeff_c, num_experts, shared):
-    """(u, gated): u = z coeff^T (or z), gated = gates * u expanded per expert; the reference of
-    ``triton_kernels.expand_forward``."""
+def _expand_torch(z, gates_c, coeff_c, num_experts, shared):
+    """(u, gated): u = z coeff^T (or z), gated = gates * u expanded per expert (``gates_c`` in z's dtype); the
+    reference of ``triton_kernels.expand_forward``."""
     T = z.shape[0]
     u = z @ coeff_c.t() if coeff_c is not None else z
-    if gates is None:
+    if gates_c is None:
         return u, u
     u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
-    return u, (u3 * gates.to(z.dtype).unsqueeze(-1)).reshape(T, -1)
+    return u, (u3 * gates_c.unsqueeze(-1)).reshape(T, -1)
 
 
 def _expand_backward_torch(g_gated, z, u, gates_c, coeff_c, num_experts, shared, need_gates, need_z, need_coeff,
