@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from malora_train.commands.report import main
+from malora_train.commands.study_routing import routing_markdown
 from malora_train.commands.study_stats import LARGER, WITHIN, paired_comparison, t_quantile, two_sided_p
 
 TASKS = ("boolq", "piqa")
@@ -147,3 +148,12 @@ def test_routing_section_shares_entropy_and_mutual_information(tmp_path: Path, c
     marginal = [0.375, 0.375, 0.125, 0.125]
     expected = -sum(p * math.log2(p) for p in marginal) - 1.0
     assert f"| 0 | 1.00 | 1.00 | {expected:.3f} |" in capsys.readouterr().out.splitlines()
+
+
+def test_routing_bounds_mutual_information_by_the_fewer_of_tasks_and_experts() -> None:
+    # I(task; expert) <= min(H(task), H(expert)): 11 tasks on 8 experts can share at most 3 bits, not log2 11
+    tasks = [f"task{t}" for t in range(11)]
+    routing = {"tasks": tasks, "num_experts": 8, "seeds": 1, "top_k": 2, "share": [[1 / 8] * 8] * 11,
+               "layers": [{"layer": 0, "entropy": [3.0] * 11, "mutual_information": 0.0}]}
+    assert "(max 3.00 and 3.00)" in routing_markdown("+variant=molora", routing)
+    assert "(max 3.00 and 1.00)" in routing_markdown("+variant=molora", {**routing, "tasks": tasks[:2]})

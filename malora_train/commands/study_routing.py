@@ -7,8 +7,8 @@ task's token-slot assignments that each expert got), per configuration, averaged
 - per decoder layer (the modules of ``layers.<i>.`` averaged), each task's routing entropy in bits
   (log2 N: all experts alike; 0: one expert, or K experts each getting 1/K under top-K: log2 K) and the
   mutual information I(task; expert) in bits = H(mean of the task rows, weighted by their tokens) minus the
-  weighted mean of the rows' entropies: 0 when every task is routed alike, up to log2(number of tasks)
-  when the tasks use disjoint experts.
+  weighted mean of the rows' entropies: 0 when every task is routed alike, up to the smaller of log2(number
+  of tasks) and log2 N when the tasks use disjoint experts.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def routing_markdown(label: str, routing: dict[str, Any]) -> str:
               for task, row in zip(tasks, routing["share"])]
     lines += ["", f"Share of each task's assignments per expert (%), mean over adapted modules and seeds. Per "
               f"decoder layer: each task's routing entropy and I(task; expert), in bits (max {math.log2(experts):.2f} "
-              f"and {math.log2(max(len(tasks), 1)):.2f}):", "",
+              f"and {math.log2(min(max(len(tasks), 1), experts)):.2f}):", "",
               "| layer | " + " | ".join(f"H({t})" for t in tasks) + " | I(task; expert) |",
               "|---:|" + "---:|" * (len(tasks) + 1)]
     lines += [f"| {row['layer']} | " + " | ".join(f"{h:.2f}" for h in row["entropy"])
