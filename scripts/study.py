@@ -13,7 +13,9 @@ per job named by its overrides (not by its number, so adding a seed or a method 
 with ``trainer.resume=auto``: a rerun skips every run that completed, continues an interrupted one from its
 last checkpoint and starts the others. Overrides after the part go on top of the preset (``+variant=...`` and
 ``seed=...`` replace the preset's sweep). Then ``malora-report`` writes report.md, report.csv and
-accuracy_vs_params.png into the part's folder and the script prints where they are.
+accuracy_vs_params.png into the part's folder, the script adds answer_priors.md (what answering from each
+task's most frequent label or answer text scores on the evaluation examples: the bar for "learned the task")
+and prints where they are. ``--no-report`` only trains; ``--report-only`` only reports.
 
 ``--jobs N`` splits the sweep by seed into N processes that run at once (each its own ``study.py`` with its
 share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once. A 135M model leaves most of a
@@ -41,6 +43,7 @@ PRESETS = {"commonsense": "paper_commonsense", "ablations": "paper_ablations", "
 REPORTED_WITH = {"ablations": ["commonsense"]}  # the ablations pair with commonsense's malora_intra runs
 MIN_BIGBENCH_TASKS = 5
 SELECTION_FILE = "selection.json"
+PRIORS_FILE = "answer_priors.md"  # what answering from the prior alone scores on the part's evaluation data
 TASKS_FILE = "tasks.json"  # bigbench: the task list its runs trained on (not in their folder names)
 
 
@@ -197,6 +200,30 @@ def report(part: str, out: Path) -> Path:
     return out / part
 
 
+def write_priors(part: str, out: Path, overrides: list[str]) -> None:
+    """The part's evaluation data's prior scores (``malora_train/data/priors.py``), beside its report: the bar
+    a method's accuracy must clear to show it learned a task. Skipped, with the reason, when the data does
+    not load here (a report made away from the data)."""
+    from malora_train.commands.composition import compose_config, to_config
+    from malora_train.config import register_configs
+    from malora_train.data.priors import answer_priors, priors_markdown
+    from malora_train.errors import MaloraError
+    from malora_train.run_dir import write_text_atomic
+
+    register_configs()
+    data = [o for o in overrides if o.lstrip("+~").startswith("data.")]
+    try:
+        cfg = to_config(compose_config([f"+experiment={PRESETS[part]}", *data]))
+        markdown = priors_markdown(answer_priors(cfg.data, cfg.seed))
+    except MaloraError as err:
+        print(f"answer priors: not written ({err})", flush=True)
+        return
+    header = (f"Answering from the prior alone, on the evaluation examples of `+experiment={PRESETS[part]}` "
+              f"(seed {cfg.seed}'s data{', ' + ' '.join(data) if data else ''}):\n\n")
+    write_text_atomic(out / part / PRIORS_FILE, header + markdown)
+    print("\n" + header + markdown + f"wrote {out / part / PRIORS_FILE}", flush=True)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PRESETS), help="which part of the study")
@@ -207,9 +234,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes at once, the seeds split between them (default 1; see the top of this file)")
     parser.add_argument("--no-report", action="store_true", help="run the jobs only (what each of --jobs does)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the part's finished runs (after jobs run with --no-report)")
     args = parser.parse_intermixed_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.no_report and args.report_only:
+        parser.error("--no-report and --report-only exclude each other")
     return args
 
 
@@ -223,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             if not given:
                 overrides.append(f"data.tasks=[{','.join(tasks)}]")
             check_tasks(args.out / args.part, tasks)
-        if args.jobs > 1:
+        if args.report_only:
+            status = 0 if (args.out / args.part).is_dir() else 2
+            if status:
+                raise StudyError(f"{args.out / args.part} not found: nothing to report")
+        elif args.jobs > 1:
             status = run_jobs(args.part, args.out, overrides, args.jobs)
         else:
             status = run_sweep(sweep_command(args.part, args.out, overrides))
@@ -232,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_report:
             return status
         report(args.part, args.out)
+        write_priors(args.part, args.out, overrides)
         if args.part == "bigbench_probe":
             select_tasks(args.out / args.part, args.min_gain)
     except StudyError as err:

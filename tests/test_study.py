@@ -69,6 +69,15 @@ def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Pa
     assert study.main(argv) == 0
     assert out.count("is complete") == 0 and capsys.readouterr().out.count("is complete") == 4
     assert {s: s.stat().st_mtime_ns for s in summaries} == stamps  # nothing trained again
+    priors = (part / study.PRIORS_FILE).read_text().splitlines()
+    assert priors[0].startswith("Answering from the prior alone") and len(priors) == 2 + 2 + 5
+    assert all(re.match(r"\| \w+ \| 4 \| \w+ \| \d+\.\d\d \| \w+ \| \d+\.\d\d \|$", row) for row in priors[4:])
+    (part / "report.md").unlink()
+    assert study.main(["synthetic", "--report-only", "--out", str(tmp_path), *TINY]) == 0
+    assert "is complete" not in capsys.readouterr().out and (part / "report.md").is_file()
+    assert {s: s.stat().st_mtime_ns for s in summaries} == stamps
+    assert study.main(["ablations", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "nothing to report" in capsys.readouterr().err
 
 
 def test_jobs_split_the_seeds_of_the_preset_or_of_the_command_line(study) -> None:

@@ -81,6 +81,7 @@ def load_bigbench_task(name: str, cfg: DataConfig) -> RawTask:
     root = bigbench_root(cfg)
     pairs: list[tuple[str, str]] = []
     keys: list[str] = []
+    answers: dict[str, str] = {}
     seen: set[str] = set()
     skipped_ties = max_choices = 0
     for path, content in _task_sections(name, root):
@@ -106,8 +107,9 @@ def load_bigbench_task(name: str, cfg: DataConfig) -> RawTask:
                 continue
             random.Random(f"bigbench:{name}:{key}").shuffle(choices)
             correct = next(i for i, (_, score) in enumerate(choices) if score == best)
-            pairs.append((choices_instruction(QUESTION + question, [choice for choice, _ in choices]),
-                          f"answer{correct + 1}"))
+            instruction = choices_instruction(QUESTION + question, [choice for choice, _ in choices])
+            pairs.append((instruction, f"answer{correct + 1}"))
+            answers[instruction] = choices[correct][0]
             keys.append(key)
             max_choices = max(max_choices, len(choices))
     if skipped_ties:
@@ -115,4 +117,5 @@ def load_bigbench_task(name: str, cfg: DataConfig) -> RawTask:
     if not pairs:
         raise DataError(f"BIG-bench task {name} under {root} has no usable examples")
     train, evaluation = holdout_split(pairs, keys, cfg.eval_fraction, salt=f"holdout:{name}")
-    return RawTask(name=name, labels=numbered_labels("answer", max_choices), train=train, eval=evaluation)
+    return RawTask(name=name, labels=numbered_labels("answer", max_choices), train=train, eval=evaluation,
+                   answers=answers)

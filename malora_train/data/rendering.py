@@ -49,6 +49,9 @@ class RawTask:
     answer_prefix: str = ANSWER_PREFIX
     answer_suffix: str = ""
     answer_type: str = "label"  # label | number | letter (data/answers.py)
+    # instruction -> the text of its correct answer, where a label names only a position (BIG-bench shuffles
+    # each example's choices, so its labels are near uniform while the answers' texts need not be)
+    answers: dict[str, str] = field(default_factory=dict)
 
 
 def check_template(name: str) -> None:

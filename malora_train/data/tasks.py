@@ -102,9 +102,8 @@ def _capped(raw: RawTask, cfg: DataConfig) -> RawTask:
                                eval=cap(raw.eval, cfg.eval_per_task, "eval"))
 
 
-def build_tasks(cfg: DataConfig, seed: int, tokenizer=None) -> dict[str, TaskData]:
-    """Ordered task name -> TaskData (train and eval splits), everything validated at start-up.
-    ``tokenizer`` (the model's) is needed by ``data.prompt_template=chat``.
+def read_tasks(cfg: DataConfig, seed: int) -> dict[str, RawTask]:
+    """Ordered task name -> RawTask as read and capped, before the prompt template (``build_tasks``'s data).
 
     Raises ConfigError for a bad option or unknown task name, DataError for a missing file, a malformed
     record (the message names file, record/line and field) or an empty task.
@@ -113,12 +112,19 @@ def build_tasks(cfg: DataConfig, seed: int, tokenizer=None) -> dict[str, TaskDat
     names = selected_tasks(cfg)
     check_mixture_options(names, cfg.sampling, cfg.temperature, cfg.task_weights, cfg.task_caps)
     load = _loader(cfg, seed)
-    prompt = prompt_renderer(cfg.prompt_template, tokenizer)
     tasks = {}
     for name in names:
         raw = _capped(load(name), cfg)
         for split, pairs in (("training", raw.train), ("evaluation", raw.eval)):
             if not pairs:
                 raise DataError(f"task {name} (data.source={cfg.source}) has no {split} examples")
-        tasks[name] = render_task(raw, prompt)
+        tasks[name] = raw
     return tasks
+
+
+def build_tasks(cfg: DataConfig, seed: int, tokenizer=None) -> dict[str, TaskData]:
+    """Ordered task name -> TaskData (train and eval splits), everything validated at start-up.
+    ``tokenizer`` (the model's) is needed by ``data.prompt_template=chat``; errors as ``read_tasks``.
+    """
+    prompt = prompt_renderer(cfg.prompt_template, tokenizer)
+    return {name: render_task(raw, prompt) for name, raw in read_tasks(cfg, seed).items()}
