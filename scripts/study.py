@@ -25,10 +25,13 @@ and the whole commonsense part took 12 minutes on one H200 with three processes 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
 evaluated before and after training. A task is selected when its accuracy after training is at least
 ``--min-gain`` points (default 10) above its zero-shot accuracy: with 500 evaluation examples a task, an
-accuracy near 50% has a standard error of 2.2 points, so 10 points is about four and a half of them. The selection goes
-to ``<out>/bigbench_probe/selection.json``; ``bigbench`` trains on it (``data.tasks=[...]`` on the command line
-wins) and refuses fewer than 5 tasks. Rerunning the probe with another ``--min-gain`` selects again without
-training again.
+accuracy near 50% has a standard error of 2.2 points, so 10 points is about four and a half of them.
+``--over-prior`` counts the gain from the larger of the zero-shot accuracy and the most frequent answer's share
+(``answer_priors.md``), so that a task trained only to its answer prior is not selected: of the 11 tasks this
+study's probe selected, 7 end less than 10 points above that share (RESULTS.md). The selection goes to
+``<out>/bigbench_probe/selection.json``; ``bigbench`` trains on it (``data.tasks=[...]`` on the command line
+wins) and refuses fewer than 5 tasks. Rerunning the probe with another ``--min-gain`` or ``--over-prior``
+selects again without training again.
 """
 
 from __future__ import annotations
@@ -113,18 +116,31 @@ def probe_gains(probe_dir: Path) -> list[tuple[str, float, float, float]]:
     return sorted(rows, key=lambda row: -row[3])
 
 
-def select_tasks(probe_dir: Path, min_gain: float) -> list[str]:
-    """Print the probe's table, write and return the tasks whose gain is at least ``min_gain`` points."""
+def select_tasks(probe_dir: Path, min_gain: float, priors: dict[str, float] | None = None,
+                 over_prior: bool = False) -> list[str]:
+    """Print the probe's table, write and return the tasks whose gain is at least ``min_gain`` points: over
+    the zero-shot accuracy, and with ``over_prior`` over the most frequent answer's share too (``priors``,
+    task -> %), so that a task trained only to its answer prior is not taken for one the model learned."""
     from malora_train.run_dir import write_json_atomic
 
+    if over_prior and not priors:
+        raise StudyError("--over-prior needs the tasks' answer priors, and the probe's data did not load here: "
+                         "pass its data.root")
+    priors = priors or {}
     rows = probe_gains(probe_dir)
-    selected = [task for task, _, _, gain in rows if gain >= min_gain]
-    print("\n| task | zero-shot | after training | gain | selected |\n|---|---:|---:|---:|---|")
+    baseline = {task: max(before, priors.get(task, before)) if over_prior else before for task, before, _, _ in rows}
+    selected = [task for task, _, after, _ in rows if after - baseline[task] >= min_gain]
+    print("\n| task | zero-shot | most frequent answer | after training | gain | over the prior | selected |\n"
+          "|---|---:|---:|---:|---:|---:|---|")
     for task, before, after, gain in rows:
-        print(f"| {task} | {before:.1f} | {after:.1f} | {gain:+.1f} | {'yes' if task in selected else 'no'} |")
-    write_json_atomic(probe_dir / SELECTION_FILE, {"min_gain": min_gain, "tasks": selected,
-                                                   "gains": {task: gain for task, _, _, gain in rows}})
-    print(f"\n{len(selected)} task(s) gain at least {min_gain:g} points: data.tasks=[{','.join(selected)}]"
+        prior = f"{priors[task]:.1f} | " if task in priors else "– | "
+        over = f"{after - priors[task]:+.1f} | " if task in priors else "– | "
+        print(f"| {task} | {before:.1f} | {prior}{after:.1f} | {gain:+.1f} | {over}{'yes' if task in selected else 'no'} |")
+    write_json_atomic(probe_dir / SELECTION_FILE, {"min_gain": min_gain, "over_prior": over_prior, "tasks": selected,
+                                                   "gains": {task: gain for task, _, _, gain in rows},
+                                                   "answer_priors": priors})
+    counted = "over both their zero-shot accuracy and their answer prior" if over_prior else "over zero-shot"
+    print(f"\n{len(selected)} task(s) gain at least {min_gain:g} points {counted}: data.tasks=[{','.join(selected)}]"
           f"\nwrote {probe_dir / SELECTION_FILE}")
     return selected
 
@@ -200,10 +216,11 @@ def report(part: str, out: Path) -> Path:
     return out / part
 
 
-def write_priors(part: str, out: Path, overrides: list[str]) -> None:
+def write_priors(part: str, out: Path, overrides: list[str]) -> dict[str, float]:
     """The part's evaluation data's prior scores (``malora_train/data/priors.py``), beside its report: the bar
-    a method's accuracy must clear to show it learned a task. Skipped, with the reason, when the data does
-    not load here (a report made away from the data)."""
+    a method's accuracy must clear to show it learned a task. Returns task -> the most frequent answer's
+    share (%); skipped (empty), with the reason, when the data does not load here (a report made away from
+    the data)."""
     from malora_train.commands.composition import compose_config, to_config
     from malora_train.config import register_configs
     from malora_train.data.priors import answer_priors, priors_markdown
@@ -214,14 +231,16 @@ def write_priors(part: str, out: Path, overrides: list[str]) -> None:
     data = [o for o in overrides if o.lstrip("+~").startswith("data.")]
     try:
         cfg = to_config(compose_config([f"+experiment={PRESETS[part]}", *data]))
-        markdown = priors_markdown(answer_priors(cfg.data, cfg.seed))
+        priors = answer_priors(cfg.data, cfg.seed)
+        markdown = priors_markdown(priors)
     except MaloraError as err:
         print(f"answer priors: not written ({err})", flush=True)
-        return
+        return {}
     header = (f"Answering from the prior alone, on the evaluation examples of `+experiment={PRESETS[part]}` "
               f"(seed {cfg.seed}'s data{', ' + ' '.join(data) if data else ''}):\n\n")
     write_text_atomic(out / part / PRIORS_FILE, header + markdown)
     print("\n" + header + markdown + f"wrote {out / part / PRIORS_FILE}", flush=True)
+    return {prior.task: prior.answer_share for prior in priors}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -229,6 +248,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("part", choices=sorted(PRESETS), help="which part of the study")
     parser.add_argument("overrides", nargs="*", help="malora-train overrides on top of the preset")
     parser.add_argument("--out", type=Path, default=Path("studies"), help="where the parts go (default studies/)")
+    parser.add_argument("--over-prior", action="store_true",
+                        help="bigbench_probe: count the gain from the larger of the zero-shot accuracy and the most "
+                             "frequent answer's share (a task trained only to its answer prior is not selected)")
     parser.add_argument("--min-gain", type=float, default=10.0,
                         help="bigbench_probe: points a task must gain from training to be selected (default 10)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -267,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_report:
             return status
         report(args.part, args.out)
-        write_priors(args.part, args.out, overrides)
+        priors = write_priors(args.part, args.out, overrides)
         if args.part == "bigbench_probe":
-            select_tasks(args.out / args.part, args.min_gain)
+            select_tasks(args.out / args.part, args.min_gain, priors, args.over_prior)
     except StudyError as err:
         print(f"study.py: error: {err}", file=sys.stderr)
         return 2

@@ -128,6 +128,26 @@ def test_probe_selects_tasks_by_measured_gain_and_bigbench_needs_five(study, tmp
     assert "run the probe first" in capsys.readouterr().err
 
 
+def test_probe_over_prior_counts_the_gain_from_the_answer_prior_too(study, tmp_path: Path, capsys) -> None:
+    before = {"learned": 20.0, "prior_only": 40.0, "prior_below": 30.0, "no_prior": 50.0}
+    after = {"learned": 60.0, "prior_only": 62.0, "prior_below": 41.0, "no_prior": 61.0}
+    priors = {"learned": 25.0, "prior_only": 62.0, "prior_below": 20.0}  # no_prior: its data gave none
+    write_probe(tmp_path / "bigbench_probe", before, after)
+    assert study.select_tasks(tmp_path / "bigbench_probe", 10.0, priors) == ["learned", "prior_only",
+                                                                          "prior_below", "no_prior"]
+    out = capsys.readouterr().out
+    assert "| prior_only | 40.0 | 62.0 | 62.0 | +22.0 | +0.0 | yes |" in out
+    assert "| no_prior | 50.0 | – | 61.0 | +11.0 | – | yes |" in out
+    # the gain counts from the larger of zero-shot and prior: 60 - 25, 62 - 62, 41 - 30, 61 - 50
+    assert study.select_tasks(tmp_path / "bigbench_probe", 10.0, priors, over_prior=True) == [
+        "learned", "prior_below", "no_prior"]
+    saved = json.loads((tmp_path / "bigbench_probe" / study.SELECTION_FILE).read_text())
+    assert saved["over_prior"] is True and saved["answer_priors"] == priors
+    assert "over both their zero-shot accuracy and their answer prior" in capsys.readouterr().out
+    with pytest.raises(study.StudyError, match="--over-prior needs the tasks' answer priors"):
+        study.select_tasks(tmp_path / "bigbench_probe", 10.0, {}, over_prior=True)
+
+
 def test_bigbench_runs_are_named_without_their_task_list_and_keep_one_list_a_folder(study, tmp_path: Path,
                                                                                       capsys) -> None:
     """Five long task names would make a folder name past the file system's 255 bytes (eleven real ones did
