@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"data.tasks=[{','.join(tasks)}]")
             check_tasks(args.out / args.part, tasks)
         if args.report_only:
-            status = 0 if (args.out / args.part).is_dir() else 2
-            if status:
+            if not (args.out / args.part).is_dir():
                 raise StudyError(f"{args.out / args.part} not found: nothing to report")
+            status = 0
         elif args.jobs > 1:
             status = run_jobs(args.part, args.out, overrides, args.jobs)
         else:
