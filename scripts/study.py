@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
     try:
+        if args.report_only and not (args.out / args.part).is_dir():
+            raise StudyError(f"{args.out / args.part} not found: nothing to report")
         if args.part == "bigbench":
             given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("data.tasks=")]
             tasks = given[-1].strip("[]").split(",") if given else selected_tasks(args.out)
@@ -277,8 +279,6 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"data.tasks=[{','.join(tasks)}]")
             check_tasks(args.out / args.part, tasks)
         if args.report_only:
-            if not (args.out / args.part).is_dir():
-                raise StudyError(f"{args.out / args.part} not found: nothing to report")
             status = 0
         elif args.jobs > 1:
             status = run_jobs(args.part, args.out, overrides, args.jobs)

@@ -78,6 +78,8 @@ def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Pa
     assert {s: s.stat().st_mtime_ns for s in summaries} == stamps
     assert study.main(["ablations", "--report-only", "--out", str(tmp_path)]) == 2
     assert "nothing to report" in capsys.readouterr().err
+    assert study.main(["bigbench", "--report-only", "--out", str(tmp_path), "data.tasks=[a,b,c,d,e]"]) == 2
+    assert "nothing to report" in capsys.readouterr().err and not (tmp_path / "bigbench").exists()
 
 
 def test_jobs_split_the_seeds_of_the_preset_or_of_the_command_line(study) -> None:
