@@ -433,11 +433,9 @@ class Trainer:
         """This rank's rows of a global micro-batch and where their loss is, on the host."""
         local = local_rows(batch, self.process_index, self.world)
         found = loss_targets(local["labels"], local["task_ids"])
-        if self._loss_multiple > 1:  # a GPU: K padded to slots that only grow, with headroom
-            count = found["loss_index"].numel()
-            self._answer_slots = answer_slots(count, self._answer_slots, self._loss_multiple)
-            found = pad_loss_targets(found, self._answer_slots)
-        local.update(found)  # the CPU: exactly the answer positions
+        # a GPU: K padded to slots that only grow, with headroom; the CPU (multiple 1): exactly the answers
+        self._answer_slots = answer_slots(found["loss_index"].numel(), self._answer_slots, self._loss_multiple)
+        local.update(pad_loss_targets(found, self._answer_slots))
         return local
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
