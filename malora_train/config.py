@@ -168,8 +168,8 @@ class TrainerConfig:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     # layers: each decoder layer, one shared graph (seconds to compile) | decoder: one graph (minutes)
     compile_scope: str = "layers"
-    # replay each step's forward+backward and the AdamW update as CUDA graphs (one GPU, data.packing)
-    cuda_graphs: bool = False
+    # the step replayed as CUDA graphs: auto (wherever nothing stands in the way) | true (or refuse) | false
+    cuda_graphs: Any = "auto"
     eval_before: bool = True  # evaluate before the first step (eval/step_0/)
     eval_after: bool = True  # evaluate after the last step (and write routing.json)
     eval_every: int = 0  # 0: only at the end

@@ -44,9 +44,13 @@ PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
 # eager, or a trainer.compile_mode; "+graphs" adds trainer.cuda_graphs=true ("graphs" alone: eager layers)
 MODES = ("eager", "graphs", "default", "default+graphs", "reduce-overhead", "max-autotune",
          "max-autotune-no-cudagraphs")
+# HF + PEFT LoRA r64 as users run it: a plain loop over the same packed rows with torch.compile and fused AdamW
+# (the strongest form), and HF Trainer with dynamic padding
+BASELINES = ("peft-compiled", "hf-peft")
 # what a bare `make bench-loop` measures: the issue-9 table on a GPU, a smoke run on the CPU
 DEVICE_DEFAULTS = {
-    "cuda": {"model": "smollm2_135m_shape", "data": "commonsense_intra", "modes": "eager,graphs", "baseline": "hf-peft"},
+    "cuda": {"model": "smollm2_135m_shape", "data": "commonsense_intra", "modes": "eager,graphs",
+             "baseline": "peft-compiled,hf-peft"},
     "cpu": {"model": "tiny", "data": "synthetic", "modes": "eager", "baseline": "none"},
 }
 
@@ -66,8 +70,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3, help="steps of the phase breakdown")
     parser.add_argument("--kernels", type=int, default=0, help="also list the N kernels with the most device time")
     parser.add_argument("--no-packing", action="store_true", help="padded rows (data.packing=false)")
-    parser.add_argument("--baseline", choices=("none", "hf-peft"), default=None,
-                        help="default: hf-peft on a GPU, none on the CPU")
+    parser.add_argument("--baseline", default=None,
+                        help=f"comma-separated: {', '.join(BASELINES)}, or none (default: peft-compiled,hf-peft "
+                             "on a GPU, none on the CPU); the first is the one the ratios divide by")
+    parser.add_argument("--host-ops", type=int, default=0,
+                        help="also list the N operators with the most host (CPU) time in the profiled steps")
     parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
                         help="run every adapter and mode again with these space-separated overrides, in the same "
                              "process (repeatable): e.g. --also 'adapter.shared_input=false'")
@@ -77,6 +84,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    bad_baselines = [b for b in args.baseline.split(",") if b not in (*BASELINES, "none")]
+    if bad_baselines:
+        parser.error(f"--baseline: unknown {', '.join(bad_baselines)} (choose from {', '.join(BASELINES)}, none)")
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         parser.error(f"--modes: unknown {', '.join(bad)} (choose from {', '.join(MODES)})")
@@ -135,10 +145,12 @@ def summarise(times: list[float], tokens: list[int]) -> dict[str, float]:
             "tokens_per_step": statistics.mean(tokens), "mean_tokens_per_s": sum(tokens) / sum(times)}
 
 
-def phase_breakdown(step, steps: int, cuda: bool, kernels: int = 0) -> tuple[dict[str, dict[str, float]], list]:
+def phase_breakdown(step, steps: int, cuda: bool, kernels: int = 0,
+                    host_ops: int = 0) -> tuple[dict[str, dict[str, float]], list, list]:
     """Host and device milliseconds per named phase (the spans of its annotation on the host timeline and,
-    on a GPU, on the device timeline), averaged over ``steps`` profiled steps; and the ``kernels`` kernels
-    with the most device time, as [name, ms per step, launches per step]."""
+    on a GPU, on the device timeline), averaged over ``steps`` profiled steps; the ``kernels`` kernels
+    with the most device time and the ``host_ops`` operators with the most host time of their own, each as
+    [name, ms per step, calls per step]."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -158,7 +170,12 @@ def phase_breakdown(step, steps: int, cuda: bool, kernels: int = 0) -> tuple[dic
         averages = [a for a in prof.key_averages() if a.device_type == DeviceType.CUDA]
         averages.sort(key=lambda a: a.self_device_time_total, reverse=True)
         top = [[a.key[:90], a.self_device_time_total / 1000 / steps, a.count / steps] for a in averages[:kernels]]
-    return result, top
+    host = []
+    if host_ops:
+        averages = [a for a in prof.key_averages() if a.device_type == DeviceType.CPU and a.key not in PHASES]
+        averages.sort(key=lambda a: a.self_cpu_time_total, reverse=True)
+        host = [[a.key[:90], a.self_cpu_time_total / 1000 / steps, a.count / steps] for a in averages[:host_ops]]
+    return result, top, host
 
 
 def reset_process_state() -> None:
@@ -220,8 +237,8 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Pat
            "graphs_after_step": graph_counts[-args.steps:], "trainable_params": trainer.params["trainable"],
            "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
     if args.profile_steps:
-        row["phases"], row["kernels"] = phase_breakdown(step, args.profile_steps, device.type == "cuda",
-                                                        args.kernels)
+        row["phases"], row["kernels"], row["host_ops"] = phase_breakdown(
+            step, args.profile_steps, device.type == "cuda", args.kernels, args.host_ops)
     metrics, _, _ = trainer.window.read(lambda t: t, 1, bool(trainer.model.mixture_layers()))
     row["final_lm_loss"] = metrics["lm_loss"]
     return row
@@ -290,9 +307,62 @@ def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return row
 
 
+def bench_peft_compiled(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """HF + PEFT LoRA r64 in its strongest form: a plain PyTorch loop over the packed rows malora-train
+    trains on (the same batches; HF's attention keeps each example to itself, told by the restarting
+    ``position_ids``), the model under ``torch.compile``, bf16 autocast, fused AdamW. The loss is HF's own
+    (the mean over the answer tokens)."""
+    import peft
+
+    from malora_train.data import BatchStream, build_tasks
+    from malora_train.models import load_model_and_tokenizer
+
+    cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora", f"data.max_length={args.length}",
+                   "data.packing=true", *args.overrides])
+    device = torch.device(args.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, seed=cfg.seed)
+    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(cfg.adapter.target_modules),
+                           bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    compiled = torch.compile(model)
+    stream = BatchStream(build_tasks(cfg.data, cfg.seed, tokenizer), tokenizer, cfg.data, batch_size=args.rows,
+                         seed=cfg.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens: list[int] = []
+    clock = StepClock(device)
+
+    def step() -> None:
+        batch = stream.next_batch()
+        tokens.append(int(batch["attention_mask"].sum()))
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "labels")}
+        with autocast:
+            loss = compiled(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.steps):
+        clock.mark()
+        step()
+    clock.mark()
+    row = {"name": "PEFT LoRA r64, plain loop, torch.compile, packed", "adapter": "peft-lora",
+           "mode": "peft-compiled", **summarise(clock.durations(), tokens[-args.steps:]),
+           "trainable_params": sum(p.numel() for p in trainable),
+           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return row
+
+
 def table(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
     head = (f"{'run':<56} {'mode':<16} {'tokens/s':>10} {'step ms':>8} {'max/med':>8} {'p90/med':>8} "
-            f"{'tok/step':>8} {'mem GB':>7} {'x hf':>6}")
+            f"{'tok/step':>8} {'mem GB':>7} {'x base':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -309,17 +379,21 @@ def table(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
             lines.append(f"  {r['name']} {r['mode']} phases (host/device ms per step): {parts}")
         for name, ms, count in r.get("kernels") or []:
             lines.append(f"    {ms:7.2f} ms {count:6.0f}x  {name}")
+        if r.get("host_ops"):
+            lines.append(f"  {r['name']} {r['mode']} host ms per step, by operator (self time):")
+        for name, ms, count in r.get("host_ops") or []:
+            lines.append(f"    {ms:7.2f} ms {count:6.0f}x  {name}")
     return "\n".join(lines)
 
 
-def write_json(args: argparse.Namespace, rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> None:
+def write_json(args: argparse.Namespace, rows: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> None:
     """The report so far (written after every run, so a run cut short by a time limit keeps what it had)."""
     if not args.json:
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     report = {"device": device, "torch": torch.__version__,
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "rows": rows, "baseline": baseline}
+              "rows": rows, "baselines": baselines}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
 
@@ -330,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         print("bench_loop.py: error: --device cuda but no GPU is visible", file=sys.stderr)
         sys.exit(2)
     rows: list[dict[str, Any]] = []
-    baseline = None
+    baselines: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_loop.") as tmp:
         workdir = Path(tmp)
         for mode in args.modes.split(","):
@@ -344,21 +418,23 @@ def main(argv: list[str] | None = None) -> None:
                                      "overrides": list(extra), "error": f"{type(err).__name__}: {err}"[:300]})
                     reset_process_state()
                     print(json.dumps(rows[-1]), flush=True)
-                    write_json(args, rows, baseline)
-        if args.baseline == "hf-peft":
+                    write_json(args, rows, baselines)
+        runners = {"peft-compiled": bench_peft_compiled, "hf-peft": bench_hf_peft}
+        for name in [b for b in args.baseline.split(",") if b != "none"]:
             try:
-                baseline = bench_hf_peft(args, workdir)
+                result = runners[name](args, workdir)
             except Exception as err:  # noqa: BLE001
                 traceback.print_exc()
-                baseline = {"name": "HF Trainer + PEFT LoRA r64", "mode": "hf", "error": f"{type(err).__name__}: {err}"}
+                result = {"name": name, "mode": name, "error": f"{type(err).__name__}: {err}"[:300]}
             reset_process_state()
-            print(json.dumps(baseline), flush=True)
-            write_json(args, rows, baseline)
+            print(json.dumps(result), flush=True)
+            baselines.append(result)
+            write_json(args, rows, baselines)
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"\n{device}, torch {torch.__version__}, {args.model} on {args.data}, "
           f"{'padded' if args.no_packing else 'packed'} {args.rows}x{args.length}, {args.steps} steps after "
           f"{args.warmup} warm-up")
-    print(table(rows + ([baseline] if baseline else []), baseline))
+    print(table(rows + baselines, baselines[0] if baselines else None))
 
 
 if __name__ == "__main__":

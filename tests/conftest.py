@@ -189,3 +189,12 @@ def train_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
     from cli_runner import run_program
 
     return lambda *argv: run_program(monkeypatch, "malora-train", list(argv))
+
+
+@pytest.fixture
+def captured_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The captured step's code path on the CPU: the launch's "no GPU" obstacle lifted, so the trainer takes
+    ``graphs.StepGraphs``, which runs its work again instead of replaying a capture."""
+    from malora_train.train import step_path
+
+    monkeypatch.setattr(step_path, "launch_obstacle", lambda *launch: None)

@@ -67,13 +67,14 @@ def one_process(tmp_path_factory, tiny_training_overrides) -> Path:
     return run_dir
 
 
-def launch(config: str, cwd: Path, overrides: list[str], succeed: bool = True) -> subprocess.CompletedProcess:
+def launch(config: str, cwd: Path, overrides: list[str], succeed: bool = True,
+           program: tuple[str, ...] = ("-m", "malora_train.cli")) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
     env.pop("MALORA_RUN_DIR", None)
     config_file = REPO_ROOT / "conf" / "accelerate" / f"{config}.yaml"
     command = [*accelerate_launch(), "--config_file", str(config_file), "--num_processes", "2",
-               "-m", "malora_train.cli", *overrides]
+               *program, *overrides]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
     assert (result.returncode == 0) == succeed, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -142,6 +143,31 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
             resumed = train_losses(resumed_dir, key)
             assert list(resumed) == list(range(3, STEPS + 1))
             assert resumed == {s: v for s, v in train_losses(run_dir, key).items() if s > 2}, key
+
+
+@pytest.mark.distributed
+def test_two_captured_processes_give_one_process_with_grad_accum_two(tmp_path, tiny_training_overrides,
+                                                                    train_losses, run_training) -> None:
+    """The captured step under two processes (no DDP wrapper: the gradient bucket summed by one all-reduce
+    before the update, the aux loss a share of every process's forwards), its captures lifted onto the CPU:
+    each step's losses, gradient norm and the trained adapter are those of one eager process with
+    ``grad_accum=2`` on the same packed rows."""
+    overrides = [*tiny_training_overrides, *COMMON, "trainer.micro_batch_size=4", "data.packing=true",
+                 "trainer.save_every=0"]
+    run_training(tmp_path / "one", *overrides, "trainer.grad_accum=2", "trainer.cuda_graphs=false")
+    run_dir = tmp_path / "two"
+    result = launch("ddp", tmp_path, [*overrides, "trainer.cuda_graphs=true", f"hydra.run.dir={run_dir}"],
+                    program=(str(REPO_ROOT / "tests" / "launch_captured_on_cpu.py"),))
+    assert "training step: captured" in result.stdout + result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
+        got = train_losses(run_dir, key)
+        assert list(got) == list(range(1, STEPS + 1))
+        assert got == pytest.approx(train_losses(tmp_path / "one", key), rel=1e-4), key
+    expected = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    for key in expected:
+        torch.testing.assert_close(saved[key], expected[key], rtol=1e-4, atol=1e-5)
 
 
 class RunsCode:

@@ -64,17 +64,14 @@ def test_the_update_runs_every_step() -> None:
 
 
 @pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
-def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train_losses, monkeypatch) -> None:
-    """The graphed step's code path (inputs copied into fixed tensors, the normaliser as a tensor, the
-    gradients zeroed in place, AdamW with a tensor learning rate) trains as the eager step does; on the
-    CPU nothing is captured, so the launch check that asks for a GPU is lifted for this test."""
-    import malora_train.train.loop as loop
-
-    monkeypatch.setattr(loop, "check_launch", lambda trainer, accelerator: None)
+def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train_losses, captured_on_cpu) -> None:
+    """The captured step's code path (inputs copied into fixed tensors, the normaliser as a tensor, the
+    gradients zeroed in place in one bucket, AdamW with a tensor learning rate) trains as the eager step does;
+    on the CPU nothing is captured, so the launch's "no GPU" obstacle is lifted for this test."""
     common = [f"adapter={kind}", "data.packing=true", "adapter.dropout=0", "trainer.max_steps=6",
               "trainer.grad_accum=2", "trainer.eval_after=false"]
     run_training(tmp_path / "graphed", *common, "trainer.cuda_graphs=true")
-    run_training(tmp_path / "eager", *common)
+    run_training(tmp_path / "eager", *common, "trainer.cuda_graphs=false")
     graphed, eager = train_losses(tmp_path / "graphed"), train_losses(tmp_path / "eager")
     assert list(graphed) == list(range(1, 7))
     assert graphed == pytest.approx(eager, rel=1e-5)
@@ -83,28 +80,26 @@ def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.packing=false"], "trainer.cuda_graphs=true needs the fixed shapes of data.packing=true"),
-    (["trainer.skip_nonfinite=true"], "trainer.cuda_graphs=true cannot skip steps"),
+    (["data.packing=false"], "data.packing=false (a captured step needs the fixed shapes of packed rows)"),
+    (["trainer.skip_nonfinite=true"], "trainer.skip_nonfinite=true (it reads the loss on the host every step)"),
     (["trainer.compile=true", "trainer.compile_mode=reduce-overhead"], "trainer.compile_mode=reduce-overhead"),
-    (["trainer.gradient_checkpointing=true"], "with trainer.gradient_checkpointing=true is not supported"),
-    (["trainer.mixed_precision=fp16"], "with trainer.mixed_precision=fp16 is not supported"),
-    ([], "trainer.cuda_graphs=true needs one process on a CUDA GPU without DeepSpeed (this launch: device cpu)"),
+    (["trainer.mixed_precision=fp16"], "trainer.mixed_precision=fp16 (its loss scaler"),
+    (["adapter.impl=reference"], "adapter.impl=reference (its per-expert loop has data-dependent shapes)"),
+    ([], "device cpu: CUDA graphs need a GPU"),
 ])
-def test_cuda_graphs_refuses_what_it_cannot_capture(overrides, message, tmp_path, run_training) -> None:
+def test_cuda_graphs_true_refuses_what_it_cannot_capture(overrides, message, tmp_path, run_training) -> None:
     from malora_train.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         run_training(tmp_path / "run", "trainer.cuda_graphs=true", *overrides)
+    assert str(err.value).startswith("trainer.cuda_graphs=true cannot capture this run: ")
     assert message in str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_graphed_run_saves_and_resumes_checkpoints(tmp_path, run_training, train_losses, monkeypatch) -> None:
+def test_a_graphed_run_saves_and_resumes_checkpoints(tmp_path, run_training, train_losses, captured_on_cpu) -> None:
     """The capturable optimiser's learning rate is a tensor: checkpoints store it as a number and a resume
     continues as the eager path's resume does (3 steps, then extended to 6 from the checkpoint)."""
-    import malora_train.train.loop as loop
-
-    monkeypatch.setattr(loop, "check_launch", lambda trainer, accelerator: None)
     common = ["adapter=malora", "data.packing=true", "adapter.dropout=0", "trainer.eval_after=false",
               "trainer.save_every=3"]
     for mode in ("graphed", "eager"):
@@ -135,50 +130,73 @@ def test_a_tensor_learning_rate_stays_a_tensor_through_a_checkpoint(tmp_path) ->
     assert torch.equal(loaded.state[loaded.param_groups[0]["params"][0]]["exp_avg"], saved.state[param]["exp_avg"])
 
 
-@pytest.mark.parametrize("processes, kind, where", [(2, "MULTI_GPU", "2 processes"), (1, "DEEPSPEED", "DeepSpeed")])
-def test_cuda_graphs_refuses_several_processes_and_deepspeed(processes, kind, where) -> None:
-    from types import SimpleNamespace
+def _config(*overrides: str):
+    from malora_train.cli import compose
 
-    from accelerate.utils import DistributedType
+    return compose(["model=tiny", *overrides])
 
-    from malora_train.config import TrainerConfig
+
+@pytest.mark.parametrize("overrides, device, deepspeed, reason", [
+    (["data.packing=false"], "cuda", False, "data.packing=false"),
+    (["trainer.skip_nonfinite=true"], "cuda", False, "trainer.skip_nonfinite=true"),
+    (["trainer.mixed_precision=fp16"], "cuda", False, "trainer.mixed_precision=fp16"),
+    (["trainer.compile=true", "trainer.compile_mode=max-autotune"], "cuda", False, "trainer.compile_mode=max-autotune"),
+    (["adapter.impl=reference"], "cuda", False, "adapter.impl=reference"),
+    ([], "cpu", False, "device cpu"),
+    ([], "cuda", True, "DeepSpeed"),
+    (["trainer.cuda_graphs=false"], "cuda", False, "trainer.cuda_graphs=false"),
+])
+def test_auto_runs_eager_and_names_the_one_reason(overrides, device, deepspeed, reason) -> None:
+    from malora_train.train.step_path import choose_step_path
+
+    path = choose_step_path(_config(*overrides), device, deepspeed)
+    assert not path.captured and path.reason.startswith(reason)
+    assert path.describe() == f"eager ({path.reason})"
+
+
+@pytest.mark.parametrize("overrides", [[], ["trainer.gradient_checkpointing=true"], ["trainer.compile=true"],
+                                       ["trainer.cuda_graphs=true"]])
+def test_auto_captures_wherever_nothing_stands_in_the_way(overrides, monkeypatch) -> None:
+    """Several processes and gradient checkpointing no longer stand in the way (the launch is not an input)."""
+    import importlib.util
+
+    from malora_train.train.step_path import choose_step_path
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # Triton "installed"
+    path = choose_step_path(_config("data.packing=true", *overrides), "cuda", False)
+    assert path.captured and path.reason is None
+
+
+def test_cuda_graphs_true_refuses_deepspeed_and_a_missing_triton(monkeypatch) -> None:
+    import importlib.util
+
     from malora_train.errors import ConfigError
-    from malora_train.train.distributed import check_launch
+    from malora_train.train.step_path import choose_step_path
 
-    launch = SimpleNamespace(device=torch.device("cuda"), num_processes=processes,
-                             distributed_type=DistributedType[kind])
-    with pytest.raises(ConfigError, match=f"this launch: {where}"):
-        check_launch(TrainerConfig(cuda_graphs=True), launch)
-    check_launch(TrainerConfig(cuda_graphs=False), launch)
+    cfg = _config("data.packing=true", "trainer.cuda_graphs=true")
+    with pytest.raises(ConfigError, match="cannot capture this run: DeepSpeed"):
+        choose_step_path(cfg, "cuda", True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="cannot capture this run: no Triton"):
+        choose_step_path(cfg, "cuda", False)
+    assert choose_step_path(_config("data.packing=true", "adapter.dropout=0"), "cuda", False).captured
 
 
-def test_a_run_that_could_capture_its_steps_is_told_so(tmp_path, tiny_training_overrides, monkeypatch, caplog) -> None:
-    """The hint appears where nothing stands in the way (here: the launch check lifted, packed rows), and
-    not when graphs are on, rows are padded, the config has an obstacle, or the launch is the CPU."""
+def test_cuda_graphs_takes_auto_true_or_false_only(tmp_path, run_training) -> None:
+    from malora_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.cuda_graphs='sometimes' is not one of auto, true, false"):
+        run_training(tmp_path / "run", "trainer.cuda_graphs=sometimes")
+
+
+def test_the_first_log_line_names_the_step_path(tmp_path, tiny_training_overrides, caplog,
+                                                fresh_accelerate_state) -> None:
     import logging
-
-    from accelerate.state import AcceleratorState, GradientState
 
     import malora_train.train.loop as loop
     from malora_train.cli import compose
 
-    monkeypatch.setattr(loop, "cuda_graphs_launch_obstacle", lambda accelerator: None)
-    monkeypatch.setattr(loop, "check_launch", lambda trainer, accelerator: None)
-
-    def announced(*overrides: str) -> bool:
-        cfg = compose([*tiny_training_overrides, "trainer.max_steps=1", *overrides])
-        caplog.clear()
-        try:
-            with caplog.at_level(logging.INFO, logger="malora_train.train.loop"):
-                loop.Trainer(cfg, tmp_path / f"run{len(list(tmp_path.iterdir()))}", "", [])._announce()
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-        return any("trainer.cuda_graphs=true" in record.getMessage() for record in caplog.records)
-
-    assert announced("data.packing=true")
-    assert not announced("data.packing=true", "trainer.cuda_graphs=true")
-    assert not announced("data.packing=false")
-    assert not announced("data.packing=true", "trainer.gradient_checkpointing=true")
-    monkeypatch.undo()
-    assert not announced("data.packing=true")  # the CPU launch itself stands in the way
+    cfg = compose([*tiny_training_overrides, "trainer.max_steps=1"])
+    with caplog.at_level(logging.INFO, logger="malora_train.train.loop"):
+        loop.Trainer(cfg, tmp_path / "run", "", [])._announce()
+    assert caplog.records[0].getMessage() == "training step: eager (device cpu: CUDA graphs need a GPU)"

@@ -42,14 +42,24 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def shares_gpus() -> bool:
+    """More processes on this node than GPUs (a test or benchmark on one GPU): the processes take the GPUs
+    round-robin, as Accelerate places them, and talk over gloo (NCCL refuses two ranks on one GPU)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return local_world > torch.cuda.device_count()
+
+
+def backend() -> str:
+    """The process group's backend: NCCL between GPUs of their own, gloo on the CPU or shared GPUs."""
+    return "gloo" if use_cpu() or shares_gpus() else "nccl"
+
+
 def _init_process_group() -> None:
     if dist.is_initialized():
         return
-    if use_cpu():
-        dist.init_process_group(backend="gloo", timeout=TIMEOUT)
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl", timeout=TIMEOUT)
+    if not use_cpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend(), timeout=TIMEOUT)
 
 
 def agree_on_run_dir() -> None:
@@ -111,7 +121,7 @@ def build_accelerator(trainer: TrainerConfig, trackers: list[str] | None = None,
     """``trackers``: Accelerate tracker names (``log_with``); those that write files write below ``logging_dir``."""
     cpu = use_cpu()
     handlers: list = [ddp_settings(trainer)]
-    if cpu and world_size() > 1:
+    if world_size() > 1 and backend() == "gloo":
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=TIMEOUT))
     if uses_deepspeed():
         _find_deepspeed_config_file()
@@ -133,22 +143,9 @@ def check_launch(trainer: TrainerConfig, accelerator: Accelerator) -> None:
     if trainer.skip_nonfinite and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("trainer.skip_nonfinite=true is not supported under DeepSpeed (its engine applies "
                           "the accumulated gradients itself); run without it")
-    if trainer.cuda_graphs and (obstacle := cuda_graphs_launch_obstacle(accelerator)):
-        raise ConfigError(obstacle)
     if trainer.ddp_bucket_cap_mb is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("trainer.ddp_bucket_cap_mb applies to DDP; under DeepSpeed the bucket sizes are "
                           "reduce_bucket_size and allgather_bucket_size in conf/deepspeed/*.json")
-
-
-def cuda_graphs_launch_obstacle(accelerator: Accelerator) -> str | None:
-    """Why this launch cannot capture its steps as CUDA graphs (the error to give), or None."""
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if accelerator.device.type == "cuda" and accelerator.num_processes == 1 and not deepspeed:
-        return None
-    where = (f"{accelerator.num_processes} processes" if accelerator.num_processes > 1
-             else "DeepSpeed" if deepspeed else f"device {accelerator.device.type}")
-    return (f"trainer.cuda_graphs=true needs one process on a CUDA GPU without DeepSpeed (this launch: {where}); "
-            "set it to false")
 
 
 def configure_deepspeed(accelerator: Accelerator, trainer: TrainerConfig) -> None:

@@ -1,4 +1,4 @@
-"""``trainer.cuda_graphs``: a training step's device work replayed as CUDA graphs.
+"""The captured step (``step_path``): a training step's device work replayed as CUDA graphs.
 
 A small model's step is thousands of small kernels (30 decoder layers, each with its adapters, forward
 and backward); launched one at a time from Python they take longer than their arithmetic. Captured into
@@ -16,7 +16,9 @@ The first time a shape is seen its work runs eagerly: that initialises what a ca
 (cuBLAS workspaces, Triton compilation, the optimiser's state). The second time it is captured, then
 replayed from then on. Before a replay the host batch is copied into the graph's own input tensors, and a
 new dropout seed into the seed tensor the kernels read (``fused.device_dropout_seed``). The gradients stay
-allocated (zeroed, never set to None), so every graph accumulates into the same tensors.
+allocated (zeroed, never set to None) as views of one flat bucket, so every graph accumulates into the same
+tensors and several processes sum them with one all-reduce between the last micro-batch and the update
+(outside the graphs: DDP's hooks cannot run inside a capture, and the adapters' gradients are small).
 
 With ``capture=False`` (the CPU, in tests) the same bookkeeping runs with the work re-executed instead
 of replayed.
@@ -56,20 +58,21 @@ class StepGraphs:
 
     def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor]], Any],
                  update: Callable[[], torch.Tensor | None], params: Iterable[torch.nn.Parameter],
-                 device: torch.device, max_graphs: int = 8) -> None:
+                 device: torch.device, max_graphs: int = 8,
+                 all_reduce: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.device = device
         self.capture = device.type == "cuda"
         self.max_graphs = max_graphs
         self._forward_backward = forward_backward
         self._update = update
+        self._all_reduce = all_reduce  # sums the gradient bucket over processes (None: one process)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._seen: set[InputKey] = set()
         self._micro: dict[InputKey, _Captured] = {}
         self._update_runs = 0
         self._update_graph: _Captured | None = None
         self.seed = torch.zeros(1, dtype=torch.int64, device=device)
-        for param in params:  # every graph accumulates into these very tensors
-            param.grad = torch.zeros_like(param)
+        self.gradients = gradient_bucket(list(params))
 
     @property
     def graph_count(self) -> int:
@@ -94,7 +97,10 @@ class StepGraphs:
         return self._replay(captured, lambda: self._run(captured.inputs))
 
     def update(self) -> torch.Tensor | None:
-        """The optimiser step (and whatever ``update`` returns: the gradient norm)."""
+        """The optimiser step (and whatever ``update`` returns: the gradient norm), after the processes have
+        summed their gradients."""
+        if self._all_reduce is not None:
+            self._all_reduce(self.gradients)
         if self._update_graph is not None:
             return self._replay(self._update_graph, self._update)
         self._update_runs += 1
@@ -127,6 +133,20 @@ class StepGraphs:
             return work()
         captured.graph.replay()
         return captured.output
+
+
+def gradient_bucket(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """One zeroed flat tensor holding every parameter's gradient: each ``param.grad`` becomes a view of it, so
+    graphs accumulate into fixed memory and one collective sums them all. Adapter tensors share one dtype."""
+    dtypes = {param.dtype for param in params}
+    if len(dtypes) != 1:
+        raise ValueError(f"the captured step's gradients need one dtype, not {sorted(map(str, dtypes))}")
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=dtypes.pop(), device=params[0].device)
+    offset = 0
+    for param in params:
+        param.grad = flat[offset:offset + param.numel()].view_as(param)
+        offset += param.numel()
+    return flat
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,6 @@ from malora_train.train.distributed import (
     build_accelerator,
     check_launch,
     configure_deepspeed,
-    cuda_graphs_launch_obstacle,
     gather_objects,
     local_rows,
     model_init_context,
@@ -80,7 +79,8 @@ from malora_train.train.metrics import (
     run_name_from_overrides,
 )
 from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
-from malora_train.train.preflight import check_config, cuda_graphs_obstacle
+from malora_train.train.preflight import check_config
+from malora_train.train.step_path import choose_step_path
 from malora_train.train.step_stats import WindowStats
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class Trainer:
         self.is_main = acc.is_main_process
         self.process_index, self.world = acc.process_index, acc.num_processes
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.step_path = choose_step_path(self.cfg, acc.device.type, self.deepspeed)
         guard_run_dir(self.run_dir, trainer.resume)
         acc.wait_for_everyone()  # every rank has looked at the run directory before rank 0 changes it
         if self.is_main:
@@ -180,7 +181,9 @@ class Trainer:
         self.model = AdaptedCausalLM.from_base(self.base_model, self.cfg.adapter)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if trainer.gradient_checkpointing:
-            enable_activation_checkpointing(self.base_model)
+            # captured: the recompute draws the forward's dropout masks again from the device seed, and a
+            # capture cannot save and restore RNG states
+            enable_activation_checkpointing(self.base_model, preserve_rng_state=not self.step_path.captured)
         if trainer.compile:
             compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope)
         self.params = parameter_report(self.model)
@@ -202,22 +205,27 @@ class Trainer:
         # on a GPU the LM head's answer slots only grow, rounded to this multiple (``labels.answer_slots``): the
         # run settles on one K in its first step or two. Trainer state only: after a resume the first step grows
         # it again. The CPU (1) takes exactly the answer positions.
-        self._loss_multiple = 256 if trainer.cuda_graphs else 64 if on_gpu else 1
+        self._loss_multiple = 256 if self.step_path.captured else 64 if on_gpu else 1
         self._answer_slots = 0
 
     def _setup_optimizer(self) -> None:
         """AdamW (fused on a GPU; DeepSpeed's ZeRO wraps the optimizer itself and keeps the default), the
-        schedule, and the engine Accelerate wraps the model into."""
+        schedule, and what runs the step: the engine Accelerate wraps the model into (eager), or the model
+        itself replayed as CUDA graphs that sum their gradients over processes themselves (captured)."""
         trainer, acc = self.cfg.trainer, self.accelerator
         fused = acc.device.type == "cuda" and not self.deepspeed
-        optimizer = build_optimizer(self.model, trainer, fused=fused, capturable=trainer.cuda_graphs)
+        captured = self.step_path.captured
+        optimizer = build_optimizer(self.model, trainer, fused=fused, capturable=captured)
         self.scheduler = build_scheduler(optimizer, trainer, self.total_steps)
         configure_deepspeed(acc, trainer)
-        self.engine, self.optimizer = acc.prepare(self.model, optimizer)
-        set_seed(self.cfg.seed, device_specific=True)  # dropout: rank 0 as one process would, others their own
         self.graphs = None
-        if trainer.cuda_graphs:
-            self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device)
+        if captured:  # no DDP wrapper: its hooks cannot live inside a capture
+            self.engine, self.optimizer = self.model, acc.prepare(optimizer)
+            self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device,
+                                     all_reduce=all_reduce_sum if self.world > 1 else None)
+        else:
+            self.engine, self.optimizer = acc.prepare(self.model, optimizer)
+        set_seed(self.cfg.seed, device_specific=True)  # dropout: rank 0 as one process would, others their own
 
     def _setup_state(self, resolved_yaml: str, overrides: list[str]) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the metrics log."""
@@ -297,6 +305,7 @@ class Trainer:
 
     def _announce(self) -> None:
         if self.is_main:
+            log.info("training step: %s", self.step_path.describe())
             log.info("run directory: %s (set up in %.1f s)", self.run_dir, self.startup_s)
             log.info("%s + %s: %s trainable parameters (%.2f%% of the base model), %d steps%s",
                      self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
@@ -304,14 +313,6 @@ class Trainer:
                      f", packed rows of {self.cfg.data.max_length} tokens" if self.packing else "")
             for note in scorer_notes(self.tasks, self.cfg.eval):
                 log.warning(note)
-            if self.could_use_cuda_graphs():
-                log.info("this run could replay its steps as CUDA graphs, about 10x faster on a small model: "
-                         "trainer.cuda_graphs=true (README, Performance)")
-
-    def could_use_cuda_graphs(self) -> bool:
-        """``trainer.cuda_graphs`` is off, but nothing in the config or the launch stands in its way."""
-        return (not self.cfg.trainer.cuda_graphs and self.packing and cuda_graphs_obstacle(self.cfg) is None
-                and cuda_graphs_launch_obstacle(self.accelerator) is None)
 
     def _eval_due(self) -> bool:
         """An in-training evaluation is due (the last step has the final evaluation instead)."""
@@ -334,7 +335,7 @@ class Trainer:
                           "trainer.log_every=1 names the step)")
             raise NonFiniteLoss(f"non-finite loss {where}; {self.checkpointer.last_good_hint()} (resume with "
                                 "trainer.resume=auto and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
-        metrics["lr"] = float(self._last_lr)  # a device tensor under trainer.cuda_graphs
+        metrics["lr"] = float(self._last_lr)  # a device tensor on the captured path
         metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
         if self._skipped:
             metrics["skipped"] = self._skipped
@@ -344,8 +345,9 @@ class Trainer:
 
     # -- one optimiser step ----------------------------------------------------------------------------------
     def _graphed_step(self) -> None:
-        """``train_step`` with ``trainer.cuda_graphs``: the same maths, its device work replayed as CUDA
-        graphs (``graphs.StepGraphs``); the step's answer-token count goes in as a tensor."""
+        """``train_step`` on the captured path: the same maths, its device work replayed as CUDA graphs
+        (``graphs.StepGraphs``); the step's global answer-token count (known on every rank's host) goes in as
+        a tensor, and the graphs sum the processes' gradients before the update."""
         batches, answers, tokens = self._start_step()
         normalizer = torch.tensor(float(max(1, answers)))
         for batch in batches:
@@ -378,11 +380,14 @@ class Trainer:
             self.state.tokens += tokens
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor]) -> AdaptedOutput:
-        """One micro-batch's forward and backward as ``train_step`` runs them (graphs call it). The output
-        comes back detached: an autograd graph of an eager run still alive during a capture would tie the
-        capture to the default stream."""
-        out = self.engine(**inputs)
-        (out.lm_loss + out.aux_loss / self.cfg.trainer.grad_accum).backward()
+        """One micro-batch's forward and backward as ``train_step`` runs them (graphs call it): the LM loss
+        over the step's global answer tokens, the aux loss (a per-forward mean) as a share of the step's
+        forwards on every process, so the summed gradients are one process's with ``grad_accum`` x world
+        micro-batches. The output comes back detached: an autograd graph of an eager run still alive during a
+        capture would tie the capture to the default stream."""
+        with self.accelerator.autocast():
+            out = self.model(**inputs)
+        (out.lm_loss + out.aux_loss / (self.cfg.trainer.grad_accum * self.world)).backward()
         return out.detached()
 
     def _update(self) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_logger
 from malora_train.train.optim import check_schedule
+from malora_train.train.step_path import check_setting as check_step_setting
 
 EXPORTS = ("merged",)  # malora-eval eval.export
 
@@ -67,30 +68,8 @@ def check_trainer(cfg: Config) -> None:
     check_choice("trainer.compile_scope", trainer.compile_scope, COMPILE_SCOPES)
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
-    if trainer.cuda_graphs and (obstacle := cuda_graphs_obstacle(cfg)):
-        raise ConfigError(obstacle)
+    check_step_setting(cfg)  # trainer.cuda_graphs: auto, true (and nothing in the config in its way), false
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
     check_schedule(trainer)  # a transformers.get_scheduler name and the arguments it takes
     mixed_precision(trainer)
-
-
-def cuda_graphs_obstacle(cfg: Config) -> str | None:
-    """What in the config keeps its steps from being captured as CUDA graphs (``trainer.cuda_graphs``), as
-    the error to give; None when nothing does (the launch has its own check, ``distributed.check_launch``)."""
-    trainer = cfg.trainer
-    if cfg.data.packing is False:
-        return "trainer.cuda_graphs=true needs the fixed shapes of data.packing=true"
-    if trainer.skip_nonfinite:
-        return ("trainer.cuda_graphs=true cannot skip steps (trainer.skip_nonfinite=true reads the loss on the "
-                "host every step); set one of them to false")
-    if trainer.mixed_precision == "fp16":
-        return ("trainer.cuda_graphs=true with trainer.mixed_precision=fp16 is not supported (fp16 needs a loss "
-                "scaler that reads the gradients on the host); use bf16")
-    if trainer.gradient_checkpointing:
-        return ("trainer.cuda_graphs=true with trainer.gradient_checkpointing=true is not supported (the "
-                "recomputation saves and restores RNG states, which a capture cannot); set one of them to false")
-    if trainer.compile and trainer.compile_mode in ("reduce-overhead", "max-autotune"):
-        return (f"trainer.compile_mode={trainer.compile_mode} makes CUDA graphs of its own; with "
-                "trainer.cuda_graphs=true use compile_mode=default or max-autotune-no-cudagraphs")
-    return None
