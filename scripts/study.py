@@ -9,8 +9,10 @@
     python scripts/study.py commonsense --jobs 3        # the seeds as 3 processes side by side, then one report
 
 Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one folder
-per job named by its overrides (not by its number, so adding a seed or a method does not rename the others),
-with ``trainer.resume=auto``: a rerun skips every run that completed, continues an interrupted one from its
+per job named by its overrides (not by its number, so adding a seed or a method does not rename the others;
+``experiment-paper_commonsense__variant-lora__seed-0``, the rule of ``malora_train/sweep/run_names.py``: no
+``+``, ``=`` or ``,``; the overrides themselves are in the job's ``.hydra/overrides.yaml``), with
+``trainer.resume=auto``: a rerun skips every run that completed, continues an interrupted one from its
 last checkpoint and starts the others. Overrides after the part go on top of the preset (``+variant=...`` and
 ``seed=...`` replace the preset's sweep). Then ``malora-report`` writes report.md, report.csv and
 accuracy_vs_params.png into the part's folder, the script adds answer_priors.md (what answering from each
@@ -58,11 +60,12 @@ def sweep_command(part: str, out: Path, overrides: list[str]) -> list[str]:
     """The malora-train arguments of one part. BIG-bench's task list stays out of the folder names (eleven
     task names make a name longer than a file system allows); ``check_tasks`` keeps one list a folder."""
     from malora_train.run_dir import LOCATION_KEYS
+    from malora_train.sweep.run_names import RUN_FOLDER_SUBDIR
 
     # not in the folder names: the resume switches, and where files live (a path in a name nests the folders,
     # and the same run on another machine must find its folder again)
     unnamed = ["trainer.resume", "trainer.progress", *LOCATION_KEYS] + (["data.tasks"] if part == "bigbench" else [])
-    settings = ["hydra.sweep.subdir=${hydra.job.override_dirname}",
+    settings = [f"hydra.sweep.subdir='{RUN_FOLDER_SUBDIR}'",  # quoted: the resolver's comma is no sweep
                 f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]", "trainer.resume=auto"]
     return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *settings, *overrides]
 

@@ -1,6 +1,6 @@
 """scripts/study.py: every preset composes with every method it sweeps; a part runs on the tiny model
 (2 methods x 2 seeds), is reported with its paired comparison, routing and plot, and a rerun trains nothing;
-the BIG-bench probe's selection by measured gain."""
+the BIG-bench probe's selection by measured gain; the run folders' names."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 from script_modules import script_module
 
 from malora_train.cli import compose
+from malora_train.sweep.run_names import MAX_NAME, run_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "conf" / "experiment"
@@ -59,6 +60,11 @@ def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Pa
     summaries = sorted(part.glob("*/summary.json"))
     assert len(summaries) == 4  # one folder a run, named without the path (a path would nest folders)
     assert not any("cache_dir" in s.parent.name for s in summaries)
+    names = sorted(s.parent.name for s in summaries)  # the rule of malora_train/sweep/run_names.py
+    assert not set("+=,") & set("".join(names))
+    named = r"experiment-paper_synthetic__variant-([a-z]+)__data.eval_per_task-4__.*__seed-(\d)__"
+    expected = [("lora", "0"), ("lora", "1"), ("molora", "0"), ("molora", "1")]
+    assert [re.match(named, name).groups() for name in names] == expected
     assert all(json.loads(s.read_text())["status"] == "completed" for s in summaries)
     out = capsys.readouterr().out
     assert "| `+variant=lora` | `+variant=molora` | 2 |" in out or "| `+variant=molora` | `+variant=lora` | 2 |" in out
@@ -98,7 +104,7 @@ def test_parallel_jobs_run_every_seed_once_and_report_once(study, tmp_path: Path
     part = tmp_path / "synthetic"
     summaries = sorted(part.glob("*/summary.json"))
     assert len(summaries) == 2
-    assert [re.search(r"seed=(\d)", s.parent.name).group(1) for s in summaries] == ["0", "1"]
+    assert [re.search(r"seed-(\d)", s.parent.name).group(1) for s in summaries] == ["0", "1"]
     logs = sorted((part / "jobs").glob("*.log"))
     assert [log.name for log in logs] == ["0.log", "1.log"]
     assert all("reported" not in log.read_text() for log in logs)  # the jobs train, the parent reports
@@ -166,9 +172,40 @@ def test_bigbench_runs_are_named_without_their_task_list_and_keep_one_list_a_fol
             f"data.root={tmp_path / 'bb'}", f"data.cache_dir={tmp_path / 'tokenized'}", "--no-report"]
     assert study.main(argv) == 0
     runs = [s.parent.name for s in (tmp_path / "out" / "bigbench").glob("*/summary.json")]
-    assert len(runs) == 1 and "+variant=lora" in runs[0] and "data.tasks" not in runs[0]
+    assert len(runs) == 1 and "variant-lora" in runs[0] and "data.tasks" not in runs[0]
     assert json.loads((tmp_path / "out" / "bigbench" / study.TASKS_FILE).read_text())["tasks"] == tasks
     capsys.readouterr()
     assert study.main([*argv, f"data.tasks=[{','.join(tasks[:4])}]"]) == 2
     assert "trained on data.tasks=[" in capsys.readouterr().err
     assert "data.tasks" not in " ".join(study.sweep_command("commonsense", tmp_path, [])[3:5])
+
+
+# -- run folder names ------------------------------------------------------------------------------------
+
+def test_run_folder_names_are_readable_deterministic_and_without_plus_equals_or_commas() -> None:
+    overrides = ["seed=0", "+variant=malora_intra", "+experiment=paper_bigbench", "trainer.lr=1e-3",
+                 "data.root=/x"]
+    name = run_folder_name(overrides, ["data.root"])
+    assert name == "experiment-paper_bigbench__variant-malora_intra__seed-0__trainer.lr-1e-3"
+    assert run_folder_name(list(reversed(overrides)), ["data.root"]) == name  # the order given does not count
+    assert run_folder_name(["model.target_modules=[q_proj,v_proj]", "~trainer.x", "a.b='x=y'"]) == (
+        "a.b-x_y__model.target_modules-q_proj_v_proj__trainer.x")
+    assert run_folder_name([]) == "default"
+    many = [f"key{i}={'v' * 30}" for i in range(10)]
+    long_name = run_folder_name(many)
+    assert len(long_name) == MAX_NAME and re.search(r"-[0-9a-f]{12}$", long_name)
+    assert run_folder_name([*many[:-1], f"key9={'w' * 30}"]) != long_name  # the hash tells them apart
+    for found in (name, long_name):
+        assert not set("+=,") & set(found)
+
+
+def test_study_jobs_are_named_by_the_rule_through_the_resolver(study, tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    settings = study.sweep_command("bigbench", tmp_path, [])[3:5]
+    subdir = settings[0].split("=", 1)[1].strip("'")
+    excluded = settings[1].split("=", 1)[1].strip("[]").split(",")
+    task = ["+variant=lora", "seed=1", "data.tasks=[a,b]", "data.root=/data", "+experiment=paper_bigbench"]
+    cfg = OmegaConf.create({"hydra": {"sweep": {"subdir": subdir}, "overrides": {"task": task},
+                                      "job": {"config": {"override_dirname": {"exclude_keys": excluded}}}}})
+    assert cfg.hydra.sweep.subdir == "experiment-paper_bigbench__variant-lora__seed-1"
