@@ -20,9 +20,9 @@ accuracy_vs_params.png into the part's folder, the script adds answer_priors.md 
 task's most frequent label or answer text scores on the evaluation examples: the bar for "learned the task")
 and prints where they are. ``--no-report`` only trains; ``--report-only`` only reports.
 
-``--pack`` makes a finished part fit in a repository (``malora_train/sweep/raw_files.py``): each run's
-per-step ``metrics.jsonl`` and per-module ``routing.json`` go into ``<out>/<part>/raw_files.tar.xz``, with
-their sha256 in ``raw_files.sha256``, and what the report takes from them stays in the run's
+``--pack`` makes a finished part fit in a repository (``malora_train/commands/study_raw_files.py``): each
+run's per-step ``metrics.jsonl`` and per-module ``routing.json`` go into ``<out>/<part>/raw_files.tar.xz``,
+with their sha256 in ``raw_files.sha256``, and what the report takes from them stays in the run's
 ``report_inputs.json``: ``--report-only`` then writes the same report. ``--verify-raw`` checks the raw
 files (put back with ``tar -xJf raw_files.tar.xz`` in the part folder, or else in the archive) against the
 manifest.
@@ -288,8 +288,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def pack_or_verify(part_dir: Path, pack: bool) -> int:
     """``--pack`` or ``--verify-raw`` of a part's folder; the exit status."""
+    from malora_train.commands.study_raw_files import (
+        ARCHIVE_FILE,
+        MANIFEST_FILE,
+        pack_raw_files,
+        verify_raw_files,
+    )
     from malora_train.errors import DataError
-    from malora_train.sweep.raw_files import ARCHIVE_FILE, MANIFEST_FILE, pack_raw_files, verify_raw_files
 
     try:
         if pack:

@@ -18,7 +18,7 @@ import yaml
 from script_modules import script_module
 
 from malora_train.cli import compose
-from malora_train.sweep.raw_files import ARCHIVE_FILE, MANIFEST_FILE
+from malora_train.commands.study_raw_files import ARCHIVE_FILE, MANIFEST_FILE
 from malora_train.sweep.run_names import MAX_NAME, run_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,7 +291,8 @@ def test_a_packed_part_reports_the_same_from_what_a_clone_holds(study, tmp_path:
     assert {name: (clone / "synthetic" / name).read_bytes() for name in REPORT_FILES} == reports
 
 
-def test_the_manifest_check_names_raw_files_that_differ_or_are_missing(study, tmp_path: Path, capsys) -> None:
+def test_the_manifest_check_names_raw_files_that_differ_or_are_missing(study, tmp_path: Path,
+                                                                       capsys) -> None:
     part = fixture_study(tmp_path / "out")
     pack, verify = (["synthetic", flag, "--out", str(tmp_path / "out")] for flag in PACK_AND_VERIFY)
     assert study.main(pack) == 0

@@ -7,8 +7,8 @@ A run is a folder holding ``summary.json`` (written when training finished), ``m
 ``failure.json`` (a sweep job that raised: its error) or ``.hydra/overrides.yaml``; a run with a failure
 record is listed as failed with its error, one without ``summary.json`` as incomplete. Runs are grouped
 by their overrides minus ``seed=``. A run whose raw files (``metrics.jsonl``, ``routing.json``) were packed
-away (``malora_train.sweep.raw_files``) is reported from ``report_inputs.json``: what the report took from
-them, so the report is the same.
+away (``study_raw_files``) is reported from ``report_inputs.json``: what the report took from them, so the
+report is the same.
 """
 
 from __future__ import annotations

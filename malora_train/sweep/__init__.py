@@ -10,8 +10,6 @@
   resolver ``malora.run_folder``, registered on import of this package: every process that runs a sweep
   job imports it before naming the job's folder (Hydra instantiates the callbacks above, or a launcher
   unpickles them into the job's process).
-- ``raw_files``: a study part's raw run files (per-step metrics, routing) packed away: what the report
-  reads from them, a sha256 manifest and one archive.
 
 The launchers themselves are Hydra plugins: ``hydra/launcher=slurm`` (``conf/hydra/launcher/slurm.yaml``,
 over hydra-submitit-launcher) and ``hydra/launcher=gpu_pool`` (``hydra_plugins/malora_gpu_pool``).
