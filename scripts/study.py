@@ -7,20 +7,31 @@
     python scripts/study.py bigbench                    # paper_bigbench on the tasks the probe selected
     python scripts/study.py synthetic model=tiny trainer.max_steps=2 '+variant=lora,molora' seed=0,1
     python scripts/study.py commonsense --jobs 3        # the seeds as 3 processes side by side, then one report
+    python scripts/study.py commonsense --pack          # the runs' raw files into one archive (a repository)
 
 Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one folder
-per job named by its overrides (not by its number, so adding a seed or a method does not rename the others),
-with ``trainer.resume=auto``: a rerun skips every run that completed, continues an interrupted one from its
+per job named by its overrides (not by its number, so adding a seed or a method does not rename the others;
+``experiment-paper_commonsense__variant-lora__seed-0``, the rule of ``malora_train/sweep/run_names.py``: no
+``+``, ``=`` or ``,``; the overrides themselves are in the job's ``.hydra/overrides.yaml``), with
+``trainer.resume=auto``: a rerun skips every run that completed, continues an interrupted one from its
 last checkpoint and starts the others. Overrides after the part go on top of the preset (``+variant=...`` and
 ``seed=...`` replace the preset's sweep). Then ``malora-report`` writes report.md, report.csv and
 accuracy_vs_params.png into the part's folder, the script adds answer_priors.md (what answering from each
 task's most frequent label or answer text scores on the evaluation examples: the bar for "learned the task")
 and prints where they are. ``--no-report`` only trains; ``--report-only`` only reports.
 
+``--pack`` makes a finished part fit in a repository (``malora_train/commands/study_raw_files.py``): each
+run's per-step ``metrics.jsonl`` and per-module ``routing.json`` go into ``<out>/<part>/raw_files.tar.xz``,
+with their sha256 in ``raw_files.sha256``, and what the report takes from them stays in the run's
+``report_inputs.json``: ``--report-only`` then writes the same report. ``--verify-raw`` checks the raw
+files (put back with ``tar -xJf raw_files.tar.xz`` in the part folder, or else in the archive) against the
+manifest.
+
 ``--jobs N`` splits the sweep by seed into N processes that run at once (each its own ``study.py`` with its
 share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once. A 135M model leaves most of a
 large GPU idle: with CUDA MPS running (``nvidia-cuda-mps-control -d``) the processes' kernels share the GPU
-and the whole commonsense part took 12 minutes on one H200 with three processes (RESULTS.md).
+and the whole commonsense part took 12 minutes on one H200 with three processes (RESULTS.md). The GPU pool
+launcher does the same within one sweep: ``hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=5``.
 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
 evaluated before and after training. A task is selected when its accuracy after training is at least
@@ -58,11 +69,12 @@ def sweep_command(part: str, out: Path, overrides: list[str]) -> list[str]:
     """The malora-train arguments of one part. BIG-bench's task list stays out of the folder names (eleven
     task names make a name longer than a file system allows); ``check_tasks`` keeps one list a folder."""
     from malora_train.run_dir import LOCATION_KEYS
+    from malora_train.sweep.run_names import RUN_FOLDER_SUBDIR
 
     # not in the folder names: the resume switches, and where files live (a path in a name nests the folders,
     # and the same run on another machine must find its folder again)
     unnamed = ["trainer.resume", "trainer.progress", *LOCATION_KEYS] + (["data.tasks"] if part == "bigbench" else [])
-    settings = ["hydra.sweep.subdir=${hydra.job.override_dirname}",
+    settings = [f"hydra.sweep.subdir='{RUN_FOLDER_SUBDIR}'",  # quoted: the resolver's comma is no sweep
                 f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]", "trainer.resume=auto"]
     return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *settings, *overrides]
 
@@ -258,20 +270,58 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="run the jobs only (what each of --jobs does)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report the part's finished runs (after jobs run with --no-report)")
+    parser.add_argument("--pack", action="store_true",
+                        help="train nothing: move the runs' raw files (metrics.jsonl, routing.json) into "
+                             "raw_files.tar.xz with a sha256 manifest, keeping what the report reads")
+    parser.add_argument("--verify-raw", action="store_true",
+                        help="train nothing: check the part's raw files (in its folder, else in its archive) "
+                             "against raw_files.sha256")
     args = parser.parse_intermixed_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.no_report and args.report_only:
-        parser.error("--no-report and --report-only exclude each other")
+    actions = [f"--{name.replace('_', '-')}" for name in ("no_report", "report_only", "pack", "verify_raw")
+               if getattr(args, name)]
+    if len(actions) > 1:
+        parser.error(f"{' and '.join(actions)} exclude each other")
     return args
+
+
+def pack_or_verify(part_dir: Path, pack: bool) -> int:
+    """``--pack`` or ``--verify-raw`` of a part's folder; the exit status."""
+    from malora_train.commands.study_raw_files import (
+        ARCHIVE_FILE,
+        MANIFEST_FILE,
+        pack_raw_files,
+        verify_raw_files,
+    )
+    from malora_train.errors import DataError
+
+    try:
+        if pack:
+            packed = pack_raw_files(part_dir)
+            print(f"packed {len(packed)} raw files into {part_dir / ARCHIVE_FILE}; their sha256 are in "
+                  f"{part_dir / MANIFEST_FILE}")
+            return 0
+        problems = verify_raw_files(part_dir)
+    except DataError as err:
+        raise StudyError(str(err)) from err
+    for problem in problems:
+        print(f"study.py: {problem}", file=sys.stderr)
+    verdict = "some raw files differ or are missing" if problems else "every raw file matches"
+    print(f"{part_dir / MANIFEST_FILE}: {verdict}")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
     try:
-        if args.report_only and not (args.out / args.part).is_dir():
-            raise StudyError(f"{args.out / args.part} not found: nothing to report")
+        trains = not (args.report_only or args.pack or args.verify_raw)
+        if not trains and not (args.out / args.part).is_dir():
+            what = "pack" if args.pack else "verify" if args.verify_raw else "report"
+            raise StudyError(f"{args.out / args.part} not found: nothing to {what}")
+        if args.pack or args.verify_raw:
+            return pack_or_verify(args.out / args.part, args.pack)
         if args.part == "bigbench":
             given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("data.tasks=")]
             tasks = given[-1].strip("[]").split(",") if given else selected_tasks(args.out)

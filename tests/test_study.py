@@ -1,11 +1,16 @@
 """scripts/study.py: every preset composes with every method it sweeps; a part runs on the tiny model
 (2 methods x 2 seeds), is reported with its paired comparison, routing and plot, and a rerun trains nothing;
-the BIG-bench probe's selection by measured gain."""
+the BIG-bench probe's selection by measured gain; the run folders' names; a part packed for a repository
+(its raw files archived, checked against their manifest) reports the same from what a clone holds."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,8 @@ import yaml
 from script_modules import script_module
 
 from malora_train.cli import compose
+from malora_train.commands.study_raw_files import ARCHIVE_FILE, MANIFEST_FILE
+from malora_train.sweep.run_names import MAX_NAME, run_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "conf" / "experiment"
@@ -59,6 +66,11 @@ def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Pa
     summaries = sorted(part.glob("*/summary.json"))
     assert len(summaries) == 4  # one folder a run, named without the path (a path would nest folders)
     assert not any("cache_dir" in s.parent.name for s in summaries)
+    names = sorted(s.parent.name for s in summaries)  # the rule of malora_train/sweep/run_names.py
+    assert not set("+=,") & set("".join(names))
+    named = r"experiment-paper_synthetic__variant-([a-z]+)__data.eval_per_task-4__.*__seed-(\d)__"
+    expected = [("lora", "0"), ("lora", "1"), ("molora", "0"), ("molora", "1")]
+    assert [re.match(named, name).groups() for name in names] == expected
     assert all(json.loads(s.read_text())["status"] == "completed" for s in summaries)
     out = capsys.readouterr().out
     assert "| `+variant=lora` | `+variant=molora` | 2 |" in out or "| `+variant=molora` | `+variant=lora` | 2 |" in out
@@ -98,7 +110,7 @@ def test_parallel_jobs_run_every_seed_once_and_report_once(study, tmp_path: Path
     part = tmp_path / "synthetic"
     summaries = sorted(part.glob("*/summary.json"))
     assert len(summaries) == 2
-    assert [re.search(r"seed=(\d)", s.parent.name).group(1) for s in summaries] == ["0", "1"]
+    assert [re.search(r"seed-(\d)", s.parent.name).group(1) for s in summaries] == ["0", "1"]
     logs = sorted((part / "jobs").glob("*.log"))
     assert [log.name for log in logs] == ["0.log", "1.log"]
     assert all("reported" not in log.read_text() for log in logs)  # the jobs train, the parent reports
@@ -166,9 +178,141 @@ def test_bigbench_runs_are_named_without_their_task_list_and_keep_one_list_a_fol
             f"data.root={tmp_path / 'bb'}", f"data.cache_dir={tmp_path / 'tokenized'}", "--no-report"]
     assert study.main(argv) == 0
     runs = [s.parent.name for s in (tmp_path / "out" / "bigbench").glob("*/summary.json")]
-    assert len(runs) == 1 and "+variant=lora" in runs[0] and "data.tasks" not in runs[0]
+    assert len(runs) == 1 and "variant-lora" in runs[0] and "data.tasks" not in runs[0]
     assert json.loads((tmp_path / "out" / "bigbench" / study.TASKS_FILE).read_text())["tasks"] == tasks
     capsys.readouterr()
     assert study.main([*argv, f"data.tasks=[{','.join(tasks[:4])}]"]) == 2
     assert "trained on data.tasks=[" in capsys.readouterr().err
     assert "data.tasks" not in " ".join(study.sweep_command("commonsense", tmp_path, [])[3:5])
+
+
+# -- run folder names ------------------------------------------------------------------------------------
+
+def test_run_folder_names_are_readable_deterministic_and_without_plus_equals_or_commas() -> None:
+    overrides = ["seed=0", "+variant=malora_intra", "+experiment=paper_bigbench", "trainer.lr=1e-3",
+                 "data.root=/x"]
+    name = run_folder_name(overrides, ["data.root"])
+    assert name == "experiment-paper_bigbench__variant-malora_intra__seed-0__trainer.lr-1e-3"
+    assert run_folder_name(list(reversed(overrides)), ["data.root"]) == name  # the order given does not count
+    assert run_folder_name(["model.target_modules=[q_proj,v_proj]", "~trainer.x", "a.b='x=y'"]) == (
+        "a.b-x_y__model.target_modules-q_proj_v_proj__trainer.x")
+    assert run_folder_name([]) == "default"
+    many = [f"key{i}={'v' * 30}" for i in range(10)]
+    long_name = run_folder_name(many)
+    assert len(long_name) == MAX_NAME and re.search(r"-[0-9a-f]{12}$", long_name)
+    assert run_folder_name([*many[:-1], f"key9={'w' * 30}"]) != long_name  # the hash tells them apart
+    for found in (name, long_name):
+        assert not set("+=,") & set(found)
+
+
+def test_study_jobs_are_named_by_the_rule_through_the_resolver(study, tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    settings = study.sweep_command("bigbench", tmp_path, [])[3:5]
+    subdir = settings[0].split("=", 1)[1].strip("'")
+    excluded = settings[1].split("=", 1)[1].strip("[]").split(",")
+    task = ["+variant=lora", "seed=1", "data.tasks=[a,b]", "data.root=/data", "+experiment=paper_bigbench"]
+    cfg = OmegaConf.create({"hydra": {"sweep": {"subdir": subdir}, "overrides": {"task": task},
+                                      "job": {"config": {"override_dirname": {"exclude_keys": excluded}}}}})
+    assert cfg.hydra.sweep.subdir == "experiment-paper_bigbench__variant-lora__seed-1"
+
+
+# -- a part packed for a repository ----------------------------------------------------------------------
+
+REPORT_FILES = ("report.md", "report.csv", "accuracy_vs_params.png", "answer_priors.md")
+RAW_FILES = ("metrics.jsonl", "routing.json")
+PACK_AND_VERIFY = ("--pack", "--verify-raw")
+PRIOR_DATA = ["data.train_per_task=32", "data.eval_per_task=4"]  # a small answer-prior computation
+
+
+def shares(rng: random.Random, tasks: int, experts: int) -> list[list[float]]:
+    rows = [[rng.random() for _ in range(experts)] for _ in range(tasks)]
+    return [[value / sum(row) for value in row] for row in rows]
+
+
+def write_fixture_run(part: Path, variant: str, seed: int) -> None:
+    """A finished run as a study leaves it: overrides, summary, per-step metrics and (a mixture) routing, with
+    numbers that do not round evenly."""
+    rng = random.Random(f"{variant}-{seed}")
+    overrides = [f"+variant={variant}", f"seed={seed}", "+experiment=paper_synthetic", "trainer.resume=auto"]
+    run = part / run_folder_name(overrides, ["trainer.resume"])
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    lines = [{"step": step, "lm_loss": 2 / step + rng.random() / 100} for step in range(10, 110, 10)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines)
+                                       + json.dumps({"step": 100, "eval/average": 50.0}) + "\n")
+    accuracy = {"t0": 40 + 20 * rng.random(), "t1": 40 + 20 * rng.random()}
+    (run / "summary.json").write_text(json.dumps({
+        "status": "completed", "adapter": variant, "steps": 100, "train_time_s": 10 * rng.random(),
+        "tokens_per_s": 1000 * rng.random(), "trainable_params": 5000 if variant == "lora" else 6000,
+        "eval_after": accuracy, "eval_after_average": sum(accuracy.values()) / 2}))
+    if variant != "lora":
+        layers = {f"model.layers.{layer}.{module}": shares(rng, 2, 4) for layer in range(3)
+                  for module in ("self_attn.q_proj", "mlp.up_proj")}
+        average = [[sum(m[t][e] for m in layers.values()) / len(layers) for e in range(4)] for t in range(2)]
+        (run / "routing.json").write_text(json.dumps({"tasks": ["t0", "t1"], "num_experts": 4, "top_k": 2,
+                                                      "tokens": {"t0": 300, "t1": 100}, "layers": layers,
+                                                      "average": average}))
+
+
+def fixture_study(out: Path) -> Path:
+    """A small study's part, ``<out>/synthetic``: LoRA and MoLoRA, three seeds each."""
+    for variant in ("lora", "molora"):
+        for seed in range(3):
+            write_fixture_run(out / "synthetic", variant, seed)
+    return out / "synthetic"
+
+
+def sha256_hex(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_packed_part_reports_the_same_from_what_a_clone_holds(study, tmp_path: Path, capsys) -> None:
+    part = fixture_study(tmp_path / "out")
+    assert study.main(["synthetic", "--report-only", "--out", str(tmp_path / "out"), *PRIOR_DATA]) == 0
+    assert "#### `+variant=molora` (3 seed(s), top-2 of 4)" in capsys.readouterr().out
+    reports = {name: (part / name).read_bytes() for name in REPORT_FILES}
+    raw = sorted(p.relative_to(part).as_posix() for p in part.rglob("*") if p.name in RAW_FILES)
+    assert len(raw) == 9
+    digests = {name: sha256_hex(part / name) for name in raw}
+
+    assert study.main(["synthetic", "--pack", "--out", str(tmp_path / "out")]) == 0
+    assert f"packed 9 raw files into {part / ARCHIVE_FILE}" in capsys.readouterr().out
+    assert not [p for p in part.rglob("*") if p.name in RAW_FILES]
+    assert len(list(part.glob("*/report_inputs.json"))) == 6
+    assert (part / MANIFEST_FILE).read_text().splitlines() == [f"{digests[name]}  {name}" for name in raw]
+    with tarfile.open(part / ARCHIVE_FILE) as archive:
+        assert archive.getnames() == raw
+
+    # a clone holds what git tracks: not the archive (.gitignore), and here not the reports either
+    clone = tmp_path / "clone"
+    shutil.copytree(tmp_path / "out", clone, ignore=shutil.ignore_patterns(ARCHIVE_FILE, *REPORT_FILES))
+    assert study.main(["synthetic", "--report-only", "--out", str(clone), *PRIOR_DATA]) == 0
+    assert {name: (clone / "synthetic" / name).read_bytes() for name in REPORT_FILES} == reports
+
+
+def test_the_manifest_check_names_raw_files_that_differ_or_are_missing(study, tmp_path: Path,
+                                                                       capsys) -> None:
+    part = fixture_study(tmp_path / "out")
+    pack, verify = (["synthetic", flag, "--out", str(tmp_path / "out")] for flag in PACK_AND_VERIFY)
+    assert study.main(pack) == 0
+    assert study.main(verify) == 0  # from the archive
+    assert "every raw file matches" in capsys.readouterr().out
+    with tarfile.open(part / ARCHIVE_FILE) as archive:
+        archive.extractall(part, filter="data")  # the raw files put back
+    assert study.main(verify) == 0
+    metrics, routing = (next(part.glob(f"experiment-paper_synthetic__variant-molora__seed-0/{name}"))
+                        for name in ("metrics.jsonl", "routing.json"))
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 110, "lm_loss": 0.1}) + "\n")
+    routing.unlink()
+    (part / ARCHIVE_FILE).unlink()
+    capsys.readouterr()
+    assert study.main(verify) == 1
+    err = capsys.readouterr().err.splitlines()
+    name = metrics.parent.name
+    assert any(line.startswith(f"study.py: {name}/metrics.jsonl: {metrics} has sha256 ") for line in err)
+    assert f"study.py: {name}/routing.json: missing (neither in {part} nor in {ARCHIVE_FILE})" in err
+    assert study.main(pack) == 2  # packed already: refused, nothing overwritten
+    assert "the part is packed already" in capsys.readouterr().err
+    assert study.main(["bigbench", "--verify-raw", "--out", str(tmp_path / "out")]) == 2
+    assert "nothing to verify" in capsys.readouterr().err

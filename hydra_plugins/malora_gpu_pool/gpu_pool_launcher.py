@@ -1,12 +1,17 @@
-"""A Hydra launcher for one machine with several GPUs: a sweep's jobs run in parallel, one GPU each.
+"""A Hydra launcher for one machine with several GPUs: a sweep's jobs run in parallel, each on one GPU.
 
 ``hydra/launcher=gpu_pool`` runs each job in a fresh process (spawned: no CUDA state is inherited) that
 sees one GPU of ``hydra.launcher.gpus`` (``CUDA_VISIBLE_DEVICES``; default: every GPU this process
-sees), one job per GPU at a time; the next job starts as soon as a GPU is free. A job's GPU is recorded
-in its ``.hydra/hydra.yaml`` (``hydra.job.env_set.CUDA_VISIBLE_DEVICES``). A job whose process dies
+sees). ``hydra.launcher.jobs_per_gpu`` jobs (default 1) run on a GPU at once: G GPUs give G x J slots,
+and the next job starts as soon as a slot is free, on the GPU with the fewest jobs. A small model leaves
+most of a large GPU idle, so several jobs on it train more tokens a second in all. Their kernels run side
+by side when the CUDA MPS daemon runs (``nvidia-cuda-mps-control -d``; the jobs inherit
+``CUDA_MPS_PIPE_DIRECTORY`` and connect to it by themselves), and take turns otherwise, which the launch
+log says in one line. A job's GPU is recorded in its ``.hydra/hydra.yaml``
+(``hydra.job.env_set.CUDA_VISIBLE_DEVICES``). A job whose process dies
 (killed, out of host memory) comes back as a failed job; the other jobs still run. Ctrl-C reaches every
 job (one process group): the launcher waits for them to stop, then stops the sweep. Without GPUs,
-``gpus`` are just worker slots (the tests run ``gpus=[0,1]`` on the CPU).
+``gpus`` are just names of worker slots (the tests run ``gpus=[0,1]`` on the CPU).
 
 Jobs are passed to their process with cloudpickle, as Hydra's joblib and submitit launchers do (Hydra's
 global state holds closures the standard pickler refuses). No ``from __future__ import annotations``:
@@ -38,16 +43,75 @@ log = logging.getLogger(__name__)
 @dataclass
 class GpuPoolLauncherConf:
     _target_: str = "hydra_plugins.malora_gpu_pool.gpu_pool_launcher.GpuPoolLauncher"
-    # CUDA_VISIBLE_DEVICES values, one job on each at a time; None: every GPU visible to the sweep
+    # CUDA_VISIBLE_DEVICES values, one per GPU; None: every GPU visible to the sweep
     gpus: Optional[list[str]] = None  # noqa: UP045  (OmegaConf reads the annotation: typing.Optional)
+    # jobs at once on each GPU (side by side under CUDA MPS when its daemon runs)
+    jobs_per_gpu: int = 1
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="gpu_pool", node=GpuPoolLauncherConf,
                              provider="malora_gpu_pool")
 
 
+MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"  # the CUDA MPS daemon's default (CUDA_MPS_PIPE_DIRECTORY overrides it)
+
+
 class GpuPoolError(CompactHydraException):
     """A launcher setting that cannot work, in one line."""
+
+
+def check_settings(gpus: Sequence[str], jobs_per_gpu: Any) -> None:
+    """One line for a GPU list or a jobs_per_gpu that cannot work."""
+    if not gpus:
+        raise GpuPoolError("hydra/launcher=gpu_pool: no GPU is visible; name them with "
+                           "hydra.launcher.gpus=[0,1,...]")
+    repeated = sorted({gpu for gpu in gpus if list(gpus).count(gpu) > 1})
+    if repeated:
+        raise GpuPoolError(f"hydra.launcher.gpus names GPU {','.join(repeated)} more than once: "
+                           "set hydra.launcher.jobs_per_gpu for several jobs on one GPU")
+    if not isinstance(jobs_per_gpu, int) or jobs_per_gpu < 1:
+        raise GpuPoolError(f"hydra.launcher.jobs_per_gpu must be an integer >= 1, got {jobs_per_gpu!r}")
+
+
+def mps_pipe_directory() -> Path:
+    return Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_PIPE_DIRECTORY)
+
+
+def mps_is_running() -> bool:
+    """Whether a CUDA MPS control daemon runs for this process's jobs: its ``control`` pipe exists."""
+    return (mps_pipe_directory() / "control").exists()
+
+
+def sharing_line(jobs_per_gpu: int) -> str | None:
+    """The launch log's line on how the jobs on one GPU share it; None for one job a GPU."""
+    if jobs_per_gpu == 1:
+        return None
+    pipes = mps_pipe_directory()
+    if mps_is_running():
+        return f"{jobs_per_gpu} jobs a GPU under CUDA MPS ({pipes}): their kernels run side by side"
+    return (f"{jobs_per_gpu} jobs a GPU without CUDA MPS (no control pipe in {pipes}): they take turns on "
+            "it; start the daemon with nvidia-cuda-mps-control -d to run them side by side")
+
+
+class GpuSlots:
+    """Which GPU each job gets: at most ``jobs_per_gpu`` jobs on a GPU at once, the GPU with the fewest
+    running first (on a tie, the first in ``gpus``)."""
+
+    def __init__(self, gpus: Sequence[str], jobs_per_gpu: int) -> None:
+        self.running = dict.fromkeys(gpus, 0)
+        self.jobs_per_gpu = jobs_per_gpu
+
+    def free(self) -> bool:
+        return any(count < self.jobs_per_gpu for count in self.running.values())
+
+    def take(self) -> str:
+        open_gpus = [gpu for gpu, count in self.running.items() if count < self.jobs_per_gpu]
+        gpu = min(open_gpus, key=self.running.__getitem__)
+        self.running[gpu] += 1
+        return gpu
+
+    def give_back(self, gpu: str) -> None:
+        self.running[gpu] -= 1
 
 
 def visible_gpus() -> list[str]:
@@ -125,8 +189,9 @@ class RunningJob:
 
 
 class GpuPoolLauncher(Launcher):
-    def __init__(self, gpus: Sequence[Any] | None = None) -> None:
+    def __init__(self, gpus: Sequence[Any] | None = None, jobs_per_gpu: int = 1) -> None:
         self.gpus = [str(gpu) for gpu in gpus] if gpus else None
+        self.jobs_per_gpu = jobs_per_gpu
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -146,26 +211,28 @@ class GpuPoolLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         gpus = self.gpus or visible_gpus()
-        if not gpus:
-            raise GpuPoolError("hydra/launcher=gpu_pool: no GPU is visible; name them with "
-                               "hydra.launcher.gpus=[0,1,...]")
+        check_settings(gpus, self.jobs_per_gpu)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        log.info(f"Launching {len(job_overrides)} jobs on GPUs {','.join(gpus)}, one GPU each")
+        each = "one GPU each" if self.jobs_per_gpu == 1 else f"up to {self.jobs_per_gpu} at once on each"
+        log.info(f"Launching {len(job_overrides)} jobs on GPUs {','.join(gpus)}, {each}")
+        sharing = sharing_line(self.jobs_per_gpu)
+        if sharing:
+            log.info(sharing)
 
         pending = deque((initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides))
-        free = deque(gpus)
+        slots = GpuSlots(gpus, self.jobs_per_gpu)
         running: dict[Connection, RunningJob] = {}
         results: dict[int, JobReturn] = {}
         try:
             while pending or running:
-                while pending and free:
+                while pending and slots.free():
                     num, overrides = pending.popleft()
-                    receiver, job = self.start(num, overrides, free.popleft())
+                    receiver, job = self.start(num, overrides, slots.take())
                     running[receiver] = job
                 for receiver in wait(list(running)):
                     job = running.pop(receiver)
                     results[job.num] = job.result(receiver)
-                    free.append(job.gpu)
+                    slots.give_back(job.gpu)
         finally:  # Ctrl-C reached the jobs too (one process group): let them save a checkpoint and stop
             for receiver, job in running.items():
                 job.stop(receiver)

@@ -6,7 +6,9 @@ accuracy_vs_params.png; report.md adds the paired comparison over seeds of every
 A run is a folder holding ``summary.json`` (written when training finished), ``metrics.jsonl``,
 ``failure.json`` (a sweep job that raised: its error) or ``.hydra/overrides.yaml``; a run with a failure
 record is listed as failed with its error, one without ``summary.json`` as incomplete. Runs are grouped
-by their overrides minus ``seed=``.
+by their overrides minus ``seed=``. A run whose raw files (``metrics.jsonl``, ``routing.json``) were packed
+away (``study_raw_files``) is reported from ``report_inputs.json``: what the report took from them, so the
+report is the same.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from malora_train.run_dir import (
     HYDRA_OVERRIDES,
     LOCATION_KEYS,
     METRICS_FILE,
+    ROUTING_FILE,
     SUMMARY_FILE,
     atomic_write,
     read_json_object,
@@ -42,7 +45,9 @@ from malora_train.run_dir import (
 )
 
 OVERRIDES_FILE = HYDRA_OVERRIDES
-RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, FAILURE_FILE, str(OVERRIDES_FILE))
+REPORT_INPUTS_FILE = "report_inputs.json"  # a packed run: what the report took from its raw files
+RAW_FILES = (METRICS_FILE, ROUTING_FILE)  # per step and per module: large, and read only through Run
+RUN_MARKERS = (SUMMARY_FILE, METRICS_FILE, REPORT_INPUTS_FILE, FAILURE_FILE, str(OVERRIDES_FILE))
 OUTPUTS = ("report.md", "report.csv", "accuracy_vs_params.png")
 SEED_OVERRIDE = re.compile(r"^[+~]*seed=(.*)$")
 JOB_FOLDER = re.compile(r"^\d+_(.+)$")  # Hydra's ``<job num>_<override_dirname>``
@@ -69,7 +74,7 @@ class Run:
     average: float | None = None
     tokens_per_s: float | None = None
     step_time_s: float | None = None  # training time per optimizer step (evaluation excluded)
-    routing: dict[str, Any] | None = None  # routing.json of a mixture
+    routing: dict[str, Any] | None = None  # a mixture's routing.json, reduced (study_routing.reduce_routing)
     where: str = ""  # the run's folder as the report names it (relative to the folder given)
 
     @property
@@ -140,7 +145,8 @@ class Row:
 
 def find_run_dirs(root: Path) -> list[Path]:
     """Every folder below ``root`` (itself included) that holds a run marker, in path order."""
-    found = {path.parent for marker in (SUMMARY_FILE, METRICS_FILE, FAILURE_FILE) for path in root.rglob(marker)}
+    markers = (SUMMARY_FILE, METRICS_FILE, REPORT_INPUTS_FILE, FAILURE_FILE)
+    found = {path.parent for marker in markers for path in root.rglob(marker)}
     found |= {path.parent.parent for path in root.rglob(OVERRIDES_FILE.name) if path.parent.name == ".hydra"}
     return sorted(found)
 
@@ -203,17 +209,40 @@ def run_status(summary: dict[str, Any] | None, failure: dict[str, Any] | None) -
     return "failed" if failure is not None and status != "completed" else status
 
 
+def read_report_inputs(run_dir: Path) -> dict[str, Any]:
+    """``report_inputs.json`` of a run whose raw files were packed away (``report_inputs``); empty without."""
+    path = run_dir / REPORT_INPUTS_FILE
+    if not path.is_file():
+        return {}
+    inputs = read_json_object(path)
+    routing = inputs.get("routing")
+    reduced = isinstance(routing, dict) and isinstance(routing.get("decoder_layers"), list)
+    if routing is not None and not reduced:
+        raise DataError(f"{path}: 'routing' should be a reduced routing report (with 'decoder_layers')")
+    number(inputs, "final_lm_loss", path)
+    number(inputs, "last_step", path)
+    return inputs
+
+
+def report_inputs(run: Run) -> dict[str, Any]:
+    """What the report takes from the run's raw files, for ``report_inputs.json``."""
+    return {"last_step": run.last_step, "final_lm_loss": run.final_lm_loss, "routing": run.routing}
+
+
 def read_run(run_dir: Path, root: Path) -> Run:
+    """The run's files; where a raw file (``RAW_FILES``) is absent, what ``report_inputs.json`` kept of it."""
     summary_path = run_dir / SUMMARY_FILE
     summary = read_json_object(summary_path) if summary_path.is_file() else None
     failure_path = run_dir / FAILURE_FILE
     failure = read_json_object(failure_path) if failure_path.is_file() else None
     metrics_path = run_dir / METRICS_FILE
+    packed = read_report_inputs(run_dir)
     records = read_jsonl(metrics_path) if metrics_path.is_file() else []
     overrides = read_overrides(run_dir, root)
     steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    last_step = (max(steps) if steps else None) if metrics_path.is_file() else packed.get("last_step")
     run = Run(path=run_dir, overrides=overrides, adapter=adapter_kind(run_dir, overrides, summary),
-              status=run_status(summary, failure), last_step=max(steps) if steps else None,
+              status=run_status(summary, failure), last_step=last_step,
               where=run_dir.relative_to(root).as_posix() if run_dir != root else ".")
     if run.failed:
         run.error = str(failure.get("error") or failure.get("error_type") or "no error recorded")
@@ -228,10 +257,11 @@ def read_run(run_dir: Path, root: Path) -> Run:
     params = number(summary, "trainable_params", summary_path)
     run.trainable_params = int(params) if params is not None else None
     run.trainable_percent = number(summary, "trainable_percent", summary_path)
-    run.final_lm_loss = final_lm_loss(metrics_path, records)
+    run.final_lm_loss = (final_lm_loss(metrics_path, records) if metrics_path.is_file()
+                         else packed.get("final_lm_loss"))
     train_time, steps_done = number(summary, "train_time_s", summary_path), number(summary, "steps", summary_path)
     run.step_time_s = train_time / steps_done if train_time is not None and steps_done else None
-    run.routing = read_routing(run_dir)
+    run.routing = read_routing(run_dir) if (run_dir / ROUTING_FILE).is_file() else packed.get("routing")
     return run
 
 

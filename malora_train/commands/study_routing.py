@@ -1,7 +1,9 @@
 """Routing of a sweep, for ``malora-report``: does the router specialise by task?
 
 From each run's ``routing.json`` (written after the final evaluation: per adapted module, the share of each
-task's token-slot assignments that each expert got), per configuration, averaged over its seeds:
+task's token-slot assignments that each expert got), reduced to what the report uses (``reduce_routing``:
+the layer mean and one mean per decoder layer, which a packed run keeps in ``report_inputs.json``), per
+configuration, averaged over its seeds:
 
 - the task x expert share, averaged over every adapted module (rows sum to 100%);
 - per decoder layer (the modules of ``layers.<i>.`` averaged), each task's routing entropy in bits
@@ -46,13 +48,25 @@ def mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
 
 
 def read_routing(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``routing.json`` reduced (``reduce_routing``); None without one."""
     path = run_dir / ROUTING_FILE
     if not path.is_file():
         return None
     report = read_json_object(path)
     if not isinstance(report.get("tasks"), list) or not isinstance(report.get("layers"), dict):
         raise DataError(f"{path}: expected 'tasks' (a list) and 'layers' (module -> task x expert shares)")
-    return report
+    return reduce_routing(report)
+
+
+def reduce_routing(report: dict[str, Any]) -> dict[str, Any]:
+    """What the report uses of one run's routing report: its tasks, expert count, top-k, tokens per task, the
+    task x expert share averaged over modules, and per decoder layer that of the layer's modules
+    (``decoder_layers``: ``{"layer": i, "share": [[...]]}``, in layer order). JSON as it is, so that a run
+    reports the same from this reduction as from its routing.json."""
+    return {"tasks": report["tasks"], "num_experts": report.get("num_experts"), "top_k": report.get("top_k"),
+            "tokens": report.get("tokens"), "average": report["average"],
+            "decoder_layers": [{"layer": index, "share": share}
+                               for index, share in by_decoder_layer(report["layers"]).items()]}
 
 
 def by_decoder_layer(layers: dict[str, list[list[float]]]) -> dict[int, list[list[float]]]:
@@ -67,15 +81,15 @@ def by_decoder_layer(layers: dict[str, list[list[float]]]) -> dict[int, list[lis
 
 
 def configuration_routing(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The seeds' routing reports of one configuration averaged: tasks, the task x expert share (layer
-    mean), and per decoder layer each task's entropy and the mutual information; None without a report or
-    when the seeds' tasks or expert counts differ."""
+    """The seeds' reduced routing reports (``reduce_routing``) of one configuration averaged: tasks, the
+    task x expert share (layer mean), and per decoder layer each task's entropy and the mutual information;
+    None without a report or when the seeds' tasks or expert counts differ."""
     if not reports:
         return None
     tasks = reports[0]["tasks"]
     if any(r["tasks"] != tasks or r.get("num_experts") != reports[0].get("num_experts") for r in reports):
         return None
-    per_seed = [by_decoder_layer(r["layers"]) for r in reports]
+    per_seed = [{entry["layer"]: entry["share"] for entry in r["decoder_layers"]} for r in reports]
     layers = sorted(set.intersection(*(set(p) for p in per_seed)))
     tokens = [sum(float((r.get("tokens") or {}).get(t, 0)) for r in reports) for t in tasks]
     if not any(tokens):
