@@ -41,15 +41,24 @@ from malora_train.cli import compose  # noqa: E402
 from malora_train.labels import IGNORE_INDEX  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
-# eager, or a trainer.compile_mode; "+graphs" adds trainer.cuda_graphs=true ("graphs" alone: eager layers)
-MODES = ("eager", "graphs", "default", "default+graphs", "reduce-overhead", "max-autotune",
-         "max-autotune-no-cudagraphs")
+# default: no speed flag (what a bare malora-train runs); eager / graphs: trainer.cuda_graphs=false / true;
+# compile: trainer.compile=true (mode default), "+graphs" with the captured step; the rest: trainer.compile_mode
+MODE_OVERRIDES = {
+    "default": [],
+    "eager": ["trainer.cuda_graphs=false"],
+    "graphs": ["trainer.cuda_graphs=true"],
+    "compile": ["trainer.compile=true", "trainer.cuda_graphs=false"],
+    "compile+graphs": ["trainer.compile=true", "trainer.cuda_graphs=true"],
+    **{mode: ["trainer.compile=true", f"trainer.compile_mode={mode}", "trainer.cuda_graphs=false"]
+       for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")},
+}
+MODES = tuple(MODE_OVERRIDES)
 # HF + PEFT LoRA r64 as users run it: a plain loop over the same packed rows with torch.compile and fused AdamW
 # (the strongest form), and HF Trainer with dynamic padding
 BASELINES = ("peft-compiled", "hf-peft")
 # what a bare `make bench-loop` measures: the issue-9 table on a GPU, a smoke run on the CPU
 DEVICE_DEFAULTS = {
-    "cuda": {"model": "smollm2_135m_shape", "data": "commonsense_intra", "modes": "eager,graphs",
+    "cuda": {"model": "smollm2_135m_shape", "data": "commonsense_intra", "modes": "default,eager",
              "baseline": "peft-compiled,hf-peft"},
     "cpu": {"model": "tiny", "data": "synthetic", "modes": "eager", "baseline": "none"},
 }
@@ -62,7 +71,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="default: commonsense_intra on a GPU, synthetic on the CPU")
     parser.add_argument("--adapters", default="lora,molora,malora")
     parser.add_argument("--modes", default=None,
-                        help=f"comma-separated: {', '.join(MODES)} (default: eager,graphs on a GPU, eager on the CPU)")
+                        help=f"comma-separated: {', '.join(MODES)} (default: default,eager on a GPU, eager on the "
+                             "CPU)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also run each adapter's first mode as N processes (on the visible GPUs, sharing them "
+                             "over gloo where there are fewer GPUs than processes; gloo processes on the CPU)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also run every adapter and mode with trainer.gradient_checkpointing=true")
     parser.add_argument("--rows", type=int, default=16, help="micro-batch rows (packed: of --length tokens)")
     parser.add_argument("--length", type=int, default=256, help="data.max_length (the packed row length)")
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
@@ -92,6 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--modes: unknown {', '.join(bad)} (choose from {', '.join(MODES)})")
     if args.steps < 2 or args.warmup < 1:
         parser.error("--steps must be >= 2 and --warmup >= 1")
+    if args.processes < 1:
+        parser.error("--processes must be >= 1")
     return args
 
 
@@ -101,17 +118,15 @@ def overrides_for(args: argparse.Namespace, adapter: str, mode: str, extra: tupl
            f"trainer.micro_batch_size={args.rows}", f"data.max_length={args.length}",
            f"data.packing={'false' if args.no_packing else 'true'}", "trainer.eval_before=false",
            "trainer.progress=false", "trainer.save_every=0", f"trainer.log_every={total}", "data.eval_per_task=1"]
-    compile_mode, graphs = mode.removesuffix("+graphs"), mode.endswith("graphs")
-    if compile_mode not in ("eager", "graphs"):
-        out += ["trainer.compile=true", f"trainer.compile_mode={compile_mode}"]
-    if graphs:
-        out.append("trainer.cuda_graphs=true")
-    return out + list(args.overrides) + list(extra)
+    return out + MODE_OVERRIDES[mode] + list(args.overrides) + list(extra)
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, ...]]:
-    """The override sets each adapter and mode runs with: none, then each ``--also``."""
-    return [()] + [tuple(also.split()) for also in args.also]
+    """The override sets each adapter and mode runs with: none, then each ``--also``, then checkpointing."""
+    extra = [tuple(also.split()) for also in args.also]
+    if args.checkpointing:
+        extra.append(("trainer.gradient_checkpointing=true",))
+    return [(), *extra]
 
 
 class StepClock:
@@ -189,8 +204,9 @@ def reset_process_state() -> None:
         torch.cuda.empty_cache()
 
 
-def run_name(adapter: str, extra: tuple[str, ...]) -> str:
-    return f"malora-train {adapter}" + (f" [{' '.join(extra)}]" if extra else "")
+def run_name(adapter: str, extra: tuple[str, ...], processes: int = 1) -> str:
+    name = f"malora-train {adapter}" + (f" x{processes} processes" if processes > 1 else "")
+    return name + (f" [{' '.join(extra)}]" if extra else "")
 
 
 def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Path,
@@ -230,7 +246,8 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Pat
     clock.mark()
     times = clock.durations()
     wall = time.perf_counter() - warm
-    row = {"name": run_name(adapter, extra), "adapter": adapter, "mode": mode, "overrides": list(extra),
+    row = {"name": run_name(adapter, extra, trainer.world), "adapter": adapter, "mode": mode,
+           "overrides": list(extra), "processes": trainer.world, "step_path": trainer.step_path.describe(),
            **summarise(times, tokens[-args.steps:]),
            "wall_tokens_per_s": sum(tokens[-args.steps:]) / wall, "setup_s": first_step - started,
            "warmup_s": warm - first_step, "step_times_s": times, "host_step_times_s": host_times[-args.steps:],
@@ -242,6 +259,38 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Pat
     metrics, _, _ = trainer.window.read(lambda t: t, 1, bool(trainer.model.mixture_layers()))
     row["final_lm_loss"] = metrics["lm_loss"]
     return row
+
+
+def _process_worker(rank: int, world: int, port: int, args: argparse.Namespace, adapter: str, mode: str,
+                    run_dir: Path, extra: tuple[str, ...], rows: Any) -> None:
+    """One of ``bench_processes``' processes: the environment a launcher gives, then ``bench_malora``."""
+    import os
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "MALORA_RUN_DIR": str(run_dir)})
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    row = bench_malora(args, adapter, mode, run_dir, extra)
+    if rank == 0:
+        rows.put(row)
+
+
+def bench_processes(args: argparse.Namespace, adapter: str, mode: str, run_dir: Path,
+                    extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``bench_malora`` as ``--processes`` processes (rank 0's row: the step's global tokens over its time)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    context = mp.get_context("spawn")
+    rows = context.SimpleQueue()
+    mp.start_processes(_process_worker, args=(args.processes, port, args, adapter, mode, run_dir, extra, rows),
+                       nprocs=args.processes, start_method="spawn")
+    return rows.get()
 
 
 def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -407,18 +456,22 @@ def main(argv: list[str] | None = None) -> None:
     baselines: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_loop.") as tmp:
         workdir = Path(tmp)
-        for mode in args.modes.split(","):
-            for extra in variants(args):
-                for adapter in args.adapters.split(","):
-                    try:
-                        rows.append(bench_malora(args, adapter, mode, workdir / f"run{len(rows)}", extra))
-                    except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
-                        traceback.print_exc()
-                        rows.append({"name": run_name(adapter, extra), "adapter": adapter, "mode": mode,
-                                     "overrides": list(extra), "error": f"{type(err).__name__}: {err}"[:300]})
-                    reset_process_state()
-                    print(json.dumps(rows[-1]), flush=True)
-                    write_json(args, rows, baselines)
+        first_mode = args.modes.split(",")[0]
+        runs = [(bench_malora, mode, extra, adapter, 1) for mode in args.modes.split(",")
+                for extra in variants(args) for adapter in args.adapters.split(",")]
+        if args.processes > 1:
+            runs += [(bench_processes, first_mode, (), adapter, args.processes)
+                     for adapter in args.adapters.split(",")]
+        for bench, mode, extra, adapter, processes in runs:
+            try:
+                rows.append(bench(args, adapter, mode, workdir / f"run{len(rows)}", extra))
+            except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
+                traceback.print_exc()
+                rows.append({"name": run_name(adapter, extra, processes), "adapter": adapter, "mode": mode,
+                             "overrides": list(extra), "error": f"{type(err).__name__}: {err}"[:300]})
+            reset_process_state()
+            print(json.dumps(rows[-1]), flush=True)
+            write_json(args, rows, baselines)
         runners = {"peft-compiled": bench_peft_compiled, "hf-peft": bench_hf_peft}
         for name in [b for b in args.baseline.split(",") if b != "none"]:
             try:

@@ -111,11 +111,78 @@ def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run
               "trainer.grad_accum=2", "data.eval_per_task=2", "trainer.log_every=1"]
     torch._dynamo.reset()
     run_training(tmp_path / "graphed", *common, "trainer.cuda_graphs=true", *extra)
-    run_training(tmp_path / "eager", *common)
+    run_training(tmp_path / "eager", *common, "trainer.cuda_graphs=false")
     graphed, eager = train_losses(tmp_path / "graphed"), train_losses(tmp_path / "eager")
     assert list(graphed) == list(range(1, 21))
     assert graphed == pytest.approx(eager, rel=2e-2)
     assert graphed[20] < graphed[1]  # it trains
+
+
+def test_a_bare_run_on_a_gpu_takes_the_captured_step(tmp_path, run_training, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="malora_train.train.loop"):
+        run_training(tmp_path / "run", "adapter=malora", "trainer.max_steps=3", "data.eval_per_task=2")
+    assert "training step: captured (each step replayed as CUDA graphs)" in caplog.text
+
+
+def test_checkpointed_capture_draws_the_forward_masks_again_over_20_steps(tmp_path, run_training,
+                                                                         train_losses) -> None:
+    """Gradient checkpointing under the captured step, dropout on: the recompute reads the device seed the
+    forward read (no RNG state to save or restore), so the losses are those of the captured step without
+    checkpointing, and within bf16 noise of the eager step (whose masks are drawn otherwise). Each micro-batch
+    gets a new seed: the masks change from step to step."""
+    from malora_train.train import graphs
+
+    seeds: list[int] = []
+    original = graphs.StepGraphs._copy_in
+
+    def record(self, inputs, host_inputs, seed):
+        seeds.append(seed)
+        return original(self, inputs, host_inputs, seed)
+
+    common = ["adapter=malora", "data.packing=true", "adapter.dropout=0.1", "trainer.max_steps=20",
+              "trainer.grad_accum=2", "data.eval_per_task=2", "trainer.log_every=1", "trainer.eval_after=false"]
+    graphs.StepGraphs._copy_in = record
+    try:
+        run_training(tmp_path / "checkpointed", *common, "trainer.gradient_checkpointing=true")
+    finally:
+        graphs.StepGraphs._copy_in = original
+    run_training(tmp_path / "captured", *common)
+    run_training(tmp_path / "eager", *common, "trainer.cuda_graphs=false")
+    checkpointed = train_losses(tmp_path / "checkpointed")
+    assert list(checkpointed) == list(range(1, 21))
+    assert checkpointed == pytest.approx(train_losses(tmp_path / "captured"), rel=1e-3)
+    assert checkpointed == pytest.approx(train_losses(tmp_path / "eager"), rel=2e-2)
+    assert len(seeds) >= 36 and len(set(seeds)) == len(seeds)  # replays after the first step: a new seed each
+
+
+def test_two_processes_sharing_the_gpu_capture_as_one_process_with_grad_accum_two(tmp_path, run_training,
+                                                                                train_losses) -> None:
+    """``torchrun`` with two processes on one GPU (gloo between them): the captured step without DDP, its
+    gradient bucket summed by one all-reduce, gives one process's losses with ``grad_accum=2`` over 20 steps
+    (dropout off: each rank would draw its own masks)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import TINY_TRAINING
+
+    common = ["adapter=malora", "data.packing=true", "adapter.dropout=0", "trainer.max_steps=20",
+              "trainer.log_every=1", "trainer.eval_after=false"]
+    run_training(tmp_path / "one", *common, "trainer.grad_accum=2")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("MALORA_RUN_DIR", None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                             "malora_train.cli", *TINY_TRAINING, *common, f"hydra.run.dir={tmp_path / 'two'}"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "training step: captured" in result.stdout + result.stderr
+    two = train_losses(tmp_path / "two")
+    assert list(two) == list(range(1, 21))
+    assert two == pytest.approx(train_losses(tmp_path / "one"), rel=1e-3)
 
 
 def test_shared_input_groups_train_as_the_layers_one_by_one(tmp_path, run_training, train_losses) -> None:
