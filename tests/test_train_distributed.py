@@ -29,7 +29,7 @@ from scratch_model import AdapterSpec, assert_logged_step, recompute_steps
 
 from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, load_adapter
 from malora_train.config import AdapterConfig
-from malora_train.train import checkpoint as ckpt
+from malora_train.train.checkpoint.folders import complete_checkpoints, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -119,7 +119,7 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
     assert (run_dir / "cli.log").read_text().count("run directory:") == 1
     checkpoint = run_dir / "checkpoints" / f"step_{STEPS}"  # saved at the end: 5 is off the save_every grid
     assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= {p.name for p in checkpoint.iterdir()}
-    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [2, 4, 5]
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [2, 4, 5]
 
     # the saved adapter is the whole adapter, equal to the one-process run's
     expected = load_file(str(one_process / "adapter" / "adapter_model.safetensors"))
@@ -163,7 +163,7 @@ def assert_crafted_checkpoint_is_refused(run_dir: Path, tmp_path: Path, override
     marker = tmp_path / "code-ran"
     state["payload"] = RunsCode(marker)
     torch.save(state, model_states)
-    ckpt.write_manifest(checkpoint)
+    write_manifest(checkpoint)
     result = launch("deepspeed_zero2", tmp_path, [*overrides, f"hydra.run.dir={tmp_path / 'crafted'}",
                                                   f"trainer.resume={checkpoint}"], succeed=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("malora-train: error:")]

@@ -55,8 +55,15 @@ from malora_train.run_dir import (
     write_json_atomic,
     write_text_atomic,
 )
-from malora_train.train import checkpoint as ckpt
-from malora_train.train.checkpoint import Checkpointer, TrainState
+from malora_train.train.checkpoint.checkpointer import Checkpointer, TrainState
+from malora_train.train.checkpoint.folders import remove_partial
+from malora_train.train.checkpoint.resume import (
+    check_extendable,
+    finished_message,
+    finished_run,
+    last_good_hint,
+    resolve_resume,
+)
 from malora_train.train.distributed import (
     all_reduce_sum,
     any_rank,
@@ -162,10 +169,10 @@ class Trainer:
         acc.wait_for_everyone()  # every rank has looked at the run directory before rank 0 changes it
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_partial(self.run_dir)
+            remove_partial(self.run_dir)
         acc.wait_for_everyone()
-        self.resume_from = ckpt.resolve_resume(self.run_dir, trainer.resume)
-        ckpt.check_extendable(self.run_dir, self.resume_from)
+        self.resume_from = resolve_resume(self.run_dir, trainer.resume)
+        check_extendable(self.run_dir, self.resume_from)
 
     def _setup_model(self) -> None:
         """The base model and tokenizer: the same seed on every rank, so the adapters built next start
@@ -332,7 +339,7 @@ class Trainer:
             where = (f"at step {first}" if first == self.state.step
                      else f"between steps {first} and {self.state.step} (one logging window; "
                           "trainer.log_every=1 names the step)")
-            raise NonFiniteLoss(f"non-finite loss {where}; {self.checkpointer.last_good_hint()} (resume with "
+            raise NonFiniteLoss(f"non-finite loss {where}; {last_good_hint(self.run_dir)} (resume with "
                                 "trainer.resume=auto and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
         metrics["lr"] = float(self._last_lr)  # a device tensor under trainer.cuda_graphs
         metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
@@ -554,10 +561,10 @@ def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[s
     with this run (``StopRequest``), so signals after a requested stop are ignored until it exits."""
     run_dir = Path(run_dir)
     main = launch_rank() == 0
-    finished = ckpt.finished_run(run_dir, cfg.trainer)
+    finished = finished_run(run_dir, cfg.trainer)
     if finished is not None:
         if main:
-            print(ckpt.finished_message(run_dir, finished), flush=True)
+            print(finished_message(run_dir, finished), flush=True)
         return finished
     with run_dir_lock(run_dir, enabled=main) as note:
         if note:
