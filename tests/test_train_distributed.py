@@ -215,3 +215,20 @@ def test_launch_configs_and_deepspeed_json_are_consistent():
         assert ds["zero_optimization"]["stage"] == stage
         assert {ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                 "train_batch_size", "gradient_clipping")} == {"auto"}
+
+
+@pytest.mark.parametrize("kind, stage, deepspeed, zero3", [("MULTI_GPU", None, False, False),
+                                                          ("DEEPSPEED", 2, True, False),
+                                                          ("DEEPSPEED", 3, True, True)])
+def test_launch_info_holds_what_the_accelerator_says_of_this_process(kind, stage, deepspeed, zero3):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from malora_train.train.distributed import LaunchInfo
+
+    accelerator = SimpleNamespace(process_index=1, num_processes=2, is_main_process=False,
+                                  distributed_type=DistributedType[kind],
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    assert LaunchInfo.from_accelerator(accelerator) == LaunchInfo(process_index=1, world=2, is_main=False,
+                                                                  deepspeed=deepspeed, zero3=zero3)

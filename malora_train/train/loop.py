@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from malora_train.adapters import AdaptedCausalLM, AdaptedOutput, parameter_report
@@ -55,7 +55,7 @@ from malora_train.run_dir import (
     write_json_atomic,
     write_text_atomic,
 )
-from malora_train.train.checkpoint.checkpointer import Checkpointer, TrainState
+from malora_train.train.checkpoint.checkpointer import CheckpointedParts, Checkpointer, TrainState
 from malora_train.train.checkpoint.folders import remove_partial
 from malora_train.train.checkpoint.resume import (
     check_extendable,
@@ -65,6 +65,7 @@ from malora_train.train.checkpoint.resume import (
     resolve_resume,
 )
 from malora_train.train.distributed import (
+    LaunchInfo,
     all_reduce_sum,
     any_rank,
     build_accelerator,
@@ -162,9 +163,7 @@ class Trainer:
         self.accelerator = acc = build_accelerator(trainer, installed_trackers(self.cfg.logger),
                                                    self.run_dir / TRACKER_LOGS_DIR)
         check_launch(trainer, acc)
-        self.is_main = acc.is_main_process
-        self.process_index, self.world = acc.process_index, acc.num_processes
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.launch = LaunchInfo.from_accelerator(acc)
         guard_run_dir(self.run_dir, trainer.resume)
         acc.wait_for_everyone()  # every rank has looked at the run directory before rank 0 changes it
         if self.is_main:
@@ -229,9 +228,10 @@ class Trainer:
     def _setup_state(self, resolved_yaml: str, overrides: list[str]) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the metrics log."""
         trainer = self.cfg.trainer
-        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.model, self.engine,
-                                         self.optimizer, self.scheduler, self.stream, self.base_model_name,
-                                         self.cfg.seed, self.deepspeed)
+        parts = CheckpointedParts(model=self.model, engine=self.engine, optimizer=self.optimizer,
+                                  scheduler=self.scheduler, stream=self.stream,
+                                  base_model_name=self.base_model_name)
+        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.launch, parts, seed=self.cfg.seed)
         self.state = TrainState()
         if self.resume_from is not None:
             self.state = self.checkpointer.restore(self.resume_from)
@@ -254,6 +254,23 @@ class Trainer:
     @property
     def base_model_name(self) -> str:
         return base_model_location(self.cfg.model)
+
+    # the launch's facts, as the recipe reads them (``self.launch`` holds them)
+    @property
+    def is_main(self) -> bool:
+        return self.launch.is_main
+
+    @property
+    def process_index(self) -> int:
+        return self.launch.process_index
+
+    @property
+    def world(self) -> int:
+        return self.launch.world
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.launch.deepspeed
 
     def _tick(self) -> None:
         """Add the time since the last tick to the run's wall time (kept across resumes)."""

@@ -25,7 +25,7 @@ from malora_train.train.checkpoint.state_files import (
     save_optimizer,
     save_rng,
 )
-from malora_train.train.distributed import gather_adapter_state
+from malora_train.train.distributed import LaunchInfo, gather_adapter_state
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +45,41 @@ class TrainState:
     eval_before: dict[str, Any] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointedParts:
+    """The objects of a training run whose state a checkpoint holds."""
+
+    model: AdaptedCausalLM
+    engine: Any  # the model as ``accelerator.prepare`` wrapped it (under DeepSpeed: its engine)
+    optimizer: Any  # Accelerate's wrapper; ``.optimizer`` is the torch optimizer
+    scheduler: Any
+    stream: BatchStream
+    base_model_name: str  # recorded in the adapter's config
+
+
 class Checkpointer:
     """Saves and restores the training run's state: adapter, optimizer (or DeepSpeed's engine),
     scheduler, data stream, RNGs and ``TrainState``. Every rank calls ``save`` and ``restore``;
-    only rank 0 writes the shared files."""
+    only rank 0 writes the shared files. ``seed``: the run's, to reseed RNG streams a checkpoint
+    has none for."""
 
-    def __init__(self, run_dir: Path, accelerator: Accelerator, model: AdaptedCausalLM, engine: Any,
-                 optimizer: Any, scheduler: Any, stream: BatchStream, base_model_name: str, seed: int,
-                 deepspeed: bool) -> None:
+    def __init__(self, run_dir: Path, accelerator: Accelerator, launch: LaunchInfo, parts: CheckpointedParts,
+                 *, seed: int) -> None:
         self.run_dir = run_dir
-        self.accelerator = accelerator
-        self.model = model
-        self.engine = engine
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.stream = stream
-        self.base_model_name = base_model_name
+        self.accelerator = accelerator  # for its barriers
+        self.launch = launch
+        self.parts = parts
         self.seed = seed
-        self.is_main = accelerator.is_main_process
-        self.process_index, self.world = accelerator.process_index, accelerator.num_processes
-        self.deepspeed = deepspeed
 
     def save_final_adapter(self) -> Path:
         """``adapter/``, replaced whole (never half old, half new)."""
-        state = gather_adapter_state(self.accelerator, self.model)
+        parts = self.parts
+        state = gather_adapter_state(self.launch, parts.model)
         out = self.run_dir / ADAPTER_DIR
-        if self.is_main:
+        if self.launch.is_main:
             tmp = self.run_dir / f".{ADAPTER_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_adapter(self.model, tmp, self.base_model_name, state_dict=state)
+            save_adapter(parts.model, tmp, parts.base_model_name, state_dict=state)
             replace_dir(tmp, out)
         self.accelerator.wait_for_everyone()
         return out
@@ -81,29 +87,29 @@ class Checkpointer:
     def save(self, state: TrainState, keep_last: int) -> Path:
         """checkpoints/step_<N>: written into .tmp-step_<N> by every rank, renamed by rank 0 when complete;
         then all but the ``keep_last`` newest and the best are pruned."""
-        step = state.step
+        launch, parts, step = self.launch, self.parts, state.step
         tmp = temporary_dir(self.run_dir, step)
-        if self.is_main:
+        if launch.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        adapter_state = gather_adapter_state(self.accelerator, self.model)
-        if self.deepspeed:
-            save_engine(self.engine, tmp)
-        save_rng(tmp, self.process_index)
-        if self.is_main:
-            save_adapter(self.model, tmp / ADAPTER_DIR, self.base_model_name, state_dict=adapter_state)
-            if not self.deepspeed:
-                save_optimizer(self.optimizer.optimizer, tmp)
+        adapter_state = gather_adapter_state(launch, parts.model)
+        if launch.deepspeed:
+            save_engine(parts.engine, tmp)
+        save_rng(tmp, launch.process_index)
+        if launch.is_main:
+            save_adapter(parts.model, tmp / ADAPTER_DIR, parts.base_model_name, state_dict=adapter_state)
+            if not launch.deepspeed:
+                save_optimizer(parts.optimizer.optimizer, tmp)
             write_json_atomic(tmp / STATE_FILE, {
                 "train": dataclasses.asdict(state),
-                "scheduler": json_numbers(self.scheduler.state_dict()),
-                "stream": self.stream.state_dict(),
-                "world_size": self.world,
-                "deepspeed": self.deepspeed,
+                "scheduler": json_numbers(parts.scheduler.state_dict()),
+                "stream": parts.stream.state_dict(),
+                "world_size": launch.world,
+                "deepspeed": launch.deepspeed,
             })
         self.accelerator.wait_for_everyone()
-        if self.is_main:
+        if launch.is_main:
             publish(tmp, self.run_dir, step)  # the manifest, then the rename
             prune(self.run_dir, keep_last, {state.best_step} if state.best_step is not None else set())
         self.accelerator.wait_for_everyone()
@@ -111,23 +117,24 @@ class Checkpointer:
 
     def restore(self, path: Path) -> TrainState:
         """Load a checkpoint into the model, optimizer, scheduler, stream and RNGs; returns its state."""
+        launch, parts = self.launch, self.parts
         saved = read_json(path / STATE_FILE)
-        if saved.get("deepspeed", False) != self.deepspeed:
+        if saved.get("deepspeed", False) != launch.deepspeed:
             made, now = ("with", "without") if saved.get("deepspeed") else ("without", "with")
             raise ConfigError(f"trainer.resume: {path} was written {made} DeepSpeed and this run is {now} "
                               "it; resume with the launcher config it was made with")
         state = TrainState(**saved["train"])
-        if self.deepspeed:
-            load_engine(self.engine, path)
+        if launch.deepspeed:
+            load_engine(parts.engine, path)
         else:
-            load_adapter_weights(self.model, path / ADAPTER_DIR)
-            load_optimizer(self.optimizer.optimizer, path)
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.stream.load_state_dict(saved["stream"])
-        if saved["world_size"] != self.world or not load_rng(path, self.process_index):
+            load_adapter_weights(parts.model, path / ADAPTER_DIR)
+            load_optimizer(parts.optimizer.optimizer, path)
+        parts.scheduler.load_state_dict(saved["scheduler"])
+        parts.stream.load_state_dict(saved["stream"])
+        if saved["world_size"] != launch.world or not load_rng(path, launch.process_index):
             log.warning("resuming on %d processes from a %d-process checkpoint: RNG streams are reseeded",
-                        self.world, saved["world_size"])
+                        launch.world, saved["world_size"])
             set_seed(self.seed + state.step, device_specific=True)
-        if self.is_main:
+        if launch.is_main:
             log.info("resumed from %s at step %d", path, state.step)
         return state
