@@ -193,7 +193,7 @@ def test_router_gradient_includes_the_auxiliary_loss(make_tiny_model) -> None:
 # -- the seam for a forward through the wrapped model itself (the Python API's) -----------------------------
 
 @pytest.mark.parametrize("kind", ["lora", "malora"])
-def test_routing_forward_and_router_losses_give_the_forwards_router_losses(kind: str, make_tiny_model) -> None:
+def test_routing_forward_and_router_losses_give_the_forwards_router_losses(kind: str, make_tiny_model):
     """A forward of the wrapped HF model inside ``routing_forward`` leaves the router losses that
     ``AdaptedCausalLM``'s own forward adds; after the block nothing is collected or counted."""
     model = _adapted(make_tiny_model, kind, router={"balance_coef": 0.01, "z_loss_coef": 0.001}).eval()

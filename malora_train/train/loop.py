@@ -231,7 +231,8 @@ class Trainer:
         parts = CheckpointedParts(model=self.model, engine=self.engine, optimizer=self.optimizer,
                                   scheduler=self.scheduler, stream=self.stream,
                                   base_model_name=self.base_model_name)
-        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.launch, parts, seed=self.cfg.seed)
+        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.launch, parts,
+                                         seed=self.cfg.seed)
         self.state = TrainState()
         if self.resume_from is not None:
             self.state = self.checkpointer.restore(self.resume_from)
