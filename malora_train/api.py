@@ -82,17 +82,24 @@ class AdaptedModel(nn.Module):
         if any(True for _ in adapter_layers(base_model)):
             raise ConfigError("base_model already holds malora-train adapters: pass a fresh model")
         self.base_model = base_model
-        # the same modules as base_model, kept out of the module tree so that their names appear once
-        self.__dict__["_adapted"] = AdaptedCausalLM.from_base(base_model, _checked(config))
+        # the same modules as base_model, kept out of the module tree (nn.Module's __setattr__ would
+        # register them) so that their names appear once
+        object.__setattr__(self, "_adapted_lm", AdaptedCausalLM.from_base(base_model, _checked(config)))
         self._routing_tasks: list[str] | None = None
         self._per_task = False
         self.training = base_model.training  # the wrapper starts in the mode of the model it wraps
+
+    @property
+    def adapted_lm(self) -> AdaptedCausalLM:
+        """The package's own wrapper of ``base_model`` (the one the CLI trains and evaluates), for the
+        package's functions that take an ``AdaptedCausalLM``."""
+        return self._adapted_lm
 
     # -- what Trainer and users read from a HF model ---------------------------------------------
     @property
     def adapter_config(self) -> AdapterConfig:
         """The adapter's configuration (the dataclass the CLI's ``adapter.*`` keys fill)."""
-        return self._adapted.adapter_cfg
+        return self.adapted_lm.adapter_cfg
 
     @property
     def config(self) -> Any:
@@ -124,23 +131,20 @@ class AdaptedModel(nn.Module):
         arguments go to the base model. A loss computed from the logits instead (``Trainer``'s label
         smoothing or ``compute_loss_func``) must add ``outputs.aux_loss`` itself.
         """
-        adapted = self._adapted
+        adapted = self.adapted_lm
         embeds = kwargs.get("inputs_embeds")
         if (input_ids is None) == (embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         shape = input_ids if input_ids is not None else embeds[..., 0]
-        # the routing context and the auxiliary losses are AdaptedCausalLM's, as in the CLI's forward
-        adapted._set_context(shape, attention_mask, self._routing_task_ids(task_ids, shape))
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
         kwargs.setdefault("use_cache", False)
         kwargs["return_dict"] = True
-        try:
+        # the routing context and the auxiliary losses are AdaptedCausalLM's, as in the CLI's forward
+        with adapted.routing_forward(shape, attention_mask, self._routing_task_ids(task_ids, shape)):
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        finally:
-            adapted.context.collect = False
-            adapted.context.token_task = None  # a backward that recomputes (checkpointing) must not count again
-        aux_loss, balance, z, *_ = adapted._aux_losses(out.loss if out.loss is not None else out.logits)
+        router = adapted.router_losses(out.loss if out.loss is not None else out.logits)
+        aux_loss = router.aux
         loss = lm_loss = None
         if labels is not None:
             lm_loss = out.loss
@@ -150,11 +154,11 @@ class AdaptedModel(nn.Module):
             loss = lm_loss + aux_loss
         hf_fields = {f.name: getattr(out, f.name, None) for f in fields(CausalLMOutputWithPast)}
         return AdaptedModelOutput(**{**hf_fields, "loss": loss}, lm_loss=lm_loss, aux_loss=aux_loss,
-                                  balance_loss=_detached(balance), z_loss=_detached(z))
+                                  balance_loss=_detached(router.balance), z_loss=_detached(router.z))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the adapters active (routing is not recorded)."""
-        context = self._adapted.context
+        context = self.adapted_lm.context
         context.collect, context.token_mask, context.token_task = False, None, None
         return self.base_model.generate(*args, **kwargs)
 
@@ -176,7 +180,7 @@ class AdaptedModel(nn.Module):
         adapter there); ``load_adapted_model`` and ``malora-eval eval.adapter_path=...`` read it, and PEFT
         loads a plain LoRA one. Call it on one process."""
         name = getattr(self.config, "name_or_path", "") or ""
-        return save_adapter(self._adapted, directory, base_model_name=name)
+        return save_adapter(self.adapted_lm, directory, base_model_name=name)
 
     def merge_and_unload(self) -> PreTrainedModel:
         """Plain LoRA only: fold each ``(alpha/r) B A`` into its base weight and return the base model
@@ -185,7 +189,7 @@ class AdaptedModel(nn.Module):
         if not adapter_class(kind).mergeable:
             raise ConfigError(f"merge_and_unload needs adapter kind lora; {kind} routes each token to its "
                               "own experts and cannot be merged into the base weights")
-        return merge_lora(self._adapted)
+        return merge_lora(self.adapted_lm)
 
     def _adapter_keys(self, prefix: str = "") -> set[str]:
         return {f"{prefix}base_model.{key}" for key in adapter_state_dict(self.base_model)}
@@ -228,11 +232,11 @@ class AdaptedModel(nn.Module):
         if not names:
             raise ValueError("recording_routing: task_names is empty")
         self._routing_tasks, self._per_task = names, task_names is not None
-        start_recording(self._adapted, len(names))
+        start_recording(self.adapted_lm, len(names))
         try:
             yield
         finally:
-            stop_recording(self._adapted)
+            stop_recording(self.adapted_lm)
 
     def routing_stats(self) -> dict[str, Any] | None:
         """What the CLI writes to ``routing.json``, from the last ``recording_routing`` block: per
@@ -241,10 +245,10 @@ class AdaptedModel(nn.Module):
         tokens counted per task and each layer's load balance. None for plain LoRA or before recording."""
         if self._routing_tasks is None:
             return None
-        return routing_report(self._adapted, self._routing_tasks)
+        return routing_report(self.adapted_lm, self._routing_tasks)
 
     def _routing_task_ids(self, task_ids: torch.Tensor | None, shape: torch.Tensor) -> torch.Tensor | None:
-        if not self._adapted.record_routing:
+        if not self.adapted_lm.record_routing:
             return None
         if not self._per_task:
             return torch.zeros(shape.shape[0], dtype=torch.long, device=shape.device)
@@ -262,7 +266,7 @@ class AdaptedModel(nn.Module):
         would run the forward without grad and drop the routers' auxiliary loss, so it is refused for
         mixture adapters."""
         options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        if options["use_reentrant"] and self._adapted.mixture_layers():
+        if options["use_reentrant"] and self.adapted_lm.mixture_layers():
             raise ConfigError("activation checkpointing with use_reentrant=True would drop the routers' "
                               f"auxiliary loss of {self.adapter_config.kind}: use use_reentrant=False")
         base = self.base_model
@@ -287,7 +291,7 @@ def load_adapted_model(base_model: PreTrainedModel, adapter_dir: str | PathLike[
     Like PEFT, the adapter is frozen and the model in eval mode unless ``is_trainable``."""
     config, _ = read_adapter_config(adapter_dir)
     model = AdaptedModel(base_model, config)
-    load_adapter_weights(model._adapted, adapter_dir)
+    load_adapter_weights(model.adapted_lm, adapter_dir)
     if not is_trainable:
         for param in adapter_state_dict(base_model).values():
             param.requires_grad_(False)

@@ -51,7 +51,7 @@ class RunDirGuard(Callback):
     complete, and refuse a directory that holds another run."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from malora_train.train.checkpoint import finished_message, finished_run
+        from malora_train.train.checkpoint.resume import finished_message, finished_run
         from malora_train.train.preflight import check_config
 
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))

@@ -1,12 +1,14 @@
 """The run directory, on the ground floor: the names of the files a run leaves, its unique default
 name, the lock and the guard that keep one run from overwriting another, the one way to write a file
-(atomically) and the readers.
+(atomically), the one way to replace or delete a folder (whole), and the readers.
 
 Every module that writes into a run directory (training, checkpoints, adapters, routing, reports) does
 it through ``atomic_write``: a reader, a crash or a kill sees the old file or the new one, whole, never
 half of one. Files get the permissions of a normally created file (0666 minus the umask), not the 0600
 of a temporary file. A file that cannot be written (read-only folder, disk full) is an ``OutputError``
-naming it.
+naming it. Folders (the final adapter, checkpoints) are written aside and moved in by ``replace_dir``,
+and removed by ``delete_dir``; a kill in either leaves a hidden folder behind, never a half one under
+its own name.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ TRACKER_LOGS_DIR = "logs"  # the trackers that write files (tensorboard, aim, ..
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 FAILURE_FILE = "failure.json"  # a sweep job that raised: the error (malora_train.sweep.jobs)
 LOCK_FILE = ".lock"  # held (flock) by the process that runs in the directory; names it (pid, host)
+OLD_PREFIX = ".old-"  # a folder ``replace_dir`` moved aside for its replacement
+TRASH_PREFIX = ".trash-"  # a folder ``delete_dir`` is deleting
 
 # what a run writes itself (Hydra's .hydra/ and log are left out: with several ranks, rank 0's Hydra may
 # already have written them when another rank checks)
@@ -228,6 +232,45 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk (a rename is durable only after this)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the fully written folder ``src`` to ``dst`` by renames, after an fsync of every file in it.
+    A ``dst`` already there (the final adapter, or a step re-run after resuming from an older
+    checkpoint) is moved aside first and deleted last, so a complete ``dst`` exists at every moment
+    but between two renames."""
+    fsync_tree(src)
+    if dst.exists():
+        old = dst.with_name(f"{OLD_PREFIX}{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+    fsync_dir(dst.parent)
+
+
+def delete_dir(path: Path) -> None:
+    """Delete a folder so that no kill leaves it half deleted under its own name: rename, then remove."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write`` on a temporary file beside ``path`` (same suffix, so writers that pick a format from
     it still do), flush it to disk, then rename it over ``path``; a failure leaves no temporary file."""
@@ -240,8 +283,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(Path(tmp))
         os.chmod(tmp, _default_file_mode())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        _fsync_file(Path(tmp))
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk with its own error type
         raise OutputError(f"{path}: cannot write it ({getattr(err, 'strerror', None) or err})") from err

@@ -188,3 +188,26 @@ def test_router_gradient_includes_the_auxiliary_loss(make_tiny_model) -> None:
         grads[coef] = [layer.router.grad for _, layer in adapter_layers(model.model)]
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads[0.0])
     assert all(g.abs().sum() > 0 for g in grads[0.01])
+
+
+# -- the seam for a forward through the wrapped model itself (the Python API's) -----------------------------
+
+@pytest.mark.parametrize("kind", ["lora", "malora"])
+def test_routing_forward_and_router_losses_give_the_forwards_router_losses(kind: str, make_tiny_model):
+    """A forward of the wrapped HF model inside ``routing_forward`` leaves the router losses that
+    ``AdaptedCausalLM``'s own forward adds; after the block nothing is collected or counted."""
+    model = _adapted(make_tiny_model, kind, router={"balance_coef": 0.01, "z_loss_coef": 0.001}).eval()
+    input_ids, attention_mask, labels = _batch([(5, 4), (3, 7)], width=11)
+    own = model(input_ids, attention_mask, labels)
+    with model.routing_forward(input_ids, attention_mask, task_ids=torch.tensor([0, 1])):
+        assert model.context.collect
+        model.model(input_ids=input_ids, attention_mask=attention_mask)
+    assert not model.context.collect and model.context.token_task is None
+    losses = model.router_losses(own.lm_loss)
+    torch.testing.assert_close(losses.aux, own.aux_loss, rtol=1e-5, atol=1e-7)
+    if kind == "lora":
+        assert losses.aux == 0 and losses.balance is None and losses.z is None and losses.entropy is None
+        return
+    assert losses.aux > 0
+    torch.testing.assert_close(losses.balance, own.balance_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses.z, own.z_loss, rtol=1e-5, atol=1e-7)

@@ -329,7 +329,8 @@ def test_routing_stats_are_what_the_cli_reports_for_the_same_tokens(make_tiny_mo
     names = ["a", "b", "c"]
     with torch.no_grad(), model.recording_routing(names):
         model(input_ids=data["input_ids"], attention_mask=data["attention_mask"], task_ids=task_ids)
-    cli = AdaptedCausalLM(model.base_model, model.adapter_config, model._adapted.context, model._adapted.targets)
+    wrapper = model.adapted_lm
+    cli = AdaptedCausalLM(model.base_model, model.adapter_config, wrapper.context, wrapper.targets)
     start_recording(cli, len(names))
     last = data["attention_mask"].sum(1) - 1
     cli.logits_at_positions(data["input_ids"], data["attention_mask"], last, task_ids)

@@ -22,7 +22,7 @@ from lock_holder import hold_lock
 
 from malora_train import run_dir as rd
 from malora_train.config import Config
-from malora_train.train import checkpoint as ckpt
+from malora_train.train.checkpoint.folders import complete_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(monk
                                                  f"hydra.run.dir={run_dir}"]) == 2
     assert error_line(capsys, alone=False) == f"{run_dir / 'summary.json'}: cannot write it (No space left on device)"
     assert not (run_dir / "summary.json").exists() and not list(run_dir.glob(".summary.json*"))
-    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [2]  # the steps are safe in the checkpoint
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [2]  # the steps are safe in the checkpoint
 
 
 def test_a_missing_local_model_folder_says_so(monkeypatch, capsys, tmp_path):

@@ -17,7 +17,7 @@ import yaml
 from malora_train.adapters import AdaptedCausalLM, read_adapter_config, save_adapter
 from malora_train.config import AdapterConfig
 from malora_train.errors import ConfigError, DataError
-from malora_train.train import checkpoint as ckpt
+from malora_train.train.checkpoint.deepspeed_engine import _WeightsOnlyCheckpointEngine, weights_only_loads
 
 
 class RunsCode:
@@ -50,14 +50,14 @@ def test_deepspeed_checkpoint_files_load_without_unpickling_code(tmp_path):
     torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.gradients, "exp_avg": torch.ones(3)}},
                honest)
     engine = FakeDeepSpeedEngine()
-    with ckpt.weights_only_loads(engine):
+    with weights_only_loads(engine):
         assert torch.equal(engine.checkpoint_engine.load(str(honest))["optimizer_state_dict"]["exp_avg"],
                            torch.ones(3))
         with pytest.raises(DataError, match=rf"^{crafted}: refused to load it: it holds objects other than "
                                             "tensors and plain data, which could run code"):
             engine.checkpoint_engine.load(str(crafted))
     assert not marker.exists()
-    assert not isinstance(engine.checkpoint_engine, ckpt._WeightsOnlyCheckpointEngine)  # put back
+    assert not isinstance(engine.checkpoint_engine, _WeightsOnlyCheckpointEngine)  # put back
 
 
 def test_adapter_config_is_plain_data(make_tiny_model, tmp_path, monkeypatch):

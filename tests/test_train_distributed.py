@@ -29,7 +29,7 @@ from scratch_model import AdapterSpec, assert_logged_step, recompute_steps
 
 from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, load_adapter
 from malora_train.config import AdapterConfig
-from malora_train.train import checkpoint as ckpt
+from malora_train.train.checkpoint.folders import complete_checkpoints, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -120,7 +120,7 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
     assert (run_dir / "cli.log").read_text().count("run directory:") == 1
     checkpoint = run_dir / "checkpoints" / f"step_{STEPS}"  # saved at the end: 5 is off the save_every grid
     assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= {p.name for p in checkpoint.iterdir()}
-    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [2, 4, 5]
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [2, 4, 5]
 
     # the saved adapter is the whole adapter, equal to the one-process run's
     expected = load_file(str(one_process / "adapter" / "adapter_model.safetensors"))
@@ -189,7 +189,7 @@ def assert_crafted_checkpoint_is_refused(run_dir: Path, tmp_path: Path, override
     marker = tmp_path / "code-ran"
     state["payload"] = RunsCode(marker)
     torch.save(state, model_states)
-    ckpt.write_manifest(checkpoint)
+    write_manifest(checkpoint)
     result = launch("deepspeed_zero2", tmp_path, [*overrides, f"hydra.run.dir={tmp_path / 'crafted'}",
                                                   f"trainer.resume={checkpoint}"], succeed=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("malora-train: error:")]
@@ -241,3 +241,20 @@ def test_launch_configs_and_deepspeed_json_are_consistent():
         assert ds["zero_optimization"]["stage"] == stage
         assert {ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                 "train_batch_size", "gradient_clipping")} == {"auto"}
+
+
+@pytest.mark.parametrize("kind, stage, deepspeed, zero3", [("MULTI_GPU", None, False, False),
+                                                          ("DEEPSPEED", 2, True, False),
+                                                          ("DEEPSPEED", 3, True, True)])
+def test_launch_info_holds_what_the_accelerator_says_of_this_process(kind, stage, deepspeed, zero3):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from malora_train.train.distributed import LaunchInfo
+
+    accelerator = SimpleNamespace(process_index=1, num_processes=2, is_main_process=False,
+                                  distributed_type=DistributedType[kind],
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    assert LaunchInfo.from_accelerator(accelerator) == LaunchInfo(process_index=1, world=2, is_main=False,
+                                                                  deepspeed=deepspeed, zero3=zero3)

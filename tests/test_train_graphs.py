@@ -112,7 +112,7 @@ def test_a_graphed_run_saves_and_resumes_checkpoints(tmp_path, run_training, tra
 
 
 def test_a_tensor_learning_rate_stays_a_tensor_through_a_checkpoint(tmp_path) -> None:
-    from malora_train.train.checkpoint import load_optimizer, save_optimizer
+    from malora_train.train.checkpoint.state_files import load_optimizer, save_optimizer
 
     def optimizer():
         param = torch.nn.Parameter(torch.ones(3))

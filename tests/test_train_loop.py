@@ -17,7 +17,8 @@ from malora_train.adapters import AdaptedCausalLM
 from malora_train.errors import ConfigError
 from malora_train.eval import EvalResult, TaskScore
 from malora_train.run_dir import read_json
-from malora_train.train import checkpoint as ckpt
+from malora_train.train.checkpoint.checkpointer import STATE_FILE
+from malora_train.train.checkpoint.folders import MANIFEST_FILE, complete_checkpoints
 from malora_train.train.loop import NonFiniteLoss, Trainer
 
 TASKS = ["sentiment", "category", "case", "compare", "arithmetic"]
@@ -57,7 +58,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp
     assert line.startswith(f"malora-train: error: non-finite loss at step 5; last good checkpoint: "
                            f"{run_dir / 'checkpoints' / 'step_4'} (")
     assert "trainer.skip_nonfinite=true" in line
-    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [2, 4]
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [2, 4]
     assert not (run_dir / "summary.json").exists()
 
 
@@ -125,14 +126,14 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path, monkeypatch, run_trai
     summary = run_training(run_dir, "trainer.max_steps=8", "trainer.save_every=2", "trainer.keep_last=2",
                            "trainer.eval_every=2")
     assert summary["best_step"] == 2 and summary["best_eval_average"] == 90.0
-    assert [step for step, _ in ckpt.complete_checkpoints(run_dir)] == [2, 6, 8]
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [2, 6, 8]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_6", "step_8"]
-    for step, path in ckpt.complete_checkpoints(run_dir):
+    for step, path in complete_checkpoints(run_dir):
         files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
         assert files == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.json",
-                         "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors", ckpt.STATE_FILE,
-                         ckpt.MANIFEST_FILE}
-        state = read_json(path / ckpt.STATE_FILE)
+                         "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors", STATE_FILE,
+                         MANIFEST_FILE}
+        state = read_json(path / STATE_FILE)
         assert state["train"]["step"] == step
         assert state["scheduler"]["last_epoch"] == step
         assert state["stream"]["batches"] == step and sum(state["stream"]["mixture"]["drawn"]) == 4 * step
@@ -150,7 +151,7 @@ def test_a_new_best_is_saved_between_regular_checkpoints(tmp_path, monkeypatch, 
                  "trainer.eval_every=3")
     # saves at 3 (best), 4, 6 (best), 8 and at the end (10, before the final evaluation); kept: the last
     # one and the best
-    assert [step for step, _ in ckpt.complete_checkpoints(run_dir)] == [6, 10]
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [6, 10]
 
 
 # -- equivalences --------------------------------------------------------------------------------------

@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 
 from malora_train.adapters import load_adapter
 from malora_train.run_dir import read_json
-from malora_train.train import checkpoint as ckpt
+from malora_train.train.checkpoint import folders
+from malora_train.train.checkpoint.checkpointer import STATE_FILE
+from malora_train.train.checkpoint.folders import (
+    TMP_PREFIX,
+    checkpoint_root,
+    complete_checkpoints,
+    verify_checkpoint,
+)
 from malora_train.train.loop import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,12 +107,12 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 60.0, poll: f
 
 
 def partial_folders(run_dir: Path) -> list[str]:
-    root = ckpt.checkpoint_root(run_dir)
+    root = checkpoint_root(run_dir)
     return sorted(p.name for p in root.iterdir() if p.name.startswith(".")) if root.is_dir() else []
 
 
 def latest_step(run_dir: Path) -> int:
-    found = ckpt.complete_checkpoints(run_dir)
+    found = complete_checkpoints(run_dir)
     return found[-1][0] if found else 0
 
 
@@ -114,13 +121,14 @@ def latest_step(run_dir: Path) -> int:
 KILLED_WHILE_PRUNING = """
 import os, signal, shutil, sys
 from pathlib import Path
-from malora_train.train import checkpoint as ckpt
+from malora_train.run_dir import TRASH_PREFIX
+from malora_train.train.checkpoint.folders import checkpoint_root
 moment, nth = sys.argv[1], int(sys.argv[2])
 run_dir = Path(next(a for a in sys.argv if a.startswith("hydra.run.dir=")).split("=", 1)[1])
-left_by_the_last_kill = set(ckpt.checkpoint_root(run_dir).glob(ckpt.TRASH_PREFIX + "*"))
+left_by_the_last_kill = set(checkpoint_root(run_dir).glob(TRASH_PREFIX + "*"))
 seen, real_rmtree = [], shutil.rmtree
 def rmtree(path, *args, **kwargs):
-    trash = Path(path).name.startswith(ckpt.TRASH_PREFIX) and Path(path) not in left_by_the_last_kill
+    trash = Path(path).name.startswith(TRASH_PREFIX) and Path(path) not in left_by_the_last_kill
     if trash and Path(path).exists():
         seen.append(path)
         if len(seen) == nth:
@@ -148,13 +156,13 @@ def kill_while_pruning(run_dir: Path, overrides: list[str], moment: str, nth: in
 
 def assert_every_listed_checkpoint_loads(run_dir: Path, make_tiny_model) -> None:
     """Whatever moment a kill hit, every folder complete_checkpoints lists is whole and loads."""
-    listed = ckpt.complete_checkpoints(run_dir)
+    listed = complete_checkpoints(run_dir)
     assert listed
     for step, path in listed:
-        ckpt.verify_checkpoint(path)
+        verify_checkpoint(path)
         load_adapter(make_tiny_model(), path / "adapter")  # strict: every tensor with its shape
         assert load_file(str(path / "optimizer.safetensors"))
-        assert read_json(path / ckpt.STATE_FILE)["train"]["step"] == step
+        assert read_json(path / STATE_FILE)["train"]["step"] == step
         read_json(path / "optimizer.json")
         read_json(path / "rng_rank0.json")
 
@@ -170,21 +178,21 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, tiny_traini
     # then (resumed) right after renaming the next one (step_4, pruned when 8 is saved)
     kill_while_pruning(run_dir, overrides, "deleting", 1, "prune-0.log")
     assert partial_folders(run_dir) == [".trash-step_2"]
-    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [4, 6]
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [4, 6]
     assert_every_listed_checkpoint_loads(run_dir, make_tiny_model)
     output = kill_while_pruning(run_dir, [*overrides, "trainer.resume=auto"], "renamed", 1, "prune-1.log")
     assert f"{run_dir / '.lock'}: the run that held this directory (pid " in output  # the killed run's
     assert "ended without releasing it (killed?); taking it over" in output
     assert f"resumed from {run_dir / 'checkpoints' / 'step_6'} at step 6" in output
     assert partial_folders(run_dir) == [".trash-step_4"]  # the half-deleted step_2 was cleared at start
-    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [6, 8]
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [6, 8]
     assert_every_listed_checkpoint_loads(run_dir, make_tiny_model)
 
     # 1. kill -9 while checkpoint step_N is being written: step_N-2 is the last complete one. The poll sees
     # the temporary folder ~14 ms before its rename; a busy machine may wake it too late, so up to three
     # tries (each resuming the last) until a kill lands inside a save.
     def writing() -> list[str]:
-        return [name for name in partial_folders(run_dir) if name.startswith(ckpt.TMP_PREFIX)]
+        return [name for name in partial_folders(run_dir) if name.startswith(TMP_PREFIX)]
 
     for attempt in range(3):
         proc = start_run(run_dir, [*overrides, "trainer.resume=auto"], f"first-{attempt}.log")
@@ -194,7 +202,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, tiny_traini
         if writing():
             break
     killed_at = latest_step(run_dir)
-    assert writing() == [f"{ckpt.TMP_PREFIX}{killed_at + 2}"]  # the checkpoint being written
+    assert writing() == [f"{TMP_PREFIX}{killed_at + 2}"]  # the checkpoint being written
     assert_every_listed_checkpoint_loads(run_dir, make_tiny_model)
 
     # 2. resume, then kill -9 in the middle of training, a little after a later checkpoint
@@ -235,14 +243,14 @@ def test_sigterm_twice_saves_at_the_next_step_and_the_hint_resumes_with_the_runs
     assert proc.wait(timeout=60) == 0
     output = (tmp_path / "run.log").read_text()
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
-    [step] = [s for s, _ in ckpt.complete_checkpoints(run_dir)]
+    [step] = [s for s, _ in complete_checkpoints(run_dir)]
     assert 3 <= step < steps
     assert_every_listed_checkpoint_loads(run_dir, make_tiny_model)
     hint = f"stopped by signal at step {step}; saved {run_dir / 'checkpoints' / f'step_{step}'}; continue with "
     assert hint in output
     resume_args = output.split(hint)[1].split()[:2]
     assert resume_args == ["trainer.resume=auto", f"hydra.run.dir={run_dir}"]
-    assert read_json(run_dir / "checkpoints" / f"step_{step}" / ckpt.STATE_FILE)["train"]["step"] == step
+    assert read_json(run_dir / "checkpoints" / f"step_{step}" / STATE_FILE)["train"]["step"] == step
     assert list(train_losses(run_dir)) == list(range(1, step + 1))
     assert not (run_dir / "summary.json").exists()
 
@@ -259,13 +267,13 @@ def test_sigterm_twice_saves_at_the_next_step_and_the_hint_resumes_with_the_runs
 def test_a_second_signal_during_the_save_does_not_interrupt_it(tmp_path, run_training, monkeypatch,
                                                               make_tiny_model):
     signal_during_step(monkeypatch, 3, signal.SIGTERM)
-    real_write_manifest = ckpt.write_manifest
+    real_write_manifest = folders.write_manifest
 
     def signal_again(folder):  # the checkpoint's files are written, its manifest and rename are next
         os.kill(os.getpid(), signal.SIGINT)
         real_write_manifest(folder)
 
-    monkeypatch.setattr(ckpt, "write_manifest", signal_again)
+    monkeypatch.setattr(folders, "write_manifest", signal_again)
     summary = run_training(tmp_path / "run", "trainer.max_steps=10")
     assert summary == {"status": "interrupted", "step": 3,
                        "checkpoint": str(tmp_path / "run" / "checkpoints" / "step_3")}

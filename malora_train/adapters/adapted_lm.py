@@ -3,7 +3,10 @@ answer tokens and the routers' auxiliary loss separately."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,17 @@ class AdaptedOutput:
         """The same values cut from the autograd graph (what bookkeeping keeps after the backward)."""
         return AdaptedOutput(**{f.name: (v.detach() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
                                 for f in fields(self)})
+
+
+class RouterLosses(NamedTuple):
+    """The routers' losses of one forward, over the mixture layers that reported (plain LoRA: ``aux`` is 0,
+    the rest None)."""
+
+    aux: torch.Tensor  # balance_coef * balance + z_loss_coef * z: what the optimiser adds to the LM loss
+    balance: torch.Tensor | None  # mean over layers, unweighted (1 = perfectly balanced)
+    z: torch.Tensor | None  # mean over layers, unweighted
+    entropy: torch.Tensor | None  # the routers' mean entropy, detached
+    layer_balance: torch.Tensor | None  # (decoder layers,) detached; None unless every layer reported
 
 
 class AdaptedCausalLM(nn.Module):
@@ -86,21 +100,34 @@ class AdaptedCausalLM(nn.Module):
         real tokens (for the routers' statistics) and ``task_ids`` may be given per token."""
         if not targets:
             targets = loss_targets(labels if labels is not None else input_ids, task_ids)
-        self._set_context(input_ids, attention_mask, task_ids)
-        try:
+        with self.routing_forward(input_ids, attention_mask, task_ids):
             hidden = self._hidden_states(input_ids, attention_mask, position_ids, document_ids)
             token_loss = self._token_losses(hidden, targets["loss_index"], targets["loss_target"])
-        finally:
-            self.context.collect = False
         rows, batch = targets["loss_row"], input_ids.shape[0]
         answered = (targets["loss_target"] != IGNORE_INDEX).long()
         seq_loss = torch.zeros(batch, device=hidden.device).index_add_(0, rows, token_loss.detach().float())
         seq_tokens = torch.zeros(batch, dtype=torch.long, device=hidden.device).index_add_(0, rows, answered)
         normalizer = loss_normalizer if loss_normalizer is not None else seq_tokens.sum().clamp_min(1)
         lm_loss = token_loss.sum() / normalizer
-        aux_loss, balance, z, ent, per_layer = self._aux_losses(lm_loss)
-        return AdaptedOutput(lm_loss + aux_loss, lm_loss, aux_loss, balance, z, ent, seq_loss, seq_tokens,
-                             token_loss.detach(), targets["loss_task"], per_layer)
+        router = self.router_losses(lm_loss)
+        return AdaptedOutput(lm_loss + router.aux, lm_loss, router.aux, router.balance, router.z,
+                             router.entropy, seq_loss, seq_tokens, token_loss.detach(), targets["loss_task"],
+                             router.layer_balance)
+
+    @contextlib.contextmanager
+    def routing_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        task_ids: torch.Tensor | None = None) -> Iterator[None]:
+        """The routing context of one forward through the adapted layers (``input_ids``: any (B, L) tensor of
+        the batch's shape): inside the block the mixture layers keep their auxiliary losses for
+        ``router_losses`` (padding masked out) and, while ``record_routing`` is on with ``task_ids``, count
+        routing per task. Afterwards neither happens, so a backward that recomputes the forward (activation
+        checkpointing) counts nothing again."""
+        self._set_context(input_ids, attention_mask, task_ids)
+        try:
+            yield
+        finally:
+            self.context.collect = False
+            self.context.token_task = None
 
     def _set_context(self, input_ids, attention_mask, task_ids) -> None:
         ctx = self.context
@@ -160,11 +187,14 @@ class AdaptedCausalLM(nn.Module):
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
         return F.cross_entropy(self.logits_at(picked), target, ignore_index=IGNORE_INDEX, reduction="none")
 
-    def _aux_losses(self, like: torch.Tensor):
+    def router_losses(self, like: torch.Tensor) -> RouterLosses:
+        """The losses the routers kept in the last ``routing_forward`` (``like``: a tensor of the loss's
+        device and dtype). The layers keep only detached copies afterwards, so the next forward holds no
+        part of this one's autograd graph."""
         layers = [m for _, m in self._mixture if m.aux]
         zero = like.new_zeros(())
         if not layers:
-            return zero, None, None, None, None
+            return RouterLosses(zero, None, None, None, None)
         balances = torch.stack([m.aux["balance"] for m in layers])
         balance = balances.mean()
         z = torch.stack([m.aux["z"] for m in layers]).mean()
@@ -182,7 +212,7 @@ class AdaptedCausalLM(nn.Module):
             aux = aux + router.balance_coef * balance
         if router.z_loss_coef:
             aux = aux + router.z_loss_coef * z
-        return aux, balance, z, ent, per_layer
+        return RouterLosses(aux, balance, z, ent, per_layer)
 
     def _balance_group_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._balance_groups:

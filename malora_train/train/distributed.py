@@ -1,10 +1,12 @@
 """Launch and sharding helpers shared by ``accelerate launch`` / ``torchrun`` runs: one run directory for
-all ranks, the Accelerator (DDP or DeepSpeed, CPU or GPU) and its DeepSpeed settings, each rank's rows of
-a global batch, the ZeRO-3 adapter gather, and small collective helpers."""
+all ranks, the Accelerator (DDP or DeepSpeed, CPU or GPU), its DeepSpeed settings and the launch's facts
+(``LaunchInfo``), each rank's rows of a global batch, the ZeRO-3 adapter gather, and small collective
+helpers."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 from collections.abc import Iterator
@@ -186,6 +188,25 @@ def is_zero3(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchInfo:
+    """What the launch made of this process, taken once from the Accelerator; the trainer and the
+    checkpointer read it."""
+
+    process_index: int  # this process's rank
+    world: int  # processes in the run
+    is_main: bool  # rank 0: the process that writes the run's shared files
+    deepspeed: bool  # DeepSpeed's engine holds the optimizer (and checkpoints it in its own files)
+    zero3: bool  # ZeRO stage 3: each rank holds a shard of the adapter tensors
+
+    @classmethod
+    def from_accelerator(cls, accelerator: Accelerator) -> LaunchInfo:
+        return cls(process_index=accelerator.process_index, world=accelerator.num_processes,
+                   is_main=accelerator.is_main_process,
+                   deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
+                   zero3=is_zero3(accelerator))
+
+
 @contextlib.contextmanager
 def model_init_context(accelerator: Accelerator) -> Iterator[None]:
     """Where the base model is built. Accelerate makes Transformers build every model inside
@@ -205,10 +226,10 @@ def model_init_context(accelerator: Accelerator) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
-def gather_adapter_state(accelerator: Accelerator, model: AdaptedCausalLM) -> dict[str, torch.Tensor] | None:
+def gather_adapter_state(launch: LaunchInfo, model: AdaptedCausalLM) -> dict[str, torch.Tensor] | None:
     """Under ZeRO-3, the full adapter tensors gathered from their shards (every rank must call this);
     otherwise None: each rank holds them whole."""
-    if not is_zero3(accelerator):
+    if not launch.zero3:
         return None
     import deepspeed
 

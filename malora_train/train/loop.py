@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from malora_train.adapters import AdaptedCausalLM, AdaptedOutput, parameter_report
@@ -55,9 +55,17 @@ from malora_train.run_dir import (
     write_json_atomic,
     write_text_atomic,
 )
-from malora_train.train import checkpoint as ckpt
-from malora_train.train.checkpoint import Checkpointer, TrainState
+from malora_train.train.checkpoint.checkpointer import CheckpointedParts, Checkpointer, TrainState
+from malora_train.train.checkpoint.folders import remove_partial
+from malora_train.train.checkpoint.resume import (
+    check_extendable,
+    finished_message,
+    finished_run,
+    last_good_hint,
+    resolve_resume,
+)
 from malora_train.train.distributed import (
+    LaunchInfo,
     all_reduce_sum,
     any_rank,
     build_accelerator,
@@ -155,18 +163,16 @@ class Trainer:
         self.accelerator = acc = build_accelerator(trainer, installed_trackers(self.cfg.logger),
                                                    self.run_dir / TRACKER_LOGS_DIR)
         check_launch(trainer, acc)
-        self.is_main = acc.is_main_process
-        self.process_index, self.world = acc.process_index, acc.num_processes
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        self.step_path = choose_step_path(self.cfg, acc.device.type, self.deepspeed)
+        self.launch = LaunchInfo.from_accelerator(acc)
+        self.step_path = choose_step_path(self.cfg, acc.device.type, self.launch.deepspeed)
         guard_run_dir(self.run_dir, trainer.resume)
         acc.wait_for_everyone()  # every rank has looked at the run directory before rank 0 changes it
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_partial(self.run_dir)
+            remove_partial(self.run_dir)
         acc.wait_for_everyone()
-        self.resume_from = ckpt.resolve_resume(self.run_dir, trainer.resume)
-        ckpt.check_extendable(self.run_dir, self.resume_from)
+        self.resume_from = resolve_resume(self.run_dir, trainer.resume)
+        check_extendable(self.run_dir, self.resume_from)
 
     def _setup_model(self) -> None:
         """The base model and tokenizer: the same seed on every rank, so the adapters built next start
@@ -230,9 +236,11 @@ class Trainer:
     def _setup_state(self, resolved_yaml: str, overrides: list[str]) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the metrics log."""
         trainer = self.cfg.trainer
-        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.model, self.engine,
-                                         self.optimizer, self.scheduler, self.stream, self.base_model_name,
-                                         self.cfg.seed, self.deepspeed)
+        parts = CheckpointedParts(model=self.model, engine=self.engine, optimizer=self.optimizer,
+                                  scheduler=self.scheduler, stream=self.stream,
+                                  base_model_name=self.base_model_name)
+        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.launch, parts,
+                                         seed=self.cfg.seed)
         self.state = TrainState()
         if self.resume_from is not None:
             self.state = self.checkpointer.restore(self.resume_from)
@@ -255,6 +263,23 @@ class Trainer:
     @property
     def base_model_name(self) -> str:
         return base_model_location(self.cfg.model)
+
+    # the launch's facts, as the recipe reads them (``self.launch`` holds them)
+    @property
+    def is_main(self) -> bool:
+        return self.launch.is_main
+
+    @property
+    def process_index(self) -> int:
+        return self.launch.process_index
+
+    @property
+    def world(self) -> int:
+        return self.launch.world
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.launch.deepspeed
 
     def _tick(self) -> None:
         """Add the time since the last tick to the run's wall time (kept across resumes)."""
@@ -333,7 +358,7 @@ class Trainer:
             where = (f"at step {first}" if first == self.state.step
                      else f"between steps {first} and {self.state.step} (one logging window; "
                           "trainer.log_every=1 names the step)")
-            raise NonFiniteLoss(f"non-finite loss {where}; {self.checkpointer.last_good_hint()} (resume with "
+            raise NonFiniteLoss(f"non-finite loss {where}; {last_good_hint(self.run_dir)} (resume with "
                                 "trainer.resume=auto and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
         metrics["lr"] = float(self._last_lr)  # a device tensor on the captured path
         metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
@@ -559,10 +584,10 @@ def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[s
     with this run (``StopRequest``), so signals after a requested stop are ignored until it exits."""
     run_dir = Path(run_dir)
     main = launch_rank() == 0
-    finished = ckpt.finished_run(run_dir, cfg.trainer)
+    finished = finished_run(run_dir, cfg.trainer)
     if finished is not None:
         if main:
-            print(ckpt.finished_message(run_dir, finished), flush=True)
+            print(finished_message(run_dir, finished), flush=True)
         return finished
     with run_dir_lock(run_dir, enabled=main) as note:
         if note:

@@ -1,0 +1,85 @@
+"""Which checkpoint a run resumes from, and whether a completed run has anything left to do."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from malora_train.config import TrainerConfig
+from malora_train.errors import ConfigError
+from malora_train.run_dir import completed_summary
+from malora_train.train.checkpoint.folders import (
+    MANIFEST_FILE,
+    DamagedCheckpoint,
+    checkpoint_root,
+    complete_checkpoints,
+    verify_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from, verified against its manifest. ``auto``: the newest intact checkpoint
+    of this run (None on a fresh run; damaged newer ones are skipped with a warning); else the path given."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if not (path / MANIFEST_FILE).is_file():
+            raise ConfigError(f"trainer.resume={resume}: not a complete checkpoint "
+                              f"(no {MANIFEST_FILE} in it)")
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint as err:
+            raise ConfigError(f"trainer.resume={resume}: damaged checkpoint: {err}") from err
+        return path
+    found = complete_checkpoints(run_dir)
+    problems = []
+    for _, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint as err:
+            problems.append(str(err))
+            log.warning("trainer.resume=auto: skipping damaged checkpoint %s (%s)", path.name, err)
+            continue
+        if problems:
+            log.warning("trainer.resume=auto: resuming from %s, the newest intact checkpoint", path)
+        return path
+    if problems:
+        raise ConfigError(f"trainer.resume=auto: every checkpoint in {checkpoint_root(run_dir)} is damaged "
+                          f"(newest: {problems[0]}); delete {checkpoint_root(run_dir)} to start over")
+    return None
+
+
+def last_good_hint(run_dir: Path) -> str:
+    """Where a failed run can be resumed from, for error messages."""
+    found = complete_checkpoints(run_dir)
+    return f"last good checkpoint: {found[-1][1]}" if found else "no checkpoint was saved yet"
+
+
+def finished_run(run_dir: Path, trainer: TrainerConfig) -> dict[str, Any] | None:
+    """The summary of a completed run that ``trainer.resume`` asks nothing more of (the same or fewer
+    steps or epochs), else None: such a run is left as it is."""
+    summary = completed_summary(run_dir) if trainer.resume else None
+    if summary is None:
+        return None
+    if trainer.max_steps > 0:
+        return summary if trainer.max_steps <= summary.get("steps", 0) else None
+    done_by_epochs = summary.get("max_steps") == 0 and trainer.epochs <= summary.get("epochs", 0)
+    return summary if done_by_epochs else None
+
+
+def finished_message(run_dir: Path, summary: dict[str, Any]) -> str:
+    average = summary.get("eval_after_average")
+    result = f", eval average {average:.2f}" if isinstance(average, (int, float)) else ""
+    return (f"{run_dir} is complete ({summary.get('steps')} steps{result}); nothing to do (raise "
+            "trainer.max_steps or trainer.epochs to train further)")
+
+
+def check_extendable(run_dir: Path, resume_from: Path | None) -> None:
+    """A completed run continues only from a checkpoint: starting it afresh would overwrite its results."""
+    if resume_from is None and completed_summary(run_dir) is not None:
+        raise ConfigError(f"hydra.run.dir={run_dir} holds a completed run without a checkpoint to continue "
+                          "from (trainer.save_every was 0); start a new run in another hydra.run.dir")
