@@ -394,6 +394,25 @@ def test_config_dir_adds_a_users_own_group_options(monkeypatch, capsys, tmp_path
     assert "sampling_rate" in error_line(capsys, "malora-inspect")
 
 
+def test_a_users_adapter_yaml_starts_from_its_kind(monkeypatch, capsys, tmp_path):
+    """An adapter YAML of one's own extends a packaged preset (its class and values); without it, a key only
+    some kinds read is refused with a line that says how to start the file."""
+    from malora_train.cli import _command_config
+
+    mine = tmp_path / "myconf" / "adapter"
+    mine.mkdir(parents=True)
+    (mine / "small_molora.yaml").write_text("defaults:\n  - molora\n  - _self_\n\nrank: 4\nnum_experts: 4\n")
+    config_dir = str(tmp_path / "myconf")
+    cfg = _command_config("malora-inspect", ["--config-dir", config_dir, "adapter=small_molora"])
+    assert (cfg.adapter.kind, cfg.adapter.rank, cfg.adapter.num_experts, cfg.adapter.router.top_k) == (
+        "molora", 4, 4, 2)
+    (mine / "plain.yaml").write_text("kind: molora\nnum_experts: 4\n")
+    assert run_program(monkeypatch, "malora-inspect", [f"--config-dir={config_dir}", "adapter=plain"]) == 2
+    assert error_line(capsys, "malora-inspect") == (
+        "In 'adapter/plain': adapter.num_experts: no such config key in an adapter YAML that does not start "
+        "from its kind (read by molora, malora, hydralora); begin the file with defaults: [molora, _self_]")
+
+
 # -- runs side by side ---------------------------------------------------------------------------------------
 def cli_process(cwd: Path, argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
