@@ -100,12 +100,16 @@ def test_help_shows_the_defaults_after_the_default_group_options(monkeypatch, ca
 
 
 def test_help_lists_the_adapter_keys_of_the_chosen_kind(monkeypatch, capsys):
+    def adapter_lines() -> dict[str, list[str]]:
+        out = capsys.readouterr().out
+        return {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith("  adapter.")}
+
     assert run_program(monkeypatch, "malora-train", ["adapter=lora", "--help"]) == 0
-    lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  adapter.")}
+    lines = adapter_lines()
     assert lines["adapter.rank"][1] == "64" and lines["adapter.kind"][1] == "lora"  # conf/adapter/lora.yaml
     assert "adapter.num_experts" not in lines and "adapter.router.top_k" not in lines
     assert run_program(monkeypatch, "malora-inspect", ["adapter=hydralora", "--help"]) == 0
-    lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  adapter.")}
+    lines = adapter_lines()
     assert lines["adapter.router.dense"][1] == "True" and "adapter.lam" not in lines
 
 
