@@ -38,7 +38,7 @@ from malora_train.adapters import (
     read_adapter_config,
     save_adapter,
 )
-from malora_train.config import CONF_DIR, AdapterConfig
+from malora_train.config import CONF_DIR, DEFAULT_ADAPTER_KIND, AdapterConfig, adapter_config_class
 from malora_train.errors import ConfigError
 from malora_train.eval.routing import routing_report, start_recording, stop_recording
 from malora_train.labels import IGNORE_INDEX
@@ -302,16 +302,19 @@ def load_adapted_model(base_model: PreTrainedModel, adapter_dir: str | PathLike[
 def load_adapter_config(source: str | PathLike[str] = "malora", **overrides: Any) -> AdapterConfig:
     """An ``AdapterConfig`` from a preset of ``conf/adapter`` (``"malora"``, ``"molora"``, ``"lora"``,
     ``"hydralora"``) or a YAML file of the same keys, with ``overrides`` on top, e.g.
-    ``load_adapter_config("malora", rank=4, router={"top_k": 1})``. Unknown keys and wrong types raise
-    ``ConfigError`` naming the key."""
+    ``load_adapter_config("malora", rank=4, router={"top_k": 1})``. The result is the config class of its
+    ``kind``; keys that kind does not read and wrong types raise ``ConfigError`` naming the key."""
     preset = _PRESETS / f"{source}.yaml"
     path = preset if isinstance(source, str) and preset.is_file() else Path(source)
     if not path.is_file():
         presets = ", ".join(sorted(p.stem for p in _PRESETS.glob("*.yaml")))
         raise ConfigError(f"adapter config {str(source)!r} is neither a preset ({presets}) nor a YAML file")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(AdapterConfig), OmegaConf.load(path), overrides)
-        return OmegaConf.to_object(merged)
+        data = OmegaConf.load(path)
+        data.pop("defaults", None)  # a preset's Hydra defaults list, which names the kind's class taken here
+        kind = overrides.get("kind", data.get("kind", DEFAULT_ADAPTER_KIND))
+        schema = OmegaConf.structured(adapter_config_class(kind))
+        return OmegaConf.to_object(OmegaConf.merge(schema, data, overrides))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: adapter.{err.full_key}: {err.msg}") from err
 
@@ -321,7 +324,7 @@ def _checked(config: AdapterConfig) -> AdapterConfig:
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"expected an AdapterConfig, got {type(config).__name__}")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AdapterConfig), config))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(type(config)), config))
     except OmegaConfBaseException as err:
         raise ConfigError(f"adapter.{err.full_key}: {err.msg}") from err
 

@@ -116,7 +116,8 @@ def train_main() -> None:
 
     argv = sys.argv[1:]
     if any(arg in HELP_FLAGS for arg in argv):
-        print(help_page("malora-train", _help_defaults()))
+        overrides = [arg for arg in argv if "=" in arg and not arg.startswith(("-", "hydra"))]
+        print(help_page("malora-train", _help_defaults(overrides)))
         return
     argv = [quote_path_value(arg) for arg in argv]
     try:
@@ -151,11 +152,15 @@ def _report_unexpected() -> NoReturn:
     sys.exit(1)
 
 
-def _help_defaults() -> DictConfig | None:
-    try:
-        return compose_config([])
-    except MaloraError:
-        return None
+def _help_defaults(overrides: list[str], config_dirs: list[str] | None = None) -> DictConfig | None:
+    """What ``--help`` shows the keys of: the composition of the command line's group options and keys
+    (``adapter=lora --help``: LoRA's keys), else the default one, else None (keys without values)."""
+    for attempt in (overrides, []):
+        try:
+            return compose_config(attempt, config_dirs or [])
+        except MaloraError:
+            continue
+    return None
 
 
 def compose(argv: list[str]) -> Config:
@@ -172,7 +177,7 @@ def _command_config(program: str, argv: list[str], run_dir_argument: bool = Fals
 
     line = parse_command_line(argv, program, run_dir_argument=run_dir_argument)
     if line.help:
-        print(help_page(program, _help_defaults()))
+        print(help_page(program, _help_defaults(line.overrides, line.config_dirs)))
         return None
     if len(line.paths) > 1:
         raise MaloraError(f"{program} takes one run directory, got {len(line.paths)}: {' '.join(line.paths)}")

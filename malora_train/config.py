@@ -1,16 +1,24 @@
 """Structured configs: the schema every YAML file in ``conf/`` is merged into.
 
 Hydra validates each override against these dataclasses, so a typo (``adapter.rnak=8``) or a wrong
-type (``trainer.lr=fast``) fails at start-up with the key's full name. Each field's comment (on its line,
-or the lines just above it) is its one-line description in the commands' ``--help`` pages.
+type (``trainer.lr=fast``) fails at start-up with the key's full name. The ``adapter`` section is the config
+class of the chosen kind (``adapter=<kind>``), which holds only that kind's keys and checks their values
+when it is made. Each field's comment (on its line, or the lines just above it) is its one-line description
+in the commands' ``--help`` pages.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from malora_train.errors import ConfigError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -21,6 +29,8 @@ SHAPE_KEYS = ("model.name", "model.source", "model.name_or_path", "model.archite
 # Keys that let a model folder run its own code: taken from the command line only, never from a saved
 # config.yaml (a run directory is data, not a program).
 CODE_KEYS = ("model.trust_remote_code",)
+DEFAULT_ADAPTER_KIND = "malora"  # the default run's (conf/config.yaml) and AdapterConfig()'s
+IMPLS = ("fast", "reference")  # adapter.impl
 
 
 def escape_interpolations(data: Any) -> Any:
@@ -81,30 +91,222 @@ class RouterConfig:
 
 @dataclass
 class AdapterConfig:
-    """Which adapter, where and how large (``adapter.*``; presets in ``conf/adapter/<kind>.yaml``).
+    """The keys every adapter kind reads (``adapter.*``): where the adapter goes, its rank and its scaling.
 
-    The defaults are MALoRA's (r=8, N=8, top-2); ``malora_train.load_adapter_config(kind)`` gives each
-    kind's preset as the CLI's ``adapter=<kind>`` does.
+    Each kind has a config class of its own below (``ADAPTER_CONFIGS``) that holds only the keys it reads;
+    ``adapter=<kind>`` selects it (``conf/adapter/<kind>.yaml`` starts from it), so a key that only another
+    kind reads is unknown. ``AdapterConfig(kind=..., ...)`` builds that kind's class, as ``pathlib.Path``
+    builds a ``PosixPath`` (no ``kind``: MALoRA, the default run's). Every value is checked when the object
+    is made (``validate``); an error names the key.
     """
 
-    kind: str = "malora"  # a registered kind: malora_train.adapters.ADAPTER_CLASSES (lora, molora, malora, ...)
+    kind: str = DEFAULT_ADAPTER_KIND  # lora | molora | malora | hydralora (chosen with adapter=<kind>)
     # name suffixes of the linear layers to adapt, a regex, or "all-linear"
     target_modules: Any = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rank: int = 8  # expert rank r (LoRA: the rank; MALoRA: the MoLoRA budget it is sized from)
     alpha: Optional[float] = None  # None: 2 x the expert rank (r, or r-bar for MALoRA)
     dropout: float = 0.05  # dropout on the adapter's input
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-    num_experts: int = 8  # N experts (HydraLoRA: up-projection heads)
-    lam: float = 0.5  # MALoRA: d = lam * r * N, r-bar = r + (1 - lam) * r
-    shared_rank: Optional[int] = None  # MALoRA d, overrides lam
-    expert_rank: Optional[int] = None  # MALoRA r-bar, overrides lam
-    beta: float = 1.0  # MALoRA initialisation scale
-    freeze_shared: bool = False  # MALoRA ablation: S_A frozen
-    freeze_coeff: bool = False  # MALoRA ablation: P_t frozen
     impl: str = "fast"  # fast: rank-space gated product | reference: per-expert loop
     # fast path: sibling layers reading one input (q/k/v, gate/up) project it together, one kernel for all
     shared_input: bool = True
-    router: RouterConfig = field(default_factory=RouterConfig)  # the router of mixture kinds
+
+    def __new__(cls, *args: Any, **keys: Any) -> AdapterConfig:
+        if cls is AdapterConfig:
+            cls = adapter_config_class(keys.get("kind", args[0] if args else DEFAULT_ADAPTER_KIND))
+        own = {f.name for f in fields(cls)}
+        for key in keys:
+            if key not in own:
+                raise ConfigError(unknown_adapter_key(cls, key))
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        try:
+            OmegaConf.structured(self)  # each value's type, as the CLI's schema checks it
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"adapter.{err.full_key}: {str(err.msg).splitlines()[0]}") from None
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError, naming the key, for a value outside its choices or range (each kind adds its
+        own keys' checks after these)."""
+        if adapter_config_class(self.kind) is not type(self):
+            raise ConfigError(f"adapter.kind={self.kind} is not the kind of {type(self).__name__}; choose "
+                              f"the kind with adapter={self.kind}")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"adapter.impl={self.impl!r} is not one of {', '.join(IMPLS)}")
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank={self.rank} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter.dropout={self.dropout} must be in [0, 1)")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"adapter.alpha={self.alpha} must be > 0")
+
+    def effective_rank(self) -> int:
+        """The rank of each expert (or of the single LoRA): ``adapter.rank`` unless the kind sizes it."""
+        return self.rank
+
+    def effective_alpha(self) -> float:
+        """``adapter.alpha``, or 2 x ``effective_rank()`` when it is null."""
+        return float(self.alpha if self.alpha is not None else 2 * self.effective_rank())
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """Plain LoRA (``adapter=lora``): one low-rank update per adapted layer, saved in PEFT's format."""
+
+    kind: str = "lora"  # this config's kind (another kind: adapter=<kind>)
+
+
+@dataclass
+class MixtureConfig(AdapterConfig):
+    """The keys of the mixture kinds: N low-rank experts behind a router (``adapter.router.*``)."""
+
+    num_experts: int = 8  # N experts (HydraLoRA: up-projection heads)
+    router: RouterConfig = field(default_factory=RouterConfig)  # the router of the experts
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_experts < 1:
+            raise ConfigError(f"adapter.num_experts={self.num_experts} must be >= 1")
+        router = self.router
+        if router.dense and router.top_k != RouterConfig.top_k:
+            raise ConfigError(f"adapter.router.top_k={router.top_k} has no effect with "
+                              "adapter.router.dense=true (every expert gets every token); remove it")
+        if not 1 <= self.active_experts() <= self.num_experts:
+            raise ConfigError(f"adapter.router.top_k={router.top_k} must be in "
+                              f"[1, adapter.num_experts={self.num_experts}]")
+
+    def active_experts(self) -> int:
+        """K, the experts each token reaches: ``adapter.router.top_k``, or N under dense routing."""
+        return self.num_experts if self.router.dense else self.router.top_k
+
+
+@dataclass
+class MoLoRAConfig(MixtureConfig):
+    """MoLoRA (``adapter=molora``): N LoRA experts behind a top-K router."""
+
+    kind: str = "molora"  # this config's kind (another kind: adapter=<kind>)
+
+
+@dataclass
+class HydraLoRAConfig(MixtureConfig):
+    """HydraLoRA (``adapter=hydralora``): one shared down-projection, N up-projection heads, a router
+    (dense in its preset)."""
+
+    kind: str = "hydralora"  # this config's kind (another kind: adapter=<kind>)
+
+
+@dataclass
+class MALoRAConfig(MixtureConfig):
+    """MALoRA (``adapter=malora``): the experts share one down-projection subspace S_A of rank d, and each
+    gets a rank-r-bar projection P_t from it and an up-projection B_t. d and r-bar come from the MoLoRA
+    budget (r, N) and lam unless given directly."""
+
+    kind: str = "malora"  # this config's kind (another kind: adapter=<kind>)
+    lam: float = 0.5  # d = lam * r * N, r-bar = r + (1 - lam) * r
+    shared_rank: Optional[int] = None  # d given directly (overrides lam)
+    expert_rank: Optional[int] = None  # r-bar given directly (overrides lam)
+    beta: float = 1.0  # initialisation scale: S_A = beta V, P_t = U S / beta
+    freeze_shared: bool = False  # ablation: S_A frozen at its initialisation
+    freeze_coeff: bool = False  # ablation: every P_t frozen at its initialisation
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.lam <= 1:
+            raise ConfigError(f"adapter.lam={self.lam} must be in (0, 1]")
+        d, r_bar = self.sizes()
+        if d < 1 or r_bar < 1:
+            raise ConfigError(f"adapter.shared_rank (d={d}) and adapter.expert_rank (r-bar={r_bar}) must be "
+                              ">= 1")
+        if r_bar > d:
+            raise ConfigError(f"adapter.expert_rank (r-bar={r_bar}) must not exceed adapter.shared_rank "
+                              f"(d={d}): an expert cannot have more rank than the shared subspace")
+        if self.beta <= 0:
+            raise ConfigError(f"adapter.beta={self.beta} must be > 0")
+
+    def sizes(self) -> tuple[int, int]:
+        """(d, r-bar): d = lam r N and r-bar = r + (1 - lam) r from the MoLoRA budget, unless
+        ``adapter.shared_rank`` / ``adapter.expert_rank`` give them."""
+        r, lam = self.rank, self.lam
+        d = self.shared_rank if self.shared_rank is not None else round(lam * r * self.num_experts)
+        r_bar = self.expert_rank if self.expert_rank is not None else round(r + (1 - lam) * r)
+        return d, r_bar
+
+    def effective_rank(self) -> int:
+        return self.sizes()[1]
+
+
+ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {
+    cls.kind: cls for cls in (LoRAConfig, MoLoRAConfig, MALoRAConfig, HydraLoRAConfig)}
+
+
+def adapter_config_class(kind: str) -> type[AdapterConfig]:
+    """The config class of adapter ``kind``."""
+    if kind not in ADAPTER_CONFIGS:
+        raise ConfigError(f"adapter.kind={kind!r} is not one of {', '.join(ADAPTER_CONFIGS)}")
+    return ADAPTER_CONFIGS[kind]
+
+
+def kinds_reading(key: str) -> list[str]:
+    """The adapter kinds whose config has ``key`` (a key below ``adapter``: ``lam``, ``router.top_k``)."""
+    top = key.split(".", 1)[0]
+    return [kind for kind, cls in ADAPTER_CONFIGS.items() if top in {f.name for f in fields(cls)}]
+
+
+def unknown_adapter_key(cls: type[AdapterConfig], key: str) -> str:
+    """The one-line error for ``adapter.<key>``, a key config class ``cls`` does not have: the kinds that
+    read it, or the closest key it has."""
+    readers = kinds_reading(key)
+    if readers and cls not in ADAPTER_CONFIGS.values():  # a YAML file of plain keys: only every kind's known
+        return (f"adapter.{key}: no such config key in an adapter YAML that does not start from its kind "
+                f"(read by {', '.join(readers)}); begin the file with defaults: [{readers[0]}, _self_]")
+    if readers:
+        return f"adapter.{key}: no such config key for adapter={cls.kind} (read by {', '.join(readers)})"
+    close = difflib.get_close_matches(key, [f.name for f in fields(cls)], n=1)
+    return f"adapter.{key}: no such config key" + (f" (did you mean adapter.{close[0]}?)" if close else "")
+
+
+# Every adapter key's default in the single adapter config of earlier versions, whose files (a run's
+# config.yaml, an adapter's adapter_config.json) hold every kind's keys.
+FLAT_ADAPTER_DEFAULTS: dict[str, Any] = {
+    "num_experts": 8, "lam": 0.5, "shared_rank": None, "expert_rank": None, "beta": 1.0,
+    "freeze_shared": False, "freeze_coeff": False,
+    "router": {"top_k": 2, "dense": False, "renormalize": True, "jitter_noise": 0.0, "balance_coef": 0.01,
+               "z_loss_coef": 0.0, "init_std": 0.02}}
+
+
+def saved_adapter_keys(data: Any, source: str) -> tuple[type[AdapterConfig], dict[str, Any]]:
+    """The config class of the kind a saved file's ``adapter`` section (plain data) names, and the section's
+    keys to merge into it. A key the kind does not read (files of earlier versions hold every kind's keys) is
+    dropped while it holds its former default, and refused, naming it, otherwise: the file describes an
+    adapter this kind does not compute. A key no kind reads is left for the merge to refuse."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: adapter: expected a mapping of keys, found {type(data).__name__}")
+    kind = data.get("kind", DEFAULT_ADAPTER_KIND)
+    try:
+        cls = adapter_config_class(kind)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    own = {f.name for f in fields(cls)}
+    kept = {key: value for key, value in data.items() if key in own or key not in FLAT_ADAPTER_DEFAULTS}
+    former = _flatten(FLAT_ADAPTER_DEFAULTS)
+    for key, value in _flatten({key: value for key, value in data.items() if key not in kept}).items():
+        if key not in former or value != former[key]:
+            raise ConfigError(f"{source}: adapter.{key}={value} is set, but adapter={kind} does not read it "
+                              f"(read by {', '.join(kinds_reading(key))})")
+    return cls, kept
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"router": {"top_k": 2}}`` -> ``{"router.top_k": 2}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @dataclass
@@ -233,7 +435,7 @@ class InspectConfig:
 class Config:
     seed: int = 0  # seeds the model's random init, the data, dropout and sampling
     model: ModelConfig = field(default_factory=ModelConfig)  # the base model
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # the adapter
+    adapter: AdapterConfig = MISSING  # the adapter: the config of the kind adapter=<kind> selects
     data: DataConfig = field(default_factory=DataConfig)  # the task mixture
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # the training loop
     eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation
@@ -242,8 +444,11 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can list ``malora_schema`` first in its defaults."""
+    """Register the schemas: ``malora_schema`` (listed first in ``conf/config.yaml``'s defaults) and each
+    adapter kind's config as ``schema/adapter/<kind>`` (listed first in ``conf/adapter/<kind>.yaml``'s)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="malora_schema", node=Config)
+    for kind, cls in ADAPTER_CONFIGS.items():
+        cs.store(group="schema/adapter", name=kind, node=cls)

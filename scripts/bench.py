@@ -38,6 +38,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from malora_train import load_adapter_config  # noqa: E402
 from malora_train.adapters import AdaptedCausalLM, RoutingContext, adapter_kinds, adapter_layers, fused  # noqa: E402
 from malora_train.config import AdapterConfig, ModelConfig  # noqa: E402
 from malora_train.models import load_model  # noqa: E402
@@ -111,8 +112,7 @@ def model_config(name: str, dtype: str) -> ModelConfig:
 
 def adapter_config(kind: str) -> AdapterConfig:
     """The repository's preset for ``kind`` (conf/adapter/<kind>.yaml), e.g. LoRA r=64, MALoRA d=32 r-bar=12."""
-    path = REPO / "conf" / "adapter" / f"{kind}.yaml"
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AdapterConfig), OmegaConf.load(path)))
+    return load_adapter_config(kind)
 
 
 def randomize_up_projections(module: nn.Module, seed: int) -> None:

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from torch import nn
 
-from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, layer_kwargs
-from malora_train.config import AdapterConfig, RouterConfig
+from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds
+from malora_train.config import RouterConfig
 
 
 @pytest.mark.parametrize("kind", adapter_kinds())
 def test_composite_path_matches_fast_path_values_and_gradients(kind: str) -> None:
     torch.manual_seed(0)
-    cfg = ADAPTER_CLASSES[kind].own_config(AdapterConfig(kind=kind, rank=3, num_experts=4, dropout=0.0,
-                                                         shared_rank=6, expert_rank=3, router=RouterConfig(top_k=2)))
+    cfg = kind_config(kind, rank=3, num_experts=4, dropout=0.0, shared_rank=6, expert_rank=3,
+                      router=RouterConfig(top_k=2))
     base = nn.Linear(12, 10).double().requires_grad_(False)
-    kwargs = layer_kwargs(cfg)
+    kwargs = {}
     if kind != "lora":
         kwargs["context"] = None
-    layer = ADAPTER_CLASSES[kind](base, **kwargs).double()
+    layer = ADAPTER_CLASSES[kind](base, cfg, **kwargs).double()
     for param in layer.parameters():
         if param.requires_grad:
             nn.init.normal_(param, std=0.3)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from scratch_model import AdapterSpec, Equations, step_objective
 
-from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, adapter_layers
+from malora_train.adapters import AdaptedCausalLM, adapter_kinds, adapter_layers
 from malora_train.config import AdapterConfig, RouterConfig
 from malora_train.labels import IGNORE_INDEX
 
@@ -36,9 +37,8 @@ SPECS = {
 
 def adapter_config(kind: str, impl: str) -> AdapterConfig:
     router = RouterConfig(top_k=2, dense=kind == "hydralora", balance_coef=BALANCE, z_loss_coef=Z)
-    cfg = AdapterConfig(kind=kind, rank=4, alpha=8.0, dropout=0.0, num_experts=4, shared_rank=8,
-                        expert_rank=4, impl=impl, router=router)
-    return ADAPTER_CLASSES[kind].own_config(cfg)
+    return kind_config(kind, rank=4, alpha=8.0, dropout=0.0, num_experts=4, shared_rank=8, expert_rank=4,
+                       impl=impl, router=router)
 
 
 def padded_batch(seed: int = 0) -> dict[str, torch.Tensor]:

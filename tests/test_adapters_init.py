@@ -13,33 +13,32 @@ from malora_train.adapters import (
     AdaptedCausalLM,
     adapter_kinds,
     adapter_layers,
-    layer_kwargs,
     parameter_report,
 )
 from malora_train.adapters.malora import MALoRALinear
-from malora_train.config import AdapterConfig
+from malora_train.config import AdapterConfig, MALoRAConfig
 from malora_train.errors import ConfigError
 
 PAPER_IN, PAPER_OUT = 64, 48
 
 
-def _paper_malora(beta: float, seed: int) -> tuple[MALoRALinear, dict]:
+def _paper_malora(beta: float, seed: int) -> tuple[MALoRALinear, MALoRAConfig]:
     """The paper's MALoRA (r=8, N=8, lam=0.5 -> d=32, r-bar=12) on an in=64 layer, built after ``seed``."""
-    kwargs = layer_kwargs(AdapterConfig(kind="malora", rank=8, num_experts=8, lam=0.5, beta=beta))
+    cfg = AdapterConfig(kind="malora", rank=8, num_experts=8, lam=0.5, beta=beta)
     base = nn.Linear(PAPER_IN, PAPER_OUT)
     torch.manual_seed(seed)
-    return MALoRALinear(base, context=None, **kwargs), kwargs
+    return MALoRALinear(base, cfg, context=None), cfg
 
 
 @pytest.mark.parametrize("beta", [1.0, 1.25])
 def test_malora_init_reproduces_the_kaiming_draws_in_one_shared_subspace(beta: float) -> None:
-    layer, kwargs = _paper_malora(beta, seed=11)
+    layer, cfg = _paper_malora(beta, seed=11)
     num_experts, d, r_bar = 8, 32, 12
-    assert (kwargs["shared_rank"], kwargs["expert_rank"], kwargs["alpha"]) == (d, r_bar, 24.0)
+    assert (*cfg.sizes(), cfg.effective_rank(), cfg.effective_alpha()) == (d, r_bar, r_bar, 24.0)
 
     # the same draws, in the code's order: router ~ N(0, init_std), then K_t (d x n) for t = 0..N-1
     torch.manual_seed(11)
-    router = torch.empty(num_experts, PAPER_IN).normal_(0.0, kwargs["router_init_std"])
+    router = torch.empty(num_experts, PAPER_IN).normal_(0.0, cfg.router.init_std)
     draws = [nn.init.kaiming_uniform_(torch.empty(d, PAPER_IN), a=math.sqrt(5)) for _ in range(num_experts)]
     assert torch.equal(layer.router.detach(), router)
 
@@ -88,9 +87,9 @@ def test_malora_beta_scales_the_shared_subspace_against_the_coefficients() -> No
 
 def test_malora_shared_rank_larger_than_the_input_is_a_config_error() -> None:
     """S_A (d x n) cannot have d orthogonal rows when d > n: a clear error, not a shape crash."""
-    kwargs = layer_kwargs(AdapterConfig(kind="malora", shared_rank=16, expert_rank=4))
+    cfg = AdapterConfig(kind="malora", shared_rank=16, expert_rank=4)
     with pytest.raises(ConfigError, match="adapter.shared_rank"):
-        MALoRALinear(nn.Linear(12, 10), context=None, **kwargs)
+        MALoRALinear(nn.Linear(12, 10), cfg, context=None)
 
 
 @pytest.mark.parametrize("kind", adapter_kinds())

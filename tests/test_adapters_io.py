@@ -184,3 +184,23 @@ def test_peft_reads_our_lora_config_without_warnings(make_tiny_model, tmp_path) 
 def test_mixtures_cannot_be_merged(kind: str, make_tiny_model) -> None:
     with pytest.raises(ConfigError, match=kind):
         merge_lora(_trained(make_tiny_model, kind))
+
+
+@pytest.mark.parametrize("kind", ["molora", "hydralora"])
+def test_an_adapter_saved_with_the_flat_config_of_every_kinds_keys_loads(kind: str, make_tiny_model,
+                                                                        tmp_path) -> None:
+    """Earlier versions saved the adapter section with every kind's keys: those the kind does not read, at
+    their defaults, are dropped (a mixture kind's file lives in adapter_config.json)."""
+    model = _trained(make_tiny_model, kind, rank=4)
+    save_adapter(model, tmp_path, base_model_name="tiny")
+    config = json.loads((tmp_path / CONFIG).read_text())
+    config["malora_train"]["adapter"].update(lam=0.5, shared_rank=None, expert_rank=None, beta=1.0,
+                                             freeze_shared=False, freeze_coeff=False)
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    loaded = load_adapter(make_tiny_model(0), tmp_path).eval()
+    assert loaded.adapter_cfg == model.adapter_cfg
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    config["malora_train"]["adapter"]["beta"] = 1.25
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"adapter\.beta=1\.25 is set, but adapter={kind} does not read"):
+        load_adapter(make_tiny_model(0), tmp_path)

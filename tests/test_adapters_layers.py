@@ -10,10 +10,11 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, layer_kwargs
+from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds
 from malora_train.adapters.base import MixtureAdapterLinear
 from malora_train.config import AdapterConfig, RouterConfig
 
@@ -58,10 +59,10 @@ class Spec:
 
     def config(self, impl: str) -> AdapterConfig:
         router = RouterConfig(top_k=self.top_k, dense=self.dense, renormalize=self.renormalize, jitter_noise=0.0)
-        spec = AdapterConfig(kind=self.kind, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                             use_rslora=self.use_rslora, num_experts=self.num_experts, lam=self.lam,
-                             shared_rank=self.shared_rank, expert_rank=self.expert_rank, impl=impl, router=router)
-        return ADAPTER_CLASSES[self.kind].own_config(spec)
+        return kind_config(self.kind, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                           use_rslora=self.use_rslora, num_experts=self.num_experts, lam=self.lam,
+                           shared_rank=self.shared_rank, expert_rank=self.expert_rank, impl=impl,
+                           router=router)
 
 
 def build_layer(spec: Spec, impl: str, in_features: int = IN, out_features: int = OUT, seed: int = 0,
@@ -69,11 +70,11 @@ def build_layer(spec: Spec, impl: str, in_features: int = IN, out_features: int 
     """An adapted ``nn.Linear``, wholly in ``dtype``, with every adapter tensor random (B starts at 0)."""
     torch.manual_seed(seed)
     base = nn.Linear(in_features, out_features, dtype=dtype)
-    kwargs = layer_kwargs(spec.config(impl))
+    kwargs = {}
     cls = ADAPTER_CLASSES[spec.kind]
     if issubclass(cls, MixtureAdapterLinear):
         kwargs["context"] = None
-    layer = cls(base, **kwargs).to(dtype)
+    layer = cls(base, spec.config(impl), **kwargs).to(dtype)
     with torch.no_grad():
         for name in layer.tensor_kinds:
             getattr(layer, name).normal_(0.0, 0.5)

@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
+from adapter_specs import kind_config
 
 from malora_train.adapters import (
-    ADAPTER_CLASSES,
     AdaptedCausalLM,
     adapter_kinds,
     adapter_layers,
@@ -39,8 +39,7 @@ def _names(*modules: str) -> set[str]:
 def _adapted(make_tiny_model, kind: str, seed: int = 0, **overrides) -> AdaptedCausalLM:
     """The tiny model with ``kind`` adapters whose tensors are all random (B would start at zero)."""
     router = RouterConfig(**overrides.pop("router", {}))
-    cfg = AdapterConfig(kind=kind, dropout=overrides.pop("dropout", 0.0), router=router, **overrides)
-    cfg = ADAPTER_CLASSES[kind].own_config(cfg)  # a spec shared by every kind: lora has no router
+    cfg = kind_config(kind, dropout=overrides.pop("dropout", 0.0), router=router, **overrides)
     model = AdaptedCausalLM.from_base(make_tiny_model(0), cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

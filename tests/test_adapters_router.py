@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora_train.adapters import ADAPTER_CLASSES, layer_kwargs
+from malora_train.adapters import ADAPTER_CLASSES
 from malora_train.adapters.router import Routing, balance_loss, top_k_route, z_loss
 from malora_train.config import AdapterConfig, RouterConfig
 
@@ -55,7 +55,7 @@ def _mixture_layer(jitter_noise: float = 0.0):
     cfg = AdapterConfig(kind="molora", rank=2, num_experts=NUM_EXPERTS, dropout=0.0,
                         router=RouterConfig(jitter_noise=jitter_noise))
     torch.manual_seed(0)
-    layer = ADAPTER_CLASSES["molora"](nn.Linear(16, 8), context=None, **layer_kwargs(cfg))
+    layer = ADAPTER_CLASSES["molora"](nn.Linear(16, 8), cfg, context=None)
     with torch.no_grad():
         layer.router.normal_(0.0, 1.0)
     return layer

@@ -92,7 +92,7 @@ def test_public_names_are_listed_in_one_place_and_typed_and_documented():
 
 def test_importing_the_package_or_its_configs_does_not_import_torch():
     code = ("import sys, malora_train; from malora_train import AdapterConfig, RouterConfig; "
-            "AdapterConfig(kind='lora', router=RouterConfig(top_k=1)); print('torch' in sys.modules)")
+            "AdapterConfig(kind='molora', router=RouterConfig(top_k=1)); print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -99,6 +99,20 @@ def test_help_shows_the_defaults_after_the_default_group_options(monkeypatch, ca
     assert lines["adapter.rank"][1:4] == ["8", "expert", "rank"]
 
 
+def test_help_lists_the_adapter_keys_of_the_chosen_kind(monkeypatch, capsys):
+    def adapter_lines() -> dict[str, list[str]]:
+        out = capsys.readouterr().out
+        return {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith("  adapter.")}
+
+    assert run_program(monkeypatch, "malora-train", ["adapter=lora", "--help"]) == 0
+    lines = adapter_lines()
+    assert lines["adapter.rank"][1] == "64" and lines["adapter.kind"][1] == "lora"  # conf/adapter/lora.yaml
+    assert "adapter.num_experts" not in lines and "adapter.router.top_k" not in lines
+    assert run_program(monkeypatch, "malora-inspect", ["adapter=hydralora", "--help"]) == 0
+    lines = adapter_lines()
+    assert lines["adapter.router.dense"][1] == "True" and "adapter.lam" not in lines
+
+
 def test_malora_report_has_its_help_page(monkeypatch, capsys):
     assert run_program(monkeypatch, "malora-report", ["--help"]) == 0
     assert "usage: malora-report" in capsys.readouterr().out
@@ -328,6 +342,46 @@ def test_resuming_refuses_a_change_of_tensor_shapes(monkeypatch, capsys, trained
     assert snapshot(run) == before
 
 
+# the adapter section of a LoRA r=4 run as versions with one flat adapter config (every kind's keys) saved it
+FLAT_LORA = {"kind": "lora",
+             "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], "rank": 4,
+             "alpha": None, "dropout": 0.05, "use_rslora": False, "num_experts": 8, "lam": 0.5,
+             "shared_rank": None, "expert_rank": None, "beta": 1.0, "freeze_shared": False,
+             "freeze_coeff": False, "impl": "fast", "shared_input": True,
+             "router": {"top_k": 2, "dense": False, "renormalize": True, "jitter_noise": 0.0,
+                        "balance_coef": 0.01, "z_loss_coef": 0.0, "init_std": 0.02}}
+
+
+def test_a_run_directory_of_the_flat_adapter_config_is_resumed_and_evaluated(monkeypatch, capsys, trained_run,
+                                                                               tmp_path):
+    """Its config.yaml and adapter files hold every kind's keys: those LoRA does not read, at their defaults,
+    are dropped; one set to anything else is refused, naming it."""
+    from malora_train.cli import eval_main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "adapter": FLAT_LORA}, sort_keys=False))
+    metadata_file = run / "adapter" / "malora_adapter.json"  # the checkpoints' are in manifests (and unread)
+    metadata = json.loads(metadata_file.read_text())
+    metadata["malora_train"]["adapter"] = FLAT_LORA
+    metadata_file.write_text(json.dumps(metadata))
+    capsys.readouterr()
+    assert run_program(monkeypatch, "malora-train", ["trainer.resume=auto", f"hydra.run.dir={run}"]) == 0
+    assert capsys.readouterr().out.startswith(f"{run} is complete (4 steps, eval average ")
+    summary = json.loads((run / "summary.json").read_text())
+    assert eval_main([str(run)])["accuracy"] == pytest.approx(summary["eval_after"])
+    assert run_program(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=5",
+                                                 f"hydra.run.dir={run}"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "adapter": {**FLAT_LORA, "lam": 0.25}}))
+    capsys.readouterr()
+    assert run_program(monkeypatch, "malora-eval", [str(run)]) == 2
+    assert error_line(capsys, "malora-eval") == (f"{run / 'config.yaml'}: adapter.lam=0.25 is set, but "
+                                                 "adapter=lora does not read it (read by malora)")
+
+
 def test_config_dir_adds_a_users_own_group_options(monkeypatch, capsys, tmp_path):
     """A user's data YAML from another folder, selected like a packaged option (nothing copied)."""
     from malora_train.cli import _command_config
@@ -342,6 +396,25 @@ def test_config_dir_adds_a_users_own_group_options(monkeypatch, capsys, tmp_path
     (mine / "bad.yaml").write_text("tasks: [a]\nsampling_rate: 2\n")
     assert run_program(monkeypatch, "malora-inspect", [f"--config-dir={tmp_path / 'myconf'}", "data=bad"]) == 2
     assert "sampling_rate" in error_line(capsys, "malora-inspect")
+
+
+def test_a_users_adapter_yaml_starts_from_its_kind(monkeypatch, capsys, tmp_path):
+    """An adapter YAML of one's own extends a packaged preset (its class and values); without it, a key only
+    some kinds read is refused with a line that says how to start the file."""
+    from malora_train.cli import _command_config
+
+    mine = tmp_path / "myconf" / "adapter"
+    mine.mkdir(parents=True)
+    (mine / "small_molora.yaml").write_text("defaults:\n  - molora\n  - _self_\n\nrank: 4\nnum_experts: 4\n")
+    config_dir = str(tmp_path / "myconf")
+    cfg = _command_config("malora-inspect", ["--config-dir", config_dir, "adapter=small_molora"])
+    assert (cfg.adapter.kind, cfg.adapter.rank, cfg.adapter.num_experts, cfg.adapter.router.top_k) == (
+        "molora", 4, 4, 2)
+    (mine / "plain.yaml").write_text("kind: molora\nnum_experts: 4\n")
+    assert run_program(monkeypatch, "malora-inspect", [f"--config-dir={config_dir}", "adapter=plain"]) == 2
+    assert error_line(capsys, "malora-inspect") == (
+        "In 'adapter/plain': adapter.num_experts: no such config key in an adapter YAML that does not start "
+        "from its kind (read by molora, malora, hydralora); begin the file with defaults: [molora, _self_]")
 
 
 # -- runs side by side ---------------------------------------------------------------------------------------

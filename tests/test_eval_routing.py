@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from torch import nn
 
-from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, MixtureAdapterLinear, adapter_layers
+from malora_train.adapters import AdaptedCausalLM, MixtureAdapterLinear, adapter_layers
 from malora_train.config import AdapterConfig, EvalConfig, RouterConfig
 from malora_train.data.types import Example, TaskData
 from malora_train.eval import evaluate, format_expert_shares, routing_report, write_routing
@@ -34,8 +35,8 @@ TASKS = {
 
 def adapted(base: nn.Module, kind: str = "malora") -> AdaptedCausalLM:
     torch.manual_seed(0)  # every adapter tensor fixed: a random near-tie in top-k would make counts flaky
-    spec = AdapterConfig(kind=kind, rank=4, num_experts=EXPERTS, dropout=0.0, router=RouterConfig(top_k=TOP_K))
-    model = AdaptedCausalLM.from_base(base, ADAPTER_CLASSES[kind].own_config(spec))
+    spec = kind_config(kind, rank=4, num_experts=EXPERTS, dropout=0.0, router=RouterConfig(top_k=TOP_K))
+    model = AdaptedCausalLM.from_base(base, spec)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, layer in adapter_layers(model.model):

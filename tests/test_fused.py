@@ -6,28 +6,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from torch import nn
 
-from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, fused, layer_kwargs
+from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, fused
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.router import balance_loss, entropy, top_k_route, z_loss
-from malora_train.config import AdapterConfig, RouterConfig
+from malora_train.config import RouterConfig
 
 KINDS = adapter_kinds()
 T, IN, OUT = 23, 40, 36
 
 
 def build(kind: str, dropout: float, dtype=torch.float64, device="cpu", context=None):
-    cfg = AdapterConfig(kind=kind, rank=6 if kind == "lora" else 4, num_experts=5, dropout=dropout,
-                        shared_rank=8 if kind == "malora" else None, expert_rank=5 if kind == "malora" else None,
-                        router=RouterConfig(top_k=2, dense=kind == "hydralora"))
-    cfg = ADAPTER_CLASSES[kind].own_config(cfg)  # a spec shared by every kind: lora has no experts
-    kwargs = layer_kwargs(cfg)
+    cfg = kind_config(kind, rank=6 if kind == "lora" else 4, num_experts=5, dropout=dropout,
+                      shared_rank=8 if kind == "malora" else None,
+                      expert_rank=5 if kind == "malora" else None,
+                      router=RouterConfig(top_k=2, dense=kind == "hydralora"))
+    kwargs = {}
     if issubclass(ADAPTER_CLASSES[kind], MixtureAdapterLinear):
         kwargs["context"] = context
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, dtype=dtype, device=device).requires_grad_(False)
-    layer = ADAPTER_CLASSES[kind](base, **kwargs).to(dtype)
+    layer = ADAPTER_CLASSES[kind](base, cfg, **kwargs).to(dtype)
     with torch.no_grad():
         for name in layer.tensor_kinds:
             getattr(layer, name).normal_(0.0, 0.3)

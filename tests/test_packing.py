@@ -9,11 +9,12 @@ import random
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from torch.nn.attention.flex_attention import create_mask
 
-from malora_train.adapters import AdaptedCausalLM, adapter_class
+from malora_train.adapters import AdaptedCausalLM
 from malora_train.attention import document_causal_block_mask, document_causal_dense_mask
-from malora_train.config import AdapterConfig, DataConfig
+from malora_train.config import DataConfig
 from malora_train.data import BatchStream, Collator, build_tasks
 from malora_train.data.packing import pack_rows
 from malora_train.eval.routing import start_recording, stop_recording
@@ -196,7 +197,7 @@ def test_packed_rows_give_each_example_its_padded_loss_gradients_and_routing(kin
                                                                            make_tiny_model) -> None:
     padded, packed = packed_and_padded(tasks, tiny_tokenizer)
     torch.manual_seed(0)
-    cfg = adapter_class(kind).own_config(AdapterConfig(kind=kind, rank=4, num_experts=4, dropout=0.0))
+    cfg = kind_config(kind, rank=4, num_experts=4, dropout=0.0)
     model = AdaptedCausalLM.from_base(make_tiny_model(), cfg).train()
     for param in model.parameters():  # B = 0 at initialisation would hide the adapters from the check
         if param.requires_grad:

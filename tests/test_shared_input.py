@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, fused
+from malora_train.adapters import AdaptedCausalLM, adapter_kinds, fused
 from malora_train.adapters.inject import adapter_layers
-from malora_train.config import AdapterConfig
 
 KINDS = adapter_kinds()
 
 
 def adapted(make_tiny_model, kind: str, shared_input: bool, dropout: float = 0.0) -> AdaptedCausalLM:
     torch.manual_seed(0)
-    cfg = AdapterConfig(kind=kind, rank=4, num_experts=4, dropout=dropout, shared_input=shared_input)
-    cfg = ADAPTER_CLASSES[kind].own_config(cfg)  # lora has no experts
+    cfg = kind_config(kind, rank=4, num_experts=4, dropout=dropout, shared_input=shared_input)
     model = AdaptedCausalLM.from_base(make_tiny_model(), cfg).double().train()
     torch.manual_seed(1)
     for param in model.parameters():  # B = 0 at init would hide the adapters from the check

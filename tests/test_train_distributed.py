@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_specs import kind_config
 from safetensors.torch import load_file
 from scratch_model import AdapterSpec, assert_logged_step, recompute_steps
 
-from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, load_adapter
-from malora_train.config import AdapterConfig
+from malora_train.adapters import AdaptedCausalLM, adapter_kinds, load_adapter
+from malora_train.config import RouterConfig
 from malora_train.train.checkpoint.folders import complete_checkpoints, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -217,11 +218,7 @@ def test_every_trainable_tensor_gets_a_gradient_so_ddp_needs_no_unused_parameter
                                                                                          kind):
     """DDP with find_unused_parameters=False hangs or fails when a parameter gets no gradient in a step;
     top-k routing must still give every expert (and the router) a gradient, even an unselected one."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AdapterConfig),
-                                              {"kind": kind, "num_experts": 8, "router": {"top_k": 1}}))
-    cfg = ADAPTER_CLASSES[kind].own_config(cfg)  # a spec shared by every kind: lora has no router
+    cfg = kind_config(kind, num_experts=8, router=RouterConfig(top_k=1))
     model = AdaptedCausalLM.from_base(make_tiny_model(), cfg).train()
     ids = torch.randint(3, 200, (1, 3))  # 3 tokens, top-1 of 8 experts: most experts get no token
     model(ids, torch.ones_like(ids), ids, torch.zeros(1, dtype=torch.long)).loss.backward()

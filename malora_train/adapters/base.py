@@ -10,14 +10,13 @@ frozen output in one addmm. Only x (shared with the frozen layer) and a bit mask
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters import fused
-from malora_train.adapters.keys import keep_owned, reject_foreign_keys, reject_unused
 from malora_train.adapters.router import (
     Routing,
     assignment_counts,
@@ -28,10 +27,7 @@ from malora_train.adapters.router import (
     z_loss,
 )
 from malora_train.adapters.shared_input import SharedInputGroup
-from malora_train.config import AdapterConfig
-from malora_train.errors import ConfigError
-
-IMPLS = ("fast", "reference")
+from malora_train.config import AdapterConfig, MixtureConfig
 
 
 class RoutingContext:
@@ -67,71 +63,27 @@ class AdapterLinear(nn.Module):
     ZeRO-3 gathers them in this module's forward hook. They are kept in float32; under autocast the
     matmuls run in the autocast dtype, otherwise the input is upcast to the adapter dtype.
 
-    A kind owns its configuration: ``config_keys`` names the ``adapter.*`` keys it reads, ``layer_kwargs``
-    validates them (and refuses any other key set away from its default) and sizes the layer,
-    ``apply_freezing`` applies its ablation switches; injection only calls them.
+    A layer is built from its kind's config (``malora_train.config``), already checked when it was made; the
+    layer only reads it.
     """
 
     kind: ClassVar[str] = ""
-    # the adapter.* keys this class reads; a subclass lists only those it adds (``owned_keys`` joins them)
-    config_keys: ClassVar[tuple[str, ...]] = ("kind", "target_modules", "rank", "alpha", "dropout", "use_rslora",
-                                              "impl", "shared_input")
     # parameter name -> tensor kind, for the parameter report
     tensor_kinds: ClassVar[dict[str, str]] = {}
     routed: ClassVar[bool] = False  # True: the layer takes the model's RoutingContext
     mergeable: ClassVar[bool] = False  # True: ``delta_weight`` folds the adapter into W0
     peft_format: ClassVar[bool] = False  # True: saved as a PEFT adapter (PeftModel loads it)
 
-    @classmethod
-    def owned_keys(cls) -> tuple[str, ...]:
-        """Every ``adapter.*`` key the kind reads: ``config_keys`` of the class and its bases."""
-        keys: dict[str, None] = {}
-        for klass in reversed(cls.__mro__):
-            keys.update(dict.fromkeys(vars(klass).get("config_keys", ())))
-        return tuple(keys)
-
-    @classmethod
-    def own_config(cls, cfg: AdapterConfig) -> AdapterConfig:
-        """``cfg`` narrowed to this kind: the keys it does not read back at their defaults."""
-        return keep_owned(cfg, cls.owned_keys())
-
-    @classmethod
-    def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
-        """Validated constructor arguments shared by every adapted layer of one config."""
-        reject_foreign_keys(cfg, cls.owned_keys())
-        if cfg.impl not in IMPLS:
-            raise ConfigError(f"adapter.impl={cfg.impl!r} is not one of {', '.join(IMPLS)}")
-        if cfg.rank < 1:
-            raise ConfigError(f"adapter.rank={cfg.rank} must be >= 1")
-        if not 0 <= cfg.dropout < 1:
-            raise ConfigError(f"adapter.dropout={cfg.dropout} must be in [0, 1)")
-        expert_rank = cls.expert_rank_of(cfg)
-        alpha = cfg.alpha if cfg.alpha is not None else 2.0 * expert_rank
-        if alpha <= 0:
-            raise ConfigError(f"adapter.alpha={alpha} must be > 0")
-        return {"dropout": cfg.dropout, "use_rslora": cfg.use_rslora, "impl": cfg.impl,
-                "expert_rank": expert_rank, "alpha": float(alpha)}
-
-    @classmethod
-    def expert_rank_of(cls, cfg: AdapterConfig) -> int:
-        """The rank each expert (or the single LoRA) gets from ``cfg``: ``adapter.rank`` unless the
-        kind sizes itself otherwise."""
-        return cfg.rank
-
-    def apply_freezing(self, cfg: AdapterConfig) -> None:
-        """Freeze the tensors ``cfg``'s ablation switches name (none for most kinds)."""
-
-    def __init__(self, base: nn.Linear, *, alpha: float, expert_rank: int, dropout: float, use_rslora: bool,
-                 impl: str = "fast") -> None:
+    def __init__(self, base: nn.Linear, cfg: AdapterConfig) -> None:
         super().__init__()
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.expert_rank = expert_rank
-        self.alpha = alpha
-        self.scaling = scaling_factor(alpha, expert_rank, use_rslora)
-        self.dropout_p = dropout
-        self.impl = impl
+        self.expert_rank = cfg.effective_rank()
+        self.alpha = cfg.effective_alpha()
+        self.scaling = scaling_factor(self.alpha, self.expert_rank, cfg.use_rslora)
+        self.dropout_p = cfg.dropout
+        self.impl = cfg.impl
         self.dropout_salt = 0  # tells this layer's dropout mask from the others' under a device seed (inject sets it)
         self.input_group: SharedInputGroup | None = None  # siblings reading the same input (inject sets it)
         self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
@@ -233,36 +185,17 @@ class MixtureAdapterLinear(AdapterLinear):
 
     shared_down: ClassVar[bool] = False
     routed = True
-    config_keys = ("num_experts", "router")
 
-    @classmethod
-    def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
-        kwargs = super().layer_kwargs(cfg)
-        router = cfg.router
-        if cfg.num_experts < 1:
-            raise ConfigError(f"adapter.num_experts={cfg.num_experts} must be >= 1")
-        if router.dense:
-            reject_unused(cfg, ("router.top_k",), "with adapter.router.dense=true (every expert gets every token)")
-        top_k = cfg.num_experts if router.dense else router.top_k
-        if not 1 <= top_k <= cfg.num_experts:
-            raise ConfigError(f"adapter.router.top_k={router.top_k} must be in "
-                              f"[1, adapter.num_experts={cfg.num_experts}]")
-        kwargs.update(num_experts=cfg.num_experts, top_k=top_k, renormalize=router.renormalize,
-                      jitter_noise=router.jitter_noise, router_init_std=router.init_std)
-        return kwargs
-
-    def __init__(self, base: nn.Linear, *, num_experts: int, top_k: int, renormalize: bool,
-                 jitter_noise: float, router_init_std: float, context: RoutingContext | None = None,
-                 **kwargs) -> None:
-        super().__init__(base, **kwargs)
-        self.num_experts = num_experts
-        self.top_k = min(top_k, num_experts)
-        self.renormalize = renormalize
-        self.jitter_noise = jitter_noise
-        self.router_init_std = router_init_std
+    def __init__(self, base: nn.Linear, cfg: MixtureConfig, context: RoutingContext | None = None) -> None:
+        super().__init__(base, cfg)
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.active_experts()
+        self.renormalize = cfg.router.renormalize
+        self.jitter_noise = cfg.router.jitter_noise
+        self.router_init_std = cfg.router.init_std
         self.context = context
-        self.router = self.param_factory(num_experts, self.in_features)
-        self.lora_B = self.param_factory(self.out_features, num_experts * self.expert_rank)
+        self.router = self.param_factory(self.num_experts, self.in_features)
+        self.lora_B = self.param_factory(self.out_features, self.num_experts * self.expert_rank)
         self.aux: dict[str, torch.Tensor] = {}
         self.task_expert_counts: torch.Tensor | None = None
 

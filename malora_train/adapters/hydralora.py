@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora_train.adapters.base import MixtureAdapterLinear
+from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.registry import register_adapter
+from malora_train.config import HydraLoRAConfig
 
 
 @register_adapter
@@ -21,8 +22,8 @@ class HydraLoRALinear(MixtureAdapterLinear):
     tensor_kinds = {"router": "router", "lora_A": "shared subspace", "lora_B": "expert up"}
     shared_down = True  # every head reads the same z = A dropout(x)
 
-    def __init__(self, base: nn.Linear, **kwargs) -> None:
-        super().__init__(base, **kwargs)
+    def __init__(self, base: nn.Linear, cfg: HydraLoRAConfig, context: RoutingContext | None = None) -> None:
+        super().__init__(base, cfg, context)
         self.lora_A = self.param_factory(self.expert_rank, self.in_features)
         self.reset_parameters()
 

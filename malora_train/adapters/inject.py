@@ -45,17 +45,11 @@ def match_targets(model: nn.Module, target_modules: Any) -> list[str]:
     return names
 
 
-def layer_kwargs(cfg: AdapterConfig) -> dict[str, Any]:
-    """Validated constructor arguments shared by every adapted layer of one config (the kind's own)."""
-    return adapter_class(cfg.kind).layer_kwargs(cfg)
-
-
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, context: RoutingContext | None = None) -> list[str]:
-    """Freeze ``model`` and replace each target linear layer by its adapted version, in place."""
+    """Freeze ``model`` and replace each target linear layer by its adapted version (built from ``cfg``, the
+    config of its kind), in place."""
     cls = adapter_class(cfg.kind)
-    kwargs = cls.layer_kwargs(cfg)
-    if cls.routed:
-        kwargs["context"] = context
+    routing = {"context": context} if cls.routed else {}
     names = match_targets(model, cfg.target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -63,8 +57,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, context: RoutingContex
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = cls(getattr(parent, child), **kwargs)
-        layer.apply_freezing(cfg)
+        layer = cls(getattr(parent, child), cfg, **routing)
         setattr(parent, child, layer)
         layers.append(layer)
     if cfg.shared_input:

@@ -25,7 +25,7 @@ from torch import nn
 from malora_train.adapters.adapted_lm import AdaptedCausalLM
 from malora_train.adapters.inject import adapter_layers, adapter_state_dict
 from malora_train.adapters.registry import adapter_class
-from malora_train.config import AdapterConfig, escape_interpolations
+from malora_train.config import AdapterConfig, escape_interpolations, saved_adapter_keys
 from malora_train.errors import ConfigError
 from malora_train.run_dir import atomic_write, write_text_atomic
 
@@ -93,6 +93,8 @@ def save_adapter(model: AdaptedCausalLM, out_dir: str | Path, base_model_name: s
 
 
 def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The saved adapter's config (its kind's class; an earlier version's file holds every kind's keys, see
+    ``config.saved_adapter_keys``) and the file's whole content."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ConfigError(f"{path}: no adapter config (expected {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS})")
@@ -102,8 +104,9 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[st
             path = Path(adapter_dir) / LORA_METADATA
             config = {**config, **json.loads(path.read_text())}
         meta = config["malora_train"]
-        schema = OmegaConf.structured(AdapterConfig)  # plain data: a "${...}" in the file stays text
-        adapter_cfg = OmegaConf.to_object(OmegaConf.merge(schema, escape_interpolations(meta["adapter"])))
+        # plain data: a "${...}" in the file stays text
+        adapter_type, adapter = saved_adapter_keys(escape_interpolations(meta["adapter"]), str(path))
+        adapter_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(adapter_type), adapter))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as err:
         raise ConfigError(f"{path}: not a malora-train adapter config ({err})") from err
     return adapter_cfg, config

@@ -10,6 +10,7 @@ from torch import nn
 
 from malora_train.adapters.base import AdapterLinear
 from malora_train.adapters.registry import register_adapter
+from malora_train.config import LoRAConfig
 
 
 @register_adapter
@@ -21,8 +22,8 @@ class LoRALinear(AdapterLinear):
     mergeable = True
     peft_format = True
 
-    def __init__(self, base: nn.Linear, **kwargs) -> None:
-        super().__init__(base, **kwargs)
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig) -> None:
+        super().__init__(base, cfg)
         self.lora_A = self.param_factory(self.expert_rank, self.in_features)
         self.lora_B = self.param_factory(self.out_features, self.expert_rank)
         self.reset_parameters()

@@ -7,74 +7,39 @@ rank-expanded up-projections. With P_t (r-bar x d) and B_t (m x r-bar):
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora_train.adapters.base import MixtureAdapterLinear
+from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.registry import register_adapter
-from malora_train.config import AdapterConfig
+from malora_train.config import MALoRAConfig
 from malora_train.errors import ConfigError
-
-
-def malora_sizes(rank: int, num_experts: int, lam: float, shared_rank: int | None,
-                 expert_rank: int | None) -> tuple[int, int]:
-    """(d, r-bar) from a MoLoRA budget: d = lam r N, r-bar = r + (1 - lam) r, unless given directly."""
-    if not 0 < lam <= 1:
-        raise ConfigError(f"adapter.lam={lam} must be in (0, 1]")
-    d = shared_rank if shared_rank is not None else round(lam * rank * num_experts)
-    r_bar = expert_rank if expert_rank is not None else round(rank + (1 - lam) * rank)
-    if d < 1 or r_bar < 1:
-        raise ConfigError(f"adapter.shared_rank (d={d}) and adapter.expert_rank (r-bar={r_bar}) must be >= 1")
-    if r_bar > d:
-        raise ConfigError(
-            f"adapter.expert_rank (r-bar={r_bar}) must not exceed adapter.shared_rank (d={d}): "
-            "an expert cannot have more rank than the shared subspace"
-        )
-    return d, r_bar
 
 
 @register_adapter
 class MALoRALinear(MixtureAdapterLinear):
     """Tensors: router (N, in), shared_A (d, in), coeff_P (N*r_bar, d) (P_t: rows [t*r_bar, (t+1)*r_bar)),
-    lora_B (out, N*r_bar)."""
+    lora_B (out, N*r_bar). d and r-bar are ``MALoRAConfig.sizes()``; its ablation switches freeze S_A or P."""
 
     kind = "malora"
     tensor_kinds = {"router": "router", "shared_A": "shared subspace", "coeff_P": "expert down",
                     "lora_B": "expert up"}
-    config_keys = ("lam", "shared_rank", "expert_rank", "beta", "freeze_shared", "freeze_coeff")
 
-    @classmethod
-    def expert_rank_of(cls, cfg: AdapterConfig) -> int:
-        return malora_sizes(cfg.rank, cfg.num_experts, cfg.lam, cfg.shared_rank, cfg.expert_rank)[1]
-
-    @classmethod
-    def layer_kwargs(cls, cfg: AdapterConfig) -> dict[str, Any]:
-        kwargs = super().layer_kwargs(cfg)
-        if cfg.beta <= 0:
-            raise ConfigError(f"adapter.beta={cfg.beta} must be > 0")
-        shared_rank, _ = malora_sizes(cfg.rank, cfg.num_experts, cfg.lam, cfg.shared_rank, cfg.expert_rank)
-        kwargs.update(shared_rank=shared_rank, beta=cfg.beta)
-        return kwargs
-
-    def apply_freezing(self, cfg: AdapterConfig) -> None:
-        """The ablations: S_A frozen (``adapter.freeze_shared``), P_t frozen (``adapter.freeze_coeff``)."""
-        self.shared_A.requires_grad_(not cfg.freeze_shared)
-        self.coeff_P.requires_grad_(not cfg.freeze_coeff)
-
-    def __init__(self, base: nn.Linear, *, shared_rank: int, beta: float, **kwargs) -> None:
-        super().__init__(base, **kwargs)
-        if shared_rank > self.in_features:
+    def __init__(self, base: nn.Linear, cfg: MALoRAConfig, context: RoutingContext | None = None) -> None:
+        super().__init__(base, cfg, context)
+        shared_rank, _ = cfg.sizes()
+        if shared_rank > self.in_features:  # the one check that needs the model
             raise ConfigError(f"adapter.shared_rank (d={shared_rank}) must not exceed the input size "
                               f"{self.in_features} of the adapted layer")
         self.shared_rank = shared_rank
-        self.beta = beta
+        self.beta = cfg.beta
         self.shared_A = self.param_factory(shared_rank, self.in_features)
         # experts' coefficient matrices stacked: rows [t*r, (t+1)*r) are P_t
         self.coeff_P = self.param_factory(self.num_experts * self.expert_rank, shared_rank)
         self.reset_parameters()
+        self.shared_A.requires_grad_(not cfg.freeze_shared)
+        self.coeff_P.requires_grad_(not cfg.freeze_coeff)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

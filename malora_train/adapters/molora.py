@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora_train.adapters.base import MixtureAdapterLinear
+from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.registry import register_adapter
+from malora_train.config import MoLoRAConfig
 
 
 @register_adapter
@@ -20,8 +21,8 @@ class MoLoRALinear(MixtureAdapterLinear):
     kind = "molora"
     tensor_kinds = {"router": "router", "lora_A": "expert down", "lora_B": "expert up"}
 
-    def __init__(self, base: nn.Linear, **kwargs) -> None:
-        super().__init__(base, **kwargs)
+    def __init__(self, base: nn.Linear, cfg: MoLoRAConfig, context: RoutingContext | None = None) -> None:
+        super().__init__(base, cfg, context)
         # experts' down-projections stacked: rows [t*r, (t+1)*r) belong to expert t
         self.lora_A = self.param_factory(self.num_experts * self.expert_rank, self.in_features)
         self.reset_parameters()

@@ -25,7 +25,17 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from malora_train.config import CODE_KEYS, CONF_DIR, SHAPE_KEYS, Config, escape_interpolations
+from malora_train.config import (
+    CODE_KEYS,
+    CONF_DIR,
+    SHAPE_KEYS,
+    AdapterConfig,
+    Config,
+    escape_interpolations,
+    register_configs,
+    saved_adapter_keys,
+    unknown_adapter_key,
+)
 from malora_train.errors import ConfigError, DataError
 from malora_train.run_dir import CONFIG_FILE, read_text
 
@@ -101,6 +111,7 @@ def compose_config(overrides: list[str], config_dirs: list[str] | tuple[str, ...
 
     if config_dirs:
         overrides = [*overrides, f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"]
+    register_configs()  # the schemas conf/config.yaml and conf/adapter/*.yaml start from
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
@@ -119,11 +130,18 @@ def without_hydra(config: DictConfig) -> DictConfig:
 
 
 def check_known_keys(cfg: DictConfig) -> None:
-    """``+foo=1`` adds a top-level key the schema does not have: refuse it like any other typo."""
+    """``+foo=1`` adds a top-level key the schema does not have, ``+adapter.lam=0.3`` a key the adapter kind's
+    config does not have: refuse them like any other typo."""
     known = {f.name for f in dataclasses.fields(Config)} | {"hydra"}
     unknown = [key for key in cfg if key not in known]
     if unknown:
         raise ConfigError(_unknown_key(str(unknown[0]), sorted(known - {"hydra"})))
+    if "adapter" in cfg and not OmegaConf.is_missing(cfg, "adapter"):
+        adapter_type = OmegaConf.get_type(cfg, "adapter")
+        own = {f.name for f in dataclasses.fields(adapter_type)}
+        extra = [str(key) for key in cfg.adapter if key not in own]
+        if extra:
+            raise ConfigError(unknown_adapter_key(adapter_type, extra[0]))
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -137,7 +155,9 @@ def to_config(cfg: DictConfig) -> Config:
 
 # -- a run directory's config ----------------------------------------------------------------------------
 def saved_config(run_dir: Path, key: str) -> DictConfig:
-    """The run's ``config.yaml`` merged into the schema, read as plain data (``${...}`` stays text)."""
+    """The run's ``config.yaml`` merged into the schema, read as plain data (``${...}`` stays text); its
+    adapter section goes into its kind's config (``config.saved_adapter_keys``: an earlier version's file
+    holds every kind's keys)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{key}={run_dir}: no {CONFIG_FILE} (is it a malora-train run directory?)")
@@ -147,8 +167,12 @@ def saved_config(run_dir: Path, key: str) -> DictConfig:
         raise DataError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
+    data = escape_interpolations(data)
+    adapter_type, adapter = saved_adapter_keys(data.get("adapter", {}), str(path))
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), escape_interpolations(data))
+        schema = OmegaConf.structured(Config)
+        schema.adapter = OmegaConf.structured(adapter_type)
+        return OmegaConf.merge(schema, {**data, "adapter": adapter})
     except OmegaConfBaseException as err:
         raise DataError(f"{path}: {describe_hydra_error(err)}") from None
 
@@ -158,9 +182,12 @@ def run_config(run_dir: Path, composed: DictConfig, overrides: list[str], key: s
     default composition with that command line), and ``CODE_KEYS`` always from the command line."""
     merged = saved_config(run_dir, key)
     named = [o.key_or_group for o in parse_overrides([a for a in overrides if "=" in a or a.startswith("~")])]
-    for name in [*named, *CODE_KEYS]:
-        if name.split(".", 1)[0] in merged:
-            OmegaConf.update(merged, name, OmegaConf.select(composed, name), merge=False)
+    try:
+        for name in [*named, *CODE_KEYS]:
+            if name.split(".", 1)[0] in merged:
+                OmegaConf.update(merged, name, OmegaConf.select(composed, name), merge=False)
+    except OmegaConfBaseException as err:  # a key the saved adapter kind does not have (adapter.lam on LoRA)
+        raise ConfigError(describe_hydra_error(err)) from None
     return merged
 
 
@@ -213,8 +240,11 @@ def _unknown_key(full_key: str, siblings: list[str]) -> str:
 def describe_hydra_error(err: BaseException) -> str:
     """One line naming the key (or option, or override) for the errors Hydra and OmegaConf raise while
     composing: unknown key, wrong type, unknown group option, malformed override, a sweep without -m."""
-    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     text = " ".join(str(err).split())
+    in_file = text.startswith("In '")  # Hydra's error about a config file, which chains its cause implicitly
+    chained = err.__context__ if in_file and err.__cause__ is None else err.__cause__
+    cause = chained if isinstance(chained, OmegaConfBaseException) else err
+    where = text.split(": ", 1)[0] + ": " if in_file and cause is not err else ""  # names the file
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         return f"{group}={option}: no such option; choose one of {', '.join(err.options)}"
@@ -230,10 +260,13 @@ def describe_hydra_error(err: BaseException) -> str:
                 "[a,b] for a list or 'a,b' for a string")
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         parent = cause.parent_node
+        parent_type = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if isinstance(parent_type, type) and issubclass(parent_type, AdapterConfig):
+            return where + unknown_adapter_key(parent_type, str(cause.full_key).removeprefix("adapter."))
         siblings = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
-        return _unknown_key(str(cause.full_key), siblings)
+        return where + _unknown_key(str(cause.full_key), siblings)
     if isinstance(cause, ValidationError) and cause.full_key:
-        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+        return f"{where}{cause.full_key}: {str(cause.msg).splitlines()[0]}"
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     if err.__cause__ is not None:
         lines += [ln.strip() for ln in str(err.__cause__).splitlines() if ln.strip()]

@@ -1,7 +1,8 @@
 """``--help`` pages: how a command is called, its config groups and their options, and every key it
-reads with its default (after the default group options) and its one-line description. The descriptions
-are the comments on the schema's fields in ``malora_train/config.py`` (on the field's line, or the
-comment lines just above it), so a new field documents itself where it is declared.
+reads with its default (after the group options chosen, by default the default ones) and its one-line
+description. The adapter's keys are those of the chosen kind (``adapter=lora --help``: LoRA's). The
+descriptions are the comments on the schema's fields in ``malora_train/config.py`` (on the field's line, or
+the comment lines just above it), so a new field documents itself where it is declared.
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ class KeyDoc:
     description: str
 
 
-def key_docs(defaults: Any) -> list[KeyDoc]:
-    """Every leaf key of the schema with its value in ``defaults`` (the default composition) and its
-    description; a list of dataclasses (``data.custom_tasks``) lists its element's keys as ``[i].key``."""
-    return list(_walk(Config, defaults, "", field_comments()))
+def key_docs(defaults: Any, root: type = Config) -> list[KeyDoc]:
+    """Every leaf key of the schema (from ``root``) with its value in ``defaults`` (a composition) and its
+    description; a node's keys are those of its class in ``defaults`` (the chosen adapter kind's), else of
+    the schema's. A list of dataclasses (``data.custom_tasks``) lists its element's keys as ``[i].key``."""
+    return list(_walk(root, defaults, "", field_comments()))
 
 
 def _walk(cls: type, values: Any, prefix: str, comments: dict[str, dict[str, str]]) -> Iterator[KeyDoc]:
@@ -131,9 +133,12 @@ def _walk(cls: type, values: Any, prefix: str, comments: dict[str, dict[str, str
         key = f"{prefix}{fld.name}"
         hint = hints[fld.name]
         value = OmegaConf.select(values, fld.name) if values is not None else None
-        description = comments.get(cls.__name__, {}).get(fld.name, "")
+        description = next((comments[k.__name__][fld.name] for k in cls.__mro__
+                            if fld.name in comments.get(k.__name__, {})), "")
         if dataclasses.is_dataclass(hint):
-            yield from _walk(hint, value, f"{key}.", comments)
+            node_type = OmegaConf.get_type(value) if OmegaConf.is_config(value) else None
+            node_type = node_type if dataclasses.is_dataclass(node_type) else hint
+            yield from _walk(node_type, value, f"{key}.", comments)
             continue
         yield KeyDoc(key, value, description)
         element = (typing.get_args(hint) or [None])[0]
@@ -164,14 +169,15 @@ def _value(value: Any) -> str:
 
 
 def help_page(program: str, defaults: Any) -> str:
-    """The ``--help`` text of ``program`` (a ``malora-*`` command) over the default composition."""
+    """The ``--help`` text of ``program`` (a ``malora-*`` command) over ``defaults``, the composition of the
+    command line's group options and keys (None: the schema's keys without values)."""
     page = PAGES[program]
     chosen = default_options()
     lines = [f"usage: {page.usage}", "", page.about, "", "config groups (group=option; * the default):"]
     for group in page.groups:
         options = [f"{name}*" if name == chosen.get(group) else name for name in group_options(group)]
         lines.append(f"  {group:<10}{', '.join(options)}")
-    lines += ["", "keys (key=value; the default after the default group options):"]
+    lines += ["", "keys (key=value; the default after the chosen group options; adapter.*: its kind's):"]
     for doc in key_docs(defaults):
         if doc.key.split(".", 1)[0].split("[", 1)[0] not in page.sections:
             continue

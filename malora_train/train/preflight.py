@@ -2,15 +2,15 @@
 options, every number is in its range. A typo such as ``eval.scorer=foo`` fails in a second, naming the
 key, instead of after training (leaving an occupied run directory behind).
 
-Each part is checked by the module that owns it (data, adapters, eval, the loop's numbers); this module
-only calls them all, in the order a user reads the config.
+Each part is checked by the module that owns it (data, eval, the loop's numbers); this module only calls them
+all, in the order a user reads the config. The adapter's keys were checked when its config object was made
+(``malora_train.config.AdapterConfig.validate``).
 """
 
 from __future__ import annotations
 
 import math
 
-from malora_train.adapters import layer_kwargs
 from malora_train.config import Config
 from malora_train.data.mixture import check_mixture_options
 from malora_train.data.tasks import check_options
@@ -36,7 +36,6 @@ def check_config(cfg: Config) -> None:
     if not model.name_or_path:
         check_choice("model.source", model.source, SOURCES)
     check_choice("model.dtype", model.dtype, ("auto", *DTYPES))
-    layer_kwargs(cfg.adapter)  # the kind's own keys and sizes (and no key it does not read)
     check_options(cfg.data)
     check_mixture_options([], cfg.data.sampling, cfg.data.temperature, None, None)
     check_trainer(cfg)
