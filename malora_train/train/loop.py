@@ -217,7 +217,8 @@ class Trainer:
         set_seed(self.cfg.seed, device_specific=True)  # dropout: rank 0 as one process would, others their own
         self.graphs = None
         if trainer.cuda_graphs:
-            self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device)
+            self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device,
+                                     self.model.kernel_state)
 
     def _setup_state(self, resolved_yaml: str, overrides: list[str]) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the metrics log."""
