@@ -4,11 +4,19 @@ and (on CUDA) the Triton kernels match plain torch."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, layer_kwargs
+from malora_train.adapters import (
+    ADAPTER_CLASSES,
+    AdaptedCausalLM,
+    adapter_kinds,
+    adapter_layers,
+    layer_kwargs,
+)
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.kernels import common, gated_up, projection, routing
 from malora_train.adapters.kernels.common import KernelState
@@ -84,6 +92,44 @@ def test_fast_path_keeps_no_full_size_copy_of_the_input(kind: str) -> None:
         big = [t for t in saved if t.numel() >= x.numel() and t.untyped_storage().data_ptr()
                != x.untyped_storage().data_ptr()]
         assert bool(big) == expect_copy, (impl, [tuple(t.shape) for t in big])
+
+
+def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over() -> None:
+    state = KernelState()
+
+    def broken():
+        raise RuntimeError("no kernel here")
+
+    with pytest.warns(RuntimeWarning, match=r"kernels failed \(RuntimeError: no kernel here\)"):
+        assert state.run(True, broken, lambda: "torch") == "torch"
+    assert state.kernels_failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert state.run(True, broken, lambda: "torch again") == "torch again"
+    assert state.run(False, broken, lambda: "not tried") == "not tried"
+
+
+def test_kernel_state_seeds_and_switch(monkeypatch) -> None:
+    """A dropout seed is drawn on the host, or under ``device_seed`` is the seed tensor with the layer's salt
+    in the high word, which the torch path cannot read; ``MALORA_FUSED=torch`` forces the torch path."""
+    monkeypatch.setenv("MALORA_FUSED", "torch")
+    assert KernelState().force_torch
+    monkeypatch.delenv("MALORA_FUSED")
+    state = KernelState()
+    assert not state.force_torch
+    monkeypatch.setattr(common, "draw_seed", lambda: 5)
+    seed = torch.zeros(1, dtype=torch.int64)
+    with state.device_seed(seed):
+        assert state.dropout_seed(3) == (seed, 3 << 32)
+        with pytest.raises(RuntimeError, match="needs the Triton adapter kernels"):
+            projection.project(torch.randn(4, 8), torch.randn(2, 8), None, 0.5, True, state=state)
+    assert state.dropout_seed(3) == 5
+
+
+def test_every_adapted_layer_runs_with_its_models_kernel_state(make_tiny_model) -> None:
+    model = AdaptedCausalLM.from_base(make_tiny_model(), AdapterConfig(kind="malora"))
+    layers = [layer for _, layer in adapter_layers(model)]
+    assert layers and all(layer.kernel_state is model.kernel_state for layer in layers)
 
 
 # -- CUDA: the Triton kernels against plain torch --------------------------------------------------------
