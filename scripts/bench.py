@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from malora_train import load_adapter_config  # noqa: E402
-from malora_train.adapters import AdaptedCausalLM, RoutingContext, adapter_kinds, adapter_layers, fused  # noqa: E402
+from malora_train.adapters import AdaptedCausalLM, RoutingContext, adapter_kinds, adapter_layers  # noqa: E402
 from malora_train.config import AdapterConfig, ModelConfig  # noqa: E402
 from malora_train.models import load_model  # noqa: E402
 
@@ -315,8 +315,8 @@ class Runner:
         return {"kernels": len(kernels), "device_busy_s": busy, "wall_s": wall, "top": table}
 
     def run(self, scenario: Scenario, method: str, impl: str) -> Row:
-        fused.FORCE_TORCH = impl == "fast-torch"
         attached = Attached(self.model, method, impl, seed=self.args.seed)
+        attached.wrapped.kernel_state.force_torch = impl == "fast-torch"
         try:
             if scenario.checkpointing:
                 set_checkpointing(self.model, True)
@@ -331,7 +331,6 @@ class Runner:
             trainable = sum(p.numel() for p in attached.trainable())
             profiled = self.profile(attached, scenario) if self.args.profile else {}
         finally:
-            fused.FORCE_TORCH = False
             if scenario.checkpointing:
                 set_checkpointing(self.model, False)
             if self.args.compile or scenario.compile:

@@ -88,3 +88,23 @@ def test_no_import_circles() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_each_kernel_module_holds_its_operation_whole() -> None:
+    """One module per operation of the fast path: its Triton kernels and its autograd Function together
+    (``common`` holds what they share and defines neither); Triton is imported only where kernels are."""
+    kernels = PACKAGE / "adapters" / "kernels"
+    operations = sorted(p for p in kernels.glob("*.py") if p.stem not in ("__init__", "common"))
+    assert operations
+    for path in [*operations, kernels / "common.py"]:
+        tree = ast.parse(path.read_text())
+        functions = [node.name for node in tree.body if isinstance(node, ast.ClassDef)
+                     and any(ast.unparse(base) == "torch.autograd.Function" for base in node.bases)]
+        jitted = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                  and any(ast.unparse(d).startswith("triton.jit") for d in node.decorator_list)]
+        triton_imported = any(isinstance(node, ast.Import) and any(a.name == "triton" for a in node.names)
+                              for node in ast.walk(tree))
+        is_operation = path in operations
+        assert bool(functions) == is_operation, f"{path.name}: autograd Functions {functions}"
+        assert bool(jitted) == is_operation, f"{path.name}: Triton kernels {jitted}"
+        assert triton_imported == is_operation, f"{path.name} imports triton: {triton_imported}"

@@ -1,16 +1,20 @@
-"""The fast path's custom autograd Functions (malora_train/adapters/fused.py): with dropout on they
+"""The fast path's custom autograd Functions (malora_train/adapters/kernels/): with dropout on they
 equal the reference formulas with the same mask, they keep no full-size copy of the input for backward,
 and (on CUDA) the Triton kernels match plain torch."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from adapter_specs import kind_config
 from torch import nn
 
-from malora_train.adapters import ADAPTER_CLASSES, adapter_kinds, fused
+from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, adapter_layers
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
+from malora_train.adapters.kernels import common, gated_up, projection, routing
+from malora_train.adapters.kernels.common import KernelState
 from malora_train.adapters.router import balance_loss, entropy, top_k_route, z_loss
 from malora_train.config import RouterConfig
 
@@ -42,8 +46,8 @@ def test_fast_path_with_dropout_equals_the_reference_with_the_same_mask(kind: st
     context = RoutingContext()
     layer = build(kind, dropout=0.3, context=context)
     x = torch.randn(T, IN, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr(fused, "draw_seed", lambda: 1234)
-    mask = fused._keep_mask(x.detach(), 0.3, 1234)
+    monkeypatch.setattr(common, "draw_seed", lambda: 1234)
+    mask = projection._keep_mask(x.detach(), 0.3, 1234)
     assert 0.5 < (mask > 0).double().mean() < 0.9  # a real mask, scaled by 1 / (1 - p)
     assert torch.allclose(mask[mask > 0], torch.tensor(1 / 0.7, dtype=torch.float64))
     weights = torch.randn(T, OUT, dtype=torch.float64)
@@ -87,7 +91,47 @@ def test_fast_path_keeps_no_full_size_copy_of_the_input(kind: str) -> None:
 
 # -- CUDA: the Triton kernels against plain torch --------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or fused.triton_kernels is None,
+def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over() -> None:
+    state = KernelState()
+
+    def broken():
+        raise RuntimeError("no kernel here")
+
+    with pytest.warns(RuntimeWarning, match=r"kernels failed \(RuntimeError: no kernel here\)"):
+        assert state.run(True, broken, lambda: "torch") == "torch"
+    assert state.kernels_failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert state.run(True, broken, lambda: "torch again") == "torch again"
+    assert state.run(False, broken, lambda: "not tried") == "not tried"
+
+
+def test_kernel_state_seeds_and_switch(monkeypatch) -> None:
+    """A dropout seed is drawn on the host, or under ``device_seed`` is the seed tensor with the layer's salt
+    in the high word, which the torch path cannot read; ``MALORA_FUSED=torch`` forces the torch path."""
+    monkeypatch.setenv("MALORA_FUSED", "torch")
+    assert KernelState().force_torch
+    monkeypatch.delenv("MALORA_FUSED")
+    state = KernelState()
+    assert not state.force_torch
+    monkeypatch.setattr(common, "draw_seed", lambda: 5)
+    seed = torch.zeros(1, dtype=torch.int64)
+    with state.device_seed(seed):
+        assert state.dropout_seed(3) == (seed, 3 << 32)
+        with pytest.raises(RuntimeError, match="needs the Triton adapter kernels"):
+            projection.project(torch.randn(4, 8), torch.randn(2, 8), None, 0.5, True, state=state)
+    assert state.dropout_seed(3) == 5
+
+
+def test_every_adapted_layer_runs_with_its_models_kernel_state(make_tiny_model) -> None:
+    model = AdaptedCausalLM.from_base(make_tiny_model(), kind_config("malora"))
+    layers = [layer for _, layer in adapter_layers(model)]
+    assert layers and all(layer.kernel_state is model.kernel_state for layer in layers)
+
+
+# -- CUDA: the Triton kernels against plain torch --------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or projection.triton is None,
                           reason="needs CUDA and Triton")
 
 
@@ -96,7 +140,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
-    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    shifts = torch.arange(projection.MASK_BITS, device=bits.device, dtype=torch.int32)
     return ((bits[:, :, None] >> shifts) & 1).reshape(bits.shape[0], -1)[:, :n].bool()
 
 
@@ -108,22 +152,22 @@ def test_triton_projection_matches_torch(T_: int, n: int, R: int, N: int, p: flo
     """The three projection kernels for a group of G layers reading x: each member's z, logits and
     weight gradients, and dx summed over the members; member g's mask is the one a lone layer salted
     g draws (the group adds g in Philox's high word)."""
-    tk = fused.triton_kernels
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(T_, n, device="cuda", generator=gen).bfloat16()
     down = torch.randn(G, R, n, device="cuda", generator=gen) * n**-0.5
     router = torch.randn(G, N, n, device="cuda", generator=gen) * 0.02 if N else None
-    z, logits, bits = tk.project_forward(x, down, router, p, 99, torch.bfloat16)
+    z, logits, bits = projection.project_forward(x, down, router, p, 99, torch.bfloat16)
     gz = torch.randn(G, T_, R, device="cuda", generator=gen).bfloat16()
     gl = torch.randn(G, T_, N, device="cuda", generator=gen) * 1e-3 if N else None
-    gx = tk.project_input_grad(gz, gl, down, router, bits, p, torch.bfloat16)
-    gd, gw = tk.project_weight_grad(gz, gl, x, bits, p, R, max(N, 1), torch.bfloat16)
+    gx = projection.project_input_grad(gz, gl, down, router, bits, p, torch.bfloat16)
+    gd, gw = projection.project_weight_grad(gz, gl, x, bits, p, R, max(N, 1), torch.bfloat16)
     gx_ref = torch.zeros(T_, n, device="cuda")
     for g in range(G):
         keep = _unpack(bits[g], n) if p > 0 else torch.ones_like(x, dtype=torch.bool)
         assert abs(keep.float().mean().item() - (1 - p)) < 0.02
         if p > 0:
-            lone = tk.project_forward(x, down[g:g + 1].contiguous(), None, p, 99 + (g << 32), torch.bfloat16)[2]
+            lone = projection.project_forward(x, down[g:g + 1].contiguous(), None, p, 99 + (g << 32),
+                                              torch.bfloat16)[2]
             assert torch.equal(lone[0], bits[g])
             assert g == 0 or not torch.equal(bits[g], bits[0])
         xd = torch.where(keep, x.float() / (1 - p), 0.0).bfloat16()
@@ -146,18 +190,17 @@ def test_triton_projection_matches_torch(T_: int, n: int, R: int, N: int, p: flo
 def test_triton_expand_matches_float64(N: int, RE: int, RZ: int, coeff: bool, shared: bool) -> None:
     """gated = gates * expand(z) and its backward (dgates, dz, dC) for MALoRA (z C^T), MoLoRA (z) and a
     down-projection shared by the experts (HydraLoRA: z once per expert), against float64 arithmetic."""
-    tk = fused.triton_kernels
     gen = torch.Generator(device="cuda").manual_seed(2)
     T_, NR = 3001, N * RE
     z = torch.randn(T_, RZ, device="cuda", generator=gen).bfloat16()
     c = (torch.randn(NR, RZ, device="cuda", generator=gen) * RZ**-0.5).bfloat16() if coeff else None
     gates = torch.softmax(torch.randn(T_, N, device="cuda", generator=gen), -1)
     gates = gates * (torch.rand(T_, N, device="cuda", generator=gen) > 0.5)
-    gated = tk.expand_forward(z, c, gates, NR)
+    gated = gated_up.expand_forward(z, c, gates, NR)
     u = z.double() @ c.double().t() if coeff else (z.double().repeat(1, N) if shared else z.double())
     assert _rel(gated, (u.view(T_, N, RE) * gates.double().unsqueeze(-1)).reshape(T_, NR)) < 1e-2
     gg = torch.randn(T_, NR, device="cuda", generator=gen).bfloat16()
-    ggates, gz, gc = tk.expand_backward(gg, z, c, gates, True, True, True)
+    ggates, gz, gc = gated_up.expand_backward(gg, z, c, gates, True, True, True)
     assert _rel(ggates, (gg.double().view(T_, N, RE) * u.view(T_, N, RE)).sum(-1)) < 1e-5
     gu = (gg.double().view(T_, N, RE) * gates.double().unsqueeze(-1)).reshape(T_, NR)
     if coeff:
@@ -174,7 +217,7 @@ def test_triton_routing_matches_torch_autograd(top_k: int, renormalize: bool, ma
     gen = torch.Generator(device="cuda").manual_seed(1)
     logits = (torch.randn(3000, 8, device="cuda", generator=gen) * 2).requires_grad_()
     mask = torch.rand(3000, device="cuda", generator=gen) > 0.3 if masked else None
-    gates, top_idx, aux = fused.route(logits, top_k, renormalize, mask, collect=True)
+    gates, top_idx, aux = routing.route(logits, top_k, renormalize, mask, collect=True, state=KernelState())
     ref = top_k_route(logits, top_k, renormalize)
     assert torch.equal(top_idx.sort(1).values, ref.top_idx.sort(1).values)
     expected_aux = [balance_loss(ref, mask), z_loss(ref, mask), entropy(ref, mask)]

@@ -206,19 +206,21 @@ def test_graphed_step_waits_for_nothing(tiny_training_overrides, tmp_path) -> No
 
 
 def test_a_replayed_projection_draws_its_dropout_mask_from_the_device_seed() -> None:
-    """fused.project inside a CUDA graph: each replay reads the seed tensor, so a new seed gives a new
+    """projection.project inside a CUDA graph: each replay reads the seed tensor, so a new seed gives a new
     mask, the same seed the same mask, and both equal the eager call with that seed; layers (salts)
     differ."""
-    from malora_train.adapters import fused
+    from malora_train.adapters.kernels import projection
+    from malora_train.adapters.kernels.common import KernelState
 
     torch.manual_seed(0)
     x = torch.randn(256, 192, device="cuda", dtype=torch.bfloat16)
     down = torch.randn(16, 192, device="cuda", dtype=torch.bfloat16)
     seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    state = KernelState()
 
     def project(salt: int = 0) -> torch.Tensor:
-        with fused.device_dropout_seed(seed):
-            return fused.project(x, down, None, 0.5, True, salt)
+        with state.device_seed(seed):
+            return projection.project(x, down, None, 0.5, True, salt, state=state)
 
     seed.fill_(11)
     eager_11, eager_11_salted = project(), project(salt=1)

@@ -9,8 +9,10 @@ import torch
 from adapter_specs import kind_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from malora_train.adapters import AdaptedCausalLM, adapter_kinds, fused
+from malora_train.adapters import AdaptedCausalLM, adapter_kinds
 from malora_train.adapters.inject import adapter_layers
+from malora_train.adapters.kernels import common, projection
+from malora_train.adapters.kernels.common import KernelState
 
 KINDS = adapter_kinds()
 
@@ -59,8 +61,8 @@ def test_grouped_projection_gives_the_loss_and_gradients_of_the_layers_one_by_on
     ids = torch.randint(3, 200, (2, 17))
     ungrouped = loss_and_grads(adapted(make_tiny_model, kind, shared_input=False), ids)
     calls = []
-    project_group = fused.project_group
-    monkeypatch.setattr(fused, "project_group", lambda x, downs, *a, **k: calls.append(len(downs))
+    project_group = projection.project_group
+    monkeypatch.setattr(projection, "project_group", lambda x, downs, *a, **k: calls.append(len(downs))
                         or project_group(x, downs, *a, **k))
     model = adapted(make_tiny_model, kind, shared_input=True)
     grouped = loss_and_grads(model, ids)
@@ -79,14 +81,14 @@ def test_each_member_keeps_its_own_dropout_mask(monkeypatch) -> None:
     downs = [torch.randn(5, 24, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     routers = [torch.randn(4, 24, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     weights = [(torch.randn(30, 5, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)) for _ in range(3)]
-    monkeypatch.setattr(fused, "draw_seed", lambda: 77)
-    grouped = fused.project_group(x, downs, routers, 0.4, True)
+    monkeypatch.setattr(common, "draw_seed", lambda: 77)
+    grouped = projection.project_group(x, downs, routers, 0.4, True, state=KernelState())
     loss = sum((z * wz).sum() + (lg * wl).sum() for (z, lg), (wz, wl) in zip(grouped, weights))
     grouped_grads = torch.autograd.grad(loss, [x, *downs, *routers])
     singles, loss = [], 0
     for g, (down, router, (wz, wl)) in enumerate(zip(downs, routers, weights)):
-        monkeypatch.setattr(fused, "draw_seed", lambda g=g: fused.member_seed(77, g))
-        z, lg = fused.project(x, down, router, 0.4, True)
+        monkeypatch.setattr(common, "draw_seed", lambda g=g: projection.member_seed(77, g))
+        z, lg = projection.project(x, down, router, 0.4, True, state=KernelState())
         singles.append(z)
         loss = loss + (z * wz).sum() + (lg * wl).sum()
     single_grads = torch.autograd.grad(loss, [x, *downs, *routers])
@@ -94,7 +96,7 @@ def test_each_member_keeps_its_own_dropout_mask(monkeypatch) -> None:
         torch.testing.assert_close(z, single, rtol=1e-12, atol=1e-12)
     for a, b in zip(grouped_grads, single_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    masks = [fused._keep_mask(x.detach(), 0.4, fused.member_seed(77, g)) for g in range(3)]
+    masks = [projection._keep_mask(x.detach(), 0.4, projection.member_seed(77, g)) for g in range(3)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
 
 

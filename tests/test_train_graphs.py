@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from malora_train.adapters.kernels.common import KernelState
 from malora_train.train.graphs import StepGraphs, input_key
 
 
@@ -26,7 +27,8 @@ def _step_graphs(max_graphs: int = 8):
             weight.sub_(0.1 * weight.grad)
             weight.grad.zero_()
 
-    graphs = StepGraphs(forward_backward, update, [weight], torch.device("cpu"), max_graphs=max_graphs)
+    graphs = StepGraphs(forward_backward, update, [weight], torch.device("cpu"), KernelState(),
+                        max_graphs=max_graphs)
     return graphs, weight, seen_inputs, updates
 
 

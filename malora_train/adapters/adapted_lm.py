@@ -14,6 +14,7 @@ from torch import nn
 
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
 from malora_train.adapters.inject import adapter_layers, inject_adapters
+from malora_train.adapters.kernels.common import KernelState
 from malora_train.adapters.working_copies import WorkingCopies
 from malora_train.attention import document_causal_dense_mask, packed_attention_mask
 from malora_train.config import AdapterConfig
@@ -54,7 +55,7 @@ class RouterLosses(NamedTuple):
 
 
 class AdaptedCausalLM(nn.Module):
-    """Wraps ``model`` (adapters already injected) and owns the routing context of its layers.
+    """Wraps ``model`` (adapters already injected) and owns its layers' routing context and kernel state.
 
     Its forward returns the LM loss on answer tokens and the routers' auxiliary loss separately. Rows
     are either padded examples (``attention_mask``) or packed ones (``document_ids`` and restarting
@@ -70,6 +71,9 @@ class AdaptedCausalLM(nn.Module):
         self.record_routing = False
         self.num_tasks = 0
         self._mixture = [(n, m) for n, m in adapter_layers(model) if isinstance(m, MixtureAdapterLinear)]
+        self.kernel_state = KernelState()  # how every adapted layer's fast path runs (kernels or torch)
+        for _, layer in adapter_layers(model):
+            layer.kernel_state = self.kernel_state
         self.working_copies = WorkingCopies([m for _, m in adapter_layers(model) if m.impl == "fast"])
         keys = [_decoder_layer_key(name) for name, _ in self._mixture]
         self.balance_layer_names = list(dict.fromkeys(keys))

@@ -1,7 +1,7 @@
 """Shared machinery of the adapter layers: wrapping a frozen ``nn.Linear``, dropout, dtypes, and the
 two ways to compute a mixture (the fast rank-space gated product and the per-expert reference loop).
 
-The fast path (``impl=fast``) runs through the custom autograd Functions of ``fused``: one pass over
+The fast path (``impl=fast``) runs through the custom autograd Functions of ``kernels``: one pass over
 the input computes ``z = D dropout(x)`` (D = ``down_projection()``) together with the router logits,
 the routing and its auxiliary losses run fused, and ``gated_up`` adds ``s (g * expand(z)) B^T`` to the
 frozen output in one addmm. Only x (shared with the frozen layer) and a bit mask are kept for backward.
@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malora_train.adapters import fused
+from malora_train.adapters.kernels.common import KernelState
+from malora_train.adapters.kernels.gated_up import gated_up
+from malora_train.adapters.kernels.projection import project
+from malora_train.adapters.kernels.routing import route
 from malora_train.adapters.router import (
     Routing,
     assignment_counts,
@@ -87,6 +90,7 @@ class AdapterLinear(nn.Module):
         self.dropout_salt = 0  # tells this layer's dropout mask from the others' under a device seed (inject sets it)
         self.input_group: SharedInputGroup | None = None  # siblings reading the same input (inject sets it)
         self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
+        self.kernel_state = KernelState()  # how the fast path runs: the model's, shared by its layers
 
     def param_factory(self, *shape: int) -> nn.Parameter:
         device = self.base.weight.device
@@ -149,17 +153,18 @@ class AdapterLinear(nn.Module):
         return self.casts.get(name) if self.casts else None
 
     def project_input(self, x: torch.Tensor, source: torch.Tensor | None, router: torch.Tensor | None):
-        """``fused.project`` of this layer's flattened input ``x``, through its shared-input group when it has one
+        """``project`` of this layer's flattened input ``x``, through its shared-input group when it has one
         (``source``: the tensor the layer was called with, by which the group recognises its input)."""
         if self.input_group is not None and not self.partitioned:  # ZeRO-3: a sibling's weights are not here
             return self.input_group.project(self, x, x if source is None else source, router is not None)
-        return fused.project(x, self.down_projection(), router, self.dropout_p, self.training, self.dropout_salt,
-                             down_cast=self.cast("down"))
+        return project(x, self.down_projection(), router, self.dropout_p, self.training, self.dropout_salt,
+                       down_cast=self.cast("down"), state=self.kernel_state)
 
     def fast_forward(self, x: torch.Tensor, flat_out: torch.Tensor,
                      source: torch.Tensor | None = None) -> torch.Tensor:
         z = self.project_input(x, source, None)
-        return fused.gated_up(z, flat_out, self.lora_B, self.scaling, up_cast=self.cast("up"))
+        return gated_up(z, flat_out, self.lora_B, self.scaling, up_cast=self.cast("up"),
+                        state=self.kernel_state)
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -215,7 +220,7 @@ class MixtureAdapterLinear(AdapterLinear):
     def fast_route(self, logits: torch.Tensor) -> torch.Tensor:
         """Gates (T, N) from float32 logits, recording what ``route`` records; fused kernels on CUDA."""
         mask = self.context.mask_for(logits.shape[0]) if self.context is not None else None
-        routed = fused.route(logits, self.top_k, self.renormalize, mask, self.collecting())
+        routed = route(logits, self.top_k, self.renormalize, mask, self.collecting(), state=self.kernel_state)
         if routed is not None:
             gates, top_idx, aux = routed
             if aux is not None:
@@ -286,9 +291,9 @@ class MixtureAdapterLinear(AdapterLinear):
         else:
             z, logits = projected, router_logits(x, self.router, self.jitter_noise, self.training)
         gates = self.fast_route(logits)
-        return fused.gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates,
-                              coeff=self.coeff_projection(), num_experts=self.num_experts,
-                              shared=self.shared_down, up_cast=self.cast("up"), coeff_cast=self.cast("coeff"))
+        return gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates, coeff=self.coeff_projection(),
+                        num_experts=self.num_experts, shared=self.shared_down, up_cast=self.cast("up"),
+                        coeff_cast=self.cast("coeff"), state=self.kernel_state)
 
     def composite_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
         routing = self.route(x)

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from malora_train.adapters import fused
+from malora_train.adapters.kernels import projection
 
 # names of sibling linear layers (in one parent module) that read the same input, in the models' own order
 SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -35,8 +35,9 @@ class SharedInputGroup:
         self.casts: dict[str, torch.Tensor | None] | None = None  # stacked working copies (working_copies)
 
     def project(self, member: nn.Module, x: torch.Tensor, source: torch.Tensor, with_router: bool):
-        """``member``'s ``fused.project(x, ...)``: z, or (z, logits) when ``with_router``. ``x`` is the member's
-        flattened input, ``source`` the tensor it was called with (the same object for every sibling)."""
+        """``member``'s ``projection.project(x, ...)``: z, or (z, logits) when ``with_router``. ``x`` is the
+        member's flattened input, ``source`` the tensor it was called with (the same object for every
+        sibling)."""
         key = id(member)
         if self._source is not None and self._source() is source and key in self._pending:
             result = self._pending.pop(key)
@@ -46,9 +47,11 @@ class SharedInputGroup:
         first = self.members[0]
         routers = [m.router for m in self.members] if with_router else None
         casts = self.casts or {}
-        results = fused.project_group(x, [m.down_projection() for m in self.members], routers, first.dropout_p,
-                                      first.training, first.dropout_salt, down_cast=casts.get("down"),
-                                      router_stack=casts.get("router") if with_router else None)
+        results = projection.project_group(x, [m.down_projection() for m in self.members], routers,
+                                           first.dropout_p, first.training, first.dropout_salt,
+                                           down_cast=casts.get("down"),
+                                           router_stack=casts.get("router") if with_router else None,
+                                           state=first.kernel_state)
         self._pending = {id(m): r for m, r in zip(self.members, results) if m is not member}
         self._source = weakref.ref(source) if self._pending else None
         return results[self.members.index(member)]

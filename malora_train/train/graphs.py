@@ -15,10 +15,10 @@ Two kinds of graph share one memory pool:
 The first time a shape is seen its work runs eagerly: that initialises what a capture must not
 (cuBLAS workspaces, Triton compilation, the optimiser's state). The second time it is captured, then
 replayed from then on. Before a replay the host batch is copied into the graph's own input tensors, and a
-new dropout seed into the seed tensor the kernels read (``fused.device_dropout_seed``). The gradients stay
-allocated (zeroed, never set to None) as views of one flat bucket, so every graph accumulates into the same
-tensors and several processes sum them with one all-reduce between the last micro-batch and the update
-(outside the graphs: DDP's hooks cannot run inside a capture, and the adapters' gradients are small).
+new dropout seed into the seed tensor the kernels read (the model's ``KernelState.device_seed``). The
+gradients stay allocated (zeroed, never set to None) as views of one flat bucket, so every graph accumulates
+into the same tensors and several processes sum them with one all-reduce between the last micro-batch and the
+update (outside the graphs: DDP's hooks cannot run inside a capture, and the adapters' gradients are small).
 
 With ``capture=False`` (the CPU, in tests) the same bookkeeping runs with the work re-executed instead
 of replayed.
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from malora_train.adapters import fused
+from malora_train.adapters.kernels.common import KernelState, draw_seed
 from malora_train.train.distributed import to_device
 
 InputKey = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
@@ -54,13 +54,15 @@ class _Captured:
 
 class StepGraphs:
     """Runs ``forward_backward(device inputs)`` per micro-batch and ``update()`` per optimiser step,
-    eagerly the first time, as CUDA graphs after that (see the module docstring)."""
+    eagerly the first time, as CUDA graphs after that (see the module docstring). ``kernel_state``: the
+    model's, whose dropout kernels read this object's seed tensor."""
 
     def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor]], Any],
                  update: Callable[[], torch.Tensor | None], params: Iterable[torch.nn.Parameter],
-                 device: torch.device, max_graphs: int = 8,
+                 device: torch.device, kernel_state: KernelState, max_graphs: int = 8,
                  all_reduce: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.device = device
+        self.kernel_state = kernel_state
         self.capture = device.type == "cuda"
         self.max_graphs = max_graphs
         self._forward_backward = forward_backward
@@ -82,7 +84,7 @@ class StepGraphs:
         """Forward and backward of one micro-batch given as host tensors; returns ``forward_backward``'s
         output (for a replayed graph, the tensors it captured, now holding this micro-batch's values)."""
         key = input_key(host_inputs)
-        seed = fused.draw_seed()
+        seed = draw_seed()
         captured = self._micro.get(key)
         if captured is None and (key not in self._seen or len(self._micro) >= self.max_graphs):
             self._seen.add(key)
@@ -111,7 +113,7 @@ class StepGraphs:
 
     # -- internals -------------------------------------------------------------------------------------------
     def _run(self, inputs: dict[str, torch.Tensor]) -> Any:
-        with fused.device_dropout_seed(self.seed):
+        with self.kernel_state.device_seed(self.seed):
             return self._forward_backward(inputs)
 
     def _copy_in(self, inputs: dict[str, torch.Tensor], host_inputs: dict[str, torch.Tensor], seed: int) -> None:

@@ -228,7 +228,7 @@ class Trainer:
         if captured:  # no DDP wrapper: its hooks cannot live inside a capture
             self.engine, self.optimizer = self.model, acc.prepare(optimizer)
             self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device,
-                                     all_reduce=all_reduce_sum if self.world > 1 else None)
+                                     self.model.kernel_state, all_reduce=all_reduce_sum if self.world > 1 else None)
         else:
             self.engine, self.optimizer = acc.prepare(self.model, optimizer)
         set_seed(self.cfg.seed, device_specific=True)  # dropout: rank 0 as one process would, others their own

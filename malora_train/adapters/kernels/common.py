@@ -1,0 +1,88 @@
+"""What the adapter operations share: the dtypes their kernels compute in, block padding, dropout seeds,
+and ``KernelState``, one model's choice between the Triton kernels and the torch path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+
+Result = TypeVar("Result")
+
+# the dtypes the kernels compute in, each with its name in triton.language; any other runs the torch path
+KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the adapter matmuls: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def pad(size: int, least: int = 16) -> int:
+    """``size`` rounded up to a power of two and to at least ``least``: a kernel block's side (``tl.arange``
+    takes powers of two, and ``tl.dot`` operands have at least 16 rows and columns)."""
+    return max(least, 1 << (size - 1).bit_length())
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's CPU generator: no device sync, reproducible under ``manual_seed``,
+    and replayed by activation checkpointing (which restores the CPU RNG state before recomputing)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class KernelState:
+    """How one model's adapter operations run; the model owns it and its adapted layers share it.
+
+    ``force_torch`` (``MALORA_FUSED=torch`` in the environment) runs the torch path on CUDA too, for
+    benchmarks and debugging. ``kernels_failed`` is set by the first kernel that fails to build or launch:
+    the torch path runs from then on. ``device_seed`` lends the dropout kernels a seed tensor to read.
+    """
+
+    def __init__(self) -> None:
+        self.force_torch = os.environ.get("MALORA_FUSED", "") == "torch"
+        self.kernels_failed = False
+        self._device_seed: torch.Tensor | None = None
+
+    def kernels_allowed(self, t: torch.Tensor) -> bool:
+        """Whether the Triton kernels may run on ``t``: a CUDA tensor, no kernel failed, torch not forced."""
+        return t.is_cuda and not self.force_torch and not self.kernels_failed
+
+    def run(self, use_kernel: bool, kernel: Callable[[], Result], torch_path: Callable[[], Result]) -> Result:
+        """``kernel()`` when ``use_kernel``, else ``torch_path()``, which also stands in for a kernel that
+        fails to build or launch: a broken Triton install or an unsupported GPU must not stop training. The
+        first failure warns and turns the kernels off for the rest of the run."""
+        if use_kernel:
+            try:
+                return kernel()
+            except Exception as err:  # noqa: BLE001 - any build or launch failure
+                if not self.kernels_failed:
+                    warnings.warn(f"malora_train: Triton adapter kernels failed ({type(err).__name__}: "
+                                  f"{err}); using the plain torch fast path instead", RuntimeWarning,
+                                  stacklevel=2)
+                self.kernels_failed = True
+        return torch_path()
+
+    @contextlib.contextmanager
+    def device_seed(self, seed: torch.Tensor) -> Iterator[None]:
+        """Inside: the dropout kernels read their seed from ``seed`` (a one-element int64 CUDA tensor) when
+        they run, plus a salt per layer, instead of taking a number drawn when they are launched. A CUDA
+        graph replays its kernels with the arguments of its capture, so a captured step draws new masks
+        only this way (the caller writes a new seed before each replay)."""
+        previous, self._device_seed = self._device_seed, seed
+        try:
+            yield
+        finally:
+            self._device_seed = previous
+
+    def dropout_seed(self, salt: int) -> int | tuple[torch.Tensor, int]:
+        """The dropout seed of the layer salted ``salt``: a number drawn now, or under ``device_seed`` the
+        seed tensor and the salt in its high 32 bits (Philox's high key word), added when the kernel runs."""
+        if self._device_seed is None:
+            return draw_seed()
+        return self._device_seed, salt << 32

@@ -1,0 +1,281 @@
+"""The gated up-projection ``y = out + s (gates * expand(z)) B^T``: the adapters' write of their full-size
+output, added to the frozen layer's ``out`` in one GEMM.
+
+``expand`` maps the rank space to the experts' inputs: ``u = z C^T`` (MALoRA, C stacking the P_t), ``z``
+repeated for every expert (one shared down-projection, HydraLoRA) or ``z`` itself split into one block per
+expert (MoLoRA); without gates it is plain LoRA's ``z``. The work on full-size tensors is two GEMMs whatever
+the number of experts; on CUDA the rank-space side (expand and gate, and its backward) runs in one kernel
+each instead of a chain of small torch ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from malora_train.adapters.kernels.common import KERNEL_DTYPES, KernelState, pad
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs have none and run the torch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+
+@dataclass(frozen=True)
+class GatedUpSpec:
+    """What a gated up-projection computes, besides its tensors."""
+
+    scaling: float  # s
+    num_experts: int  # N: the gates' columns, and the blocks of expand(z)
+    shared: bool  # z feeds every expert (HydraLoRA), rather than z or u splitting into N blocks
+
+
+def gated_up(z: torch.Tensor, out: torch.Tensor, up: torch.Tensor, scaling: float,
+             gates: torch.Tensor | None = None, coeff: torch.Tensor | None = None, num_experts: int = 1,
+             shared: bool = False, up_cast: torch.Tensor | None = None,
+             coeff_cast: torch.Tensor | None = None, *, state: KernelState) -> torch.Tensor:
+    """``out + scaling * (gates * u) up^T`` where ``u = z coeff^T`` (MALoRA), ``z`` for every expert
+    (``shared``, HydraLoRA) or ``z`` itself split into ``num_experts`` blocks; no gates: plain LoRA.
+    ``up_cast``/``coeff_cast``: those weights already in z's dtype (``working_copies``)."""
+    spec = GatedUpSpec(scaling, num_experts, shared)
+    return _GatedUp.apply(spec, state, z, out, up, gates, coeff, up_cast, coeff_cast)
+
+
+class _GatedUp(torch.autograd.Function):
+    """All tensors are in the compute dtype (z's) by construction: no autocast needed here. ``up_cast`` and
+    ``coeff_cast``: ``up`` and ``coeff`` already cast, or None."""
+
+    @staticmethod
+    def forward(ctx, spec: GatedUpSpec, state: KernelState, z, out, up, gates, coeff, up_cast, coeff_cast):
+        cdt = z.dtype
+        coeff_c = _ready(coeff_cast, cdt, coeff)
+        up_c = _ready(up_cast, cdt, up)
+        use_kernel = (gates is not None and triton is not None and state.kernels_allowed(z)
+                      and cdt in KERNEL_DTYPES and z.shape[0] > 0)
+        if use_kernel:  # the kernels read every tensor as contiguous rows
+            gates = gates.contiguous()
+            coeff_c = coeff_c.contiguous() if coeff_c is not None else None
+
+        def by_kernel():
+            return expand_forward(z.contiguous(), coeff_c, gates, up.shape[1]), None, gates
+
+        def by_torch():  # the torch ops gate in z's dtype
+            gates_c = gates.to(cdt) if gates is not None else None
+            u, gated = _expand_torch(z, gates_c, coeff_c, spec.num_experts, spec.shared)
+            return gated, u, gates_c
+
+        gated, u, gates_c = state.run(use_kernel, by_kernel, by_torch)
+        if out.dtype == cdt:
+            y = torch.addmm(out, gated, up_c.t(), alpha=spec.scaling)
+        else:
+            y = out + _mm_scaled(gated, up_c.t(), spec.scaling).to(out.dtype)
+        ctx.save_for_backward(z, u if coeff is not None else None, gated, up_c, gates_c, coeff_c)
+        ctx.spec, ctx.state = spec, state
+        ctx.expanded_by_kernel = u is None  # the kernel keeps no u: the backward runs its kernel too
+        ctx.dtypes = (up.dtype, gates_c.dtype if gates_c is not None else None,
+                      coeff.dtype if coeff is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, u, gated, up_c, gates_c, coeff_c = ctx.saved_tensors
+        spec, s = ctx.spec, ctx.spec.scaling
+        up_dtype, gates_dtype, coeff_dtype = ctx.dtypes
+        _spec, _state, need_z, need_out, need_up, need_gates, need_coeff, _up_cast, _coeff_cast = (
+            ctx.needs_input_grad)
+        cdt = z.dtype
+        gup = None
+        grad_c = grad_y.to(cdt)
+        if need_up:
+            gup = _mm_scaled(grad_c.t(), gated, s).to(up_dtype)
+        g_gated = _mm_scaled(grad_c, up_c, s)
+
+        def by_torch():
+            u_c, gates_z = u, gates_c
+            if ctx.expanded_by_kernel:  # the forward's kernel kept neither u nor the gates in z's dtype
+                u_c, _ = _expand_torch(z, None, coeff_c, spec.num_experts, spec.shared)
+                gates_z = gates_c.to(cdt)
+            return _expand_backward_torch(g_gated, z, u_c, gates_z, coeff_c, spec.num_experts, spec.shared,
+                                          need_gates, need_z, need_coeff, gates_dtype)
+
+        ggates, gz, gcoeff = ctx.state.run(
+            ctx.expanded_by_kernel,
+            lambda: expand_backward(g_gated, z.contiguous(), coeff_c, gates_c, need_gates, need_z,
+                                    need_coeff),
+            by_torch)
+        ggates = ggates.to(gates_dtype) if ggates is not None else None
+        gcoeff = gcoeff.to(coeff_dtype) if gcoeff is not None else None
+        # one per input: spec, state, z, out, up, gates, coeff, up_cast, coeff_cast
+        return None, None, gz, grad_y if need_out else None, gup, ggates, gcoeff, None, None
+
+
+def _ready(cast: torch.Tensor | None, dtype: torch.dtype, weight: torch.Tensor | None) -> torch.Tensor | None:
+    """``weight`` in ``dtype``: its ready cast (``working_copies``) when there is one, else cast now."""
+    if weight is None:
+        return None
+    return cast if cast is not None and cast.dtype == dtype else weight.to(dtype)
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` in one GEMM (alpha in the epilogue; beta = 0 never reads the empty input)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
+
+
+# -- the torch path -----------------------------------------------------------------------------------------
+
+def _expand_torch(z, gates_c, coeff_c, num_experts, shared):
+    """(u, gated): u = z coeff^T (or z), gated = gates * u expanded per expert (``gates_c`` in z's dtype); the
+    reference of ``expand_forward``."""
+    T = z.shape[0]
+    u = z @ coeff_c.t() if coeff_c is not None else z
+    if gates_c is None:
+        return u, u
+    u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
+    return u, (u3 * gates_c.unsqueeze(-1)).reshape(T, -1)
+
+
+def _expand_backward_torch(g_gated, z, u, gates_c, coeff_c, num_experts, shared, need_gates, need_z,
+                           need_coeff, gates_dtype):
+    """(dgates, dz, dcoeff) from dgated; the reference of ``expand_backward``."""
+    T, cdt = z.shape[0], z.dtype
+    ggates = gz = gcoeff = None
+    if gates_c is None:
+        g_u = g_gated
+    else:
+        u = u if coeff_c is not None else z
+        g3 = g_gated.view(T, num_experts, -1)
+        u3 = u.unsqueeze(1) if shared else u.view(T, num_experts, -1)
+        if need_gates:
+            ggates = (g3 * u3).sum(-1, dtype=torch.promote_types(cdt, gates_dtype))
+        g3 = g3 * gates_c.unsqueeze(-1)
+        g_u = g3.sum(1) if shared else g3.reshape(T, -1)
+    if coeff_c is not None:
+        if need_coeff:
+            gcoeff = g_u.t() @ z
+        gz = g_u @ coeff_c if need_z else None
+    else:
+        gz = g_u
+    return ggates, gz, gcoeff
+
+
+# -- the Triton kernels and their launchers (CUDA with Triton only) ------------------------------------------
+
+# tokens per program of both kernels; each program holds its rows' whole expanded width (NR_PAD columns)
+EXPAND_BLOCK_M = 32
+NUM_WARPS = 4  # warps per program (Triton's default)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ: tl.constexpr, RZ_PAD: tl.constexpr,
+                  HAS_COEFF: tl.constexpr, CDT: tl.constexpr):
+        """u (BLOCK_M, NR_PAD) float32: z C^T (MALoRA's P_t stacked in C), else column c of u is z's c mod RZ
+        (MoLoRA: u = z; a down-projection shared by every expert: z repeated once per expert)."""
+        if HAS_COEFF:
+            kk = tl.arange(0, RZ_PAD)
+            z = tl.load(z_ptr + rows[:, None] * RZ + kk[None, :], mask=row_ok[:, None] & (kk < RZ)[None, :],
+                        other=0.0)
+            ct = tl.load(c_ptr + cols[None, :] * RZ + kk[:, None], mask=col_ok[None, :] & (kk < RZ)[:, None],
+                         other=0.0)
+            return tl.dot(z.to(CDT), ct.to(CDT))
+        return tl.load(z_ptr + rows[:, None] * RZ + (cols % RZ)[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _expand_fwd_kernel(
+        z_ptr, c_ptr, g_ptr, out_ptr, T,
+        RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
+        NR_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_COEFF: tl.constexpr, CDT: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, NR_PAD)
+        row_ok = rows < T
+        col_ok = cols < NR
+        ok = row_ok[:, None] & col_ok[None, :]
+        u = _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ, RZ_PAD, HAS_COEFF, CDT)
+        gates = tl.load(g_ptr + rows[:, None] * N + (cols // RE)[None, :], mask=ok, other=0.0)
+        tl.store(out_ptr + rows[:, None] * NR + cols[None, :], (u * gates).to(CDT), mask=ok)
+
+    @triton.jit
+    def _expand_bwd_kernel(
+        gg_ptr, z_ptr, c_ptr, g_ptr, ggates_ptr, gz_ptr, part_ptr, T,
+        RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
+        NR_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_COEFF: tl.constexpr, NEED_GATES: tl.constexpr,
+        NEED_Z: tl.constexpr, NEED_COEFF: tl.constexpr, CDT: tl.constexpr,
+    ):
+        """From dgated: dgates (float32), dz and this block's share of dC (float32 partials, summed after)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, NR_PAD)
+        kk = tl.arange(0, RZ_PAD)
+        row_ok = rows < T
+        col_ok = cols < NR
+        ok = row_ok[:, None] & col_ok[None, :]
+        gg = tl.load(gg_ptr + rows[:, None] * NR + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        gates = tl.load(g_ptr + rows[:, None] * N + (cols // RE)[None, :], mask=ok, other=0.0)
+        if NEED_GATES:
+            prod = gg * _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ, RZ_PAD, HAS_COEFF, CDT)
+            expert = cols // RE
+            for e in tl.static_range(N):
+                tl.store(ggates_ptr + rows * N + e,
+                         tl.sum(tl.where((expert == e)[None, :], prod, 0.0), axis=1), mask=row_ok)
+        gu = gg * gates  # du: zero past NR
+        z_ok = row_ok[:, None] & (kk < RZ)[None, :]
+        if HAS_COEFF:
+            gu_c = gu.to(CDT)
+            if NEED_Z:
+                c = tl.load(c_ptr + cols[:, None] * RZ + kk[None, :],
+                            mask=col_ok[:, None] & (kk < RZ)[None, :], other=0.0)
+                gz = tl.dot(gu_c, c.to(CDT))
+                tl.store(gz_ptr + rows[:, None] * RZ + kk[None, :], gz.to(CDT), mask=z_ok)
+            if NEED_COEFF:
+                z = tl.load(z_ptr + rows[:, None] * RZ + kk[None, :], mask=z_ok, other=0.0)
+                part = tl.dot(tl.trans(gu_c), z.to(CDT))
+                tl.store(part_ptr + pid * NR_PAD * RZ_PAD + cols[:, None] * RZ_PAD + kk[None, :], part)
+        elif NEED_Z:
+            if RZ == NR:
+                tl.store(gz_ptr + rows[:, None] * RZ + cols[None, :], gu.to(CDT), mask=ok)
+            else:  # z feeds every expert: dz sums the experts' du
+                fold = ((cols[:, None] % RZ) == kk[None, :]) & col_ok[:, None]
+                gz = tl.dot(gu, fold.to(tl.float32), input_precision="ieee")
+                tl.store(gz_ptr + rows[:, None] * RZ + kk[None, :], gz.to(CDT), mask=z_ok)
+
+
+    # -- launchers: every tensor argument must be contiguous
+
+    def _expand_shape(z: torch.Tensor, gates: torch.Tensor, width: int) -> dict:
+        N = gates.shape[1]
+        return dict(RZ=z.shape[1], RE=width // N, N=N, NR=width, RZ_PAD=pad(z.shape[1]), NR_PAD=pad(width),
+                    BLOCK_M=EXPAND_BLOCK_M, CDT=getattr(tl, KERNEL_DTYPES[z.dtype]))
+
+    def expand_forward(z: torch.Tensor, coeff: torch.Tensor | None, gates: torch.Tensor,
+                       width: int) -> torch.Tensor:
+        """gated (T, width) in z's dtype: column c is u[:, c] * gates[:, c // (width / N)], u = z coeff^T with
+        ``coeff`` (width, RZ), else z's column c mod RZ (``gates`` (T, N) float32)."""
+        T = z.shape[0]
+        out = torch.empty(T, width, device=z.device, dtype=z.dtype)
+        _expand_fwd_kernel[(triton.cdiv(T, EXPAND_BLOCK_M),)](
+            z, coeff, gates, out, T, HAS_COEFF=coeff is not None, num_warps=NUM_WARPS,
+            **_expand_shape(z, gates, width))
+        return out
+
+    def expand_backward(grad_gated: torch.Tensor, z: torch.Tensor, coeff: torch.Tensor | None,
+                        gates: torch.Tensor, need_gates: bool, need_z: bool, need_coeff: bool):
+        """(dgates (T, N) float32, dz (T, RZ) z's dtype, dcoeff (width, RZ) float32), each None when not
+        needed."""
+        T, width = grad_gated.shape
+        shape = _expand_shape(z, gates, width)
+        blocks = triton.cdiv(T, EXPAND_BLOCK_M)
+        need_coeff = need_coeff and coeff is not None
+        ggates = torch.empty(T, shape["N"], device=z.device, dtype=torch.float32) if need_gates else None
+        gz = torch.empty_like(z) if need_z else None
+        part = (torch.empty(blocks, shape["NR_PAD"], shape["RZ_PAD"], device=z.device, dtype=torch.float32)
+                if need_coeff else None)
+        _expand_bwd_kernel[(blocks,)](
+            grad_gated, z, coeff, gates, ggates, gz, part, T, HAS_COEFF=coeff is not None,
+            NEED_GATES=need_gates, NEED_Z=need_z, NEED_COEFF=need_coeff, num_warps=NUM_WARPS, **shape)
+        gcoeff = part.sum(0)[:width, :shape["RZ"]] if need_coeff else None
+        return ggates, gz, gcoeff
