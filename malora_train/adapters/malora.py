@@ -43,7 +43,7 @@ class MALoRALinear(MixtureAdapterLinear):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """METHOD.md: K_t ~ kaiming-uniform (d x n), U_t S_t V_t = SVD(K_t),
+        """docs/method.md: K_t ~ kaiming-uniform (d x n), U_t S_t V_t = SVD(K_t),
         P_t = (U_t S_t)[:r-bar] / beta, S_A = beta V_0, B = 0."""
         if self.shared_A.is_meta:
             return
