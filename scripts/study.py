@@ -30,7 +30,7 @@ manifest.
 ``--jobs N`` splits the sweep by seed into N processes that run at once (each its own ``study.py`` with its
 share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once. A 135M model leaves most of a
 large GPU idle: with CUDA MPS running (``nvidia-cuda-mps-control -d``) the processes' kernels share the GPU
-and the whole commonsense part took 12 minutes on one H200 with three processes (RESULTS.md). The GPU pool
+(RESULTS.md gives the study's timings). The GPU pool
 launcher does the same within one sweep: ``hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=5``.
 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
