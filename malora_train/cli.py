@@ -15,9 +15,10 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
-from unittest import mock
 
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
@@ -131,7 +132,7 @@ def train_main() -> None:
     sys.argv = [sys.argv[0], *argv]
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_train_job)
     try:
-        with mock.patch.dict(os.environ, {"HYDRA_FULL_ERROR": "1"}):  # errors come to us, not printed
+        with _hydra_errors_raised():
             main()
     except (HydraException, OmegaConfBaseException) as err:
         exit_with_error(describe_hydra_error(err))
@@ -143,6 +144,19 @@ def train_main() -> None:
         _report_unexpected()
     finally:
         unlock_all_run_dirs()
+
+
+@contextmanager
+def _hydra_errors_raised() -> Iterator[None]:
+    """``HYDRA_FULL_ERROR=1`` for the block: Hydra then raises its errors to us (one line each, exit status
+    2) instead of printing them; the environment is put back as it was after the block."""
+    saved = os.environ.copy()
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _report_unexpected() -> NoReturn:

@@ -22,16 +22,10 @@ def answer_slots(count: int, current: int, multiple: int, headroom: float = 1.5)
     given the ``current`` slot count: ``current`` while it holds them, else ``count * headroom`` rounded up
     to ``multiple``.
 
-    The slots only grow, with headroom, so the LM head's shapes settle on one K within a run's first
-    step or two: under ``trainer.cuda_graphs`` every new K costs an eager step and then a capture (and
-    counts against ``max_graphs``), and a K that wanders between two buckets (packed commonsense rows at
-    7B: 237, 204, 287, 152, ... answers a micro-batch with a multiple of 256) costs a slow step long after
-    warm-up. The padding slots are ``IGNORE_INDEX`` targets: their token loss is 0 and they add nothing to
-    the loss, the per-task sums, the answer counts or the gradients. The extra LM-head rows cost well under
-    1% of a step at 135M and at 7B (estimated: 256 more rows of the head, forward and input gradient, are
-    ~29 GFLOP and ~0.15 GB of float32 logits at 135M against a ~41 ms step; ~0.13 TFLOP against ~310 ms
-    at 7B).
-
+    The slots only grow, with headroom, so the LM head's shapes settle on one K within a run's first steps:
+    under ``trainer.cuda_graphs`` every new K costs an eager step and a capture (counted against
+    ``max_graphs``), and a count wandering across a multiple would keep costing them. Padding slots are
+    ``IGNORE_INDEX`` targets: they add nothing to the loss, the per-task sums, the counts or the gradients.
     ``multiple`` 1 (the CPU) keeps the exact count: no headroom, no growth.
     """
     if multiple <= 1:

@@ -4,11 +4,12 @@ config, adapter and process count, with packed rows of a fixed size per process;
 
     make bench-scaling          # = python scripts/bench_scaling.py: what the machine allows, see below
 
-Without arguments it runs issue 14's table on the GPUs it sees: LLaMA-2-7B shapes, MALoRA and MoLoRA,
-packed 4 x 1024 tokens per process, DDP / ZeRO-2 / ZeRO-3 on 1, 2, 4, ... processes up to the visible GPU
-count, 30 steps after 10 warm-up, loss agreement over 20 steps, and the sweep pool of one SmolLM2-sized job
-per GPU. Without a GPU, the smoke version: the tiny model on 2 gloo processes (4 x 256 tokens, 6 steps
-after 2). Every default can be overridden; malora-train overrides for every run go after ``--``.
+Without arguments it runs BENCHMARKS.md's scaling table on the GPUs it sees: LLaMA-2-7B shapes, MALoRA
+and MoLoRA, packed 4 x 1024 tokens per process, DDP / ZeRO-2 / ZeRO-3 on 1, 2, 4, ... processes up to the
+visible GPU count, 30 steps after 10 warm-up, loss agreement over 20 steps, and the sweep pool of one
+SmolLM2-sized job per GPU. Without a GPU, the smoke version: the tiny model on 2 gloo processes (4 x 256
+tokens, 6 steps after 2). Every default can be overridden; malora-train overrides for every run go after
+``--``.
 
 Every run trains ``--warmup + --steps`` steps of ``--rows`` packed rows of ``--length`` tokens per process,
 logging every step, with ``adapter.dropout=0`` (each process draws its own dropout masks, so with dropout on

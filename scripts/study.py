@@ -30,16 +30,16 @@ manifest.
 ``--jobs N`` splits the sweep by seed into N processes that run at once (each its own ``study.py`` with its
 share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once. A 135M model leaves most of a
 large GPU idle: with CUDA MPS running (``nvidia-cuda-mps-control -d``) the processes' kernels share the GPU
-and the whole commonsense part took 12 minutes on one H200 with three processes (RESULTS.md). The GPU pool
-launcher does the same within one sweep: ``hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=5``.
+(RESULTS.md gives the study's timings). The GPU pool launcher does the same within one sweep:
+``hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=5``.
 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
 evaluated before and after training. A task is selected when its accuracy after training is at least
 ``--min-gain`` points (default 10) above its zero-shot accuracy: with 500 evaluation examples a task, an
 accuracy near 50% has a standard error of 2.2 points, so 10 points is about four and a half of them.
 ``--over-prior`` counts the gain from the larger of the zero-shot accuracy and the most frequent answer's share
-(``answer_priors.md``), so that a task trained only to its answer prior is not selected: of the 11 tasks this
-study's probe selected, 7 end less than 10 points above that share (RESULTS.md). The selection goes to
+(``answer_priors.md``), so that a task trained only to its answer prior is not selected (RESULTS.md,
+"BIG-bench", shows how often the plain gain is the prior). The selection goes to
 ``<out>/bigbench_probe/selection.json``; ``bigbench`` trains on it (``data.tasks=[...]`` on the command line
 wins) and refuses fewer than 5 tasks. Rerunning the probe with another ``--min-gain`` or ``--over-prior``
 selects again without training again.

@@ -1,4 +1,4 @@
-"""The adapted model recomputed from METHOD.md's equations on a plain Hugging Face model, sharing no code
+"""The adapted model recomputed from docs/method.md's equations on a plain Hugging Face model, sharing no code
 with ``malora_train.adapters`` or the training loop: tests compare the package's losses, logged metrics
 and gradients with it.
 

@@ -1,5 +1,5 @@
 """Initialisation: every adapter starts as the base model (B = 0), and MALoRA's SVD-based start
-(METHOD.md) is reproduced from the same kaiming draws."""
+(docs/method.md) is reproduced from the same kaiming draws."""
 
 from __future__ import annotations
 

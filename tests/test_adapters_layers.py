@@ -1,4 +1,4 @@
-"""Each adapter layer against its equation in METHOD.md, recomputed here token by token and expert by
+"""Each adapter layer against its equation in docs/method.md, recomputed here token by token and expert by
 expert in float64; its gradients (gradcheck, fast == reference); and the fast path's shape (no Python
 loop over experts, every expert in the autograd graph)."""
 
@@ -41,7 +41,7 @@ class Spec:
     dropout: float = 0.0
 
     def sizes(self) -> tuple[int, int | None]:
-        """(expert rank R, shared rank d): METHOD.md's d = lam r N, r-bar = r + (1 - lam) r for MALoRA."""
+        """(expert rank R, shared rank d): docs/method.md's d = lam r N, r-bar = r + (1 - lam) r for MALoRA."""
         if self.kind != "malora":
             return self.rank, None
         d = self.shared_rank if self.shared_rank is not None else self.lam * self.rank * self.num_experts
@@ -82,7 +82,7 @@ def build_layer(spec: Spec, impl: str, in_features: int = IN, out_features: int 
 
 
 def expected_output(layer, spec: Spec, x: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
-    """METHOD.md, one token and one expert at a time:
+    """docs/method.md, one token and one expert at a time:
 
     LoRA        y = W0 x + s B A xd
     MoLoRA      y = W0 x + s sum_{t in TopK} g_t B_t A_t xd

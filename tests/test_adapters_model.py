@@ -156,7 +156,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, mak
     for checkpointing in (False, True):
         model = _adapted(make_tiny_model, kind, dropout=0.1, router={"balance_coef": 0.01, "z_loss_coef": 0.001})
         if checkpointing:
-            # (transformers 5 renamed gradient_checkpointing_enable, which now warns, to this)
+            # (transformers 5's name; the older gradient_checkpointing_enable warns)
             model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             assert model.model.is_activation_checkpointing
         model.train()

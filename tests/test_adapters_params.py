@@ -1,4 +1,4 @@
-"""Trainable-parameter counts at LLaMA-2-7B shapes (meta device) against METHOD.md's per-layer formulas and
+"""Trainable-parameter counts at LLaMA-2-7B shapes (meta device) against docs/method.md's per-layer formulas and
 the paper's table."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`make bench-scaling` (scripts/bench_scaling.py) on the CPU: it launches the real malora-train through
 `accelerate launch` (DDP over gloo, the tiny model) beside the one-process run and the one-process run of the
 same forwards (grad_accum=2), and the sweep pool through hydra/launcher=gpu_pool, then prints and writes the
-table: tokens/s after the warm-up, efficiency, peak memory, loss agreement, the pool's ratio. The GPU
-figures of issue 14 are to come from the same command. The script runs in this process (its launches are
+table: tokens/s after the warm-up, efficiency, peak memory, loss agreement, the pool's ratio. On GPUs the
+same command produces BENCHMARKS.md's scaling table. The script runs in this process (its launches are
 subprocesses), so the checks that launch nothing take no interpreter start-up."""
 
 from __future__ import annotations

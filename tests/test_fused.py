@@ -69,7 +69,7 @@ def test_fast_path_with_dropout_equals_the_reference_with_the_same_mask(kind: st
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fast_path_keeps_no_full_size_copy_of_the_input(kind: str) -> None:
-    """Dropout copies of x (one per adapted layer) were most of the adapters' memory: the fast path may
+    """A dropout copy of x per adapted layer would be most of the adapters' memory: the fast path may
     save x itself (the frozen layer holds it anyway) and small tensors, nothing else of x's size."""
     layer = build(kind, dropout=0.05, dtype=torch.float32)
     x = torch.randn(64, IN, requires_grad=True)

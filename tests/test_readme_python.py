@@ -63,7 +63,7 @@ def test_the_readme_trainer_example_runs_as_written(readme_blocks, hub_model, tm
     with torch.no_grad():
         before = base(**batch).loss
         out = model(**batch)
-    assert out.lm_loss < before - 0.25, (before, out.lm_loss)  # 5.59 -> 5.01 when written
+    assert out.lm_loss < before - 0.25, (before, out.lm_loss)  # well inside the example's fall
 
     # outputs.loss is the LM loss plus the router loss, balance_coef x balance
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]

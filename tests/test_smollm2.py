@@ -59,4 +59,4 @@ def test_default_config_trains_and_evaluates_smollm2(tmp_path, read_metrics) -> 
         after = sum(trained(**batch).lm_loss.item() * answer_tokens(batch) for batch in forwards) / sum(
             answer_tokens(batch) for batch in forwards)
     assert first["lm_loss"] == pytest.approx(before, rel=1e-4)
-    assert after < 0.75 * before, (before, after)  # measured: 3.33 -> 0.77 (the answers are formulaic)
+    assert after < 0.75 * before, (before, after)  # the answers are formulaic: the loss falls far below this

@@ -164,8 +164,9 @@ def test_probe_over_prior_counts_the_gain_from_the_answer_prior_too(study, tmp_p
 
 def test_bigbench_runs_are_named_without_their_task_list_and_keep_one_list_a_folder(study, tmp_path: Path,
                                                                                       capsys) -> None:
-    """Five long task names would make a folder name past the file system's 255 bytes (eleven real ones did
-    on the H200): the runs are named by method and seed, and the folder remembers its task list."""
+    """Five long task names would make a folder name past the file system's 255 bytes (as eleven real
+    BIG-bench task names do): the runs are named by method and seed, and the folder remembers its task
+    list."""
     tasks = [f"a_multiple_choice_task_with_a_rather_long_name_number_{i}" for i in range(5)]
     for i, task in enumerate(tasks):
         examples = [{"input": f"Task {i}, question {j}?", "target_scores": {f"yes {j}": 1, f"no {j}": 0}}

@@ -159,7 +159,7 @@ def test_auto_runs_eager_and_names_the_one_reason(overrides, device, deepspeed, 
 @pytest.mark.parametrize("overrides", [[], ["trainer.gradient_checkpointing=true"], ["trainer.compile=true"],
                                        ["trainer.cuda_graphs=true"]])
 def test_auto_captures_wherever_nothing_stands_in_the_way(overrides, monkeypatch) -> None:
-    """Several processes and gradient checkpointing no longer stand in the way (the launch is not an input)."""
+    """Several processes and gradient checkpointing do not stand in the way (the launch is not an input)."""
     import importlib.util
 
     from malora_train.train.step_path import choose_step_path

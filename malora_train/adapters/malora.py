@@ -43,7 +43,7 @@ class MALoRALinear(MixtureAdapterLinear):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """METHOD.md: K_t ~ kaiming-uniform (d x n), U_t S_t V_t = SVD(K_t),
+        """docs/method.md: K_t ~ kaiming-uniform (d x n), U_t S_t V_t = SVD(K_t),
         P_t = (U_t S_t)[:r-bar] / beta, S_A = beta V_0, B = 0."""
         if self.shared_A.is_meta:
             return
@@ -79,9 +79,9 @@ class MALoRALinear(MixtureAdapterLinear):
 def wide_svd(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, S (descending), V^T of each wide matrix K (..., d, n), d <= n, full row rank, from the eigen-
     decomposition of its d x d Gram matrix K K^T = U S^2 U^T, then V^T = S^-1 U^T K: an SVD (up to the signs
-    of the singular vectors, which any SVD may choose) at a fraction of LAPACK's cost for MALoRA's d x n draws
-    (180 layers x 8 experts were 15 s of a SmolLM2 start-up). In float64 the squared condition number of
-    kaiming draws costs nothing measurable; a matrix less than twice as wide as tall goes to LAPACK."""
+    of the singular vectors, which any SVD may choose) at a fraction of LAPACK's cost, which matters at
+    start-up: one draw per expert and layer. Squaring the condition number is harmless for kaiming draws in
+    float64; a matrix less than twice as wide as tall goes to LAPACK."""
     if 2 * k.shape[-2] > k.shape[-1]:
         return torch.linalg.svd(k, full_matrices=False)
     eigenvalues, eigenvectors = torch.linalg.eigh(k @ k.transpose(-1, -2))

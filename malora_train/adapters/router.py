@@ -1,6 +1,6 @@
 """Top-K softmax routing shared by every mixture adapter, and its auxiliary losses.
 
-Notation follows METHOD.md: ``p = softmax(W_g x)`` in float32, ``(g, idx) = TopK(p, K)``, and the
+Notation follows docs/method.md: ``p = softmax(W_g x)`` in float32, ``(g, idx) = TopK(p, K)``, and the
 Switch/Mixtral balance loss ``N * sum_i f_i * mean(p_i)`` with padding tokens excluded.
 """
 

@@ -29,7 +29,7 @@ def build_optimizer(model: nn.Module, trainer: TrainerConfig, fused: bool = Fals
     groups = [{"params": decay, "weight_decay": trainer.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    # fused: one kernel updates every tensor (on a GPU the for-each default cost 27-94 ms a step at 7B)
+    # fused: one kernel updates every tensor (the for-each default launches kernels per tensor; BENCHMARKS.md)
     device = next(iter(decay or no_decay)).device
     lr = torch.tensor(trainer.lr, device=device) if capturable else trainer.lr
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
