@@ -201,6 +201,8 @@ def inspect_main(argv: list[str] | None = None) -> None:
 
 
 def eval_main(argv: list[str] | None = None) -> dict | None:
+    """``malora-eval``. Given ``argv``, the evaluation's result; as the console script (no ``argv``: the
+    command line) None, since the script exits with what it returns (``sys.exit(eval_main())``: 0)."""
     from malora_train.commands.evaluate import eval_command
 
     try:
@@ -208,9 +210,10 @@ def eval_main(argv: list[str] | None = None) -> dict | None:
         if cfg is None:
             return None
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        return eval_command(cfg)
+        result = eval_command(cfg)
     except MaloraError as err:
         exit_with_error(err, program="malora-eval")
+    return result if argv is not None else None
 
 
 def report_main(argv: list[str] | None = None) -> None:
