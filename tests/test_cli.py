@@ -467,5 +467,6 @@ def test_flags_are_accepted_anywhere_on_the_command_line(monkeypatch, capsys):
 
     assert flags_first(["model=tiny", "--config-dir", "mine", "data=math3", "-m", "seed=1"]) == [
         "--config-dir", "mine", "-m", "model=tiny", "data=math3", "seed=1"]
-    assert run_program(monkeypatch, "malora-train", ["model=tiny", "--cfg", "job", "data.train_per_task=8"]) == 0
+    argv = ["model=tiny", "--cfg", "job", "data.train_per_task=8"]  # a flag and its value in the middle
+    assert run_program(monkeypatch, "malora-train", argv) == 0
     assert "train_per_task: 8" in capsys.readouterr().out
