@@ -9,11 +9,18 @@ package is internal and may change. Names load on first use, so ``import malora_
 - ``AdaptedModel``: forward -> ``AdaptedModelOutput`` (``loss = lm_loss + aux_loss``), ``save_adapter``,
   ``merge_and_unload``, ``print_trainable_parameters``, ``recording_routing`` / ``routing_stats``
 - ``adapter_kinds()``: the registered kinds; ``MaloraError`` / ``ConfigError``: what bad input raises
+- ``MoLoRAPeftConfig``, ``MALoRAPeftConfig``, ``HydraLoRAPeftConfig``: the mixture kinds as PEFT methods
+  (``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``): importing this package
+  registers them with PEFT as soon as ``peft`` is imported, without importing it itself
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -23,7 +30,10 @@ __all__ = [
     "AdaptedModelOutput",
     "AdapterConfig",
     "ConfigError",
+    "HydraLoRAPeftConfig",
+    "MALoRAPeftConfig",
     "MaloraError",
+    "MoLoRAPeftConfig",
     "RouterConfig",
     "adapter_kinds",
     "get_adapted_model",
@@ -42,10 +52,14 @@ _HOME = {  # the module each public name lives in
     "adapter_kinds": "malora_train.adapters",
     "MaloraError": "malora_train.errors",
     "ConfigError": "malora_train.errors",
+    "MoLoRAPeftConfig": "malora_train.adapters.peft_method",
+    "MALoRAPeftConfig": "malora_train.adapters.peft_method",
+    "HydraLoRAPeftConfig": "malora_train.adapters.peft_method",
 }
 
 if TYPE_CHECKING:
     from malora_train.adapters import adapter_kinds
+    from malora_train.adapters.peft_method import HydraLoRAPeftConfig, MALoRAPeftConfig, MoLoRAPeftConfig
     from malora_train.api import (
         AdaptedModel,
         AdaptedModelOutput,
@@ -65,3 +79,37 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+def _register_with_peft() -> None:
+    try:
+        importlib.import_module("malora_train.adapters.peft_method").register()
+    except Exception as err:  # an incompatible PEFT must not break the user's own import of it
+        warnings.warn(f"malora-train: the mixture kinds are not registered with PEFT ({err})", stacklevel=2)
+
+
+class _RegisterAfterPeftImport(importlib.abc.MetaPathFinder):
+    """Registers the mixture kinds with PEFT once ``import peft`` has run (peft takes seconds to import, so
+    ``import malora_train`` does not import it)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "peft":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("peft")
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            _register_with_peft()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "peft" in sys.modules:
+    _register_with_peft()
+elif not any(isinstance(finder, _RegisterAfterPeftImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterPeftImport())

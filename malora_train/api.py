@@ -182,6 +182,20 @@ class AdaptedModel(nn.Module):
         name = getattr(self.config, "name_or_path", "") or ""
         return save_adapter(self.adapted_lm, directory, base_model_name=name)
 
+    def save_pretrained(self, save_directory: str | PathLike[str], state_dict: dict[str, Any] | None = None,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Hugging Face's name for ``save_adapter``: the complete adapter folder (``adapter_config.json``,
+        ``adapter_model.safetensors``), which PEFT loads too. ``state_dict``: this model's ``state_dict()``
+        gathered elsewhere (ZeRO-3); ``is_main_process``: False writes nothing; other keyword arguments
+        (``safe_serialization``, ...) are accepted and ignored: the file is always safetensors."""
+        if not is_main_process:
+            return
+        gathered = None
+        if state_dict is not None:
+            gathered = {f"model.{key.removeprefix('base_model.')}": value for key, value in state_dict.items()}
+        name = getattr(self.config, "name_or_path", "") or ""
+        save_adapter(self.adapted_lm, save_directory, base_model_name=name, state_dict=gathered)
+
     def merge_and_unload(self) -> PreTrainedModel:
         """Plain LoRA only: fold each ``(alpha/r) B A`` into its base weight and return the base model
         without adapters (this wrapper is spent)."""

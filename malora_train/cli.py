@@ -104,6 +104,28 @@ def _train_job(cfg: DictConfig) -> float | str | None:
     return summary.get("eval_after_average") if summary else None
 
 
+# Hydra's flags that take the next argument as their value (--info's value is optional: it stays put)
+VALUE_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+               "--package", "-p", "--experimental-rerun", "--shell-completion", "-sc")
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """``argv`` with Hydra's flags (and their values) before the overrides, where Hydra's parser wants
+    them: ``model=tiny --config-dir myconf data=math3`` and a ``-m`` in the middle then work as written."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        if not argv[i].startswith("-"):
+            overrides.append(argv[i])
+        else:
+            takes_value = argv[i] in VALUE_FLAGS and i + 1 < len(argv)
+            flags.extend(argv[i:i + 2] if takes_value else argv[i:i + 1])
+            i += takes_value
+        i += 1
+    return flags + overrides
+
+
 def _os_error_line(err: OSError) -> str:
     where = err.filename if err.filename is not None else "a file"
     return f"{where}: {err.strerror or err}"
@@ -120,7 +142,7 @@ def train_main() -> None:
         overrides = [arg for arg in argv if "=" in arg and not arg.startswith(("-", "hydra"))]
         print(help_page("malora-train", _help_defaults(overrides)))
         return
-    argv = [quote_path_value(arg) for arg in argv]
+    argv = [quote_path_value(arg) for arg in flags_first(argv)]
     try:
         if resumed_run_dir(argv) is not None:  # keep the run's own .hydra/ files (its original overrides)
             argv.append("hydra.output_subdir=null")
@@ -215,6 +237,8 @@ def inspect_main(argv: list[str] | None = None) -> None:
 
 
 def eval_main(argv: list[str] | None = None) -> dict | None:
+    """``malora-eval``. Given ``argv``, the evaluation's result; as the console script (no ``argv``: the
+    command line) None, since the script exits with what it returns (``sys.exit(eval_main())``: 0)."""
     from malora_train.commands.evaluate import eval_command
 
     try:
@@ -222,9 +246,10 @@ def eval_main(argv: list[str] | None = None) -> dict | None:
         if cfg is None:
             return None
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        return eval_command(cfg)
+        result = eval_command(cfg)
     except MaloraError as err:
         exit_with_error(err, program="malora-eval")
+    return result if argv is not None else None
 
 
 def report_main(argv: list[str] | None = None) -> None:

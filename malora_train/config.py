@@ -358,7 +358,13 @@ class TrainerConfig:
     epochs: float = 1.0  # passes over the training examples when max_steps is 0
     micro_batch_size: int = 8  # rows per process and forward
     grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 4e-4  # AdamW peak learning rate
+    lr: float = 4e-4  # peak learning rate
+    # adamw (torch's AdamW, fused where the device allows) or any torch.optim class by name (SGD, RAdam, ...)
+    optimizer: str = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (any optimizer taking betas)
+    eps: float = 1e-8  # AdamW's epsilon (any optimizer taking eps)
+    # the optimizer's other arguments, e.g. {momentum: 0.9}
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     weight_decay: float = 0.01  # on adapter matrices, never on norms or biases
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # its extra arguments, e.g. {num_cycles: 2}
@@ -398,7 +404,7 @@ class EvalConfig:
     number_tolerance: float = 1e-3  # answer_type=number: correct when |predicted - gold| <= this
     routing: bool = True  # routing.json + heatmap for mixture adapters
     run_dir: Optional[str] = None  # malora-eval: a run directory (its config, with the command line on top)
-    adapter_path: Optional[str] = None  # malora-eval: an adapter folder
+    adapter_path: Optional[str] = None  # malora-eval: an adapter folder (none: the base model alone)
     export: Optional[str] = None  # malora-eval: merged writes base + merged LoRA as a full model
     output_dir: Optional[str] = None  # malora-eval: where the report (or export) goes
 

@@ -3,6 +3,7 @@ for damaged files, and PEFT compatibility (plus merging) for plain LoRA."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -193,7 +194,10 @@ def test_an_adapter_saved_with_the_flat_config_of_every_kinds_keys_loads(kind: s
     their defaults, are dropped (a mixture kind's file lives in adapter_config.json)."""
     model = _trained(make_tiny_model, kind, rank=4)
     save_adapter(model, tmp_path, base_model_name="tiny")
-    config = json.loads((tmp_path / CONFIG).read_text())
+    saved = json.loads((tmp_path / CONFIG).read_text())
+    keys = {key: saved[key] for key in dataclasses.asdict(model.adapter_cfg)}
+    config = {"adapter_type": kind, "base_model_name_or_path": "tiny",  # format 1: the keys in the metadata
+              "malora_train": {**saved["malora_train"], "format_version": 1, "adapter": keys}}
     config["malora_train"]["adapter"].update(lam=0.5, shared_rank=None, expert_rank=None, beta=1.0,
                                              freeze_shared=False, freeze_coeff=False)
     (tmp_path / CONFIG).write_text(json.dumps(config))

@@ -460,3 +460,13 @@ def test_runs_started_together_without_a_run_directory_get_their_own(tmp_path):
     folders = sorted((tmp_path / "outputs").glob("*/*"))
     assert sorted(f.name.rsplit("_", 1)[1] for f in folders) == sorted(str(run.pid) for run in runs)
     assert all((folder / "summary.json").is_file() for folder in folders)
+
+
+def test_flags_are_accepted_anywhere_on_the_command_line(monkeypatch, capsys):
+    from malora_train.cli import flags_first
+
+    assert flags_first(["model=tiny", "--config-dir", "mine", "data=math3", "-m", "seed=1"]) == [
+        "--config-dir", "mine", "-m", "model=tiny", "data=math3", "seed=1"]
+    argv = ["model=tiny", "--cfg", "job", "data.train_per_task=8"]  # a flag and its value in the middle
+    assert run_program(monkeypatch, "malora-train", argv) == 0
+    assert "train_per_task: 8" in capsys.readouterr().out

@@ -102,3 +102,27 @@ def test_eval_scores_a_saved_adapter_as_the_model_that_saved_it(tmp_path, capsys
         assert report["counts"] == expected["counts"], scorer
         if scorer == "label_logits":  # the adapter changes the score: loading the base alone would fail here
             assert expected["counts"] != evaluate(plain, tokenizer, tasks, eval_cfg).to_json()["counts"]
+
+
+def test_the_base_model_alone_is_evaluated_with_adapter_path_none(tmp_path, capsys):
+    from malora_train.cli import eval_main
+
+    out = tmp_path / "base-eval"
+    report = eval_main([*TINY, "eval.adapter_path=none", f"eval.output_dir={out}"])
+    assert report["adapter"] == "none" and set(report["accuracy"]) == {"sentiment", "case"}
+    assert (out / "eval_base_label_logits.json").is_file() and (out / "predictions_base_label_logits.jsonl").is_file()
+
+
+def test_export_merged_of_a_mixture_adapter_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from malora_train.cli import eval_main
+    from malora_train.commands import evaluate
+
+    base, _, _ = tiny_base()
+    save_adapter(AdaptedCausalLM.from_base(base, AdapterConfig(kind="molora", rank=2, num_experts=2)),
+                 tmp_path / "adapter", base_model_name="tiny")
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as stop:
+        eval_main([*TINY, f"eval.adapter_path={tmp_path / 'adapter'}", "eval.export=merged",
+                   f"eval.output_dir={tmp_path / 'merged'}"])
+    assert stop.value.code == 2
+    assert "eval.export=merged needs adapter.kind=lora; this adapter is molora" in capsys.readouterr().err

@@ -147,3 +147,22 @@ def test_max_steps_wins_over_epochs():
     assert total_steps(trainer_cfg(max_steps=0, epochs=2, grad_accum=2), batches_of(100, 8)) == 13
     with pytest.raises(ConfigError, match="trainer.max_steps > 0 or trainer.epochs > 0"):
         total_steps(trainer_cfg(max_steps=0, epochs=0), batches_of(100, 8))
+
+
+def test_the_optimizer_is_chosen_by_name_with_its_arguments_and_checked_up_front():
+    from malora_train.train.optim import check_optimizer
+
+    model = nn.Linear(4, 4)
+    adamw = build_optimizer(model, trainer_cfg(betas=[0.8, 0.95], eps=1e-6))
+    assert type(adamw) is torch.optim.AdamW
+    assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.defaults["eps"] == 1e-6
+    sgd = build_optimizer(model, trainer_cfg(optimizer="SGD", optimizer_kwargs={"momentum": 0.9}))
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.01, 0.0]
+    assert type(build_optimizer(model, trainer_cfg(optimizer="radam"))) is torch.optim.RAdam
+    with pytest.raises(ConfigError, match=r"^trainer\.optimizer='adamm' is not a torch\.optim optimizer"):
+        check_optimizer(trainer_cfg(optimizer="adamm"))
+    with pytest.raises(ConfigError, match=r"^trainer\.optimizer_kwargs\.momentum: AdamW takes no argument"):
+        check_optimizer(trainer_cfg(optimizer_kwargs={"momentum": 0.9}))
+    with pytest.raises(ConfigError, match=r"^trainer\.optimizer=adamw with .*betas"):
+        check_optimizer(trainer_cfg(betas=[1.5, 0.9]))

@@ -1,8 +1,10 @@
 """Save and load adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` (no pickle).
 
 Plain LoRA is written in PEFT's format (``peft.PeftModel.from_pretrained`` loads it), with our own
-metadata beside it in ``malora_adapter.json`` so PEFT sees only keys it knows. Mixture adapters keep
-that metadata inside ``adapter_config.json`` and use the same layout with more tensors per layer: each
+metadata beside it in ``malora_adapter.json`` so PEFT sees only keys it knows. Mixture adapters are PEFT
+methods this package registers (``peft_method``): their ``adapter_config.json`` holds PEFT's keys
+(``peft_type: MALORA``, ...), the kind's config keys flat, and our metadata under ``malora_train`` (which
+names the package that reads the folder). They use the same layout with more tensors per layer: each
 tensor a kind lists in its layer class's ``tensor_kinds`` is keyed
 ``base_model.model.<layer path>.<tensor>.weight`` (the class docstrings give the shapes). Expert t owns
 rows [t*R, (t+1)*R) of a stacked down-projection and columns [t*R, (t+1)*R) of ``lora_B``.
@@ -25,18 +27,21 @@ from torch import nn
 from malora_train.adapters.adapted_lm import AdaptedCausalLM
 from malora_train.adapters.inject import adapter_layers, adapter_state_dict
 from malora_train.adapters.registry import adapter_class
-from malora_train.config import AdapterConfig, escape_interpolations, saved_adapter_keys
+from malora_train.config import ADAPTER_CONFIGS, AdapterConfig, escape_interpolations, saved_adapter_keys
 from malora_train.errors import ConfigError
 from malora_train.run_dir import atomic_write, write_text_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_METADATA = "malora_adapter.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: a mixture's adapter_config.json held the kind's keys in malora_train.adapter
 KEY_PREFIX = "base_model.model."
+READ_WITH = ("malora-train (pip install malora-train): `import malora_train` registers this adapter's kind "
+             "with PEFT, then PeftModel / AutoPeftModelForCausalLM.from_pretrained load it")
+TASK_TYPE = "CAUSAL_LM"
 
 
-def _file_key(layer_path: str, tensor: str) -> str:
+def file_key(layer_path: str, tensor: str) -> str:
     return f"{KEY_PREFIX}{layer_path}.{tensor}.weight"
 
 
@@ -48,22 +53,32 @@ def _peft_targets(model: AdaptedCausalLM) -> Any:
     return "^(" + "|".join(re.escape(n) for n in model.targets) + ")$"
 
 
-def adapter_config_dict(model: AdaptedCausalLM, base_model_name: str) -> dict[str, Any]:
-    cfg = model.adapter_cfg
-    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+def adapter_metadata(model: AdaptedCausalLM) -> dict[str, Any]:
+    """What the files say beside the config keys: the sizes the layers were built with, the adapted layers, and
+    which package reads the folder."""
     layer = next(layer for _, layer in adapter_layers(model.model))
-    meta = {
+    return {
         "format_version": FORMAT_VERSION,
-        "kind": cfg.kind,
-        "adapter": cfg_dict,
+        "read_with": READ_WITH,
+        "kind": model.adapter_cfg.kind,
         "expert_rank": layer.expert_rank,
         "alpha": layer.alpha,
         "scaling": layer.scaling,
         "shared_rank": getattr(layer, "shared_rank", None),
         "layers": model.targets,
     }
-    if not adapter_class(cfg.kind).peft_format:
-        return {"adapter_type": cfg.kind, "base_model_name_or_path": base_model_name, "malora_train": meta}
+
+
+def adapter_config_dict(model: AdaptedCausalLM, base_model_name: str) -> dict[str, Any]:
+    cfg = model.adapter_cfg
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    layer = next(layer for _, layer in adapter_layers(model.model))
+    meta = adapter_metadata(model)
+    if not adapter_class(cfg.kind).peft_format:  # the fields of peft_method's config class of the kind
+        return {"peft_type": cfg.kind.upper(), "task_type": TASK_TYPE, "base_model_name_or_path": base_model_name,
+                "revision": None, "inference_mode": True, "auto_mapping": None, **cfg_dict, "malora_train": meta}
+    meta = {**meta, "format_version": 1, "adapter": cfg_dict}  # LoRA's file keeps the keys in its metadata
+    del meta["read_with"]  # PEFT's own LoRA
     return {  # only fields PEFT's LoraConfig knows; the metadata goes to LORA_METADATA
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
         "r": layer.expert_rank, "lora_alpha": layer.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
@@ -82,7 +97,7 @@ def save_adapter(model: AdaptedCausalLM, out_dir: str | Path, base_model_name: s
     for key, param in adapter_state_dict(model.model).items():
         layer_path, tensor = key.rsplit(".", 1)
         value = state_dict[f"model.{key}"] if state_dict is not None else param
-        tensors[_file_key(layer_path, tensor)] = value.detach().to("cpu").contiguous()
+        tensors[file_key(layer_path, tensor)] = value.detach().to("cpu").contiguous()
     config = adapter_config_dict(model, base_model_name)
     atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if config.get("peft_type") == "LORA":
@@ -104,12 +119,22 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[st
             path = Path(adapter_dir) / LORA_METADATA
             config = {**config, **json.loads(path.read_text())}
         meta = config["malora_train"]
+        # format 1 (and LoRA's metadata): the keys in malora_train.adapter; format 2: the kind's keys, flat
+        keys = meta["adapter"] if "adapter" in meta else _flat_adapter_keys(config)
         # plain data: a "${...}" in the file stays text
-        adapter_type, adapter = saved_adapter_keys(escape_interpolations(meta["adapter"]), str(path))
+        adapter_type, adapter = saved_adapter_keys(escape_interpolations(keys), str(path))
         adapter_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(adapter_type), adapter))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as err:
         raise ConfigError(f"{path}: not a malora-train adapter config ({err})") from err
     return adapter_cfg, config
+
+
+def _flat_adapter_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The adapter keys of a format-2 mixture config: those of its kind's config class."""
+    kind = config["kind"]
+    if kind not in ADAPTER_CONFIGS:
+        raise ValueError(f"adapter.kind={kind!r} is not one of {', '.join(ADAPTER_CONFIGS)}")
+    return {f.name: config[f.name] for f in dataclasses.fields(ADAPTER_CONFIGS[kind]) if f.name in config}
 
 
 def load_adapter(base_model: nn.Module, adapter_dir: str | Path, impl: str | None = None) -> AdaptedCausalLM:
@@ -133,17 +158,17 @@ def load_adapter_weights(model: AdaptedCausalLM, adapter_dir: str | Path) -> Non
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise ConfigError(f"{weights_path}: cannot read adapter weights ({err})") from err
     expected = adapter_state_dict(model.model)
-    expected_keys = {_file_key(*k.rsplit(".", 1)): k for k in expected}
+    expected_keys = {file_key(*k.rsplit(".", 1)): k for k in expected}
     missing = sorted(set(expected_keys) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected_keys))
     if missing or unexpected:
         raise ConfigError(f"{weights_path}: tensors do not match the model "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for file_key, key in expected_keys.items():
+    for saved_key, key in expected_keys.items():
         param = expected[key]
-        value = tensors[file_key]
+        value = tensors[saved_key]
         if value.shape != param.shape:
-            raise ConfigError(f"{weights_path}: {file_key} has shape {tuple(value.shape)}, "
+            raise ConfigError(f"{weights_path}: {saved_key} has shape {tuple(value.shape)}, "
                               f"the model expects {tuple(param.shape)}")
         param.copy_(value)
 

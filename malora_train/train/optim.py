@@ -1,7 +1,9 @@
-"""AdamW over the adapter tensors and the learning-rate schedule (any of ``transformers.get_scheduler``'s)."""
+"""The optimiser over the adapter tensors (``trainer.optimizer``: AdamW by default, or any ``torch.optim``
+class) and the learning-rate schedule (any of ``transformers.get_scheduler``'s)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -13,9 +15,35 @@ from malora_train.config import TrainerConfig
 from malora_train.errors import ConfigError
 
 
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim`` class ``trainer.optimizer`` names (any case: ``adamw``, ``SGD``)."""
+    classes = {cls.__name__.lower(): cls for cls in vars(torch.optim).values()
+               if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+               and cls not in (torch.optim.Optimizer, torch.optim.LBFGS)}  # LBFGS steps with a closure
+    if name.lower() not in classes:
+        raise ConfigError(f"trainer.optimizer={name!r} is not a torch.optim optimizer; choose one of "
+                          f"{', '.join(sorted(c.__name__ for c in classes.values()))}")
+    return classes[name.lower()]
+
+
+def _optimizer_arguments(cls: type[torch.optim.Optimizer], trainer: TrainerConfig) -> dict:
+    """``trainer.betas``/``eps`` where ``cls`` takes them, then ``trainer.optimizer_kwargs`` (refused, naming
+    the key, where ``cls`` does not take one)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {key: value for key, value in (("betas", tuple(trainer.betas)), ("eps", trainer.eps))
+              if key in accepted}
+    for key, value in trainer.optimizer_kwargs.items():
+        if key not in accepted or key in ("params", "lr"):
+            raise ConfigError(f"trainer.optimizer_kwargs.{key}: {cls.__name__} takes no argument {key!r} "
+                              "here")
+        kwargs[key] = value
+    return kwargs
+
+
 def build_optimizer(model: nn.Module, trainer: TrainerConfig, fused: bool = False,
-                    capturable: bool = False) -> torch.optim.AdamW:
-    """Weight decay on matrices (adapter and router weights), none on vectors (norms, biases).
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """``trainer.optimizer`` (AdamW by default) with weight decay on matrices (adapter and router weights),
+    none on vectors (norms, biases). ``fused``: one kernel for every tensor, where the optimiser has one.
     ``capturable`` (CUDA graphs): the learning rate is a device tensor the schedule fills in place, and
     the step runs without reading anything on the host."""
     if trainer.lr <= 0:
@@ -31,9 +59,26 @@ def build_optimizer(model: nn.Module, trainer: TrainerConfig, fused: bool = Fals
         groups.append({"params": no_decay, "weight_decay": 0.0})
     # fused: one kernel updates every tensor (the for-each default launches kernels per tensor; BENCHMARKS.md)
     device = next(iter(decay or no_decay)).device
+    cls = optimizer_class(trainer.optimizer)
+    kwargs = _optimizer_arguments(cls, trainer)
+    accepted = inspect.signature(cls.__init__).parameters
+    if capturable and "capturable" not in accepted:
+        raise ConfigError(f"trainer.optimizer={trainer.optimizer} cannot step inside a captured CUDA graph; "
+                          "set trainer.cuda_graphs=false")
+    if "fused" in accepted:
+        kwargs.setdefault("fused", fused or None)
+    if "capturable" in accepted:
+        kwargs.setdefault("capturable", capturable and device.type == "cuda")
     lr = torch.tensor(trainer.lr, device=device) if capturable else trainer.lr
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
-                             capturable=capturable and device.type == "cuda")
+    try:
+        return cls(groups, lr=lr, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"trainer.optimizer={trainer.optimizer} with {kwargs}: {err}") from err
+
+
+def check_optimizer(trainer: TrainerConfig) -> None:
+    """``trainer.optimizer`` and its arguments, tried on a throwaway tensor before anything is loaded."""
+    build_optimizer(nn.Linear(2, 2, bias=False), trainer)
 
 
 # schedules that step on a validation metric (``scheduler.step(metric)``): the loop steps once per update

@@ -19,7 +19,7 @@ from malora_train.eval import check_eval_config
 from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_logger
-from malora_train.train.optim import check_schedule
+from malora_train.train.optim import check_optimizer, check_schedule
 from malora_train.train.step_path import check_setting as check_step_setting
 
 EXPORTS = ("merged",)  # malora-eval eval.export
@@ -71,4 +71,5 @@ def check_trainer(cfg: Config) -> None:
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
     check_schedule(trainer)  # a transformers.get_scheduler name and the arguments it takes
+    check_optimizer(trainer)  # a torch.optim name and the arguments it takes
     mixed_precision(trainer)
