@@ -52,14 +52,14 @@ _HOME = {  # the module each public name lives in
     "adapter_kinds": "malora_train.adapters",
     "MaloraError": "malora_train.errors",
     "ConfigError": "malora_train.errors",
-    "MoLoRAPeftConfig": "malora_train.adapters.peft_method",
-    "MALoRAPeftConfig": "malora_train.adapters.peft_method",
-    "HydraLoRAPeftConfig": "malora_train.adapters.peft_method",
+    "MoLoRAPeftConfig": "malora_train.peft_method",
+    "MALoRAPeftConfig": "malora_train.peft_method",
+    "HydraLoRAPeftConfig": "malora_train.peft_method",
 }
 
 if TYPE_CHECKING:
     from malora_train.adapters import adapter_kinds
-    from malora_train.adapters.peft_method import HydraLoRAPeftConfig, MALoRAPeftConfig, MoLoRAPeftConfig
+    from malora_train.peft_method import HydraLoRAPeftConfig, MALoRAPeftConfig, MoLoRAPeftConfig
     from malora_train.api import (
         AdaptedModel,
         AdaptedModelOutput,
@@ -83,7 +83,7 @@ def __dir__() -> list[str]:
 
 def _register_with_peft() -> None:
     try:
-        importlib.import_module("malora_train.adapters.peft_method").register()
+        importlib.import_module("malora_train.peft_method").register()
     except Exception as err:  # an incompatible PEFT must not break the user's own import of it
         warnings.warn(f"malora-train: the mixture kinds are not registered with PEFT ({err})", stacklevel=2)
 
