@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import warnings
@@ -59,7 +60,6 @@ _HOME = {  # the module each public name lives in
 
 if TYPE_CHECKING:
     from malora_train.adapters import adapter_kinds
-    from malora_train.peft_method import HydraLoRAPeftConfig, MALoRAPeftConfig, MoLoRAPeftConfig
     from malora_train.api import (
         AdaptedModel,
         AdaptedModelOutput,
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     )
     from malora_train.config import AdapterConfig, RouterConfig
     from malora_train.errors import ConfigError, MaloraError
+    from malora_train.peft_method import HydraLoRAPeftConfig, MALoRAPeftConfig, MoLoRAPeftConfig
 
 
 def __getattr__(name: str) -> Any:
@@ -90,24 +91,25 @@ def _register_with_peft() -> None:
 
 class _RegisterAfterPeftImport(importlib.abc.MetaPathFinder):
     """Registers the mixture kinds with PEFT once ``import peft`` has run (peft takes seconds to import, so
-    ``import malora_train`` does not import it)."""
+    ``import malora_train`` does not import it). A look-up alone (``importlib.util.find_spec("peft")``, as
+    transformers does to see whether PEFT is installed) leaves the finder in place for the real import."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname != "peft":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("peft")
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_with_peft()
 
         spec.loader.exec_module = exec_then_register
         return spec
-
 
 if "peft" in sys.modules:
     _register_with_peft()

@@ -115,3 +115,19 @@ def test_trainer_save_model_and_save_pretrained_write_a_loadable_adapter_folder(
         assert (_logits(loaded) - _logits(model)).abs().max() <= TOLERANCE
         assert (_logits(peft.PeftModel.from_pretrained(make_tiny_model(0), folder)) - _logits(model)).abs().max() \
             <= TOLERANCE
+
+
+def test_the_kinds_are_registered_when_peft_is_imported_after_a_look_up() -> None:
+    """transformers asks ``importlib.util.find_spec("peft")`` before anything imports peft: that look-up must not
+    use up the hook that registers the kinds at the real import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import importlib.util, malora_train; importlib.util.find_spec('peft'); import peft; "
+            "from peft.utils.peft_types import PeftType; print(sorted(n for n in PeftType._value2member_map_ "
+            "if n in ('MOLORA', 'MALORA', 'HYDRALORA')))")
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['HYDRALORA', 'MALORA', 'MOLORA']"
