@@ -49,3 +49,27 @@ def test_a_model_folder_holding_a_pickle_payload_is_refused_in_one_line(tmp_path
     [line] = stderr_lines(err)
     assert str(folder) in line and "refused to load" in line and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_the_printed_resume_hint_is_shell_quoted(tmp_path, run_training, capsys, monkeypatch):
+    import signal
+    import subprocess
+
+    from malora_train.train.loop import Trainer
+
+    marker = tmp_path / "pasted-code-ran"
+    run_dir = tmp_path / f"a run $(touch {marker})"
+    original = Trainer.train_step
+
+    def train_step(self):
+        original(self)
+        if self.state.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert run_training(run_dir, "trainer.max_steps=5")["status"] == "interrupted"
+    out = capsys.readouterr().out
+    hint = out.split("continue with ", 1)[1].splitlines()[0]
+    echoed = subprocess.run(["bash", "-c", f"printf '%s\\n' {hint}"], capture_output=True, text=True, check=True)
+    assert echoed.stdout.splitlines() == ["trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    assert not marker.exists()

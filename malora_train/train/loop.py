@@ -63,6 +63,7 @@ from malora_train.train.checkpoint.resume import (
     finished_run,
     last_good_hint,
     resolve_resume,
+    resume_arguments,
 )
 from malora_train.train.distributed import (
     LaunchInfo,
@@ -513,7 +514,7 @@ class Trainer:
         summary = {"status": "interrupted", "step": self.state.step, "checkpoint": str(checkpoint)}
         if self.is_main:
             print(f"stopped by signal at step {self.state.step}; saved {checkpoint}; continue with "
-                  f"trainer.resume=auto hydra.run.dir={self.run_dir}", flush=True)
+                  f"{resume_arguments(self.run_dir)}", flush=True)
         self.metrics.finish(summary)
         return summary
 

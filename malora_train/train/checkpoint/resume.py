@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,12 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         raise ConfigError(f"trainer.resume=auto: every checkpoint in {checkpoint_root(run_dir)} is damaged "
                           f"(newest: {problems[0]}); delete {checkpoint_root(run_dir)} to start over")
     return None
+
+
+def resume_arguments(run_dir: Path) -> str:
+    """What continues the run in ``run_dir``, as ``malora-train`` arguments to paste into a shell: the path
+    shell-quoted (a folder named ``$(...)`` or with spaces is passed as it is, never run)."""
+    return f"trainer.resume=auto {shlex.quote(f'hydra.run.dir={run_dir}')}"
 
 
 def last_good_hint(run_dir: Path) -> str:
