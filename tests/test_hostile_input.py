@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -73,3 +74,53 @@ def test_the_printed_resume_hint_is_shell_quoted(tmp_path, run_training, capsys,
     echoed = subprocess.run(["bash", "-c", f"printf '%s\\n' {hint}"], capture_output=True, text=True, check=True)
     assert echoed.stdout.splitlines() == ["trainer.resume=auto", f"hydra.run.dir={run_dir}"]
     assert not marker.exists()
+
+
+def test_a_manifest_or_adapter_config_from_a_later_version_is_refused(tmp_path, make_tiny_model):
+    import json
+
+    from malora_train.adapters import AdaptedCausalLM, read_adapter_config, save_adapter
+    from malora_train.config import AdapterConfig
+    from malora_train.errors import MaloraError
+    from malora_train.train.checkpoint.folders import write_manifest
+    from malora_train.train.checkpoint.resume import resolve_resume
+
+    step = tmp_path / "run" / "checkpoints" / "step_4"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    write_manifest(step)
+    manifest = json.loads((step / "manifest.json").read_text())
+    for key, value in (("format", 2), ("format", "2")):
+        (step / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+        for resume in ("auto", str(step)):
+            with pytest.raises(MaloraError, match="manifest.json") as error:
+                resolve_resume(tmp_path / "run", resume)
+            assert "format" in str(error.value) and "\n" not in str(error.value)
+
+    model = AdaptedCausalLM.from_base(make_tiny_model(0), AdapterConfig(kind="molora", rank=2))
+    save_adapter(model, tmp_path / "adapter", base_model_name="tiny")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["malora_train"]["format_version"] = 2
+    path.write_text(json.dumps(config))
+    with pytest.raises(MaloraError, match=r"format_version 2 .*up to 1"):
+        read_adapter_config(tmp_path / "adapter")
+
+
+def test_the_final_adapter_has_a_manifest_and_zeroed_bytes_in_it_are_an_error(tmp_path, run_training,
+                                                                              monkeypatch, capsys):
+    from cli_runner import run_program
+
+    run_dir = tmp_path / "run"
+    assert run_training(run_dir, "trainer.max_steps=2", "trainer.eval_after=false")["status"] == "completed"
+    assert (run_dir / "adapter" / "manifest.json").is_file()
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # the end of the last tensor's data: still a well-formed file
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    status = run_program(monkeypatch, "malora-eval", [str(run_dir)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert stderr_lines(err)[-1] == f"malora-eval: error: {weights}: content differs from the manifest (corrupted)"
+    assert "Traceback" not in err

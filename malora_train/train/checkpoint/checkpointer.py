@@ -17,7 +17,7 @@ from malora_train.data import BatchStream
 from malora_train.errors import ConfigError
 from malora_train.run_dir import ADAPTER_DIR, read_json, replace_dir, write_json_atomic
 from malora_train.train.checkpoint.deepspeed_engine import load_engine, save_engine
-from malora_train.train.checkpoint.folders import prune, publish, step_dir, temporary_dir
+from malora_train.train.checkpoint.folders import prune, publish, step_dir, temporary_dir, write_manifest
 from malora_train.train.checkpoint.state_files import (
     json_numbers,
     load_optimizer,
@@ -72,7 +72,8 @@ class Checkpointer:
         self.seed = seed
 
     def save_final_adapter(self) -> Path:
-        """``adapter/``, replaced whole (never half old, half new)."""
+        """``adapter/``, replaced whole (never half old, half new), with a manifest as a checkpoint's (loading
+        it verifies its files)."""
         parts = self.parts
         state = gather_adapter_state(self.launch, parts.model)
         out = self.run_dir / ADAPTER_DIR
@@ -80,6 +81,7 @@ class Checkpointer:
             tmp = self.run_dir / f".{ADAPTER_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             save_adapter(parts.model, tmp, parts.base_model_name, state_dict=state)
+            write_manifest(tmp)
             replace_dir(tmp, out)
         self.accelerator.wait_for_everyone()
         return out
