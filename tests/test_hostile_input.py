@@ -71,7 +71,8 @@ def test_the_printed_resume_hint_is_shell_quoted(tmp_path, run_training, capsys,
     assert run_training(run_dir, "trainer.max_steps=5")["status"] == "interrupted"
     out = capsys.readouterr().out
     hint = out.split("continue with ", 1)[1].splitlines()[0]
-    echoed = subprocess.run(["bash", "-c", f"printf '%s\\n' {hint}"], capture_output=True, text=True, check=True)
+    echoed = subprocess.run(["bash", "-c", f"printf '%s\\n' {hint}"], capture_output=True, text=True,
+                            check=True)
     assert echoed.stdout.splitlines() == ["trainer.resume=auto", f"hydra.run.dir={run_dir}"]
     assert not marker.exists()
 
@@ -122,5 +123,6 @@ def test_the_final_adapter_has_a_manifest_and_zeroed_bytes_in_it_are_an_error(tm
     status = run_program(monkeypatch, "malora-eval", [str(run_dir)])
     err = capsys.readouterr().err
     assert status == 2, err
-    assert stderr_lines(err)[-1] == f"malora-eval: error: {weights}: content differs from the manifest (corrupted)"
+    expected = f"malora-eval: error: {weights}: content differs from the manifest (corrupted)"
+    assert stderr_lines(err)[-1] == expected
     assert "Traceback" not in err
