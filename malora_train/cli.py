@@ -11,10 +11,13 @@ run directory, and only rank 0 locks it and writes into it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 from unittest import mock
@@ -103,6 +106,29 @@ def _train_job(cfg: DictConfig) -> float | str | None:
     return summary.get("eval_after_average") if summary else None
 
 
+EXIT_STOPPED = 130  # a signal ended the command with nothing to save (128 + SIGINT, as a shell says)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM as SIGINT for the block: both raise KeyboardInterrupt, which the command turns into one line
+    (its locks released on the way out). A training run installs its own handlers while it runs
+    (``loop.StopRequest``: it saves what it trained and exits 0; after a stop it may leave them ignored, and
+    then they stay so)."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(program: str, what: str) -> NoReturn:
+    if launch_rank() == 0:
+        print(f"{program}: stopped by signal {what}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_STOPPED)
+
+
 def _os_error_line(err: OSError) -> str:
     where = err.filename if err.filename is not None else "a file"
     return f"{where}: {err.strerror or err}"
@@ -131,8 +157,10 @@ def train_main() -> None:
     sys.argv = [sys.argv[0], *argv]
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_train_job)
     try:
-        with mock.patch.dict(os.environ, {"HYDRA_FULL_ERROR": "1"}):  # errors come to us, not printed
+        with _stop_on_signals(), mock.patch.dict(os.environ, {"HYDRA_FULL_ERROR": "1"}):  # errors come to us
             main()
+    except KeyboardInterrupt:  # before the run's own handlers were in place, or after them
+        _stopped("malora-train", "before training started or after it ended; nothing to save")
     except (HydraException, OmegaConfBaseException) as err:
         exit_with_error(describe_hydra_error(err))
     except OSError as err:  # Hydra creating the run directory or its files: read-only, disk full
@@ -204,13 +232,17 @@ def eval_main(argv: list[str] | None = None) -> dict | None:
     from malora_train.commands.evaluate import eval_command
 
     try:
-        cfg = _command_config("malora-eval", sys.argv[1:] if argv is None else argv, run_dir_argument=True)
-        if cfg is None:
-            return None
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        return eval_command(cfg)
+        with _stop_on_signals():
+            argv = sys.argv[1:] if argv is None else argv
+            cfg = _command_config("malora-eval", argv, run_dir_argument=True)
+            if cfg is None:
+                return None
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            return eval_command(cfg)
     except MaloraError as err:
         exit_with_error(err, program="malora-eval")
+    except KeyboardInterrupt:
+        _stopped("malora-eval", "(Ctrl-C or SIGTERM); nothing written")
 
 
 def report_main(argv: list[str] | None = None) -> None:

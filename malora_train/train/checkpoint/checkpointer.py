@@ -43,6 +43,7 @@ class TrainState:
     best_average: float | None = None
     best_step: int | None = None
     eval_before: dict[str, Any] | None = None
+    eval_pending: bool = False  # a signal cut this step's evaluation short: resuming runs it first
 
 
 @dataclasses.dataclass(frozen=True)
