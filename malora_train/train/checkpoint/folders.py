@@ -66,6 +66,17 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def unlisted_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``step_<N>`` folder without a manifest (written before manifests existed, or
+    not by malora-train), oldest first: never complete by ``complete_checkpoints``' measure, never ignored."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in root.iterdir()
+             if (match := STEP_DIR.match(path.name)) and path.is_dir() and not (path / MANIFEST_FILE).is_file()]
+    return sorted(found)
+
+
 def publish(tmp: Path, run_dir: Path, step: int) -> Path:
     """Turn a fully written temporary folder into ``step_<N>``: manifest last, then the rename."""
     write_manifest(tmp)
