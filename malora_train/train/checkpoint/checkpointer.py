@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -56,6 +57,30 @@ class CheckpointedParts:
     scheduler: Any
     stream: BatchStream
     base_model_name: str  # recorded in the adapter's config
+
+
+def apply_learning_rates(scheduler: Any, base_lrs: list[float], checkpoint: Path | None = None) -> None:
+    """Put ``base_lrs`` (this run's ``trainer.lr``) in place of the base learning rates a restored schedule
+    and optimizer brought back: the schedule keeps its position, every rate scaled by new base / old base
+    (the schedules multiply the base rate by a factor of the step). A rate held as a tensor (a capturable
+    optimizer's, read by captured graphs) is changed in place. ``checkpoint``: named in the note."""
+    saved = list(scheduler.base_lrs)
+    if saved == base_lrs:
+        return
+    groups = scheduler.optimizer.param_groups
+    for index, (group, old, new) in enumerate(zip(groups, saved, base_lrs)):
+        factor = new / old
+        if torch.is_tensor(group["lr"]):
+            group["lr"].mul_(factor)
+        else:
+            group["lr"] *= factor
+        group["initial_lr"] = new
+        scheduler.base_lrs[index] = new
+        last = scheduler._last_lr[index]
+        scheduler._last_lr[index] = last * factor
+    if checkpoint is not None:
+        log.info("trainer.lr: %s was trained with base learning rates %s; resuming with %s", checkpoint,
+                 saved, base_lrs)
 
 
 class Checkpointer:
@@ -127,12 +152,14 @@ class Checkpointer:
             raise ConfigError(f"trainer.resume: {path} was written {made} DeepSpeed and this run is {now} "
                               "it; resume with the launcher config it was made with")
         state = TrainState(**saved["train"])
+        configured = list(parts.scheduler.base_lrs)  # this run's trainer.lr (a group's multiple of it)
         if launch.deepspeed:
             load_engine(parts.engine, path)
         else:
             load_adapter_weights(parts.model, path / ADAPTER_DIR)
             load_optimizer(parts.optimizer.optimizer, path)
         parts.scheduler.load_state_dict(saved["scheduler"])
+        apply_learning_rates(parts.scheduler, configured, path if launch.is_main else None)
         parts.stream.load_state_dict(saved["stream"])
         if saved["world_size"] != launch.world or not load_rng(path, launch.process_index):
             log.warning("resuming on %d processes from a %d-process checkpoint: RNG streams are reseeded",
