@@ -103,6 +103,9 @@ def _train_job(cfg: DictConfig) -> float | str | None:
         summary = job()
     except MaloraError as err:
         exit_with_error(err)
+    except Exception as err:  # said here: Hydra would print its own line about the job first
+        _report_collective_failure(err)
+        raise
     return summary.get("eval_after_average") if summary else None
 
 
@@ -167,10 +170,21 @@ def train_main() -> None:
         if err.filename is None:
             _report_unexpected()
         exit_with_error(_os_error_line(err))
-    except Exception:
+    except Exception as err:
+        _report_collective_failure(err)
         _report_unexpected()
     finally:
         unlock_all_run_dirs()
+
+
+def _report_collective_failure(err: Exception) -> None:
+    """A failure between processes: one line on every rank, each naming itself (exit status 1)."""
+    from malora_train.train.distributed import collective_failure
+
+    line = collective_failure(err)
+    if line is not None:
+        print(f"malora-train: error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _report_unexpected() -> NoReturn:
