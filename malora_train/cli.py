@@ -11,12 +11,13 @@ run directory, and only rank 0 locks it and writes into it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -101,6 +102,9 @@ def _train_job(cfg: DictConfig) -> float | str | None:
         summary = job()
     except MaloraError as err:
         exit_with_error(err)
+    except Exception as err:  # said here: Hydra would print its own line about the job first
+        _report_collective_failure(err)
+        raise
     return summary.get("eval_after_average") if summary else None
 
 
@@ -124,6 +128,29 @@ def flags_first(argv: list[str]) -> list[str]:
             i += takes_value
         i += 1
     return flags + overrides
+
+
+EXIT_STOPPED = 130  # a signal ended the command with nothing to save (128 + SIGINT, as a shell says)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM as SIGINT for the block: both raise KeyboardInterrupt, which the command turns into one line
+    (its locks released on the way out). A training run installs its own handlers while it runs
+    (``loop.StopRequest``: it saves what it trained and exits 0; after a stop it may leave them ignored, and
+    then they stay so)."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(program: str, what: str) -> NoReturn:
+    if launch_rank() == 0:
+        print(f"{program}: stopped by signal {what}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_STOPPED)
 
 
 def _os_error_line(err: OSError) -> str:
@@ -154,21 +181,24 @@ def train_main() -> None:
     sys.argv = [sys.argv[0], *argv]
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_train_job)
     try:
-        with _hydra_errors_raised():
+        with _stop_on_signals(), _hydra_errors_raised():
             main()
+    except KeyboardInterrupt:  # before the run's own handlers were in place, or after them
+        _stopped("malora-train", "before training started or after it ended; nothing to save")
     except (HydraException, OmegaConfBaseException) as err:
         exit_with_error(describe_hydra_error(err))
     except OSError as err:  # Hydra creating the run directory or its files: read-only, disk full
         if err.filename is None:
             _report_unexpected()
         exit_with_error(_os_error_line(err))
-    except Exception:
+    except Exception as err:
+        _report_collective_failure(err)
         _report_unexpected()
     finally:
         unlock_all_run_dirs()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _hydra_errors_raised() -> Iterator[None]:
     """``HYDRA_FULL_ERROR=1`` for the block: Hydra then raises its errors to us (one line each, exit status
     2) instead of printing them; the environment is put back as it was after the block."""
@@ -179,6 +209,16 @@ def _hydra_errors_raised() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _report_collective_failure(err: Exception) -> None:
+    """A failure between processes: one line on every rank, each naming itself (exit status 1)."""
+    from malora_train.train.distributed import collective_failure
+
+    line = collective_failure(err)
+    if line is not None:
+        print(f"malora-train: error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _report_unexpected() -> NoReturn:
@@ -241,15 +281,20 @@ def eval_main(argv: list[str] | None = None) -> dict | None:
     command line) None, since the script exits with what it returns (``sys.exit(eval_main())``: 0)."""
     from malora_train.commands.evaluate import eval_command
 
+    argv_given = argv is not None
     try:
-        cfg = _command_config("malora-eval", sys.argv[1:] if argv is None else argv, run_dir_argument=True)
-        if cfg is None:
-            return None
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        result = eval_command(cfg)
+        with _stop_on_signals():
+            argv = sys.argv[1:] if argv is None else argv
+            cfg = _command_config("malora-eval", argv, run_dir_argument=True)
+            if cfg is None:
+                return None
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            result = eval_command(cfg)
     except MaloraError as err:
         exit_with_error(err, program="malora-eval")
-    return result if argv is not None else None
+    except KeyboardInterrupt:
+        _stopped("malora-eval", "(Ctrl-C or SIGTERM); nothing written")
+    return result if argv_given else None
 
 
 def report_main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -115,6 +116,9 @@ def _from_pretrained(auto_class: Any, location: str, key: str, **kwargs: Any) ->
     cannot read, or a folder whose own code it may not run."""
     try:
         return auto_class.from_pretrained(location, **kwargs)
+    except pickle.UnpicklingError:  # a pickled weights file holding objects other than tensors: never run
+        raise ConfigError(f"{key}={location!r}: refused to load its weights: a pickle file in it holds objects "
+                          "other than tensors, which could run code (use safetensors weights)") from None
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
             raise ConfigError(f"{key}={location!r}: the model folder holds its own code; to run it, pass "
@@ -218,9 +222,22 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, device=device, seed=seed)
+    check_vocabulary(cfg, tokenizer, model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def check_vocabulary(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Every token id the tokenizer can produce has a row in the model's embedding table (a larger id is an
+    IndexError on the CPU, a device-side assert that kills the process on a GPU)."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    largest = len(tokenizer) - 1
+    if rows is not None and largest >= rows:
+        source = cfg.tokenizer or cfg.name_or_path or cfg.name
+        raise ConfigError(f"model.tokenizer={source}: its largest token id is {largest}, but the embedding table "
+                          f"of model={cfg.name} has {rows} rows (ids 0-{rows - 1}); use the model's own tokenizer")
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, preserve_rng_state: bool = True) -> None:

@@ -267,15 +267,22 @@ def test_a_folder_without_runs_is_a_one_line_error(tmp_path: Path, capsys, make_
     assert str(target) in err
 
 
-def test_a_corrupt_file_is_named_in_the_error(sweep: Path, capsys) -> None:
-    summary = sweep / "0_model=tiny,adapter=lora,adapter.rank=4,seed=0" / "summary.json"
-    summary.write_text('{"status": "completed", "eval_after"')
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(sweep)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and str(summary) in err
-    assert not (sweep / "report.csv").exists()
+@pytest.mark.parametrize("content", ['{"status": "completed", "eval_after"', "{}"],
+                         ids=["truncated", "empty"])
+def test_an_unreadable_or_incomplete_summary_is_skipped_and_named(sweep: Path, capsys, content) -> None:
+    """One truncated summary.json does not block the report, and a ``{}`` one is not a completed seed: the
+    run is listed among those not aggregated, named with what is wrong."""
+    name = "0_model=tiny,adapter=lora,adapter.rank=4,seed=0"
+    summary = sweep / name / "summary.json"
+    summary.write_text(content)
+    main([str(sweep)])
+    printed = capsys.readouterr().out
+    [line] = [line for line in printed.splitlines() if line.startswith(f"- `{name}`")]
+    assert ("unreadable summary" in line and str(summary) in line) if content != "{}" else (
+        "incomplete (summary.json has no status or steps)" in line)
+    rows = read_csv(sweep / "report.csv")
+    [lora] = [row for row in rows if row["config"] == "model=tiny,adapter=lora,adapter.rank=4"]
+    assert (lora["seeds"], lora["incomplete"]) == ("1", "1")
 
 
 def test_a_bad_metrics_line_before_the_end_is_named_with_its_number(sweep: Path, capsys) -> None:

@@ -44,7 +44,8 @@ def test_ddp_reduces_every_adapter_gradient_once_a_step_overlapping_backward(tmp
     command = [str(launcher), "launch", "--config_file", str(REPO_ROOT / "conf" / "accelerate" / "ddp.yaml"),
                "--num_processes", "2", str(REPO_ROOT / "tests" / "ddp_probe_run.py"), str(tmp_path), str(STEPS),
                *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    # a rank waiting on another fails in 120 s, naming itself, well within the test's timeout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "MALORA_DIST_TIMEOUT_S": "120"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -91,3 +92,38 @@ def test_ddp_bucket_size_is_refused_under_deepspeed_which_has_its_own():
     check_launch(trainer, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
     assert ddp_settings(trainer).to_kwargs() == {"bucket_cap_mb": 50}
     assert ddp_settings(compose(["model=tiny"]).trainer).to_kwargs() == {}  # torch's default, 25 MB
+
+
+@pytest.mark.parametrize("config", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_every_multi_process_launch_takes_a_free_port(config):
+    """A fixed port (Accelerate's default 29500) lets two launches on one machine (two tests, two sessions)
+    meet in one rendezvous and wait on each other for ever: port 0 is a free port for each launch."""
+    import yaml
+
+    assert yaml.safe_load((REPO_ROOT / "conf" / "accelerate" / f"{config}.yaml").read_text())[
+        "main_process_port"] == 0
+
+
+def test_a_failed_collective_is_one_line_naming_the_rank(monkeypatch, capsys, tmp_path):
+    """A rank whose collective timed out (another rank stopped, or skipped it) says so in one line naming
+    itself, instead of a traceback or silence."""
+    import torch.distributed as dist
+    from cli_runner import run_program
+
+    from malora_train.train import loop
+
+    def train(*args, **kwargs):
+        raise dist.DistBackendError("[gloo] Timed out waiting 120000ms for recv operation to complete")
+
+    monkeypatch.setattr(loop, "train", train)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MALORA_RUN_DIR", str(tmp_path / "run"))  # as agreed with rank 0
+    status = run_program(monkeypatch, "malora-train", ["model=tiny", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("malora-train: error: rank 1 of 2: waiting for the other processes failed ([gloo] "
+                           "Timed out waiting 120000ms")
+

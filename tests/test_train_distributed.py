@@ -71,7 +71,8 @@ def one_process(tmp_path_factory, tiny_training_overrides) -> Path:
 def launch(config: str, cwd: Path, overrides: list[str], succeed: bool = True,
            program: tuple[str, ...] = ("-m", "malora_train.cli")) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT),
+           "MALORA_DIST_TIMEOUT_S": "90"}  # a rank waiting on another fails well within the test's timeout
     env.pop("MALORA_RUN_DIR", None)
     config_file = REPO_ROOT / "conf" / "accelerate" / f"{config}.yaml"
     command = [*accelerate_launch(), "--config_file", str(config_file), "--num_processes", "2",

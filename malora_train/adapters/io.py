@@ -119,6 +119,10 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[st
             path = Path(adapter_dir) / LORA_METADATA
             config = {**config, **json.loads(path.read_text())}
         meta = config["malora_train"]
+        version = meta.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            raise ConfigError(f"{path}: format_version {version!r} is not one this malora-train reads (up to "
+                              f"{FORMAT_VERSION}; a later version wrote it?)")
         # format 1 (and LoRA's metadata): the keys in malora_train.adapter; format 2: the kind's keys, flat
         keys = meta["adapter"] if "adapter" in meta else _flat_adapter_keys(config)
         # plain data: a "${...}" in the file stays text
@@ -147,12 +151,24 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, impl: str | Non
     return model
 
 
+def verify_adapter_files(adapter_dir: str | Path) -> None:
+    """A run's final ``adapter/`` carries a ``manifest.json`` (size and sha256 of each file, as a checkpoint
+    does): its files are checked against it, so a truncated, corrupted or zeroed file is an error naming it,
+    never evaluated silently. A folder without one (a checkpoint's, checked as a whole; an adapter from
+    elsewhere) is taken as it is."""
+    from malora_train.train.checkpoint.folders import MANIFEST_FILE, verify_checkpoint
+
+    if (Path(adapter_dir) / MANIFEST_FILE).is_file():
+        verify_checkpoint(Path(adapter_dir))
+
+
 @torch.no_grad()
 def load_adapter_weights(model: AdaptedCausalLM, adapter_dir: str | Path) -> None:
     """Copy saved tensors into ``model``'s adapter parameters; every key and shape must match."""
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise ConfigError(f"{weights_path}: adapter weights not found")
+    verify_adapter_files(adapter_dir)
     try:
         tensors = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types for a damaged file

@@ -205,7 +205,12 @@ def number(summary: dict[str, Any], key: str, path: Path) -> float | None:
 def run_status(summary: dict[str, Any] | None, failure: dict[str, Any] | None) -> str:
     """A completed summary wins (a later attempt refused by the run-directory guard leaves its failure
     record beside it); otherwise a failure record; otherwise the summary's status, or incomplete."""
-    status = str(summary.get("status", "completed")) if summary is not None else "incomplete"
+    if summary is None:
+        status = "incomplete"
+    elif "status" in summary:
+        status = str(summary["status"])
+    else:  # a summary written before it had a status holds the steps run; one without them ({}) is not whole
+        status = "completed" if "steps" in summary else f"incomplete ({SUMMARY_FILE} has no status or steps)"
     return "failed" if failure is not None and status != "completed" else status
 
 
@@ -232,7 +237,11 @@ def report_inputs(run: Run) -> dict[str, Any]:
 def read_run(run_dir: Path, root: Path) -> Run:
     """The run's files; where a raw file (``RAW_FILES``) is absent, what ``report_inputs.json`` kept of it."""
     summary_path = run_dir / SUMMARY_FILE
-    summary = read_json_object(summary_path) if summary_path.is_file() else None
+    try:
+        summary = read_json_object(summary_path) if summary_path.is_file() else None
+        unreadable = None
+    except DataError as err:  # a truncated or damaged summary: the run is listed, not aggregated
+        summary, unreadable = None, " ".join(str(err).split())
     failure_path = run_dir / FAILURE_FILE
     failure = read_json_object(failure_path) if failure_path.is_file() else None
     metrics_path = run_dir / METRICS_FILE
@@ -246,6 +255,8 @@ def read_run(run_dir: Path, root: Path) -> Run:
               where=run_dir.relative_to(root).as_posix() if run_dir != root else ".")
     if run.failed:
         run.error = str(failure.get("error") or failure.get("error_type") or "no error recorded")
+    elif unreadable:
+        run.status = f"unreadable summary ({unreadable})"
     if not run.completed:
         return run
     accuracy = summary.get("eval_after") or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class FailedJobs(Callback):
         more = f"; and {len(new) - SHOWN_FAILURES} more" if len(new) > SHOWN_FAILURES else ""
         jobs = "job" if len(new) == 1 else "jobs"
         exit_with_error(f"{len(new)} sweep {jobs} failed: {shown}{more}; the other jobs ran; "
-                        f"`malora-report {sweep_dir}` lists them")
+                        f"`malora-report {shlex.quote(str(sweep_dir))}` lists them")
 
 
 def export_task_ranks() -> None:

@@ -29,7 +29,9 @@ from malora_train.errors import ConfigError
 from malora_train.run_dir import run_stamp
 
 RUN_DIR_KEY = "malora_run_stamp"
-TIMEOUT = timedelta(minutes=30)
+# how long a collective waits for the other processes before it fails (a rank that died or took another path):
+# 30 minutes, or MALORA_DIST_TIMEOUT_S seconds (tests set a short one)
+TIMEOUT = timedelta(seconds=float(os.environ.get("MALORA_DIST_TIMEOUT_S", 30 * 60)))
 
 
 def world_size() -> int:
@@ -62,6 +64,19 @@ def _init_process_group() -> None:
     if not use_cpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group(backend=backend(), timeout=TIMEOUT)
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """The one line for an error of the process group (a collective that timed out waiting for another rank,
+    a peer that went away), naming this rank; None for any other error or a single process."""
+    if world_size() <= 1:
+        return None
+    text = " ".join(str(err).split())
+    if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in text.lower())):
+        return None
+    rank = os.environ.get("RANK", "0")
+    return (f"rank {rank} of {world_size()}: waiting for the other processes failed ({text[:300]}); another "
+            "rank stopped or took another path (see its message)")
 
 
 def agree_on_run_dir() -> None:

@@ -10,8 +10,10 @@ per-forward statistic, is the one part that does).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -56,13 +58,14 @@ from malora_train.run_dir import (
     write_text_atomic,
 )
 from malora_train.train.checkpoint.checkpointer import CheckpointedParts, Checkpointer, TrainState
-from malora_train.train.checkpoint.folders import remove_partial
+from malora_train.train.checkpoint.folders import complete_checkpoints, remove_partial, step_dir
 from malora_train.train.checkpoint.resume import (
     check_extendable,
     finished_message,
     finished_run,
     last_good_hint,
     resolve_resume,
+    resume_arguments,
 )
 from malora_train.train.distributed import (
     LaunchInfo,
@@ -99,10 +102,16 @@ class NonFiniteLoss(MaloraError):
     """The loss became NaN or infinite."""
 
 
+class Stopped(BaseException):
+    """A signal cut short work that can be dropped (start-up, an evaluation; ``StopRequest.interrupting``).
+    A BaseException, as KeyboardInterrupt is: no ``except Exception`` on the way swallows it."""
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT (a preempted job, Ctrl-C) into a flag checked at each step boundary. A second
     signal changes nothing: it must not interrupt the checkpoint being saved (kill -9 stops at once, and
-    the last complete checkpoint stays loadable).
+    the last complete checkpoint stays loadable). Inside ``interrupting()`` (work that saves nothing:
+    start-up, an evaluation) a signal also raises ``Stopped``: the run stops at once, not at the end of it.
 
     The previous handlers come back on exit, unless ``hold`` and a stop was requested: then the signals are
     ignored from there on, so a repeated one cannot kill a process that is ending anyway (the command line's
@@ -113,6 +122,7 @@ class StopRequest:
         self.requested = False
         self.hold = hold
         self.previous: dict[int, Any] = {}
+        self._interruptible = False
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,12 +130,44 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True  # and nothing else: a handler that prints or raises could break a save under way
+        # a flag and nothing else, unless in interruptible work: a handler that prints or raises could break
+        # a save under way
+        first = not self.requested
+        self.requested = True
+        if self._interruptible and first:
+            self._interruptible = False
+            raise Stopped
+
+    @contextlib.contextmanager
+    def interrupting(self, enabled: bool = True) -> Any:
+        """A block a signal may cut short with ``Stopped`` (at once if one came before it). ``enabled=False``
+        (several processes: a rank leaving a collective the others are in would hang them) keeps the flag."""
+        if not enabled:
+            yield
+            return
+        if self.requested:
+            raise Stopped
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def __exit__(self, *exc) -> None:
         held = self.requested and self.hold
         for sig, handler in self.previous.items():
             signal.signal(sig, signal.SIG_IGN if held else handler)
+
+
+def interrupted_message(step: int, checkpoint: Path | None, run_dir: Path, saved: bool) -> str:
+    """The line a run stopped by a signal prints: where its training is and the command that continues it."""
+    if checkpoint is None:
+        where = "before its first step (nothing trained to save)"
+    elif saved:
+        where = f"at step {step}; saved {checkpoint}"
+    else:
+        where = f"at step {step}, nothing trained since {checkpoint}"
+    return f"stopped by signal {where}; continue with {resume_arguments(run_dir)}"
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -142,11 +184,12 @@ class Trainer:
     """A recipe: ``__init__`` runs the ``_setup_*`` steps in order; ``run()`` is the loop."""
 
     def __init__(self, cfg: Config, run_dir: Path, resolved_yaml: str, overrides: list[str],
-                 hold_signals: bool = False) -> None:
+                 hold_signals: bool = False, stop: StopRequest | None = None) -> None:
         began = time.perf_counter()
         self.cfg = cfg
         self.run_dir = run_dir
         self.hold_signals = hold_signals  # StopRequest(hold=...): the process ends with this run
+        self.stop = stop  # the caller's, installed over the set-up too; else run() installs its own
         self._setup_launch()
         self._setup_model()
         self._setup_adapters()
@@ -289,44 +332,67 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Evaluate, train, evaluate. A signal at any moment ends the run with what it trained saved as a
+        checkpoint (none when it trained nothing) and the printed command that continues it."""
+        if self.stop is not None:
+            return self._run(self.stop)
+        with StopRequest(hold=self.hold_signals) as stop:
+            self.stop = stop
+            try:
+                return self._run(stop)
+            finally:
+                self.stop = None
+
+    def _run(self, stop: StopRequest) -> dict[str, Any]:
         trainer, state = self.cfg.trainer, self.state
         self._announce()
+        if self._stop_agreed():  # a signal during the set-up of several processes
+            return self._interrupted(self.resume_from)
         if trainer.eval_before and state.step == 0 and state.eval_before is None:
-            before = self.evaluate()
+            before = self._evaluate_or_stop()
+            if before is None:  # nothing trained yet: nothing to save
+                return self._interrupted(self.resume_from)
             state.eval_before = before.to_json()
             self._log_eval(before, 0)
         self.engine.train()
         progress = Progress(self.total_steps, state.step, trainer.progress, self.is_main)
         saved_step = state.step if self.resume_from else None
+        if state.eval_pending:  # the evaluation of this step, which a signal cut short, comes first
+            best = self._periodic_eval(progress)
+            if state.eval_pending:  # cut short again: the checkpoint of this step is there
+                progress.close()
+                return self._interrupted(self.resume_from)
+            if best:
+                self.save_checkpoint()
         self.window.restart_clock()
-        with StopRequest(hold=self.hold_signals) as stop:
-            while state.step < self.total_steps:
-                self.train_step()
-                state.step += 1
-                eval_due = self._eval_due()
-                save_due = bool(trainer.save_every) and state.step % trainer.save_every == 0
-                boundary = (state.step % self.log_every == 0 or state.step == self.total_steps
-                            or eval_due or save_due)
-                metrics = self._close_window() if boundary else None
-                progress.update(metrics)
-                best = self._periodic_eval(progress) if eval_due else False
-                if self.world == 1:  # the signal flag itself
-                    stopping = stop.requested
-                else:  # several processes agree at window boundaries (a collective)
-                    stopping = boundary and any_rank(stop.requested, self.accelerator.device)
-                if stopping and not boundary:
-                    self._close_window()
-                if stopping or save_due or best:
-                    path, saved_step = self.save_checkpoint(), state.step
-                if stopping:
-                    progress.close()
-                    return self._interrupted(path)
-                if eval_due or save_due or best:
-                    self.window.restart_clock()
+        while state.step < self.total_steps:
+            self.train_step()
+            state.step += 1
+            eval_due = self._eval_due()
+            save_due = bool(trainer.save_every) and state.step % trainer.save_every == 0
+            boundary = (state.step % self.log_every == 0 or state.step == self.total_steps
+                        or eval_due or save_due)
+            metrics = self._close_window() if boundary else None
+            progress.update(metrics)
+            best = self._periodic_eval(progress) if eval_due else False
+            if self.world == 1:  # the signal flag itself
+                stopping = stop.requested
+            else:  # several processes agree at window boundaries (a collective)
+                stopping = boundary and any_rank(stop.requested, self.accelerator.device)
+            if stopping and not boundary:
+                self._close_window()
+            if stopping or save_due or best:
+                path, saved_step = self.save_checkpoint(), state.step
+            if stopping:
+                progress.close()
+                return self._interrupted(path)
+            if eval_due or save_due or best:
+                self.window.restart_clock()
         progress.close()
         if trainer.save_every and saved_step != state.step:  # the final evaluation must not risk the steps
             self.save_checkpoint()
-        return self.finish()
+            saved_step = state.step
+        return self.finish(saved_step)
 
     def _announce(self) -> None:
         if self.is_main:
@@ -493,9 +559,30 @@ class Trainer:
             folder = self.run_dir / EVAL_DIR / f"step_{step}"
             write_predictions(predictions_file(folder, self.cfg.eval.scorer), predictions, self.task_names)
 
+    def _stop_agreed(self) -> bool:
+        """Whether a signal asked the run to stop: the flag, or with several processes whether any rank's is
+        set (a collective: every rank calls it at the same point)."""
+        if self.world == 1:
+            return self.stop.requested
+        return any_rank(self.stop.requested, self.accelerator.device)
+
+    def _evaluate_or_stop(self, record_routing: bool = False) -> EvalResult | None:
+        """``evaluate``, or None when a signal asked the run to stop: one process drops the evaluation at
+        once; several finish it (a rank leaving its collectives would hang the others), then agree."""
+        try:
+            with self.stop.interrupting(self.world == 1):
+                result = self.evaluate(record_routing=record_routing)
+        except Stopped:
+            return None
+        return None if self._stop_agreed() else result
+
     def _periodic_eval(self, progress: Progress) -> bool:
-        """Evaluate during training; True when this is the best evaluation so far."""
-        result = self.evaluate()
+        """Evaluate during training; True when this is the best evaluation so far (False when a signal cut it
+        short: the loop then saves and stops)."""
+        result = self._evaluate_or_stop()
+        self.state.eval_pending = result is None
+        if result is None:
+            return False
         self._log_eval(result, self.state.step)
         progress.write(f"step {self.state.step}: eval average {result.average:.2f}")
         self.engine.train()
@@ -509,25 +596,33 @@ class Trainer:
         self._tick()
         return self.checkpointer.save(self.state, self.cfg.trainer.keep_last)
 
-    def _interrupted(self, checkpoint: Path) -> dict[str, Any]:
-        summary = {"status": "interrupted", "step": self.state.step, "checkpoint": str(checkpoint)}
+    def _interrupted(self, checkpoint: Path | None, saved: bool = True) -> dict[str, Any]:
+        """Stopped by a signal: ``checkpoint`` holds the trained steps (saved now, or the one the run resumed
+        from, ``saved=False``; None before any was)."""
+        summary = {"status": "interrupted", "step": self.state.step,
+                   "checkpoint": str(checkpoint) if checkpoint is not None else None}
         if self.is_main:
-            print(f"stopped by signal at step {self.state.step}; saved {checkpoint}; continue with "
-                  f"trainer.resume=auto hydra.run.dir={self.run_dir}", flush=True)
+            print(interrupted_message(self.state.step, checkpoint, self.run_dir,
+                                      saved and checkpoint != self.resume_from), flush=True)
         self.metrics.finish(summary)
         return summary
 
-    def finish(self) -> dict[str, Any]:
-        """Final evaluation (unless trainer.eval_after=false), adapter, routing report, summary.json and
-        loss plot; prints the summary."""
+    def finish(self, saved_step: int | None = None) -> dict[str, Any]:
+        """Adapter, final evaluation (unless trainer.eval_after=false), routing report, summary.json and
+        loss plot; prints the summary. The adapter is saved first, and a signal during the evaluation saves
+        a checkpoint (unless ``saved_step`` is this step) and stops: resuming it runs the evaluation."""
         state = self.state
+        adapter_dir = self.checkpointer.save_final_adapter()
         after, routing = None, None
         if self.cfg.trainer.eval_after:
-            after = self.evaluate(record_routing=True)
+            after = self._evaluate_or_stop(record_routing=True)
+            if after is None:
+                done = saved_step == state.step
+                path = step_dir(self.run_dir, state.step) if done else self.save_checkpoint()
+                return self._interrupted(path, saved=not done)
             self._log_eval(after, state.step)
             if self.model.mixture_layers():
                 routing = routing_report(self.model, self.task_names, all_reduce=all_reduce_sum)
-        adapter_dir = self.checkpointer.save_final_adapter()
         if after is not None and (state.best_average is None or after.average >= state.best_average):
             state.best_average, state.best_step = after.average, state.step
         self._tick()
@@ -596,9 +691,30 @@ def train(cfg: Config, run_dir: Path, resolved_yaml: str = "", overrides: list[s
         created = [name for name in UNSTARTED_FOLDERS if not (run_dir / name).exists()]
         trainer = None
         try:
-            trainer = Trainer(cfg, run_dir, resolved_yaml, overrides or [], hold_signals=hold_signals)
-            return trainer.run()
+            with StopRequest(hold=hold_signals) as stop:
+                try:  # one process: a signal during the set-up stops it at once (several finish it first)
+                    with stop.interrupting(int(os.environ.get("WORLD_SIZE", "1")) == 1):
+                        trainer = Trainer(cfg, run_dir, resolved_yaml, overrides or [],
+                                          hold_signals=hold_signals, stop=stop)
+                except Stopped:
+                    return _stopped_in_set_up(run_dir, main, fresh, created)
+                summary = trainer.run()
+            if main and fresh and summary["status"] == "interrupted" and summary["checkpoint"] is None:
+                remove_unstarted_outputs(run_dir, created)  # stopped before its first step: reusable
+            return summary
         except Exception:
             if main and fresh and (trainer is None or trainer.state.step == 0):
                 remove_unstarted_outputs(run_dir, created)
             raise
+
+
+def _stopped_in_set_up(run_dir: Path, main: bool, fresh: bool, created: list[str]) -> dict[str, Any]:
+    """A signal during the set-up: nothing was trained; a fresh run's files are removed (the directory can
+    be used again), a resumed run keeps its checkpoints."""
+    if main and fresh:
+        remove_unstarted_outputs(run_dir, created)
+    found = complete_checkpoints(run_dir)
+    step, checkpoint = found[-1] if found else (0, None)
+    if main:
+        print(interrupted_message(step, checkpoint, run_dir, saved=False), flush=True)
+    return {"status": "interrupted", "step": step, "checkpoint": str(checkpoint) if checkpoint else None}

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -17,7 +18,7 @@ from malora_train.data import BatchStream
 from malora_train.errors import ConfigError
 from malora_train.run_dir import ADAPTER_DIR, read_json, replace_dir, write_json_atomic
 from malora_train.train.checkpoint.deepspeed_engine import load_engine, save_engine
-from malora_train.train.checkpoint.folders import prune, publish, step_dir, temporary_dir
+from malora_train.train.checkpoint.folders import prune, publish, step_dir, temporary_dir, write_manifest
 from malora_train.train.checkpoint.state_files import (
     json_numbers,
     load_optimizer,
@@ -43,6 +44,7 @@ class TrainState:
     best_average: float | None = None
     best_step: int | None = None
     eval_before: dict[str, Any] | None = None
+    eval_pending: bool = False  # a signal cut this step's evaluation short: resuming runs it first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,30 @@ class CheckpointedParts:
     scheduler: Any
     stream: BatchStream
     base_model_name: str  # recorded in the adapter's config
+
+
+def apply_learning_rates(scheduler: Any, base_lrs: list[float], checkpoint: Path | None = None) -> None:
+    """Put ``base_lrs`` (this run's ``trainer.lr``) in place of the base learning rates a restored schedule
+    and optimizer brought back: the schedule keeps its position, every rate scaled by new base / old base
+    (the schedules multiply the base rate by a factor of the step). A rate held as a tensor (a capturable
+    optimizer's, read by captured graphs) is changed in place. ``checkpoint``: named in the note."""
+    saved = list(scheduler.base_lrs)
+    if saved == base_lrs:
+        return
+    groups = scheduler.optimizer.param_groups
+    for index, (group, old, new) in enumerate(zip(groups, saved, base_lrs)):
+        factor = new / old
+        if torch.is_tensor(group["lr"]):
+            group["lr"].mul_(factor)
+        else:
+            group["lr"] *= factor
+        group["initial_lr"] = new
+        scheduler.base_lrs[index] = new
+        last = scheduler._last_lr[index]
+        scheduler._last_lr[index] = last * factor
+    if checkpoint is not None:
+        log.info("trainer.lr: %s was trained with base learning rates %s; resuming with %s", checkpoint,
+                 saved, base_lrs)
 
 
 class Checkpointer:
@@ -72,7 +98,8 @@ class Checkpointer:
         self.seed = seed
 
     def save_final_adapter(self) -> Path:
-        """``adapter/``, replaced whole (never half old, half new)."""
+        """``adapter/``, replaced whole (never half old, half new), with a manifest as a checkpoint's (loading
+        it verifies its files)."""
         parts = self.parts
         state = gather_adapter_state(self.launch, parts.model)
         out = self.run_dir / ADAPTER_DIR
@@ -80,6 +107,7 @@ class Checkpointer:
             tmp = self.run_dir / f".{ADAPTER_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             save_adapter(parts.model, tmp, parts.base_model_name, state_dict=state)
+            write_manifest(tmp)
             replace_dir(tmp, out)
         self.accelerator.wait_for_everyone()
         return out
@@ -124,12 +152,14 @@ class Checkpointer:
             raise ConfigError(f"trainer.resume: {path} was written {made} DeepSpeed and this run is {now} "
                               "it; resume with the launcher config it was made with")
         state = TrainState(**saved["train"])
+        configured = list(parts.scheduler.base_lrs)  # this run's trainer.lr (a group's multiple of it)
         if launch.deepspeed:
             load_engine(parts.engine, path)
         else:
             load_adapter_weights(parts.model, path / ADAPTER_DIR)
             load_optimizer(parts.optimizer.optimizer, path)
         parts.scheduler.load_state_dict(saved["scheduler"])
+        apply_learning_rates(parts.scheduler, configured, path if launch.is_main else None)
         parts.stream.load_state_dict(saved["stream"])
         if saved["world_size"] != launch.world or not load_rng(path, launch.process_index):
             log.warning("resuming on %d processes from a %d-process checkpoint: RNG streams are reseeded",

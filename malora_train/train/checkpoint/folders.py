@@ -26,12 +26,17 @@ from malora_train.run_dir import (
 )
 
 MANIFEST_FILE = "manifest.json"  # written last: its presence marks a whole checkpoint
+MANIFEST_FORMAT = 1  # the manifest's "format"; a later one is refused, not read as this one
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-step_"  # a checkpoint being written
 
 
 class DamagedCheckpoint(DataError):
     """A checkpoint's files do not match its manifest (missing, truncated, corrupted)."""
+
+
+class NewerFormat(DataError):
+    """A manifest written by a later version of malora-train, in a format this one cannot check."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -58,6 +63,17 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         match = STEP_DIR.match(path.name)
         if match and (path / MANIFEST_FILE).is_file():
             found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def unlisted_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``step_<N>`` folder without a manifest (written before manifests existed, or
+    not by malora-train), oldest first: never complete by ``complete_checkpoints``' measure, never ignored."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in root.iterdir()
+             if (match := STEP_DIR.match(path.name)) and path.is_dir() and not (path / MANIFEST_FILE).is_file()]
     return sorted(found)
 
 
@@ -112,7 +128,7 @@ def write_manifest(folder: Path) -> None:
     """``manifest.json``: the size and sha256 of every file under ``folder``."""
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in _files(folder)}
-    write_json_atomic(folder / MANIFEST_FILE, {"format": 1, "files": files})
+    write_json_atomic(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "files": files})
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -120,6 +136,12 @@ def verify_checkpoint(folder: Path) -> None:
     the first file at fault (a missing, truncated, corrupted or zeroed file)."""
     try:
         manifest = read_json_object(folder / MANIFEST_FILE)
+        version = manifest.get("format")
+        if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_FORMAT:
+            raise NewerFormat(f"{folder / MANIFEST_FILE}: format {version}, written by a later malora-train "
+                              f"(this one reads format {MANIFEST_FORMAT}); use that version")
+        if version != MANIFEST_FORMAT:
+            raise ValueError(f"format {version!r}, expected {MANIFEST_FORMAT}")
         files = manifest["files"]
         entries = [(name, int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
     except (DataError, KeyError, TypeError, ValueError, AttributeError) as err:

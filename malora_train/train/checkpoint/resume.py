@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
 from malora_train.config import TrainerConfig
-from malora_train.errors import ConfigError
-from malora_train.run_dir import completed_summary
+from malora_train.errors import ConfigError, DataError
+from malora_train.run_dir import ADAPTER_DIR, completed_summary, read_json_object
+from malora_train.train.checkpoint.deepspeed_engine import DEEPSPEED_DIR
 from malora_train.train.checkpoint.folders import (
     MANIFEST_FILE,
     DamagedCheckpoint,
     checkpoint_root,
     complete_checkpoints,
+    unlisted_checkpoints,
     verify_checkpoint,
 )
 
@@ -35,11 +38,19 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         except DamagedCheckpoint as err:
             raise ConfigError(f"trainer.resume={resume}: damaged checkpoint: {err}") from err
         return path
-    found = complete_checkpoints(run_dir)
+    unlisted = unlisted_checkpoints(run_dir)
+    for _, path in unlisted:
+        log.warning("trainer.resume=auto: %s has no %s (written by an earlier version?): its files cannot be "
+                    "verified", path, MANIFEST_FILE)
+    found = sorted(complete_checkpoints(run_dir) + unlisted)
     problems = []
     for _, path in reversed(found):
         try:
-            verify_checkpoint(path)
+            if (path / MANIFEST_FILE).is_file():
+                verify_checkpoint(path)
+            else:
+                check_unlisted(path)
+                log.warning("trainer.resume=auto: resuming from %s, which has no manifest to verify it by", path)
         except DamagedCheckpoint as err:
             problems.append(str(err))
             log.warning("trainer.resume=auto: skipping damaged checkpoint %s (%s)", path.name, err)
@@ -51,6 +62,30 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         raise ConfigError(f"trainer.resume=auto: every checkpoint in {checkpoint_root(run_dir)} is damaged "
                           f"(newest: {problems[0]}); delete {checkpoint_root(run_dir)} to start over")
     return None
+
+
+def check_unlisted(path: Path) -> None:
+    """What can be checked of a checkpoint without a manifest: its state file reads, and the adapter and
+    optimizer files (or DeepSpeed's folder) it needs are there; else DamagedCheckpoint naming what is not."""
+    from malora_train.train.checkpoint.checkpointer import STATE_FILE
+
+    try:
+        state = read_json_object(path / STATE_FILE)
+        int(state["train"]["step"])
+    except (DataError, KeyError, TypeError, ValueError) as err:
+        raise DamagedCheckpoint(f"{path / STATE_FILE}: no readable training state ({err})") from None
+    needed = [DEEPSPEED_DIR] if state.get("deepspeed") else [
+        f"{ADAPTER_DIR}/adapter_model.safetensors", "optimizer.json", "optimizer.safetensors"]
+    missing = [name for name in needed if not (path / name).exists()]
+    if missing:
+        raise DamagedCheckpoint(f"{path}: no manifest, and {', '.join(missing)} missing: not a checkpoint "
+                                "this version can resume")
+
+
+def resume_arguments(run_dir: Path) -> str:
+    """What continues the run in ``run_dir``, as ``malora-train`` arguments to paste into a shell: the path
+    shell-quoted (a folder named ``$(...)`` or with spaces is passed as it is, never run)."""
+    return f"trainer.resume=auto {shlex.quote(f'hydra.run.dir={run_dir}')}"
 
 
 def last_good_hint(run_dir: Path) -> str:
