@@ -65,4 +65,5 @@ def pad_loss_targets(found: dict[str, torch.Tensor], size: int) -> dict[str, tor
     if count == size:
         return found
     fill = {"loss_index": 0, "loss_target": IGNORE_INDEX, "loss_row": 0, "loss_task": 0}
-    return {key: torch.cat([value, value.new_full((size - count,), fill[key])]) for key, value in found.items()}
+    return {key: torch.cat([value, value.new_full((size - count,), fill[key])])
+            for key, value in found.items()}

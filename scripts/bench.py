@@ -111,7 +111,8 @@ def model_config(name: str, dtype: str) -> ModelConfig:
 
 
 def adapter_config(kind: str) -> AdapterConfig:
-    """The repository's preset for ``kind`` (conf/adapter/<kind>.yaml), e.g. LoRA r=64, MALoRA d=32 r-bar=12."""
+    """The repository's preset for ``kind`` (conf/adapter/<kind>.yaml), e.g. LoRA r=64,
+    MALoRA d=32 r-bar=12."""
     return load_adapter_config(kind)
 
 
@@ -120,7 +121,8 @@ def randomize_up_projections(module: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            if param.requires_grad and "lora_B" in name.split("."):  # ours: x.lora_B, PEFT: x.lora_B.default.weight
+            # ours: x.lora_B, PEFT: x.lora_B.default.weight
+            if param.requires_grad and "lora_B" in name.split("."):
                 values = torch.randn(param.shape, generator=gen) * 0.01
                 param.copy_(values.to(param.device, param.dtype))
 
@@ -207,7 +209,8 @@ class Runner:
         self.model = model
         self.vocab = vocab
         self.device = torch.device(args.device)
-        self.autocast_dtype = DTYPES[args.dtype] if self.device.type == "cuda" and args.dtype != "float32" else None
+        self.autocast_dtype = (DTYPES[args.dtype] if self.device.type == "cuda" and args.dtype != "float32"
+                               else None)
 
     def batch(self, scenario: Scenario, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -340,7 +343,8 @@ class Runner:
             self.release()
         median = statistics.median(times)
         return Row(scenario.name, method, impl if method in ADAPTER_METHODS else "-", median, times,
-                   scenario.batch * scenario.seq / median, peak, trainable, loss, check=check, profile=profiled)
+                   scenario.batch * scenario.seq / median, peak, trainable, loss, check=check,
+                   profile=profiled)
 
     def run_or_record(self, scenario: Scenario, method: str, impl: str) -> Row:
         """A failing row is reported in the table and the run goes on with the next one."""
@@ -380,7 +384,8 @@ def format_table(rows: list[Row]) -> str:
         mem = f"{r.memory_ratio:.3f}" if not math.isnan(r.memory_ratio) else "-"
         check = "-"
         if "loss_rel" in r.check:
-            check = f"{r.check['loss_rel']:.1e} / {r.check['grad_rel']:.1e} (noise {r.check['grad_noise']:.1e})"
+            check = (f"{r.check['loss_rel']:.1e} / {r.check['grad_rel']:.1e} "
+                     f"(noise {r.check['grad_noise']:.1e})")
         elif r.check:
             check = r.check.get("error", "-")
         lines.append(f"| {r.scenario} | {r.method} | {r.impl} | {r.step_s:.4f} | {r.ratio:.3f} | "
@@ -500,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[Row] = []
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or "cpu"),
         "torch": torch.__version__,
         "model": args.model, "dtype": args.dtype,
         "precision": "bf16 autocast, float32 adapter parameters" if runner.autocast_dtype else args.dtype,
@@ -513,7 +519,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for impl in (scenario.impls if method in ADAPTER_METHODS else ("-",)):
                 row = runner.run_or_record(scenario, method, impl)
                 rows.append(row)
-                print(f"  {scenario.name} {method} {impl}: {row.step_s:.4f} s {row.error}", file=sys.stderr, flush=True)
+                print(f"  {scenario.name} {method} {impl}: {row.step_s:.4f} s {row.error}", file=sys.stderr,
+                      flush=True)
                 fill_ratios(rows, scenarios)
                 report["rows"] = [vars(r) for r in rows]
                 report["targets"] = target_report(rows) if device.type == "cuda" else []

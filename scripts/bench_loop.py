@@ -5,9 +5,10 @@ PEFT LoRA on the same examples (``--baseline hf-peft``), in one process.
     python scripts/bench_loop.py                  # `make bench-loop`: the table of BENCHMARKS.md on a GPU
     python scripts/bench_loop.py --json out.json -- data.root=/path/to/commonsense   # data elsewhere
 
-Defaults by device. GPU: SmolLM2-135M shapes on ``commonsense_intra`` (``data.root``: ../shared/data/commonsense or
-$MALORA_COMMONSENSE_ROOT), each adapter eager and with ``trainer.cuda_graphs``, beside HF + PEFT. CPU: the tiny
-model on the synthetic mixture, eager, no baseline (a smoke run; tests/test_bench_loop.py keeps it working).
+Defaults by device. GPU: SmolLM2-135M shapes on ``commonsense_intra`` (``data.root``:
+../shared/data/commonsense or $MALORA_COMMONSENSE_ROOT), each adapter eager and with ``trainer.cuda_graphs``,
+beside HF + PEFT. CPU: the tiny model on the synthetic mixture, eager, no baseline (a smoke run;
+tests/test_bench_loop.py keeps it working).
 
 Per run: tokens/s (real tokens, median over the measured steps of each step's tokens over its time),
 the step-time spread (max and p90 over the median), peak memory, and a breakdown of a few profiled steps
@@ -42,7 +43,8 @@ from malora_train.labels import IGNORE_INDEX  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
 # default: no speed flag (what a bare malora-train runs); eager / graphs: trainer.cuda_graphs=false / true;
-# compile: trainer.compile=true (mode default), "+graphs" with the captured step; the rest: trainer.compile_mode
+# compile: trainer.compile=true (mode default), "+graphs" with the captured step; the rest:
+# trainer.compile_mode
 MODE_OVERRIDES = {
     "default": [],
     "eager": ["trainer.cuda_graphs=false"],
@@ -53,8 +55,8 @@ MODE_OVERRIDES = {
        for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")},
 }
 MODES = tuple(MODE_OVERRIDES)
-# HF + PEFT LoRA r64 as users run it: a plain loop over the same packed rows with torch.compile and fused AdamW
-# (the strongest form), and HF Trainer with dynamic padding
+# HF + PEFT LoRA r64 as users run it: a plain loop over the same packed rows with torch.compile and fused
+# AdamW (the strongest form), and HF Trainer with dynamic padding
 BASELINES = ("peft-compiled", "hf-peft")
 # what a bare `make bench-loop` measures: the issue-9 table on a GPU, a smoke run on the CPU
 DEVICE_DEFAULTS = {
@@ -66,16 +68,19 @@ DEVICE_DEFAULTS = {
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_loop.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="default: smollm2_135m_shape on a GPU, tiny on the CPU")
-    parser.add_argument("--data", default=None, help="default: commonsense_intra on a GPU, synthetic on the CPU")
+    parser.add_argument("--data", default=None,
+                        help="default: commonsense_intra on a GPU, synthetic on the CPU")
     parser.add_argument("--adapters", default="lora,molora,malora")
     parser.add_argument("--modes", default=None,
-                        help=f"comma-separated: {', '.join(MODES)} (default: default,eager on a GPU, eager on the "
-                             "CPU)")
+                        help=f"comma-separated: {', '.join(MODES)} (default: default,eager on a GPU, "
+                             "eager on the CPU)")
     parser.add_argument("--processes", type=int, default=1,
-                        help="also run each adapter's first mode as N processes (on the visible GPUs, sharing them "
-                             "over gloo where there are fewer GPUs than processes; gloo processes on the CPU)")
+                        help="also run each adapter's first mode as N processes (on the visible GPUs, "
+                             "sharing them over gloo where there are fewer GPUs than processes; gloo "
+                             "processes on the CPU)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="also run every adapter and mode with trainer.gradient_checkpointing=true")
     parser.add_argument("--rows", type=int, default=16, help="micro-batch rows (packed: of --length tokens)")
@@ -83,16 +88,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--profile-steps", type=int, default=3, help="steps of the phase breakdown")
-    parser.add_argument("--kernels", type=int, default=0, help="also list the N kernels with the most device time")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="also list the N kernels with the most device time")
     parser.add_argument("--no-packing", action="store_true", help="padded rows (data.packing=false)")
     parser.add_argument("--baseline", default=None,
-                        help=f"comma-separated: {', '.join(BASELINES)}, or none (default: peft-compiled,hf-peft "
-                             "on a GPU, none on the CPU); the first is the one the ratios divide by")
+                        help=f"comma-separated: {', '.join(BASELINES)}, or none "
+                             "(default: peft-compiled,hf-peft on a GPU, none on the CPU); the first is the "
+                             "one the ratios divide by")
     parser.add_argument("--host-ops", type=int, default=0,
                         help="also list the N operators with the most host (CPU) time in the profiled steps")
     parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
-                        help="run every adapter and mode again with these space-separated overrides, in the same "
-                             "process (repeatable): e.g. --also 'adapter.shared_input=false'")
+                        help="run every adapter and mode again with these space-separated overrides, in the "
+                             "same process (repeatable): e.g. --also 'adapter.shared_input=false'")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="more malora-train overrides (after --)")
     args = parser.parse_args(argv)
@@ -101,7 +108,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, key, value)
     bad_baselines = [b for b in args.baseline.split(",") if b not in (*BASELINES, "none")]
     if bad_baselines:
-        parser.error(f"--baseline: unknown {', '.join(bad_baselines)} (choose from {', '.join(BASELINES)}, none)")
+        parser.error(f"--baseline: unknown {', '.join(bad_baselines)} "
+                     f"(choose from {', '.join(BASELINES)}, none)")
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         parser.error(f"--modes: unknown {', '.join(bad)} (choose from {', '.join(MODES)})")
@@ -112,12 +120,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def overrides_for(args: argparse.Namespace, adapter: str, mode: str, extra: tuple[str, ...] = ()) -> list[str]:
+def overrides_for(args: argparse.Namespace, adapter: str, mode: str,
+                  extra: tuple[str, ...] = ()) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     out = [f"model={args.model}", f"data={args.data}", f"adapter={adapter}", f"trainer.max_steps={total}",
            f"trainer.micro_batch_size={args.rows}", f"data.max_length={args.length}",
            f"data.packing={'false' if args.no_packing else 'true'}", "trainer.eval_before=false",
-           "trainer.progress=false", "trainer.save_every=0", f"trainer.log_every={total}", "data.eval_per_task=1"]
+           "trainer.progress=false", "trainer.save_every=0", f"trainer.log_every={total}",
+           "data.eval_per_task=1"]
     return out + MODE_OVERRIDES[mode] + list(args.overrides) + list(extra)
 
 
@@ -156,7 +166,8 @@ def summarise(times: list[float], tokens: list[int]) -> dict[str, float]:
     median = statistics.median(times)
     ordered = sorted(times)
     return {"tokens_per_s": statistics.median(rates), "step_s": median,
-            "max_over_median": max(times) / median, "p90_over_median": ordered[int(0.9 * (len(ordered) - 1))] / median,
+            "max_over_median": max(times) / median,
+            "p90_over_median": ordered[int(0.9 * (len(ordered) - 1))] / median,
             "tokens_per_step": statistics.mean(tokens), "mean_tokens_per_s": sum(tokens) / sum(times)}
 
 
@@ -184,12 +195,14 @@ def phase_breakdown(step, steps: int, cuda: bool, kernels: int = 0,
     if cuda and kernels:
         averages = [a for a in prof.key_averages() if a.device_type == DeviceType.CUDA]
         averages.sort(key=lambda a: a.self_device_time_total, reverse=True)
-        top = [[a.key[:90], a.self_device_time_total / 1000 / steps, a.count / steps] for a in averages[:kernels]]
+        top = [[a.key[:90], a.self_device_time_total / 1000 / steps, a.count / steps]
+               for a in averages[:kernels]]
     host = []
     if host_ops:
         averages = [a for a in prof.key_averages() if a.device_type == DeviceType.CPU and a.key not in PHASES]
         averages.sort(key=lambda a: a.self_cpu_time_total, reverse=True)
-        host = [[a.key[:90], a.self_cpu_time_total / 1000 / steps, a.count / steps] for a in averages[:host_ops]]
+        host = [[a.key[:90], a.self_cpu_time_total / 1000 / steps, a.count / steps]
+                for a in averages[:host_ops]]
     return result, top, host
 
 
@@ -250,9 +263,11 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Pat
            "overrides": list(extra), "processes": trainer.world, "step_path": trainer.step_path.describe(),
            **summarise(times, tokens[-args.steps:]),
            "wall_tokens_per_s": sum(tokens[-args.steps:]) / wall, "setup_s": first_step - started,
-           "warmup_s": warm - first_step, "step_times_s": times, "host_step_times_s": host_times[-args.steps:],
-           "graphs_after_step": graph_counts[-args.steps:], "trainable_params": trainer.params["trainable"],
-           "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
+           "warmup_s": warm - first_step, "step_times_s": times,
+           "host_step_times_s": host_times[-args.steps:], "graphs_after_step": graph_counts[-args.steps:],
+           "trainable_params": trainer.params["trainable"],
+           "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                              else None)}
     if args.profile_steps:
         row["phases"], row["kernels"], row["host_ops"] = phase_breakdown(
             step, args.profile_steps, device.type == "cuda", args.kernels, args.host_ops)
@@ -278,7 +293,8 @@ def _process_worker(rank: int, world: int, port: int, args: argparse.Namespace, 
 
 def bench_processes(args: argparse.Namespace, adapter: str, mode: str, run_dir: Path,
                     extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``bench_malora`` as ``--processes`` processes (rank 0's row: the step's global tokens over its time)."""
+    """``bench_malora`` as ``--processes`` processes (rank 0's row: the step's global tokens over its
+    time)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -288,7 +304,8 @@ def bench_processes(args: argparse.Namespace, adapter: str, mode: str, run_dir: 
         port = free.getsockname()[1]
     context = mp.get_context("spawn")
     rows = context.SimpleQueue()
-    mp.start_processes(_process_worker, args=(args.processes, port, args, adapter, mode, run_dir, extra, rows),
+    mp.start_processes(_process_worker,
+                       args=(args.processes, port, args, adapter, mode, run_dir, extra, rows),
                        nprocs=args.processes, start_method="spawn")
     return rows.get()
 
@@ -302,16 +319,18 @@ def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from malora_train.data import BatchStream, build_tasks
     from malora_train.models import load_model_and_tokenizer
 
-    cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora", f"data.max_length={args.length}",
-                   *args.overrides])
+    cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora",
+                   f"data.max_length={args.length}", *args.overrides])
     device = torch.device(args.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, seed=cfg.seed)
-    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(cfg.adapter.target_modules),
-                           bias="none", task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
+                           target_modules=list(cfg.adapter.target_modules), bias="none",
+                           task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
     total = args.warmup + args.steps
     stream = BatchStream(build_tasks(cfg.data, cfg.seed), tokenizer,
-                         type(cfg.data)(**{**cfg.data.__dict__, "packing": False}), batch_size=args.rows, seed=cfg.seed)
+                         type(cfg.data)(**{**cfg.data.__dict__, "packing": False}), batch_size=args.rows,
+                         seed=cfg.seed)
     examples = []
     for _ in range(total):
         batch = stream.next_batch()
@@ -323,10 +342,12 @@ def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
         pad = tokenizer.pad_token_id
-        return {"input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
-                "labels": torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows]),
-                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                                for r in rows])}
+        return {"input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"]))
+                                           for r in rows]),
+                "labels": torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"]))
+                                        for r in rows]),
+                "attention_mask": torch.tensor([[1] * len(r["input_ids"])
+                                                + [0] * (width - len(r["input_ids"])) for r in rows])}
 
     class InOrder(Trainer):  # the same order as our stream drew them (HF shuffles by default)
         def _get_train_sampler(self, *unused):
@@ -347,11 +368,13 @@ def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     trainer.train()
     clock.mark()
     times = clock.durations()[args.warmup:]
-    tokens = [sum(len(e["input_ids"]) for e in examples[i * args.rows:(i + 1) * args.rows]) for i in range(total)]
+    tokens = [sum(len(e["input_ids"]) for e in examples[i * args.rows:(i + 1) * args.rows])
+              for i in range(total)]
     row = {"name": "HF Trainer + PEFT LoRA r64", "adapter": "peft-lora", "mode": "hf",
            **summarise(times, tokens[args.warmup:]),
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+           "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                              else None)}
     del trainer, model
     return row
 
@@ -366,19 +389,20 @@ def bench_peft_compiled(args: argparse.Namespace, workdir: Path) -> dict[str, An
     from malora_train.data import BatchStream, build_tasks
     from malora_train.models import load_model_and_tokenizer
 
-    cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora", f"data.max_length={args.length}",
-                   "data.packing=true", *args.overrides])
+    cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora",
+                   f"data.max_length={args.length}", "data.packing=true", *args.overrides])
     device = torch.device(args.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, seed=cfg.seed)
-    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=list(cfg.adapter.target_modules),
-                           bias="none", task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
+                           target_modules=list(cfg.adapter.target_modules), bias="none",
+                           task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     compiled = torch.compile(model)
-    stream = BatchStream(build_tasks(cfg.data, cfg.seed, tokenizer), tokenizer, cfg.data, batch_size=args.rows,
-                         seed=cfg.seed)
+    stream = BatchStream(build_tasks(cfg.data, cfg.seed, tokenizer), tokenizer, cfg.data,
+                         batch_size=args.rows, seed=cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens: list[int] = []
     clock = StepClock(device)
@@ -405,7 +429,8 @@ def bench_peft_compiled(args: argparse.Namespace, workdir: Path) -> dict[str, An
     row = {"name": "PEFT LoRA r64, plain loop, torch.compile, packed", "adapter": "peft-lora",
            "mode": "peft-compiled", **summarise(clock.durations(), tokens[-args.steps:]),
            "trainable_params": sum(p.numel() for p in trainable),
-           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+           "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                              else None)}
     return row
 
 
@@ -417,11 +442,12 @@ def table(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
         if "error" in r:
             lines.append(f"{r['name']:<56} {r['mode']:<16} ERROR {r['error']}")
             continue
-        ratio = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline and "error" not in baseline else math.nan
+        ratio = (r["tokens_per_s"] / baseline["tokens_per_s"] if baseline and "error" not in baseline
+                 else math.nan)
         memory = f"{r['peak_memory_gb']:.2f}" if r.get("peak_memory_gb") is not None else "-"
-        lines.append(f"{r['name']:<56} {r['mode']:<16} {r['tokens_per_s']:>10.0f} {1000 * r['step_s']:>8.1f} "
-                     f"{r['max_over_median']:>8.2f} {r['p90_over_median']:>8.2f} {r['tokens_per_step']:>8.0f} "
-                     f"{memory:>7} {ratio:>6.2f}")
+        lines.append(f"{r['name']:<56} {r['mode']:<16} {r['tokens_per_s']:>10.0f} "
+                     f"{1000 * r['step_s']:>8.1f} {r['max_over_median']:>8.2f} {r['p90_over_median']:>8.2f} "
+                     f"{r['tokens_per_step']:>8.0f} {memory:>7} {ratio:>6.2f}")
     for r in rows:
         if r.get("phases"):
             parts = ", ".join(f"{k} {v['host_ms']:.1f}/{v['device_ms']:.1f}" for k, v in r["phases"].items())

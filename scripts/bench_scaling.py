@@ -110,7 +110,8 @@ def name_list(text: str, name: str, known: list[str]) -> list[str]:
     values = [part for part in text.split(",") if part]
     unknown = [v for v in values if v not in known]
     if unknown or not values:
-        fail(f"{name}={text!r}: unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(known)})")
+        fail(f"{name}={text!r}: unknown {', '.join(unknown) or 'empty list'} "
+             f"(choose from {', '.join(known)})")
     return values
 
 
@@ -157,7 +158,8 @@ def parse_args(argv: list[str], gpus: int) -> argparse.Namespace:
     if args.pool_steps is not None and args.pool_steps < 1:
         fail(f"--pool-steps={args.pool_steps} must be >= 1")
     if gpus and max([*args.nprocs, args.pool_jobs]) > gpus:
-        fail(f"--nprocs/--pool-jobs ask for {max([*args.nprocs, args.pool_jobs])} GPUs but {gpus} are visible")
+        fail(f"--nprocs/--pool-jobs ask for {max([*args.nprocs, args.pool_jobs])} GPUs "
+             f"but {gpus} are visible")
     args.out = args.out.resolve()
     args.pool_steps = args.pool_steps or args.warmup + args.steps
     return args
@@ -183,12 +185,14 @@ class Run:
 
 def accelerate_launch() -> list[str]:
     script = Path(sys.executable).parent / "accelerate"
-    return [str(script), "launch"] if script.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    return ([str(script), "launch"] if script.is_file()
+            else [sys.executable, "-m", "accelerate.commands.launch"])
 
 
 def train_overrides(args: argparse.Namespace, model: str, adapter: str, steps: int) -> list[str]:
-    return [f"model={model}", f"adapter={adapter}", "adapter.dropout=0", f"trainer.micro_batch_size={args.rows}",
-            f"data.max_length={args.length}", "data.packing=true", f"trainer.max_steps={steps}",
+    return [f"model={model}", f"adapter={adapter}", "adapter.dropout=0",
+            f"trainer.micro_batch_size={args.rows}", f"data.max_length={args.length}", "data.packing=true",
+            f"trainer.max_steps={steps}",
             "trainer.log_every=1", "trainer.eval_before=false", "trainer.eval_after=false",
             "trainer.save_every=0", "trainer.progress=false", *args.overrides]
 
@@ -196,11 +200,13 @@ def train_overrides(args: argparse.Namespace, model: str, adapter: str, steps: i
 def launched(args: argparse.Namespace, name: str, launch: str, nprocs: int, overrides: list[str]) -> Run:
     folder = args.out / name
     command = [*accelerate_launch(), "--config_file", str(CONF / "accelerate" / f"{launch}.yaml"),
-               "--num_processes", str(nprocs), "-m", "malora_train.cli", *overrides, f"hydra.run.dir={folder}"]
+               "--num_processes", str(nprocs), "-m", "malora_train.cli", *overrides,
+               f"hydra.run.dir={folder}"]
     return Run(name, command, folder)
 
 
-def scaling_runs(args: argparse.Namespace, adapter: str) -> tuple[Run, dict[int, Run], list[tuple[str, int, Run]]]:
+def scaling_runs(args: argparse.Namespace,
+                 adapter: str) -> tuple[Run, dict[int, Run], list[tuple[str, int, Run]]]:
     """The one-process run, the agreement references by process count, the (launch, N, run) rows."""
     base = train_overrides(args, args.model, adapter, args.warmup + args.steps)
     single = launched(args, f"{REFERENCE_LAUNCH}_{adapter}_n1", REFERENCE_LAUNCH, 1, base)
@@ -248,7 +254,8 @@ def execute(run: Run, timeout: int) -> dict[str, Any]:
     record: dict[str, Any] = {"command": run.command, "status": "started"}
     write_json_atomic(run.record, record)
     print(f"{run.name}: {' '.join(run.command)}", file=sys.stderr, flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     started = time.perf_counter()
     with run.log.open("w") as log:  # its own process group: a time-out stops every rank it started
         process = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -265,7 +272,8 @@ def execute(run: Run, timeout: int) -> dict[str, Any]:
         record["status"] = "completed"
     else:
         record["status"] = "failed"
-        record["error"] = f"timed out after {timeout} s" if status is None else f"exit {status}: {last_error(run.log)}"
+        record["error"] = (f"timed out after {timeout} s" if status is None
+                           else f"exit {status}: {last_error(run.log)}")
         print(f"{run.name}: {record['error']} (log: {run.log})", file=sys.stderr, flush=True)
     write_json_atomic(run.record, record)
     return record
@@ -279,7 +287,8 @@ def last_error(log: Path) -> str:
 
 # -- reading the runs --------------------------------------------------------------------------------------
 def training_windows(run_dir: Path) -> list[dict[str, Any]]:
-    return sorted((r for r in read_jsonl(run_dir / "metrics.jsonl") if "lm_loss" in r), key=lambda r: r["step"])
+    return sorted((r for r in read_jsonl(run_dir / "metrics.jsonl") if "lm_loss" in r),
+                  key=lambda r: r["step"])
 
 
 def measured_throughput(run_dir: Path, warmup: int) -> dict[str, float]:
@@ -289,7 +298,8 @@ def measured_throughput(run_dir: Path, warmup: int) -> dict[str, float]:
         raise MaloraError(f"{run_dir / 'metrics.jsonl'}: no step logged after the {warmup} warm-up steps")
     seconds = sum(w["step_time_s"] for w in measured)
     tokens = sum(w["tokens_per_s"] * w["step_time_s"] for w in measured)
-    return {"tokens_per_s": tokens / seconds, "step_time_s": seconds / len(measured), "measured_steps": len(measured)}
+    return {"tokens_per_s": tokens / seconds, "step_time_s": seconds / len(measured),
+            "measured_steps": len(measured)}
 
 
 def loss_agreement(run_dir: Path, reference_dir: Path, steps: int) -> dict[str, Any]:
@@ -297,11 +307,12 @@ def loss_agreement(run_dir: Path, reference_dir: Path, steps: int) -> dict[str, 
     ours = {w["step"]: w["loss"] for w in training_windows(run_dir) if w["step"] <= steps}
     theirs = {w["step"]: w["loss"] for w in training_windows(reference_dir) if w["step"] <= steps}
     if not ours or set(ours) != set(theirs):
-        raise MaloraError(f"{run_dir}: logged steps {sorted(ours)} differ from the reference's {sorted(theirs)}")
+        raise MaloraError(f"{run_dir}: logged steps {sorted(ours)} differ from the reference's "
+                          f"{sorted(theirs)}")
     diffs = {s: abs(ours[s] - theirs[s]) for s in ours}
     rel = [d / abs(theirs[s]) if theirs[s] else math.inf for s, d in diffs.items()]
-    return {"reference": str(reference_dir), "compared_steps": len(ours), "loss_max_abs_diff": max(diffs.values()),
-            "loss_max_rel_diff": max(rel)}
+    return {"reference": str(reference_dir), "compared_steps": len(ours),
+            "loss_max_abs_diff": max(diffs.values()), "loss_max_rel_diff": max(rel)}
 
 
 def read_row(run: Run, record: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -331,7 +342,8 @@ def pool_result(one: Run, one_record: dict[str, Any], pool: Run, pool_record: di
     alone = completed_summary(one.folder / "0")
     summaries = [completed_summary(pool.folder / str(num)) for num in range(jobs)]
     if alone is None or None in summaries:
-        return {**result, "error": f"a job left no completed summary.json under {one.folder} or {pool.folder}"}
+        return {**result,
+                "error": f"a job left no completed summary.json under {one.folder} or {pool.folder}"}
     one_rate = alone["tokens"] / one_record["wall_s"]
     pool_rate = sum(s["tokens"] for s in summaries) / pool_record["wall_s"]
     return {**result, "one_job_wall_s": one_record["wall_s"], "sweep_wall_s": pool_record["wall_s"],
@@ -363,7 +375,8 @@ def versions() -> dict[str, str | None]:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             found[package] = None
-    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True)
     found["malora_train_commit"] = commit.stdout.strip() or None
     return found
 
@@ -377,8 +390,8 @@ def markdown(report: dict[str, Any]) -> str:
     machine = report["device_kind"] if report["device_kind"] == report["device"] else \
         f"{report['device_kind']} ({report['device']})"
     lines = [f"{machine}, {report['date']}: {args['model']}, packed {args['rows']} x {args['length']} tokens "
-             f"per process, {args['steps']} steps after {args['warmup']} warm-up; loss agreement over the first "
-             f"{args['agree_steps']} steps", "",
+             f"per process, {args['steps']} steps after {args['warmup']} warm-up; loss agreement over the "
+             f"first {args['agree_steps']} steps", "",
              "| launch | adapter | processes | tokens/s | efficiency | step s | peak GB (rank 0) | "
              "loss max abs diff | loss max rel diff |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -399,7 +412,8 @@ def markdown(report: dict[str, Any]) -> str:
         if "error" in pool:
             lines.append(f"| {args['pool_model']} | {pool['jobs']} | failed: {pool['error']} | | | |")
         else:
-            lines.append(f"| {args['pool_model']} | {pool['jobs']} | {pool['one_job_tokens_per_s_wall']:,.0f} | "
+            lines.append(f"| {args['pool_model']} | {pool['jobs']} | "
+                         f"{pool['one_job_tokens_per_s_wall']:,.0f} | "
                          f"{pool['pool_tokens_per_s_wall']:,.0f} | {pool['throughput_ratio']:.2f}x | "
                          f"{pool['training_ratio']:.2f}x |")
     return "\n".join(lines)
@@ -434,12 +448,14 @@ def write_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 
 def check_overrides(args: argparse.Namespace) -> None:
-    """Compose and check every run's config before launching anything: a typo fails in seconds, in one line."""
+    """Compose and check every run's config before launching anything: a typo fails in seconds, in one
+    line."""
     from malora_train.cli import compose_config, to_config
     from malora_train.train.preflight import check_config
 
     models = [(args.model, adapter) for adapter in args.adapters]
-    for model, adapter in dict.fromkeys([*models, (args.pool_model, args.adapters[0])] if args.pool_jobs else models):
+    for model, adapter in dict.fromkeys([*models, (args.pool_model, args.adapters[0])] if args.pool_jobs
+                                        else models):
         try:
             check_config(to_config(compose_config(train_overrides(args, model, adapter, args.steps))))
         except MaloraError as err:
@@ -448,7 +464,8 @@ def check_overrides(args: argparse.Namespace) -> None:
 
 def failures(report: dict[str, Any]) -> list[str]:
     """What did not produce its number: failed rows, references, comparisons and the pool."""
-    found = [f"{r['launch']} {r['adapter']} x{r['nprocs']}: {r['error']}" for r in report["rows"] if "error" in r]
+    found = [f"{r['launch']} {r['adapter']} x{r['nprocs']}: {r['error']}" for r in report["rows"]
+             if "error" in r]
     found += [f"{r['launch']} {r['adapter']} x{r['nprocs']} agreement: {r['agreement']['error']}"
               for r in report["rows"] if "error" in r.get("agreement", {})]
     found += [f"reference {r['adapter']} accum {r['nprocs']}: {r['error']}" for r in report["references"]
@@ -476,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     device = device_description(gpus)
     report: dict[str, Any] = {"device_kind": args.device_kind or device, "device": device, "date": now(),
                               "versions": versions(),
-                              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                              "args": {k: (str(v) if isinstance(v, Path) else v)
+                                       for k, v in vars(args).items()},
                               "rows": [], "references": [], "pool": None}
     for adapter, (single, references, rows) in plan.items():
         for launch, nprocs, run in [(REFERENCE_LAUNCH, 1, single), *rows]:

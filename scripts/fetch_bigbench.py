@@ -41,8 +41,8 @@ TASKS_FOLDER = ("bigbench", "benchmark_tasks")
 def download_sdist(dest: Path) -> Path:
     """``pip download`` the sdist into ``dest``: the archive's path, or, when pip refuses to save it after
     unpacking it (recent pip), the unpacked source tree that ``--no-clean`` left in ``dest``."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean", PACKAGE,
-               "-d", str(dest)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean",
+               PACKAGE, "-d", str(dest)]
     print("running:", " ".join(command), flush=True)
     result = subprocess.run(command, env={**os.environ, "TMPDIR": str(dest)})
     archives = sorted(dest.glob("bigbench-*.tar.gz"))
@@ -50,8 +50,8 @@ def download_sdist(dest: Path) -> Path:
         return archives[0]
     trees = sorted(dest.glob("pip-*/bigbench*/bigbench/benchmark_tasks"))
     if not trees:
-        raise SystemExit(f"pip download (exit status {result.returncode}) left neither bigbench-*.tar.gz nor an "
-                         f"unpacked bigbench source tree in {dest}")
+        raise SystemExit(f"pip download (exit status {result.returncode}) left neither bigbench-*.tar.gz "
+                         f"nor an unpacked bigbench source tree in {dest}")
     print("using the source tree pip unpacked (it did not save the archive)", flush=True)
     return trees[0].parent.parent
 
@@ -146,13 +146,18 @@ def tasks_of(config_file: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=None,
                         help=f"BIG-bench task names (folder names; default {' '.join(PRESET_TASKS)})")
     parser.add_argument("--tasks-of", type=Path, metavar="YAML",
-                        help="take the tasks from a config file's data.tasks (an experiment) or tasks (a data preset)")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where tasks go (default {DEFAULT_CACHE})")
-    parser.add_argument("--sdist", type=Path, help="a downloaded bigbench-1.0.0.tar.gz, or its unpacked folder (skips pip download)")
+                        help="take the tasks from a config file's data.tasks (an experiment) "
+                             "or tasks (a data preset)")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
+                        help=f"where tasks go (default {DEFAULT_CACHE})")
+    parser.add_argument("--sdist", type=Path,
+                        help="a downloaded bigbench-1.0.0.tar.gz, or its unpacked folder "
+                             "(skips pip download)")
     args = parser.parse_args(argv)
     tasks = (args.tasks or []) + (tasks_of(args.tasks_of) if args.tasks_of else [])
     cache_dir = Path(args.cache_dir).expanduser()

@@ -6,19 +6,20 @@
     python scripts/study.py bigbench_probe [--min-gain 10]   # which BIG-bench tasks the model can learn
     python scripts/study.py bigbench                    # paper_bigbench on the tasks the probe selected
     python scripts/study.py synthetic model=tiny trainer.max_steps=2 '+variant=lora,molora' seed=0,1
-    python scripts/study.py commonsense --jobs 3        # the seeds as 3 processes side by side, then one report
+    python scripts/study.py commonsense --jobs 3        # the seeds as 3 processes at once, then one report
     python scripts/study.py commonsense --pack          # the runs' raw files into one archive (a repository)
 
-Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one folder
-per job named by its overrides (not by its number, so adding a seed or a method does not rename the others;
-``experiment-paper_commonsense__variant-lora__seed-0``, the rule of ``malora_train/sweep/run_names.py``: no
-``+``, ``=`` or ``,``; the overrides themselves are in the job's ``.hydra/overrides.yaml``), with
-``trainer.resume=auto``: a rerun skips every run that completed, continues an interrupted one from its
-last checkpoint and starts the others. Overrides after the part go on top of the preset (``+variant=...`` and
-``seed=...`` replace the preset's sweep). Then ``malora-report`` writes report.md, report.csv and
-accuracy_vs_params.png into the part's folder, the script adds answer_priors.md (what answering from each
-task's most frequent label or answer text scores on the evaluation examples: the bar for "learned the task")
-and prints where they are. ``--no-report`` only trains; ``--report-only`` only reports.
+Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one
+folder per job named by its overrides (not by its number, so adding a seed or a method does not rename the
+others; ``experiment-paper_commonsense__variant-lora__seed-0``, the rule of
+``malora_train/sweep/run_names.py``: no ``+``, ``=`` or ``,``; the overrides themselves are in the job's
+``.hydra/overrides.yaml``), with ``trainer.resume=auto``: a rerun skips every run that completed, continues an
+interrupted one from its last checkpoint and starts the others. Overrides after the part go on top of the
+preset (``+variant=...`` and ``seed=...`` replace the preset's sweep). Then ``malora-report`` writes
+report.md, report.csv and accuracy_vs_params.png into the part's folder, the script adds answer_priors.md
+(what answering from each task's most frequent label or answer text scores on the evaluation examples: the bar
+for "learned the task") and prints where they are. ``--no-report`` only trains; ``--report-only`` only
+reports.
 
 ``--pack`` makes a finished part fit in a repository (``malora_train/commands/study_raw_files.py``): each
 run's per-step ``metrics.jsonl`` and per-module ``routing.json`` go into ``<out>/<part>/raw_files.tar.xz``,
@@ -37,8 +38,8 @@ The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run 
 evaluated before and after training. A task is selected when its accuracy after training is at least
 ``--min-gain`` points (default 10) above its zero-shot accuracy: with 500 evaluation examples a task, an
 accuracy near 50% has a standard error of 2.2 points, so 10 points is about four and a half of them.
-``--over-prior`` counts the gain from the larger of the zero-shot accuracy and the most frequent answer's share
-(``answer_priors.md``), so that a task trained only to its answer prior is not selected (RESULTS.md,
+``--over-prior`` counts the gain from the larger of the zero-shot accuracy and the most frequent answer's
+share (``answer_priors.md``), so that a task trained only to its answer prior is not selected (RESULTS.md,
 "BIG-bench", shows how often the plain gain is the prior). The selection goes to
 ``<out>/bigbench_probe/selection.json``; ``bigbench`` trains on it (``data.tasks=[...]`` on the command line
 wins) and refuses fewer than 5 tasks. Rerunning the probe with another ``--min-gain`` or ``--over-prior``
@@ -73,9 +74,11 @@ def sweep_command(part: str, out: Path, overrides: list[str]) -> list[str]:
 
     # not in the folder names: the resume switches, and where files live (a path in a name nests the folders,
     # and the same run on another machine must find its folder again)
-    unnamed = ["trainer.resume", "trainer.progress", *LOCATION_KEYS] + (["data.tasks"] if part == "bigbench" else [])
+    unnamed = (["trainer.resume", "trainer.progress", *LOCATION_KEYS]
+               + (["data.tasks"] if part == "bigbench" else []))
     settings = [f"hydra.sweep.subdir='{RUN_FOLDER_SUBDIR}'",  # quoted: the resolver's comma is no sweep
-                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]", "trainer.resume=auto"]
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]",
+                "trainer.resume=auto"]
     return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *settings, *overrides]
 
 
@@ -86,8 +89,9 @@ def check_tasks(part_dir: Path, tasks: list[str]) -> None:
     if path.is_file():
         recorded = json.loads(path.read_text()).get("tasks")
         if recorded != tasks:
-            raise StudyError(f"{path}: the runs in {part_dir} trained on data.tasks=[{','.join(recorded or [])}], "
-                             f"not [{','.join(tasks)}]: use another --out")
+            raise StudyError(f"{path}: the runs in {part_dir} trained on "
+                             f"data.tasks=[{','.join(recorded or [])}], not [{','.join(tasks)}]: "
+                             "use another --out")
         return
     from malora_train.run_dir import write_json_atomic
 
@@ -136,24 +140,27 @@ def select_tasks(probe_dir: Path, min_gain: float, priors: dict[str, float] | No
     from malora_train.run_dir import write_json_atomic
 
     if over_prior and not priors:
-        raise StudyError("--over-prior needs the tasks' answer priors, and the probe's data did not load here: "
-                         "pass its data.root")
+        raise StudyError("--over-prior needs the tasks' answer priors, and the probe's data did not load "
+                         "here: pass its data.root")
     priors = priors or {}
     rows = probe_gains(probe_dir)
-    baseline = {task: max(before, priors.get(task, before)) if over_prior else before for task, before, _, _ in rows}
+    baseline = {task: max(before, priors.get(task, before)) if over_prior else before
+                for task, before, _, _ in rows}
     selected = [task for task, _, after, _ in rows if after - baseline[task] >= min_gain]
-    print("\n| task | zero-shot | most frequent answer | after training | gain | over the prior | selected |\n"
-          "|---|---:|---:|---:|---:|---:|---|")
+    print("\n| task | zero-shot | most frequent answer | after training | gain | over the prior "
+          "| selected |\n|---|---:|---:|---:|---:|---:|---|")
     for task, before, after, gain in rows:
         prior = f"{priors[task]:.1f} | " if task in priors else "– | "
         over = f"{after - priors[task]:+.1f} | " if task in priors else "– | "
-        print(f"| {task} | {before:.1f} | {prior}{after:.1f} | {gain:+.1f} | {over}{'yes' if task in selected else 'no'} |")
-    write_json_atomic(probe_dir / SELECTION_FILE, {"min_gain": min_gain, "over_prior": over_prior, "tasks": selected,
+        print(f"| {task} | {before:.1f} | {prior}{after:.1f} | {gain:+.1f} | "
+              f"{over}{'yes' if task in selected else 'no'} |")
+    write_json_atomic(probe_dir / SELECTION_FILE, {"min_gain": min_gain, "over_prior": over_prior,
+                                                   "tasks": selected,
                                                    "gains": {task: gain for task, _, _, gain in rows},
                                                    "answer_priors": priors})
     counted = "over both their zero-shot accuracy and their answer prior" if over_prior else "over zero-shot"
-    print(f"\n{len(selected)} task(s) gain at least {min_gain:g} points {counted}: data.tasks=[{','.join(selected)}]"
-          f"\nwrote {probe_dir / SELECTION_FILE}")
+    print(f"\n{len(selected)} task(s) gain at least {min_gain:g} points {counted}: "
+          f"data.tasks=[{','.join(selected)}]\nwrote {probe_dir / SELECTION_FILE}")
     return selected
 
 
@@ -164,15 +171,16 @@ def selected_tasks(out: Path) -> list[str]:
                          "data.tasks=[...]")
     tasks = json.loads(path.read_text()).get("tasks") or []
     if len(tasks) < MIN_BIGBENCH_TASKS:
-        raise StudyError(f"{path}: the probe selected {len(tasks)} task(s) ({', '.join(tasks) or 'none'}), fewer "
-                         f"than {MIN_BIGBENCH_TASKS}: rerun the probe with a lower --min-gain")
+        raise StudyError(f"{path}: the probe selected {len(tasks)} task(s) ({', '.join(tasks) or 'none'}), "
+                         f"fewer than {MIN_BIGBENCH_TASKS}: rerun the probe with a lower --min-gain")
     return tasks
 
 
 # -- parallel jobs -------------------------------------------------------------------------------------------
 
 def sweep_seeds(part: str, overrides: list[str]) -> list[str]:
-    """The seeds the part sweeps: a ``seed=`` override's, else its preset's (``hydra.sweeper.params.seed``)."""
+    """The seeds the part sweeps: a ``seed=`` override's, else its preset's
+    (``hydra.sweeper.params.seed``)."""
     for override in overrides:
         if override.startswith("seed="):
             return override.split("=", 1)[1].split(",")
@@ -187,7 +195,8 @@ def sweep_seeds(part: str, overrides: list[str]) -> list[str]:
 
 
 def job_overrides(seeds: list[str], jobs: int, overrides: list[str]) -> list[list[str]]:
-    """Each job's overrides: ``overrides`` with its share of ``seeds`` (round robin; at most one job a seed)."""
+    """Each job's overrides: ``overrides`` with its share of ``seeds`` (round robin; at most one job a
+    seed)."""
     rest = [o for o in overrides if not o.startswith("seed=")]
     shares = [seeds[k::jobs] for k in range(min(jobs, len(seeds)))]
     return [[*rest, f"seed={','.join(share)}"] for share in shares]
@@ -256,20 +265,27 @@ def write_priors(part: str, out: Path, overrides: list[str]) -> dict[str, float]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PRESETS), help="which part of the study")
     parser.add_argument("overrides", nargs="*", help="malora-train overrides on top of the preset")
-    parser.add_argument("--out", type=Path, default=Path("studies"), help="where the parts go (default studies/)")
+    parser.add_argument("--out", type=Path, default=Path("studies"),
+                        help="where the parts go (default studies/)")
     parser.add_argument("--over-prior", action="store_true",
-                        help="bigbench_probe: count the gain from the larger of the zero-shot accuracy and the most "
-                             "frequent answer's share (a task trained only to its answer prior is not selected)")
+                        help="bigbench_probe: count the gain from the larger of the zero-shot accuracy and "
+                             "the most frequent answer's share (a task trained only to its answer prior is "
+                             "not selected)")
     parser.add_argument("--min-gain", type=float, default=10.0,
-                        help="bigbench_probe: points a task must gain from training to be selected (default 10)")
+                        help="bigbench_probe: points a task must gain from training to be selected "
+                             "(default 10)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="processes at once, the seeds split between them (default 1; see the top of this file)")
-    parser.add_argument("--no-report", action="store_true", help="run the jobs only (what each of --jobs does)")
+                        help="processes at once, the seeds split between them "
+                             "(default 1; see the top of this file)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="run the jobs only (what each of --jobs does)")
     parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: report the part's finished runs (after jobs run with --no-report)")
+                        help="train nothing: report the part's finished runs "
+                             "(after jobs run with --no-report)")
     parser.add_argument("--pack", action="store_true",
                         help="train nothing: move the runs' raw files (metrics.jsonl, routing.json) into "
                              "raw_files.tar.xz with a sha256 manifest, keeping what the report reads")
@@ -335,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             status = run_sweep(sweep_command(args.part, args.out, overrides))
         if not (args.out / args.part).is_dir():
-            return status or 2  # the sweep stopped before its first job (a bad override): its error is printed
+            # the sweep stopped before its first job (a bad override): its error is printed
+            return status or 2
         if args.no_report:
             return status
         report(args.part, args.out)
@@ -346,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study.py: error: {err}", file=sys.stderr)
         return 2
     if status:
-        print(f"study.py: some runs failed (exit status {status}); they are listed in the report. Rerun the same "
-              "command to retry them: completed runs are skipped.", file=sys.stderr)
+        print(f"study.py: some runs failed (exit status {status}); they are listed in the report. "
+              "Rerun the same command to retry them: completed runs are skipped.", file=sys.stderr)
     return status
 
 

@@ -26,7 +26,8 @@ def two_task_rows(tokenizer) -> list[dict]:
         task, word = i % 2, ["go", "text", "upper", "copying"][i // 2 % 4]
         prompt = tokenizer(f"{TASKS[task]} {i}: {word} ->")["input_ids"]
         answer = tokenizer(f" {word.upper() if task else word}")["input_ids"] + [tokenizer.eos_token_id]
-        examples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "task_ids": task})
+        examples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer,
+                         "task_ids": task})
     return examples
 
 
@@ -54,10 +55,12 @@ def train_malora(out_dir: Path, batch_size: int) -> None:
     torch.manual_seed(0)
     config = malora_train.load_adapter_config("malora", rank=4, dropout=0.0, router={"balance_coef": 0.0})
     model = malora_train.get_adapted_model(load_model(model_config("tiny")), config)
-    args = TrainingArguments(str(out_dir), max_steps=DISTRIBUTED_STEPS, per_device_train_batch_size=batch_size,
+    args = TrainingArguments(str(out_dir), max_steps=DISTRIBUTED_STEPS,
+                             per_device_train_batch_size=batch_size,
                              learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
                              logging_steps=1, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=two_task_rows(load_tokenizer(model_config("tiny"))),
+    trainer = Trainer(model=model, args=args,
+                      train_dataset=two_task_rows(load_tokenizer(model_config("tiny"))),
                       data_collator=collate)
     trainer.train()
     if trainer.is_world_process_zero():

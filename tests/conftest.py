@@ -30,7 +30,8 @@ torch.set_num_threads(1)
 def model_config(preset: str) -> ModelConfig:
     """The ModelConfig of ``conf/model/<preset>.yaml`` merged into the schema."""
     schema = OmegaConf.structured(ModelConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{preset}.yaml")))
+    return OmegaConf.to_object(OmegaConf.merge(
+        schema, OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{preset}.yaml")))
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +106,8 @@ def shared_data_dir() -> Path:
     root = Path(os.environ.get("MALORA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
     path = root / "commonsense"
     if not path.is_dir():
-        pytest.skip(f"shared data not found at {path} (set MALORA_SHARED_DATA to the folder holding commonsense/)")
+        pytest.skip(f"shared data not found at {path} "
+                    "(set MALORA_SHARED_DATA to the folder holding commonsense/)")
     return path
 
 

@@ -48,7 +48,8 @@ class AdapterSpec:
     z_loss_coef: float = 0.0
 
 
-def read_adapter_file(path: str | Path, dtype: torch.dtype = torch.float64) -> dict[str, dict[str, torch.Tensor]]:
+def read_adapter_file(path: str | Path,
+                      dtype: torch.dtype = torch.float64) -> dict[str, dict[str, torch.Tensor]]:
     """``adapter_model.safetensors`` (keys ``base_model.model.<layer>.<tensor>.weight``) as
     {layer path: {tensor name: tensor}}."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -75,14 +76,17 @@ class Equations:
     the tensors as they are: pass leaves with ``requires_grad`` to take gradients). Router logits are
     recorded per layer for every token that passes, until ``aux`` reads and clears them."""
 
-    def __init__(self, model: nn.Module, spec: AdapterSpec, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    def __init__(self, model: nn.Module, spec: AdapterSpec,
+                 tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         self.spec = spec
         self.tensors = tensors
         self.logits: dict[str, list[torch.Tensor]] = {layer: [] for layer in tensors}
-        self.hooks = [model.get_submodule(layer).register_forward_hook(self._hook(layer)) for layer in tensors]
+        self.hooks = [model.get_submodule(layer).register_forward_hook(self._hook(layer))
+                      for layer in tensors]
 
     def _hook(self, layer: str):
-        def add_delta(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        def add_delta(module: nn.Module, inputs: tuple[torch.Tensor, ...],
+                      output: torch.Tensor) -> torch.Tensor:
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             return output + self.delta(layer, x).reshape(output.shape).to(output.dtype)
 
@@ -141,7 +145,8 @@ class Equations:
 
 @dataclass
 class Document:
-    """One example of a batch, without padding: its tokens, labels (IGNORE on the prompt) and task per token."""
+    """One example of a batch, without padding: its tokens, labels (IGNORE on the prompt) and task per
+    token."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -218,7 +223,8 @@ def grad_norm(loss: torch.Tensor, tensors: dict[str, dict[str, torch.Tensor]]) -
     return float(torch.sqrt(sum(g.square().sum() for g in grads)))
 
 
-def training_forwards(cfg, steps: int, world_size: int = 1) -> tuple[list[list[dict[str, torch.Tensor]]], list[str]]:
+def training_forwards(cfg, steps: int,
+                      world_size: int = 1) -> tuple[list[list[dict[str, torch.Tensor]]], list[str]]:
     """(per step, the batches of its forwards; task names) that a run of ``cfg`` on ``world_size``
     processes drew: ``grad_accum`` global micro-batches a step, each cut into one block of rows per rank."""
     from malora_train.data import BatchStream, build_tasks

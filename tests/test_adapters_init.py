@@ -45,7 +45,8 @@ def test_malora_init_reproduces_the_kaiming_draws_in_one_shared_subspace(beta: f
     assert torch.count_nonzero(layer.lora_B) == 0
     shared = layer.shared_A.detach().double()
     assert shared.shape == (d, PAPER_IN)
-    torch.testing.assert_close(shared @ shared.t(), beta**2 * torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared @ shared.t(), beta**2 * torch.eye(d, dtype=torch.float64), rtol=0,
+                               atol=1e-5)
 
     coeff = layer.coeff_P.detach().double()
     assert coeff.shape == (num_experts * r_bar, d)
@@ -62,7 +63,8 @@ def test_malora_init_reproduces_the_kaiming_draws_in_one_shared_subspace(beta: f
 
 @pytest.mark.parametrize("shape", [(8, 32, 576), (8, 32, 1536), (2, 16, 4096), (3, 48, 64)])
 def test_wide_svd_is_an_svd(shape) -> None:
-    """K = U diag(S) V^T with orthonormal U and rows of V^T, S descending and equal to LAPACK's singular values."""
+    """K = U diag(S) V^T with orthonormal U and rows of V^T, S descending and equal to LAPACK's singular
+    values."""
     from malora_train.adapters.malora import wide_svd
 
     torch.manual_seed(0)
@@ -114,6 +116,7 @@ def test_malora_freeze_switches(freeze_shared: bool, freeze_coeff: bool, make_ti
         assert layer.shared_A.requires_grad is not freeze_shared
         assert layer.coeff_P.requires_grad is not freeze_coeff
         assert layer.router.requires_grad and layer.lora_B.requires_grad
-    frozen = sum(layer.shared_A.numel() * freeze_shared + layer.coeff_P.numel() * freeze_coeff for layer in layers)
+    frozen = sum(layer.shared_A.numel() * freeze_shared + layer.coeff_P.numel() * freeze_coeff
+                 for layer in layers)
     everything = sum(sum(getattr(layer, n).numel() for n in layer.tensor_kinds) for layer in layers)
     assert parameter_report(model.model)["trainable"] == everything - frozen

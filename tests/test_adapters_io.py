@@ -51,7 +51,8 @@ def _logits(model: AdaptedCausalLM | torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip_is_bit_exact_on_a_fresh_base_model(kind: str, make_tiny_model, tmp_path) -> None:
+def test_save_load_round_trip_is_bit_exact_on_a_fresh_base_model(kind: str, make_tiny_model,
+                                                                  tmp_path) -> None:
     model = _trained(make_tiny_model, kind, target_modules="all-linear")
     save_adapter(model, tmp_path, base_model_name="tiny")
     written = sorted(p.name for p in tmp_path.iterdir())
@@ -158,7 +159,8 @@ def _load_in_peft(make_tiny_model, adapter_dir: Path):
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_lora_loads_in_peft_and_merges_to_the_same_logits(use_rslora: bool, make_tiny_model, tmp_path) -> None:
+def test_lora_loads_in_peft_and_merges_to_the_same_logits(use_rslora: bool, make_tiny_model,
+                                                          tmp_path) -> None:
     ours = _trained(make_tiny_model, "lora", rank=4, alpha=6.0, use_rslora=use_rslora)
     expected = _logits(ours)
     assert (expected - _logits(make_tiny_model(0))).abs().max() > 1e-3  # the adapter changes the output

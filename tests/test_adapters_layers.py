@@ -41,7 +41,8 @@ class Spec:
     dropout: float = 0.0
 
     def sizes(self) -> tuple[int, int | None]:
-        """(expert rank R, shared rank d): docs/method.md's d = lam r N, r-bar = r + (1 - lam) r for MALoRA."""
+        """(expert rank R, shared rank d): docs/method.md's d = lam r N, r-bar = r + (1 - lam) r for
+        MALoRA."""
         if self.kind != "malora":
             return self.rank, None
         d = self.shared_rank if self.shared_rank is not None else self.lam * self.rank * self.num_experts
@@ -58,7 +59,8 @@ class Spec:
         return self.num_experts if self.dense else self.top_k
 
     def config(self, impl: str) -> AdapterConfig:
-        router = RouterConfig(top_k=self.top_k, dense=self.dense, renormalize=self.renormalize, jitter_noise=0.0)
+        router = RouterConfig(top_k=self.top_k, dense=self.dense, renormalize=self.renormalize,
+                              jitter_noise=0.0)
         return kind_config(self.kind, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                            use_rslora=self.use_rslora, num_experts=self.num_experts, lam=self.lam,
                            shared_rank=self.shared_rank, expert_rank=self.expert_rank, impl=impl,
@@ -126,7 +128,8 @@ def expected_gates(router: torch.Tensor, spec: Spec, x_i: torch.Tensor) -> dict[
     return {e: probs[e] / total if spec.renormalize else probs[e] for e in chosen}
 
 
-def separated_input(layer, spec: Spec, shape: tuple[int, ...], gap: float = 1e-3, seed: int = 1) -> torch.Tensor:
+def separated_input(layer, spec: Spec, shape: tuple[int, ...], gap: float = 1e-3,
+                    seed: int = 1) -> torch.Tensor:
     """A random input whose top-K choice is not near a tie (gradcheck perturbs by 1e-6)."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(1000):
@@ -171,7 +174,8 @@ def _shapes(spec: Spec) -> dict[str, tuple[int, int]]:
     return {
         "lora": {"lora_A": (rank, IN), "lora_B": (OUT, rank)},
         "molora": {"router": (spec.num_experts, IN), "lora_A": (n_r, IN), "lora_B": (OUT, n_r)},
-        "malora": {"router": (spec.num_experts, IN), "shared_A": (d, IN), "coeff_P": (n_r, d), "lora_B": (OUT, n_r)},
+        "malora": {"router": (spec.num_experts, IN), "shared_A": (d, IN), "coeff_P": (n_r, d),
+                   "lora_B": (OUT, n_r)},
         "hydralora": {"router": (spec.num_experts, IN), "lora_A": (rank, IN), "lora_B": (OUT, n_r)},
     }[spec.kind]
 
@@ -217,7 +221,8 @@ def test_dropout_is_identity_in_eval_and_masks_the_adapter_input_in_training(kin
     spec = replace(DROPOUT_SPECS[kind], dropout=DROPOUT_P)
     layer = build_layer(spec, impl, in_features=DROPOUT_IN)
     gen = torch.Generator().manual_seed(3)
-    x = torch.rand(4, 25, DROPOUT_IN, generator=gen, dtype=torch.float64) + 0.5  # |x| >= 0.5: drops are visible
+    # |x| >= 0.5: drops are visible
+    x = torch.rand(4, 25, DROPOUT_IN, generator=gen, dtype=torch.float64) + 0.5
     x = x * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0).double()
     with torch.no_grad():
         torch.testing.assert_close(layer.eval()(x), expected_output(layer, spec, x), rtol=0, atol=TOL)

@@ -91,7 +91,8 @@ def test_targets_matching_nothing_are_a_config_error(targets, make_tiny_model) -
 def test_only_adapter_tensors_are_trainable(kind: str, make_tiny_model) -> None:
     model = AdaptedCausalLM.from_base(make_tiny_model(0), AdapterConfig(kind=kind))
     expected = {f"model.{layer}.{tensor}" for layer in _names("q_proj", "k_proj", "v_proj", "gate_proj",
-                                                              "up_proj", "down_proj") for tensor in TENSORS[kind]}
+                                                              "up_proj", "down_proj")
+                for tensor in TENSORS[kind]}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert sorted(model.targets) == sorted(n.removeprefix("model.").rsplit(".", 1)[0] for n in expected
                                            if n.endswith("lora_B"))
@@ -154,10 +155,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, mak
     input_ids, attention_mask, labels = _batch([(5, 4), (3, 7)], width=11)
     results = []
     for checkpointing in (False, True):
-        model = _adapted(make_tiny_model, kind, dropout=0.1, router={"balance_coef": 0.01, "z_loss_coef": 0.001})
+        model = _adapted(make_tiny_model, kind, dropout=0.1,
+                         router={"balance_coef": 0.01, "z_loss_coef": 0.001})
         if checkpointing:
             # (transformers 5's name; the older gradient_checkpointing_enable warns)
-            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
             assert model.model.is_activation_checkpointing
         model.train()
         torch.manual_seed(5)  # the same dropout masks in both runs (checkpointing replays the RNG)

@@ -1,5 +1,5 @@
-"""Trainable-parameter counts at LLaMA-2-7B shapes (meta device) against docs/method.md's per-layer formulas and
-the paper's table."""
+"""Trainable-parameter counts at LLaMA-2-7B shapes (meta device) against docs/method.md's per-layer formulas
+and the paper's table."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ PAPER_TABLE = {
     "molora-r12": (dict(kind="molora", rank=12), molora_count(12), 222.8, 3.31),
     "molora-r16": (dict(kind="molora", rank=16), molora_count(16), 294.3, 4.37),
     "malora": (dict(kind="malora", rank=8, lam=0.5), malora_count(12, 32), 158.9, 2.36),
-    "malora-small": (dict(kind="malora", rank=8, expert_rank=8, shared_rank=22), malora_count(8, 22), 109.1, 1.62),
+    "malora-small": (dict(kind="malora", rank=8, expert_rank=8, shared_rank=22), malora_count(8, 22), 109.1,
+                     1.62),
 }
 
 

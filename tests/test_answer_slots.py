@@ -160,5 +160,6 @@ def test_graphed_steps_see_one_input_shape_after_the_first_step(tmp_path, tiny_t
                      tmp_path / "graphed", 64)
     keys = graphed[4]
     assert len(keys[0]) == 1 and all(later == keys[0] for later in keys[1:])  # one shape: one graph
-    exact = _train(compose([*tiny_training_overrides, *RUN, "trainer.cuda_graphs=false"]), tmp_path / "exact", None)
+    exact = _train(compose([*tiny_training_overrides, *RUN, "trainer.cuda_graphs=false"]), tmp_path / "exact",
+                   None)
     _assert_same_training(graphed, exact)

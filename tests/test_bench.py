@@ -45,13 +45,15 @@ def test_cpu_benchmark_prints_the_table_and_writes_json(bench, tmp_path, capsys)
         check = rows["main", method, "fast"]["check"]
         assert check["loss_rel"] < 1e-5 and check["grad_rel"] < 1e-4, check
     # the same losses at the first step: the base model was restored between methods
-    assert rows["main", "lora", "fast"]["loss"] == pytest.approx(rows["main", "lora", "reference"]["loss"], rel=1e-2)
+    assert rows["main", "lora", "fast"]["loss"] == pytest.approx(rows["main", "lora", "reference"]["loss"],
+                                                                 rel=1e-2)
 
 
 def test_methods_leave_the_base_model_as_they_found_it(bench, make_tiny_model) -> None:
     model = make_tiny_model()
     before = {n: type(m) for n, m in model.named_modules()}
-    methods = ("peft_lora", "lora", "hydralora") if importlib.util.find_spec("peft") else ("lora", "hydralora")
+    methods = (("peft_lora", "lora", "hydralora") if importlib.util.find_spec("peft")
+               else ("lora", "hydralora"))
     for method in methods:
         attached = bench.Attached(model, method, "fast", seed=0)
         assert attached.trainable()
@@ -80,8 +82,9 @@ def test_a_reference_out_of_memory_leaves_the_fast_row(bench, monkeypatch) -> No
         real_set_impl(model, impl)
 
     monkeypatch.setattr(bench, "set_impl", set_impl)
-    report = bench.main(["--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--methods", "hydralora",
-                         "--impl", "fast"])
+    report = bench.main(["--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--methods",
+                         "hydralora", "--impl", "fast"])
     (row,) = report["rows"]
     assert not row["error"] and row["step_s"] > 0
-    assert row["check"]["error"] == "the reference path ran out of memory" and row["check"]["grad_noise"] == 0.0
+    assert (row["check"]["error"] == "the reference path ran out of memory"
+            and row["check"]["grad_noise"] == 0.0)

@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--device", "cpu", "--adapters", "lora,malora",
-         "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--rows", "2", "--length", "128",
-         "--baseline", "peft-compiled,hf-peft", "--also", "adapter.shared_input=false", "--processes", "2",
-         "--checkpointing", "--json", str(out), "--",
+        [sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--device", "cpu", "--adapters",
+         "lora,malora", "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--rows", "2", "--length",
+         "128", "--baseline", "peft-compiled,hf-peft", "--also", "adapter.shared_input=false",
+         "--processes", "2", "--checkpointing", "--json", str(out), "--",
          "data.train_per_task=16", "data.cache=false"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -41,7 +41,8 @@ def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
     assert all("error" not in r for r in report["rows"])
     for row in report["rows"]:
         assert row["tokens_per_s"] > 0 and row["max_over_median"] >= 1 and row["tokens_per_step"] > 0
-        assert len(row["step_times_s"]) == 2 and max(row["step_times_s"]) / row["step_s"] == row["max_over_median"]
+        assert (len(row["step_times_s"]) == 2
+                and max(row["step_times_s"]) / row["step_s"] == row["max_over_median"])
         assert len(row["host_step_times_s"]) == 2 and all(t > 0 for t in row["host_step_times_s"])
         assert row["graphs_after_step"] == [0, 0]  # the CPU takes the eager path
         assert set(row["phases"]) == {"data", "forward", "backward", "optimizer", "bookkeeping"}
@@ -49,7 +50,8 @@ def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
         assert row["trainable_params"] > 0
     assert rows["malora"]["trainable_params"] != rows["lora"]["trainable_params"]
     compiled, trainer = report["baselines"]
-    assert compiled["name"] == "PEFT LoRA r64, plain loop, torch.compile, packed" and compiled["tokens_per_s"] > 0
+    assert (compiled["name"] == "PEFT LoRA r64, plain loop, torch.compile, packed"
+            and compiled["tokens_per_s"] > 0)
     assert trainer["name"] == "HF Trainer + PEFT LoRA r64" and trainer["tokens_per_s"] > 0
     table = result.stdout.splitlines()
     assert any(line.startswith("malora-train malora") for line in table)

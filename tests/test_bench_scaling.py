@@ -84,18 +84,21 @@ def test_scaling_table_for_two_ddp_processes_against_one(tmp_path, run_bench):
     # loss agreement: against one process with grad_accum=2, the same forwards
     [reference] = report["references"]
     assert (reference["nprocs"], reference["status"]) == (2, "completed")
-    assert trainer_config(Path(reference["run_dir"])) == {**trainer_config(Path(single["run_dir"])), "grad_accum": 2}
+    assert trainer_config(Path(reference["run_dir"])) == {**trainer_config(Path(single["run_dir"])),
+                                                          "grad_accum": 2}
     # tokens/s counts every process's tokens: a step of 2 processes holds the reference step's tokens
     tokens = [[w["tokens_per_s"] * w["step_time_s"] for w in windows(Path(r["run_dir"]))][:AGREE]
               for r in (ddp, reference)]
     assert tokens[0] == pytest.approx(tokens[1])
     agreement = ddp["agreement"]
     assert agreement["reference"] == reference["run_dir"] and agreement["compared_steps"] == AGREE
-    assert agreement["loss_max_rel_diff"] < 1e-4  # top-k near-ties; the one-process row (4 rows a step) is ~3e-3 off
+    # top-k near-ties; the one-process row (4 rows a step) is ~3e-3 off
+    assert agreement["loss_max_rel_diff"] < 1e-4
     assert agreement["loss_max_abs_diff"] < 1e-3
 
     table = stdout.strip().splitlines()  # the markdown table is what stdout holds
-    assert table[0].startswith("cpu-test-box (CPU") and f"loss agreement over the first {AGREE} steps" in table[0]
+    assert (table[0].startswith("cpu-test-box (CPU")
+            and f"loss agreement over the first {AGREE} steps" in table[0])
     assert table[-1] == (f"| ddp | malora | 2 | {ddp['tokens_per_s']:,.0f} | {ddp['efficiency']:.1%} | "
                          f"{ddp['step_time_s']:.3f} | {ddp['peak_memory_gb']:.2f} | "
                          f"{agreement['loss_max_abs_diff']:.1e} | {agreement['loss_max_rel_diff']:.1e} |")
@@ -117,13 +120,14 @@ def test_scaling_table_for_two_ddp_processes_against_one(tmp_path, run_bench):
 @pytest.mark.slow
 def test_sweep_pool_of_two_jobs_against_one_job(tmp_path, run_bench):
     out = tmp_path / "out"
-    status, stdout, stderr = run_bench("--launch", "single", "--adapters", "malora", "--steps", "2", "--warmup",
-                                       "1", "--agree-steps", "0", "--pool-jobs", "2", "--pool-steps", "3",
-                                       "--out", str(out), "--", *SMALL_DATA)
+    status, stdout, stderr = run_bench("--launch", "single", "--adapters", "malora", "--steps", "2",
+                                       "--warmup", "1", "--agree-steps", "0", "--pool-jobs", "2",
+                                       "--pool-steps", "3", "--out", str(out), "--", *SMALL_DATA)
     assert status == 0, stderr[-4000:]
     report = json.loads((out / "scaling.json").read_text())
     pool = report["pool"]
-    runs = {name: json.loads((out / f"{name}.run.json").read_text()) for name in ("pool_one_job", "pool_sweep")}
+    runs = {name: json.loads((out / f"{name}.run.json").read_text())
+            for name in ("pool_one_job", "pool_sweep")}
     one = json.loads((out / "pool_one_job" / "0" / "summary.json").read_text())
     jobs = [json.loads((out / "pool_sweep" / str(num) / "summary.json").read_text()) for num in (0, 1)]
     assert [s["steps"] for s in (one, *jobs)] == [3, 3, 3]
@@ -161,14 +165,16 @@ def test_plan_bucket_size_for_ddp_only_and_one_reference_per_process_count(bench
     single, references, rows = bench.scaling_runs(args, "molora")
     assert sorted(references) == [2, 4]
     assert "trainer.grad_accum=4" in references[4].command and "--num_processes" in references[4].command
-    assert {(launch, n) for launch, n, _ in rows} == {(launch, n) for launch in args.launch for n in (1, 2, 4)}
+    assert {(launch, n) for launch, n, _ in rows} == {(launch, n) for launch in args.launch
+                                                      for n in (1, 2, 4)}
     for launch, nprocs, run in rows:
         assert run.command[run.command.index("--num_processes") + 1] == str(nprocs)
         assert run.command[run.command.index("--config_file") + 1].endswith(f"conf/accelerate/{launch}.yaml")
         assert ("trainer.ddp_bucket_cap_mb=50.0" in run.command) == (launch == "ddp")
         assert "adapter=molora" in run.command and "adapter.dropout=0" in run.command
     assert "trainer.ddp_bucket_cap_mb=50.0" not in single.command
-    assert not bench.scaling_runs(bench.parse_args(["--agree-steps", "0", "--out", str(tmp_path)], 0), "malora")[1]
+    assert not bench.scaling_runs(bench.parse_args(["--agree-steps", "0", "--out", str(tmp_path)], 0),
+                                  "malora")[1]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -177,8 +183,8 @@ def test_plan_bucket_size_for_ddp_only_and_one_reference_per_process_count(bench
     (["--launch", "ddp,fsdp"], "--launch='ddp,fsdp': unknown fsdp (choose from ddp, deepspeed_zero2, "
                                "deepspeed_zero3, single)"),
     (["--agree-steps", "9"], "--agree-steps=9 exceeds the 8 steps of a run"),
-    (["--pool-jobs", "1"], "--pool-jobs=1: the pool compares several jobs at once with one job; use >= 2, or 0 "
-                           "for none"),
+    (["--pool-jobs", "1"], "--pool-jobs=1: the pool compares several jobs at once with one job; use >= 2, "
+                           "or 0 for none"),
     (["--ddp-bucket-mb", "0"], "--ddp-bucket-mb=0.0 must be > 0"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--", "adapter.rnk=3"], "adapter.rnk"),
@@ -194,8 +200,8 @@ def test_bad_arguments_fail_in_one_line(tmp_path, run_bench, argv, message):
 def test_more_gpus_than_visible_are_refused(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--nprocs", "1,2,4"], 2)
-    assert capsys.readouterr().err == "bench_scaling.py: error: --nprocs/--pool-jobs ask for 4 GPUs but 2 are " \
-                                      "visible\n"
+    assert capsys.readouterr().err == ("bench_scaling.py: error: --nprocs/--pool-jobs ask for 4 GPUs "
+                                       "but 2 are visible\n")
 
 
 def test_a_folder_it_did_not_make_is_left_alone(tmp_path, run_bench):

@@ -14,8 +14,10 @@ from malora_train.models import builtin_tokenizer
 
 # ChatML with a system turn, as SmolLM2-Instruct and Qwen write it: the tokenizer's EOS (<|im_end|> there,
 # <|eos|> for the tiny model's tokenizer) closes each turn
-CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.{{ eos_token }}\n{% endif %}"
-          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.{{ eos_token }}\n"
+          "{% endif %}"
+          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n"
+          "{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -48,7 +50,8 @@ def test_the_prompt_is_the_chat_up_to_the_assistant_turn_and_the_loss_is_on_the_
     prompt_length = len(encoded.labels) - len(answer)
     assert encoded.labels[:prompt_length] == [IGNORE_INDEX] * prompt_length  # system, user, assistant header
     assert tokenizer.decode(encoded.input_ids[:prompt_length]) == example.prompt
-    assert answer == tokenizer(example.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert answer == (tokenizer(example.target, add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id])
     assert tokenizer.decode(answer[-1:]) == "<|eos|>"  # the assistant's turn ends as the template ends it
 
 
@@ -73,8 +76,8 @@ def test_chat_needs_a_chat_template_and_warns_when_turns_do_not_end_with_eos(cap
     with caplog.at_level(logging.WARNING, logger="malora_train.data.chat"):
         chat_tasks(chat_tokenizer(CHATML.replace("{{ eos_token }}", "<|im_end|>")))
     assert [r.getMessage() for r in caplog.records] == [
-        "data.prompt_template=chat: the chat template ends an assistant turn with '<|im_end|>\\n', not with the "
-        "EOS token '<|eos|>' that ends every answer in training and stops generation"]
+        "data.prompt_template=chat: the chat template ends an assistant turn with '<|im_end|>\\n', "
+        "not with the EOS token '<|eos|>' that ends every answer in training and stops generation"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="malora_train.data.chat"):
         chat_tasks(chat_tokenizer())

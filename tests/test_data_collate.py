@@ -75,7 +75,8 @@ def test_batched_encoding_equals_one_by_one(tokenizer):
 
 
 def test_collator_pads_right_and_masks_padding(tokenizer):
-    short = encode_example(tokenizer, Example("t", "hi\n", "the correct answer is no", "no"), 256, task_index=0)
+    short = encode_example(tokenizer, Example("t", "hi\n", "the correct answer is no", "no"), 256,
+                           task_index=0)
     long = encode_example(tokenizer, EXAMPLE, 256, task_index=2)
     batch = Collator(pad_token_id=tokenizer.pad_token_id)([short, long])
     assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids"}

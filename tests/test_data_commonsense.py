@@ -107,7 +107,8 @@ def write(path: Path, content) -> Path:
 
 
 def record(answer="true", instruction="Please answer ...: is it?\n\nAnswer format: true/false"):
-    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}",
+            "answer": answer}
 
 
 def test_label_outside_the_family_names_file_record_and_field(tmp_path):
@@ -115,7 +116,8 @@ def test_label_outside_the_family_names_file_record_and_field(tmp_path):
     write(tmp_path / "boolq" / "test.json", [record()])
     with pytest.raises(DataError) as err:
         commonsense(root=tmp_path, tasks=["boolq"])
-    assert f"{path} record 3: field 'answer' = 'maybe' is not one of the task's labels true/false" in str(err.value)
+    assert (f"{path} record 3: field 'answer' = 'maybe' is not one of the task's labels true/false"
+            in str(err.value))
 
 
 def test_missing_field_and_bad_json_are_named(tmp_path):
@@ -133,7 +135,8 @@ def test_missing_field_and_bad_json_are_named(tmp_path):
 
 def test_only_train_file_is_split_and_empty_task_fails(tmp_path):
     write(tmp_path / "boolq" / "train.json",
-          [record(["true", "false"][i % 2], f"question {i}?\n\nAnswer format: true/false") for i in range(10)])
+          [record(["true", "false"][i % 2], f"question {i}?\n\nAnswer format: true/false")
+           for i in range(10)])
     task = commonsense(root=tmp_path, tasks=["boolq"], eval_fraction=0.3)["boolq"]
     assert (len(task.train), len(task.eval)) == (7, 3)
     write(tmp_path / "piqa" / "test.json", "[]")

@@ -24,7 +24,8 @@ def observed_frequencies(mixture: TaskMixture, draws: int = DRAWS) -> dict[str, 
         ("proportional", {"small": 0.1, "medium": 0.3, "large": 0.6}),
         ("uniform", {"small": 1 / 3, "medium": 1 / 3, "large": 1 / 3}),
         # temperature T=2: p ∝ sqrt(n)
-        ("temperature", {name: math.sqrt(n) / sum(math.sqrt(m) for m in SIZES.values()) for name, n in SIZES.items()}),
+        ("temperature", {name: math.sqrt(n) / sum(math.sqrt(m) for m in SIZES.values())
+                         for name, n in SIZES.items()}),
     ],
 )
 def test_frequencies_match_targets(sampling, expected):

@@ -1,4 +1,5 @@
-"""malora_train/data/priors.py: what answering from the prior alone scores, on the examples a run evaluates."""
+"""malora_train/data/priors.py: what answering from the prior alone scores, on the examples a run
+evaluates."""
 
 import json
 import re
@@ -23,11 +24,13 @@ def skewed_bigbench_task(root: Path, name: str, count: int) -> None:
 
 def test_bigbench_prior_counts_answer_texts_not_shuffled_positions(tmp_path: Path) -> None:
     skewed_bigbench_task(tmp_path, "support", 200)
-    cfg = DataConfig(source="bigbench", root=str(tmp_path), tasks=["support"], eval_fraction=0.3, eval_per_task=50)
+    cfg = DataConfig(source="bigbench", root=str(tmp_path), tasks=["support"], eval_fraction=0.3,
+                     eval_per_task=50)
     [prior] = answer_priors(cfg)
     # independently: the evaluated examples as a run renders them, the correct text read from each prompt
     evaluated = build_tasks(cfg, seed=0)["support"].eval
-    texts = [re.search(rf"Answer{int(e.label.removeprefix('answer'))}: (\w+)", e.prompt).group(1) for e in evaluated]
+    texts = [re.search(rf"Answer{int(e.label.removeprefix('answer'))}: (\w+)", e.prompt).group(1)
+             for e in evaluated]
     (text, count), = Counter(texts).most_common(1)
     (label, label_count), = Counter(e.label for e in evaluated).most_common(1)
     assert prior == TaskPrior("support", 50, label, 100 * label_count / 50, text, 100 * count / 50)

@@ -17,8 +17,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tasks():
-    return build_tasks(DataConfig(source="synthetic", train_per_task=60, eval_per_task=4, prompt_template="plain"),
-                       seed=0)
+    return build_tasks(DataConfig(source="synthetic", train_per_task=60, eval_per_task=4,
+                                  prompt_template="plain"), seed=0)
 
 
 def make_stream(tasks, tokenizer, seed=0, batch_size=4, **options):

@@ -12,8 +12,8 @@ from malora_train.errors import ConfigError
 # The test's own oracle lexicon (not imported from the module under test).
 POSITIVE = set("great tasty fresh lovely friendly superb charming pleasant delightful excellent wonderful "
                "cheerful brilliant elegant cozy perfect".split())
-NEGATIVE = set("awful bland stale rude dirty terrible boring noisy greasy horrible dreadful cold broken smelly "
-               "gloomy nasty".split())
+NEGATIVE = set("awful bland stale rude dirty terrible boring noisy greasy horrible dreadful cold broken "
+               "smelly gloomy nasty".split())
 CATEGORY_OF = {word: category for category, words in {
     "fruit": "apple banana cherry grape lemon mango melon peach pear plum kiwi lime papaya apricot fig",
     "animal": "horse tiger rabbit zebra mouse camel sheep eagle whale shark goat donkey otter wolf panda",
@@ -105,7 +105,8 @@ def test_train_and_eval_disjoint(tasks):
 def test_problems_never_repeat_across_splits(tasks):
     patterns = {"arithmetic": r"What is (\d+ \+ \d+)", "case": r'"(\w+)"'}
     for name, pattern in patterns.items():
-        problems = [re.search(pattern, e.prompt).group(1).lower() for e in tasks[name].train + tasks[name].eval]
+        problems = [re.search(pattern, e.prompt).group(1).lower()
+                    for e in tasks[name].train + tasks[name].eval]
         assert len(set(problems)) == len(problems), name
     pairs = [frozenset(re.findall(r"\d+", e.prompt)) for e in tasks["compare"].train + tasks["compare"].eval]
     assert len(set(pairs)) == len(pairs)

@@ -15,11 +15,13 @@ CONF = REPO / "conf"
 
 
 def preset(name: str, **overrides) -> DataConfig:
-    node = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF / "data" / f"{name}.yaml"), overrides)
+    node = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF / "data" / f"{name}.yaml"),
+                           overrides)
     return OmegaConf.to_object(node)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "commonsense_intra"))
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "data").glob("*.yaml")
+                                        if p.stem != "commonsense_intra"))
 def test_every_preset_fits_the_schema(name):
     cfg = preset(name)
     assert cfg.name == name and cfg.source in ("synthetic", "llm_adapters", "bigbench", "custom")
@@ -55,7 +57,8 @@ def test_commonsense_presets_compose(monkeypatch):
         ({"train_per_task": 0}, "data.train_per_task=0"),
         ({"sampling": "round_robin"}, "data.sampling='round_robin'"),
         ({"sampling": "temperature", "temperature": 0.0}, "data.temperature=0.0"),
-        ({"task_weights": {"arithmetic": 2.0, "sudoku": 1.0}}, "data.task_weights names unknown task 'sudoku'"),
+        ({"task_weights": {"arithmetic": 2.0, "sudoku": 1.0}},
+         "data.task_weights names unknown task 'sudoku'"),
         ({"task_caps": {"sudoku": 10}}, "data.task_caps names unknown task 'sudoku'"),
         ({"tasks": ["compare", "compare"]}, "data.tasks lists compare more than once"),
         ({"max_length": 4}, "data.max_length=4"),
@@ -63,7 +66,8 @@ def test_commonsense_presets_compose(monkeypatch):
 )
 def test_start_up_errors_name_the_key(options, message):
     with pytest.raises(ConfigError, match=message):
-        build_tasks(DataConfig(**{"source": "synthetic", "train_per_task": 8, "eval_per_task": 4, **options}), seed=0)
+        build_tasks(DataConfig(**{"source": "synthetic", "train_per_task": 8, "eval_per_task": 4, **options}),
+                    seed=0)
 
 
 def test_label_pattern_finds_whole_labels_first_match():

@@ -57,7 +57,8 @@ def test_letters_are_the_last_standalone_choice(text, letter):
 
 
 def test_labels_keep_the_first_match():
-    task = TaskData("t", ["answer1", "answer2"], "the correct answer is ", r"(?<!\w)(?:answer1|answer2)(?!\w)")
+    task = TaskData("t", ["answer1", "answer2"], "the correct answer is ",
+                    r"(?<!\w)(?:answer1|answer2)(?!\w)")
     reader = AnswerReader(task, tolerance=0.0)
     assert reader.extract("the correct answer is answer2, not answer1") == "answer2"
     assert reader.is_correct("answer2", "answer2") and not reader.is_correct("answer1", "answer2")
@@ -155,7 +156,8 @@ def math_examples() -> list[Example]:
 def test_numeric_task_is_scored_by_the_math_protocol_with_predictions(tiny_tokenizer):
     task = number_task(math_examples())
     model = scripted(tiny_tokenizer, {i: reply for i, (_, reply) in enumerate(MATH)})
-    result = evaluate(model, tiny_tokenizer, {"math": task}, EvalConfig(scorer="label_logits", max_new_tokens=64))
+    result = evaluate(model, tiny_tokenizer, {"math": task},
+                      EvalConfig(scorer="label_logits", max_new_tokens=64))
     assert result.scores["math"].correct == 4 and result.scores["math"].total == 5
     assert result.predictions["math"][1] == Prediction(
         task="math", id=1, prompt="Question id=1; ###", generation="He has 3.0 apples, so the answer is 18.0",
@@ -174,16 +176,19 @@ def test_max_examples_scores_the_first_examples_of_each_task(tiny_tokenizer):
 
 def test_a_task_with_many_labels_is_generated_not_scored_label_by_label(tiny_tokenizer):
     labels = [str(n) for n in range(100, 140)]
-    examples = [Example("wide", f"Pick id={i}; ###", "the correct answer is " + labels[i], labels[i]) for i in range(3)]
+    examples = [Example("wide", f"Pick id={i}; ###", "the correct answer is " + labels[i], labels[i])
+                for i in range(3)]
     model = scripted(tiny_tokenizer, {0: "the correct answer is 100", 1: "the correct answer is 7", 2: "139"})
-    result = evaluate(model, tiny_tokenizer, {"wide": label_task("wide", labels, examples)}, EvalConfig(max_labels=32))
+    result = evaluate(model, tiny_tokenizer, {"wide": label_task("wide", labels, examples)},
+                      EvalConfig(max_labels=32))
     assert [(p.scorer, p.extracted, p.correct) for p in result.predictions["wide"]] == [
         ("generate", "100", True), ("generate", "", False), ("generate", "139", False)]
 
 
 def test_predictions_file_is_ordered_by_task_and_id_whatever_rank_wrote_them(tmp_path):
     def prediction(task: str, i: int) -> Prediction:
-        return Prediction(task, i, f"prompt {i}", None, "yes", "yes" if i % 2 else "no", bool(i % 2), "label_logits")
+        return Prediction(task, i, f"prompt {i}", None, "yes", "yes" if i % 2 else "no", bool(i % 2),
+                          "label_logits")
 
     rank0 = [prediction("b", 0), prediction("b", 2), prediction("a", 0), prediction("a", 2)]
     rank1 = [prediction("b", 1), prediction("a", 1)]
@@ -191,6 +196,7 @@ def test_predictions_file_is_ordered_by_task_and_id_whatever_rank_wrote_them(tmp
                              ["b", "a"])
     assert path == tmp_path / "eval" / "step_3" / "predictions_label_logits.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(row["task"], row["id"]) for row in lines] == [("b", 0), ("b", 1), ("b", 2), ("a", 0), ("a", 1), ("a", 2)]
+    assert [(row["task"], row["id"]) for row in lines] == [("b", 0), ("b", 1), ("b", 2),
+                                                           ("a", 0), ("a", 1), ("a", 2)]
     assert lines[1] == {"task": "b", "id": 1, "prompt": "prompt 1", "generation": None, "extracted": "yes",
                         "label": "yes", "correct": True, "scorer": "label_logits"}

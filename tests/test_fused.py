@@ -173,7 +173,8 @@ def test_triton_projection_matches_torch(T_: int, n: int, R: int, N: int, p: flo
         xd = torch.where(keep, x.float() / (1 - p), 0.0).bfloat16()
         assert _rel(z[g], xd.float() @ down[g].bfloat16().float().t()) < 1e-2
         if router is not None:
-            assert _rel(logits[g], x.double() @ router[g].double().t()) < 5e-5  # tensor-core float32 accumulation
+            # tensor-core float32 accumulation
+            assert _rel(logits[g], x.double() @ router[g].double().t()) < 5e-5
         gx_ref += torch.where(keep, (gz[g].float() @ down[g].bfloat16().float()) / (1 - p), 0.0)
         if router is not None:
             gx_ref += gl[g] @ router[g]

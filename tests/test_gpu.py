@@ -20,14 +20,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_packed_rows_through_flex_attention_match_padded_rows(make_tiny_model, tiny_tokenizer) -> None:
     """float32: per-example answer-token losses and every adapter gradient, packed (BlockMask, the compiled
     flex kernel) against one padded example a row (SDPA)."""
-    tasks = build_tasks(DataConfig(source="synthetic", train_per_task=40, eval_per_task=2, prompt_template="plain"),
-                        seed=0)
-    stream = BatchStream(tasks, tiny_tokenizer, DataConfig(max_length=256, cache=False), batch_size=12, seed=0)
+    tasks = build_tasks(DataConfig(source="synthetic", train_per_task=40, eval_per_task=2,
+                                   prompt_template="plain"), seed=0)
+    stream = BatchStream(tasks, tiny_tokenizer, DataConfig(max_length=256, cache=False), batch_size=12,
+                         seed=0)
     draws = [stream.mixture.draw() for _ in range(12)]
     examples = [stream.splits[t].example(i) for t, i in draws]
     torch.manual_seed(0)
-    model = AdaptedCausalLM.from_base(make_tiny_model().cuda(), AdapterConfig(kind="malora", rank=4, num_experts=4,
-                                                                              dropout=0.0)).cuda().train()
+    model = AdaptedCausalLM.from_base(make_tiny_model().cuda(),
+                                      AdapterConfig(kind="malora", rank=4, num_experts=4,
+                                                    dropout=0.0)).cuda().train()
     assert model.model.config._attn_implementation == SDPA_FLEX
     for param in model.parameters():  # B = 0 at init would hide the adapters from the check
         if param.requires_grad:
@@ -43,7 +45,8 @@ def test_packed_rows_through_flex_attention_match_padded_rows(make_tiny_model, t
         return out.token_loss.cpu(), grads
 
     padded_losses, padded_grads = run(Collator(tiny_tokenizer.pad_token_id)(examples))
-    rows = [[stream.splits[t].packed(i) for t, i in draws[:6]], [stream.splits[t].packed(i) for t, i in draws[6:]]]
+    rows = [[stream.splits[t].packed(i) for t, i in draws[:6]],
+            [stream.splits[t].packed(i) for t, i in draws[6:]]]
     packed = pack_rows(rows, 1024, tiny_tokenizer.pad_token_id)
     packed_losses, packed_grads = run(packed)
     # answer positions come in the same order: examples in order, within each its tokens
@@ -101,7 +104,8 @@ def test_compiled_training_matches_eager_over_20_steps(mode, tmp_path, run_train
 
 @pytest.mark.parametrize("kind, extra", [("lora", []), ("molora", []), ("malora", []),
                                          ("malora", ["trainer.compile=true"])])
-def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run_training, train_losses) -> None:
+def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run_training,
+                                                      train_losses) -> None:
     """trainer.cuda_graphs (forward + backward and the AdamW update replayed as CUDA graphs), bf16
     autocast, dropout off: the losses of eager steps within bf16 noise over 20 steps, with two
     micro-batches a step."""
@@ -142,7 +146,8 @@ def test_checkpointed_capture_draws_the_forward_masks_again_over_20_steps(tmp_pa
         return original(self, inputs, host_inputs, seed)
 
     common = ["adapter=malora", "data.packing=true", "adapter.dropout=0.1", "trainer.max_steps=20",
-              "trainer.grad_accum=2", "data.eval_per_task=2", "trainer.log_every=1", "trainer.eval_after=false"]
+              "trainer.grad_accum=2", "data.eval_per_task=2", "trainer.log_every=1",
+              "trainer.eval_after=false"]
     graphs.StepGraphs._copy_in = record
     try:
         run_training(tmp_path / "checkpointed", *common, "trainer.gradient_checkpointing=true")
@@ -177,7 +182,8 @@ def test_two_processes_sharing_the_gpu_capture_as_one_process_with_grad_accum_tw
     env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env.pop("MALORA_RUN_DIR", None)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                             "malora_train.cli", *TINY_TRAINING, *common, f"hydra.run.dir={tmp_path / 'two'}"],
+                             "malora_train.cli", *TINY_TRAINING, *common,
+                             f"hydra.run.dir={tmp_path / 'two'}"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "training step: captured" in result.stdout + result.stderr
@@ -188,9 +194,9 @@ def test_two_processes_sharing_the_gpu_capture_as_one_process_with_grad_accum_tw
 
 
 def test_shared_input_groups_train_as_the_layers_one_by_one(tmp_path, run_training, train_losses) -> None:
-    """adapter.shared_input (q/k/v and gate/up projected by one kernel launch) under CUDA graphs with dropout on:
-    the group salts its members as the lone layers are salted, so the masks are the same and the losses equal
-    those of the layers computed one by one within bf16 noise."""
+    """adapter.shared_input (q/k/v and gate/up projected by one kernel launch) under CUDA graphs with dropout
+    on: the group salts its members as the lone layers are salted, so the masks are the same and the losses
+    equal those of the layers computed one by one within bf16 noise."""
     common = ["adapter=malora", "data.packing=true", "adapter.dropout=0.1", "trainer.max_steps=20",
               "trainer.cuda_graphs=true", "data.eval_per_task=2", "trainer.log_every=1"]
     run_training(tmp_path / "grouped", *common)
@@ -202,7 +208,8 @@ def test_shared_input_groups_train_as_the_layers_one_by_one(tmp_path, run_traini
 
 def test_graphed_step_waits_for_nothing(tiny_training_overrides, tmp_path) -> None:
     """After its graphs are captured, a graphed step (dropout on) never synchronises with the device."""
-    trainer = assert_steps_never_synchronise([*tiny_training_overrides, "adapter=malora", "trainer.cuda_graphs=true"],
+    trainer = assert_steps_never_synchronise([*tiny_training_overrides, "adapter=malora",
+                                              "trainer.cuda_graphs=true"],
                                              tmp_path, warmup=3)  # eager, capture, replay
     assert trainer.graphs.graph_count >= 2
 

@@ -29,8 +29,8 @@ def installed(tmp_path_factory) -> Path:
         copy(REPO_ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                                  if (REPO_ROOT / name).is_dir() else {}))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), str(source)],
-                   check=True, capture_output=True, cwd=work)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"),
+                    str(source)], check=True, capture_output=True, cwd=work)
     [wheel] = list((work / "dist").glob("malora_train-*.whl"))
     target = work / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,
@@ -59,8 +59,8 @@ def test_the_installed_wheel_runs_from_any_directory(installed, tmp_path):
     assert help_page.returncode == 0, help_page.stderr
     assert "config groups" in help_page.stdout and f"configs: {conf}" in help_page.stdout
 
-    report = run_installed(installed, elsewhere, str(bin_dir / "malora-inspect"), "model=tiny", "adapter=lora",
-                           "inspect.json=true")
+    report = run_installed(installed, elsewhere, str(bin_dir / "malora-inspect"), "model=tiny",
+                           "adapter=lora", "inspect.json=true")
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["trainable"] > 0
 
@@ -81,4 +81,5 @@ def test_the_installed_wheel_runs_from_any_directory(installed, tmp_path):
         "import os; os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE'] = 'conf/deepspeed/zero2.json'; "
         "from malora_train.train.distributed import _find_deepspeed_config_file as f; f(); "
         "print(os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE'])")
-    assert deepspeed_json.stdout.strip() == str(installed / "malora_train" / "conf" / "deepspeed" / "zero2.json")
+    assert deepspeed_json.stdout.strip() == str(installed / "malora_train" / "conf" / "deepspeed"
+                                                / "zero2.json")

@@ -67,7 +67,8 @@ def test_the_readme_trainer_example_runs_as_written(readme_blocks, hub_model, tm
 
     # outputs.loss is the LM loss plus the router loss, balance_coef x balance
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-    torch.testing.assert_close(out.lm_loss, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+    torch.testing.assert_close(out.lm_loss,
+                               F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
     torch.testing.assert_close(out.aux_loss, 0.01 * out.balance_loss)
     assert out.aux_loss > 0
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)

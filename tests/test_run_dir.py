@@ -145,7 +145,8 @@ def test_a_lock_released_normally_leaves_nothing_and_is_reentrant(tmp_path):
 
 def test_default_run_folders_are_unique_per_process():
     code = "from malora_train.run_dir import run_stamp; print(run_stamp())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
     stamps = [proc.communicate()[0].strip() for proc in procs]
     assert stamps[0] != stamps[1]
     for stamp, proc in zip(stamps, procs):

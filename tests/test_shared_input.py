@@ -80,7 +80,8 @@ def test_each_member_keeps_its_own_dropout_mask(monkeypatch) -> None:
     x = torch.randn(30, 24, dtype=torch.float64, requires_grad=True)
     downs = [torch.randn(5, 24, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     routers = [torch.randn(4, 24, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    weights = [(torch.randn(30, 5, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)) for _ in range(3)]
+    weights = [(torch.randn(30, 5, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64))
+               for _ in range(3)]
     monkeypatch.setattr(common, "draw_seed", lambda: 77)
     grouped = projection.project_group(x, downs, routers, 0.4, True, state=KernelState())
     loss = sum((z * wz).sum() + (lg * wl).sum() for (z, lg), (wz, wl) in zip(grouped, weights))

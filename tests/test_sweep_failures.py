@@ -43,7 +43,8 @@ def test_a_job_that_succeeds_returns_its_accuracy_and_clears_an_earlier_failure(
     (tmp_path / "failure.json").write_text("{}")
     assert run_sweep_job(lambda: {"status": "completed", "eval_after_average": 61.5}, tmp_path, []) == 61.5
     assert not (tmp_path / "failure.json").exists()
-    assert run_sweep_job(lambda: {"status": "interrupted"}, tmp_path, []) == "interrupted without a final evaluation"
+    assert (run_sweep_job(lambda: {"status": "interrupted"}, tmp_path, [])
+            == "interrupted without a final evaluation")
 
 
 def test_ctrl_c_still_ends_the_sweep(tmp_path: Path) -> None:
@@ -72,7 +73,8 @@ def test_failed_jobs_gives_the_sweep_a_one_line_error_naming_new_failures(tmp_pa
     assert stop.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line == (f"malora-train: error: 4 sweep jobs failed: 1_seed=1 (boom 1); 2_seed=2 (boom 2); "
-                    f"3_seed=3 (boom 3); and 1 more; the other jobs ran; `malora-report {tmp_path}` lists them")
+                    f"3_seed=3 (boom 3); and 1 more; the other jobs ran; `malora-report {tmp_path}` "
+                    "lists them")
 
 
 # -- a real sweep --------------------------------------------------------------------------------------------
@@ -90,8 +92,8 @@ def test_a_failing_job_does_not_stop_a_local_sweep(tmp_path: Path, train_cli, ti
     assert json.loads((completed / "summary.json").read_text())["status"] == "completed"
     assert not (completed / "failure.json").exists()
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malora-train:")]
-    assert len(errors) == 1 and errors[0].startswith(f"malora-train: error: 1 sweep job failed: {failed.name} "
-                                                     "(adapter.rank=0 must be >= 1)")
+    assert len(errors) == 1 and errors[0].startswith("malora-train: error: 1 sweep job failed: "
+                                                     f"{failed.name} (adapter.rank=0 must be >= 1)")
 
     report_main([str(sweep_dir)])
     report = capsys.readouterr().out
@@ -104,7 +106,8 @@ def test_a_key_the_adapter_does_not_read_is_unknown_when_its_job_is_composed(
     first job, before anything ran)."""
     sweep_dir = tmp_path / "multirun"
     assert train_cli("-m", *tiny_training_overrides, "trainer.max_steps=1", "data.eval_per_task=2",
-                     "adapter=lora,malora", "adapter.lam=0.25", "adapter.rank=2", f"hydra.sweep.dir={sweep_dir}") == 2
+                     "adapter=lora,malora", "adapter.lam=0.25", "adapter.rank=2",
+                     f"hydra.sweep.dir={sweep_dir}") == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malora-train:")]
     assert errors == ["malora-train: error: adapter.lam: no such config key for adapter=lora "
                       "(read by malora)"]

@@ -73,8 +73,8 @@ def run_app(monkeypatch, config_dir: Path, argv: list[str]) -> int:
 def test_a_job_whose_process_dies_fails_alone(tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "config.yaml").write_text("x: 0\nout: ''\n")
-    status = run_app(monkeypatch, tmp_path / "conf", ["-m", "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[7]",
-                                                      "x=1,2", f"out={tmp_path}",
+    status = run_app(monkeypatch, tmp_path / "conf", ["-m", "hydra/launcher=gpu_pool",
+                                                      "hydra.launcher.gpus=[7]", "x=1,2", f"out={tmp_path}",
                                                       f"hydra.sweep.dir={tmp_path / 'multirun'}"])
     assert status == 1
     assert (tmp_path / "done_2").exists()  # the job after it ran, on the same (only) GPU

@@ -25,9 +25,10 @@ def trials(sweep_dir: Path) -> dict[Path, dict[str, str]]:
 def test_the_preset_searches_rank_experts_and_lr_for_the_best_accuracy(tmp_path: Path, train_cli,
                                                                        tiny_training_overrides) -> None:
     sweep_dir = tmp_path / "multirun"
-    status = train_cli("-m", "hydra/sweeper=optuna_search", "hydra.sweeper.n_trials=2", *tiny_training_overrides,
-                       "trainer.max_steps=2", "data.eval_per_task=2", "adapter=molora",
-                       f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}")
+    status = train_cli("-m", "hydra/sweeper=optuna_search", "hydra.sweeper.n_trials=2",
+                       *tiny_training_overrides, "trainer.max_steps=2", "data.eval_per_task=2",
+                       "adapter=molora", f"hydra.sweep.dir={sweep_dir}",
+                       "hydra.sweep.subdir=${hydra.job.num}")
     assert status == 0
     found = trials(sweep_dir)
     assert len(found) == 2
@@ -50,10 +51,11 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(tmp_path: Path, train_
     """The preset's search space replaced by one dimension, rank 0 or 2, and the sampler seeded so that the
     two trials draw both (checked below): rank 0 fails, rank 2 trains."""
     sweep_dir = tmp_path / "multirun"
-    status = train_cli("-m", "hydra/sweeper=optuna_search", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=2",
-                       "hydra.sweeper.params=null", "adapter.rank=choice(0,2)", "adapter.num_experts=4",
-                       *tiny_training_overrides, "trainer.max_steps=1", "data.eval_per_task=2", "adapter=molora",
-                       f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}")
+    status = train_cli("-m", "hydra/sweeper=optuna_search", "hydra.sweeper.sampler.seed=0",
+                       "hydra.sweeper.n_trials=2", "hydra.sweeper.params=null", "adapter.rank=choice(0,2)",
+                       "adapter.num_experts=4", *tiny_training_overrides, "trainer.max_steps=1",
+                       "data.eval_per_task=2", "adapter=molora", f"hydra.sweep.dir={sweep_dir}",
+                       "hydra.sweep.subdir=${hydra.job.num}")
     assert status == 2  # the study finished; one trial failed
     found = trials(sweep_dir)
     assert sorted(o["adapter.rank"] for o in found.values()) == ["0", "2"]

@@ -29,8 +29,9 @@ def test_the_slurm_preset_submits_one_array_job_of_multi_gpu_tasks(tmp_path: Pat
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     sweep_dir = tmp_path / "multirun"
 
-    status = train_cli("-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
-                       "hydra.launcher.nodes=2", "model=tiny", "adapter=lora,malora", "seed=0,1",
+    status = train_cli("-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                       "hydra.launcher.gpus_per_node=4", "hydra.launcher.nodes=2", "model=tiny",
+                       "adapter=lora,malora", "seed=0,1",
                        f"hydra.sweep.dir={sweep_dir}")
     assert status == 1 and "refused by the test" in capsys.readouterr().err
     lines = script.read_text().splitlines()
@@ -43,7 +44,8 @@ def test_the_slurm_preset_submits_one_array_job_of_multi_gpu_tasks(tmp_path: Pat
         "#SBATCH --cpus-per-task=8",
         "#SBATCH --partition=gpu",
         "#SBATCH --time=720",
-        "#SBATCH --signal=TERM@120",    # SIGTERM before the limit: a checkpoint, not submitit's requeue signal
+        # SIGTERM before the limit: a checkpoint, not submitit's requeue signal
+        "#SBATCH --signal=TERM@120",
         "#SBATCH --open-mode=append",
     } <= sbatch, sbatch
     [srun] = [line for line in lines if line.startswith("srun ")]
@@ -96,7 +98,8 @@ def test_submitit_runs_each_sweep_job_as_one_two_process_training(tmp_path: Path
     sweep_dir = tmp_path / "multirun"
     status = train_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
                        "hydra.launcher.timeout_min=20", *tiny_training_overrides, "trainer.max_steps=2",
-                       "data.eval_per_task=2", "adapter=lora", "adapter.rank=0,4", f"hydra.sweep.dir={sweep_dir}")
+                       "data.eval_per_task=2", "adapter=lora", "adapter.rank=0,4",
+                       f"hydra.sweep.dir={sweep_dir}")
     assert status == 2  # the rank=0 job failed, the other ran
     [failed] = sweep_dir.glob("0_*")
     assert json.loads((failed / "failure.json").read_text())["error"] == "adapter.rank=0 must be >= 1"

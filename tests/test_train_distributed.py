@@ -35,8 +35,8 @@ from malora_train.train.checkpoint.folders import complete_checkpoints, write_ma
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 COMMON = ["adapter=malora", "adapter.dropout=0", "adapter.router.balance_coef=0.01",
-          "adapter.router.z_loss_coef=0.001", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last=3",
-          "trainer.warmup_ratio=0"]
+          "adapter.router.z_loss_coef=0.001", f"trainer.max_steps={STEPS}", "trainer.save_every=2",
+          "trainer.keep_last=3", "trainer.warmup_ratio=0"]
 TASKS = ["sentiment", "category", "case", "compare", "arithmetic"]
 # COMMON's MALoRA: r = 8, N = 8, lam = 0.5 -> d = 32, r-bar = 12, alpha = 24
 SPEC = AdapterSpec("malora", scaling=24 / 12, expert_rank=12, num_experts=8, top_k=2, balance_coef=0.01,
@@ -129,9 +129,10 @@ def test_two_processes_follow_the_one_process_loss_curve(config, tmp_path, one_p
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
     for key in expected:
-        # atol: 1% of one AdamW step (lr 1e-3). Adam divides by the gradient's running RMS, so where a gradient
-        # component is near zero, the reduction order's last-bit differences (ZeRO-3 reduce-scatters) become a
-        # visible share of that component's update (seen: 3.8e-6 on one of 3,072 lora_B values after 5 steps)
+        # atol: 1% of one AdamW step (lr 1e-3). Adam divides by the gradient's running RMS, so where a
+        # gradient component is near zero, the reduction order's last-bit differences (ZeRO-3 reduce-scatters)
+        # become a visible share of that component's update (seen: 3.8e-6 on one of 3,072 lora_B values after
+        # 5 steps)
         torch.testing.assert_close(saved[key], expected[key], rtol=1e-4, atol=1e-5)
     if config == "deepspeed_zero2":
         assert_crafted_checkpoint_is_refused(run_dir, tmp_path, overrides)

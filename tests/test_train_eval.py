@@ -28,8 +28,10 @@ def test_every_evaluation_writes_its_predictions(tmp_path, run_training, read_me
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["step_0", "step_2", "step_4"]
     for step, metrics in evals.items():
         rows = read_predictions(run_dir / "eval" / f"step_{step}" / "predictions_label_logits.jsonl")
-        assert [(r["task"], r["id"]) for r in rows] == [(t, i) for t in TASKS for i in range(3)]  # max_examples
-        assert all(set(r) == FIELDS and r["scorer"] == "label_logits" and r["generation"] is None for r in rows)
+        # max_examples
+        assert [(r["task"], r["id"]) for r in rows] == [(t, i) for t in TASKS for i in range(3)]
+        assert all(set(r) == FIELDS and r["scorer"] == "label_logits" and r["generation"] is None
+                   for r in rows)
         assert all(r["correct"] == (r["extracted"] == r["label"]) for r in rows)
         for task in TASKS:  # the file and the logged accuracy agree
             correct = sum(r["correct"] for r in rows if r["task"] == task)
@@ -38,7 +40,8 @@ def test_every_evaluation_writes_its_predictions(tmp_path, run_training, read_me
 
 def test_before_and_after_evaluations_can_be_switched_off(tmp_path, run_training, read_metrics, capsys):
     run_dir = tmp_path / "run"
-    summary = run_training(run_dir, "trainer.max_steps=2", "trainer.eval_before=false", "trainer.eval_after=false")
+    summary = run_training(run_dir, "trainer.max_steps=2", "trainer.eval_before=false",
+                           "trainer.eval_after=false")
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert summary["eval_after"] is None and summary["eval_after_average"] is None
     assert summary["best_eval_average"] is None
@@ -62,13 +65,15 @@ def math_task_overrides(tmp_path: Path) -> list[str]:
             "data.max_length=256"]
 
 
-def test_a_math_task_with_a_rationale_trains_and_is_scored_by_the_numeric_protocol(tmp_path, run_training, caplog):
+def test_a_math_task_with_a_rationale_trains_and_is_scored_by_the_numeric_protocol(tmp_path, run_training,
+                                                                                   caplog):
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="malora_train"):
         summary = run_training(run_dir, *math_task_overrides(tmp_path), "trainer.max_steps=2",
                                "eval.max_new_tokens=8")
     notes = [r.getMessage() for r in caplog.records if "scored with generate" in r.getMessage()]
-    assert notes == ["eval.scorer=label_logits: task math is scored with generate: its answers are open numbers"]
+    assert notes == ["eval.scorer=label_logits: task math is scored with generate: "
+                     "its answers are open numbers"]
     rows = read_predictions(run_dir / "eval" / "step_2" / "predictions_label_logits.jsonl")
     assert len(rows) == 6  # ceil(0.25 * 21) held out
     for row in rows:
@@ -87,7 +92,8 @@ def test_malora_eval_writes_report_and_predictions_into_the_run(tmp_path, run_tr
     run_training(run_dir, "trainer.max_steps=1", "trainer.eval_after=false")
     # the run's saved config (model, data) with the command line on top
     report = eval_main([str(run_dir), "eval.scorer=generate", "eval.max_new_tokens=4", "eval.max_examples=2"])
-    assert report["counts"] == {task: {"correct": report["counts"][task]["correct"], "total": 2} for task in TASKS}
+    assert report["counts"] == {task: {"correct": report["counts"][task]["correct"], "total": 2}
+                                for task in TASKS}
     saved = json.loads((run_dir / "eval" / "eval_generate.json").read_text())
     assert saved == report
     rows = read_predictions(run_dir / "eval" / "predictions_generate.jsonl")

@@ -66,7 +66,8 @@ def test_the_update_runs_every_step() -> None:
 
 
 @pytest.mark.parametrize("kind", ["lora", "molora", "malora", "hydralora"])
-def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train_losses, captured_on_cpu) -> None:
+def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train_losses,
+                                             captured_on_cpu) -> None:
     """The captured step's code path (inputs copied into fixed tensors, the normaliser as a tensor, the
     gradients zeroed in place in one bucket, AdamW with a tensor learning rate) trains as the eager step does;
     on the CPU nothing is captured, so the launch's "no GPU" obstacle is lifted for this test."""
@@ -82,9 +83,12 @@ def test_graphed_step_gives_the_eager_losses(kind, tmp_path, run_training, train
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.packing=false"], "data.packing=false (a captured step needs the fixed shapes of packed rows)"),
-    (["trainer.skip_nonfinite=true"], "trainer.skip_nonfinite=true (it reads the loss on the host every step)"),
-    (["trainer.compile=true", "trainer.compile_mode=reduce-overhead"], "trainer.compile_mode=reduce-overhead"),
+    (["data.packing=false"],
+     "data.packing=false (a captured step needs the fixed shapes of packed rows)"),
+    (["trainer.skip_nonfinite=true"],
+     "trainer.skip_nonfinite=true (it reads the loss on the host every step)"),
+    (["trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
+     "trainer.compile_mode=reduce-overhead"),
     (["trainer.mixed_precision=fp16"], "trainer.mixed_precision=fp16 (its loss scaler"),
     (["adapter.impl=reference"], "adapter.impl=reference (its per-expert loop has data-dependent shapes)"),
     ([], "device cpu: CUDA graphs need a GPU"),
@@ -99,7 +103,8 @@ def test_cuda_graphs_true_refuses_what_it_cannot_capture(overrides, message, tmp
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_graphed_run_saves_and_resumes_checkpoints(tmp_path, run_training, train_losses, captured_on_cpu) -> None:
+def test_a_graphed_run_saves_and_resumes_checkpoints(tmp_path, run_training, train_losses,
+                                                     captured_on_cpu) -> None:
     """The capturable optimiser's learning rate is a tensor: checkpoints store it as a number and a resume
     continues as the eager path's resume does (3 steps, then extended to 6 from the checkpoint)."""
     common = ["adapter=malora", "data.packing=true", "adapter.dropout=0", "trainer.eval_after=false",
@@ -129,7 +134,8 @@ def test_a_tensor_learning_rate_stays_a_tensor_through_a_checkpoint(tmp_path) ->
     load_optimizer(loaded, tmp_path)
     lr = loaded.param_groups[0]["lr"]
     assert torch.is_tensor(lr) and float(lr) == 0.25
-    assert torch.equal(loaded.state[loaded.param_groups[0]["params"][0]]["exp_avg"], saved.state[param]["exp_avg"])
+    assert torch.equal(loaded.state[loaded.param_groups[0]["params"][0]]["exp_avg"],
+                       saved.state[param]["exp_avg"])
 
 
 def _config(*overrides: str):
@@ -142,7 +148,8 @@ def _config(*overrides: str):
     (["data.packing=false"], "cuda", False, "data.packing=false"),
     (["trainer.skip_nonfinite=true"], "cuda", False, "trainer.skip_nonfinite=true"),
     (["trainer.mixed_precision=fp16"], "cuda", False, "trainer.mixed_precision=fp16"),
-    (["trainer.compile=true", "trainer.compile_mode=max-autotune"], "cuda", False, "trainer.compile_mode=max-autotune"),
+    (["trainer.compile=true", "trainer.compile_mode=max-autotune"], "cuda", False,
+     "trainer.compile_mode=max-autotune"),
     (["adapter.impl=reference"], "cuda", False, "adapter.impl=reference"),
     ([], "cpu", False, "device cpu"),
     ([], "cuda", True, "DeepSpeed"),

@@ -23,7 +23,8 @@ def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
-def test_tensorboard_gets_every_metric_and_resume_purges_the_redone_steps(tmp_path, run_training, read_metrics):
+def test_tensorboard_gets_every_metric_and_resume_purges_the_redone_steps(tmp_path, run_training,
+                                                                          read_metrics):
     pytest.importorskip("tensorboard")
     run_dir = tmp_path / "run"
     common = ["adapter=lora", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.save_every=2",
@@ -34,9 +35,8 @@ def test_tensorboard_gets_every_metric_and_resume_purges_the_redone_steps(tmp_pa
     assert [step for step, _ in expected] == [1, 2, 3, 4]
     assert scalars(run_dir, "lm_loss") == [(s, pytest.approx(v, rel=1e-6)) for s, v in expected]
     assert [s for s, _ in scalars(run_dir, "eval/average")] == [2, 4]
-    assert [s for s, _ in scalars(run_dir, "loss/sentiment")] == [s for s, _ in expected
-                                                                  if any("loss/sentiment" in r and r["step"] == s
-                                                                         for r in rows)]
+    assert [s for s, _ in scalars(run_dir, "loss/sentiment")] == [
+        s for s, _ in expected if any("loss/sentiment" in r and r["step"] == s for r in rows)]
 
     # resume from step 2: steps 3 and 4 are logged again, and TensorBoard shows each step once
     run_training(run_dir, *common, f"trainer.resume={run_dir / 'checkpoints' / 'step_2'}")
@@ -62,7 +62,8 @@ def test_bad_logger_settings_name_the_key():
     with pytest.raises(ConfigError, match=r"logger.trackers: 'tensorbored' is not an Accelerate tracker; "
                                           r"choose from .*tensorboard"):
         check_logger(LoggerConfig(trackers=["tensorbored"]))
-    with pytest.raises(ConfigError, match=r"logger.wandb.mode='loud' is not one of online, offline, disabled"):
+    with pytest.raises(ConfigError, match=r"logger.wandb.mode='loud' is not one of "
+                                          r"online, offline, disabled"):
         check_logger(LoggerConfig(trackers=["wandb"], wandb=WandbConfig(mode="loud")))
     with pytest.raises(ConfigError, match=r"logger.wandb.mode=offline logs nothing unless logger.trackers "
                                           r"names wandb"):
@@ -74,4 +75,5 @@ def test_flat_config_gives_trackers_scalars():
     nested = {"seed": 0, "trainer": {"lr": 1e-3, "resume": None, "kwargs": {}},
               "adapter": {"target_modules": ["q_proj", "v_proj"], "router": {"dense": False}}}
     assert flat_config(nested) == {"seed": 0, "trainer.lr": 1e-3, "trainer.resume": "None",
-                                   "adapter.target_modules": "['q_proj', 'v_proj']", "adapter.router.dense": False}
+                                   "adapter.target_modules": "['q_proj', 'v_proj']",
+                                   "adapter.router.dense": False}

@@ -150,7 +150,8 @@ def run_one(payload: bytes, sender: Connection) -> None:
 
 def died(num: int, overrides: Sequence[str], exitcode: int | None) -> JobReturn:
     """The JobReturn of a job whose process ended without sending one."""
-    how = f"killed by signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+    how = (f"killed by signal {-exitcode}" if exitcode is not None and exitcode < 0
+           else f"exit code {exitcode}")
     result = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
     result.return_value = RuntimeError(f"job #{num} ({' '.join(overrides)}) ended without a result ({how})")
     return result
@@ -205,8 +206,8 @@ class GpuPoolLauncher(Launcher):
         try:
             import cloudpickle  # noqa: F401  (checked here, used by each job)
         except ImportError as err:
-            raise GpuPoolError("hydra/launcher=gpu_pool needs cloudpickle: pip install 'malora-train[cluster]'") \
-                from err
+            raise GpuPoolError("hydra/launcher=gpu_pool needs cloudpickle: "
+                               "pip install 'malora-train[cluster]'") from err
         assert self.config is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

@@ -87,7 +87,8 @@ class AdapterLinear(nn.Module):
         self.scaling = scaling_factor(self.alpha, self.expert_rank, cfg.use_rslora)
         self.dropout_p = cfg.dropout
         self.impl = cfg.impl
-        self.dropout_salt = 0  # tells this layer's dropout mask from the others' under a device seed (inject sets it)
+        # tells this layer's dropout mask from the others' under a device seed (inject sets it)
+        self.dropout_salt = 0
         self.input_group: SharedInputGroup | None = None  # siblings reading the same input (inject sets it)
         self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
         self.kernel_state = KernelState()  # how the fast path runs: the model's, shared by its layers
@@ -174,7 +175,8 @@ class AdapterLinear(nn.Module):
         raise TypeError(f"{self.kind} adapters route per token and cannot be merged into W0")
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, expert_rank={self.expert_rank}, scaling={self.scaling:g}"
+        return (f"in={self.in_features}, out={self.out_features}, expert_rank={self.expert_rank}, "
+                f"scaling={self.scaling:g}")
 
 
 class MixtureAdapterLinear(AdapterLinear):

@@ -31,7 +31,8 @@ def match_targets(model: nn.Module, target_modules: Any) -> list[str]:
         try:
             pattern = re.compile(target_modules)
         except re.error as err:
-            raise ConfigError(f"adapter.target_modules={target_modules!r} is not a valid regex: {err}") from err
+            raise ConfigError(f"adapter.target_modules={target_modules!r} "
+                              f"is not a valid regex: {err}") from err
         names = [n for n in linear_names if pattern.fullmatch(n)]
     else:
         suffixes = [str(s) for s in target_modules]

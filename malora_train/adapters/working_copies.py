@@ -54,13 +54,15 @@ class WorkingCopies:
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def buffer_for(weights: list[torch.Tensor], buffer_dtype: torch.dtype) -> torch.Tensor:
-            buffer = torch.empty(len(weights), *weights[0].shape, dtype=buffer_dtype, device=weights[0].device)
+            buffer = torch.empty(len(weights), *weights[0].shape, dtype=buffer_dtype,
+                                 device=weights[0].device)
             pairs.extend((buffer[i], weight) for i, weight in enumerate(weights))
             return buffer
 
         for layer in self.layers:
             layer.casts = {}
-        groups = {id(layer.input_group): layer.input_group for layer in self.layers if layer.input_group is not None}
+        groups = {id(layer.input_group): layer.input_group for layer in self.layers
+                  if layer.input_group is not None}
         for group in groups.values():
             down = buffer_for([m.down_projection() for m in group.members], dtype)
             routers = [m.router for m in group.members] if hasattr(group.members[0], "router") else None

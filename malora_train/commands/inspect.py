@@ -40,7 +40,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report["num_experts"] is not None:
         shape += f", N={report['num_experts']}, K={report['top_k']}"
     lines = [
-        f"model {report['model']} + {report['adapter']} ({shape}) on {report['adapted_layers']} linear layers",
+        f"model {report['model']} + {report['adapter']} ({shape}) "
+        f"on {report['adapted_layers']} linear layers",
         f"  trainable {report['trainable']:>15,}  ({_millions(report['trainable'])}, "
         f"{report['percent']:.2f}% of the base model)",
         f"  base      {report['base']:>15,}  ({_millions(report['base'])})",

@@ -110,9 +110,9 @@ def routing_markdown(label: str, routing: dict[str, Any]) -> str:
              "|---|" + "---:|" * experts]
     lines += [f"| {task} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |"
               for task, row in zip(tasks, routing["share"])]
-    lines += ["", f"Share of each task's assignments per expert (%), mean over adapted modules and seeds. Per "
-              f"decoder layer: each task's routing entropy and I(task; expert), in bits (max {math.log2(experts):.2f} "
-              f"and {math.log2(min(max(len(tasks), 1), experts)):.2f}):", "",
+    lines += ["", "Share of each task's assignments per expert (%), mean over adapted modules and seeds. "
+              "Per decoder layer: each task's routing entropy and I(task; expert), in bits "
+              f"(max {math.log2(experts):.2f} and {math.log2(min(max(len(tasks), 1), experts)):.2f}):", "",
               "| layer | " + " | ".join(f"H({t})" for t in tasks) + " | I(task; expert) |",
               "|---:|" + "---:|" * (len(tasks) + 1)]
     lines += [f"| {row['layer']} | " + " | ".join(f"{h:.2f}" for h in row["entropy"])

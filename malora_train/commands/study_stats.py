@@ -47,8 +47,10 @@ class PairedComparison:
         return LARGER if self.p_value < SIGNIFICANCE else WITHIN
 
 
-def paired_comparison(first: str, second: str, a: dict[str, float], b: dict[str, float]) -> PairedComparison | None:
-    """The comparison of ``a`` (seed -> average accuracy of ``first``) with ``b``; None without a shared seed."""
+def paired_comparison(first: str, second: str, a: dict[str, float],
+                      b: dict[str, float]) -> PairedComparison | None:
+    """The comparison of ``a`` (seed -> average accuracy of ``first``) with ``b``; None without a shared
+    seed."""
     seeds = sorted(set(a) & set(b), key=seed_order)
     if not seeds:
         return None

@@ -70,7 +70,8 @@ def _choices(example: Any, where: str) -> list[tuple[str, float]]:
     choices = []
     for text, score in scores.items():
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise DataError(f"{where}: field 'target_scores' gives {text!r} the score {score!r}, not a number")
+            raise DataError(f"{where}: field 'target_scores' gives {text!r} the score {score!r}, "
+                            "not a number")
         choices.append((text.strip(), float(score)))
     if len(choices) < 2:
         raise DataError(f"{where}: field 'target_scores' needs at least two choices")
@@ -113,7 +114,8 @@ def load_bigbench_task(name: str, cfg: DataConfig) -> RawTask:
             keys.append(key)
             max_choices = max(max_choices, len(choices))
     if skipped_ties:
-        log.warning("bigbench task %s: skipped %d examples with several best-scored choices", name, skipped_ties)
+        log.warning("bigbench task %s: skipped %d examples with several best-scored choices",
+                    name, skipped_ties)
     if not pairs:
         raise DataError(f"BIG-bench task {name} under {root} has no usable examples")
     train, evaluation = holdout_split(pairs, keys, cfg.eval_fraction, salt=f"holdout:{name}")

@@ -32,8 +32,9 @@ def warn_unless_turns_end_with_eos(tokenizer) -> None:
     after = tokenizer.apply_chat_template(conversation, tokenize=False).split(PROBE, 1)[-1].lstrip()
     eos = tokenizer.eos_token
     if eos and not after.startswith(eos):
-        log.warning("data.prompt_template=chat: the chat template ends an assistant turn with %r, not with the "
-                    "EOS token %r that ends every answer in training and stops generation", after[:20], eos)
+        log.warning("data.prompt_template=chat: the chat template ends an assistant turn with %r, "
+                    "not with the EOS token %r that ends every answer in training and stops generation",
+                    after[:20], eos)
 
 
 def chat_renderer(tokenizer) -> Callable[[str], str]:
@@ -46,7 +47,8 @@ def chat_renderer(tokenizer) -> Callable[[str], str]:
     bos = tokenizer.bos_token if adds_bos(tokenizer) else None
 
     def render(instruction: str) -> str:
-        text = tokenizer.apply_chat_template(user_turn(instruction), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(user_turn(instruction), tokenize=False,
+                                             add_generation_prompt=True)
         return text[len(bos):] if bos and text.startswith(bos) else text
 
     return render

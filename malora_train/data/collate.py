@@ -70,14 +70,16 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_length: int,
     keep = leading_specials(tokenizer, prompts[0]) if prompts else 0
     for example in examples:
         if len(targets[example.target]) + 1 + keep + 1 > max_length:
-            raise ConfigError(f"data.max_length={max_length} is too short for task {example.task}: the answer "
-                              f"{example.target!r} takes {len(targets[example.target]) + 1} tokens with EOS")
+            raise ConfigError(f"data.max_length={max_length} is too short for task {example.task}: "
+                              f"the answer {example.target!r} takes {len(targets[example.target]) + 1} "
+                              "tokens with EOS")
     encoded = []
     for example, prompt in zip(examples, prompts):
         ids, prompt_length, truncated = join_prompt_and_target(prompt, targets[example.target], eos_id,
                                                                max_length, keep)
         labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
-        encoded.append(EncodedExample(input_ids=ids, labels=labels, task_index=task_index, truncated=truncated))
+        encoded.append(EncodedExample(input_ids=ids, labels=labels, task_index=task_index,
+                                      truncated=truncated))
     return encoded
 
 
@@ -114,4 +116,5 @@ class Collator:
             labels[row, :size] = torch.tensor(example.labels, dtype=torch.long)
             attention_mask[row, :size] = 1
         task_ids = torch.tensor([example.task_index for example in batch], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "task_ids": task_ids}

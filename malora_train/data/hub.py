@@ -57,7 +57,8 @@ def convert_piqa(row: Row) -> tuple[str, str]:
     options = [_text(row, "sol1"), _text(row, "sol2")]
     question = f"Please choose the correct solution to the question: {_text(row, 'goal')}"
     position = _position(row, "label", 0, 2)
-    return choices_instruction(question, options, kind="solution", separator="\n\n"), f"solution{position + 1}"
+    return (choices_instruction(question, options, kind="solution", separator="\n\n"),
+            f"solution{position + 1}")
 
 
 def convert_social_i_qa(row: Row) -> tuple[str, str]:
@@ -149,7 +150,8 @@ def load_hub_task(name: str, cfg: DataConfig) -> RawTask:
     source = HUB_DATASETS[name]
     splits = {}
     for split in (source.train_split, source.eval_split):
-        where = f"hub dataset {source.path}" + (f" ({source.config})" if source.config else "") + f" split {split}"
+        where = (f"hub dataset {source.path}" + (f" ({source.config})" if source.config else "")
+                 + f" split {split}")
         try:
             rows = datasets.load_dataset(source.path, source.config, split=split)
         except Exception as err:  # the datasets library raises many kinds; all mean "cannot load it"

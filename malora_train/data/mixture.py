@@ -20,7 +20,8 @@ def check_mixture_options(names: Sequence[str], sampling: str, temperature: floa
     if sampling not in SAMPLING:
         raise ConfigError(f"data.sampling={sampling!r} is not one of {', '.join(SAMPLING)}")
     if sampling == "temperature" and not (math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"data.temperature={temperature} must be a positive number for data.sampling=temperature")
+        raise ConfigError(f"data.temperature={temperature} must be a positive number "
+                          "for data.sampling=temperature")
     for key, mapping in (("data.task_weights", weights or {}), ("data.task_caps", caps or {})):
         unknown = [name for name in mapping if name not in names]
         if unknown:

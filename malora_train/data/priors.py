@@ -46,7 +46,8 @@ def answer_priors(cfg: DataConfig, seed: int = 0) -> list[TaskPrior]:
 
 
 def priors_markdown(priors: list[TaskPrior]) -> str:
-    lines = ["| task | evaluation examples | most frequent label | share (%) | most frequent answer | share (%) |",
+    lines = ["| task | evaluation examples | most frequent label | share (%) "
+             "| most frequent answer | share (%) |",
              "|---|---:|---|---:|---|---:|"]
     lines += [f"| {p.task} | {p.examples} | {_cell(p.label)} | {p.label_share:.2f} | {_cell(p.answer)} | "
               f"{p.answer_share:.2f} |" for p in priors]

@@ -20,7 +20,8 @@ class Record:
 
     def text(self, field: str, allow_empty: bool = False) -> str:
         if field not in self.fields:
-            raise self.error(field, f"is missing (fields present: {', '.join(sorted(self.fields)) or 'none'})")
+            raise self.error(field, "is missing "
+                             f"(fields present: {', '.join(sorted(self.fields)) or 'none'})")
         value = self.fields[field]
         if not isinstance(value, str):
             raise self.error(field, f"must be a string, got {type(value).__name__}")
@@ -31,7 +32,8 @@ class Record:
     def scalar(self, field: str) -> str:
         """A text or number field as text (JSON true/false as "true"/"false")."""
         if field not in self.fields:
-            raise self.error(field, f"is missing (fields present: {', '.join(sorted(self.fields)) or 'none'})")
+            raise self.error(field, "is missing "
+                             f"(fields present: {', '.join(sorted(self.fields)) or 'none'})")
         value = self.fields[field]
         if isinstance(value, bool):
             return "true" if value else "false"

@@ -20,7 +20,8 @@ def stable_order(keys: Sequence[str], salt: str) -> list[int]:
     return sorted(range(len(keys)), key=lambda i: (digests[i], i))
 
 
-def holdout_split(items: Sequence[T], keys: Sequence[str], fraction: float, salt: str) -> tuple[list[T], list[T]]:
+def holdout_split(items: Sequence[T], keys: Sequence[str], fraction: float,
+                  salt: str) -> tuple[list[T], list[T]]:
     """Split into (train, eval) with ``ceil(fraction * n)`` eval items; both keep the original order."""
     order = stable_order(keys, salt)
     held_out = set(order[: math.ceil(fraction * len(items))])

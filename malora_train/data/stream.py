@@ -31,7 +31,8 @@ POOL_BATCHES = 16  # length grouping sorts a pool of this many batches' worth of
 
 
 def tokenized_cache_dir(cfg: DataConfig) -> Path | None:
-    """``data.cache_dir`` (default ``$XDG_CACHE_HOME/malora-train/tokenized``); None with ``data.cache=false``."""
+    """``data.cache_dir`` (default ``$XDG_CACHE_HOME/malora-train/tokenized``); None with
+    ``data.cache=false``."""
     if not cfg.cache:
         return None
     if cfg.cache_dir:
@@ -77,9 +78,11 @@ class BatchStream:
         self.max_length = cfg.max_length
         cache_dir = tokenized_cache_dir(cfg)
         tokenizer_id = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
-        self.splits = [TokenizedSplit.encode(tokenizer, task.train, cfg.max_length, index, cache_dir, tokenizer_id)
+        self.splits = [TokenizedSplit.encode(tokenizer, task.train, cfg.max_length, index, cache_dir,
+                                             tokenizer_id)
                        for index, task in enumerate(tasks.values())]
-        self.truncated_in_train = {name: sum(split.truncated) for name, split in zip(self.task_names, self.splits)}
+        self.truncated_in_train = {name: sum(split.truncated)
+                                   for name, split in zip(self.task_names, self.splits)}
         self.train_size = sum(len(split) for split in self.splits)
         warn_truncation(self.truncated_in_train, self.train_size, cfg.max_length)
         self.mixture = TaskMixture({name: len(split) for name, split in zip(self.task_names, self.splits)},
@@ -167,7 +170,8 @@ class BatchStream:
                  state.get("packing", False))
         if saved != (self.task_names, self.batch_size, self.group_by_length, self.packing):
             raise ConfigError(
-                f"cannot resume the data stream: the checkpoint has tasks {saved[0]}, micro-batch {saved[1]}, "
+                f"cannot resume the data stream: the checkpoint has tasks {saved[0]}, "
+                f"micro-batch {saved[1]}, "
                 f"group_by_length={saved[2]}, packing={saved[3]}; this run has {self.task_names}, "
                 f"{self.batch_size}, {self.group_by_length}, {self.packing}"
             )

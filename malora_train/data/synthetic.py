@@ -33,14 +33,14 @@ NOUNS = ["food", "service", "room", "staff", "music", "coffee", "movie", "hotel"
 ADJECTIVE_PAIRS = [(i, j) for i in range(len(POSITIVE)) for j in range(len(POSITIVE)) if i != j]
 
 CATEGORIES = {
-    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum", "kiwi",
-              "lime", "papaya", "apricot", "fig"],
-    "animal": ["horse", "tiger", "rabbit", "zebra", "mouse", "camel", "sheep", "eagle", "whale", "shark", "goat",
-               "donkey", "otter", "wolf", "panda"],
-    "color": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray", "violet",
-              "teal", "maroon", "beige", "crimson"],
-    "vehicle": ["car", "bus", "truck", "bicycle", "tram", "boat", "ship", "plane", "taxi", "scooter", "tractor",
-                "van", "jeep", "helicopter", "canoe"],
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum",
+              "kiwi", "lime", "papaya", "apricot", "fig"],
+    "animal": ["horse", "tiger", "rabbit", "zebra", "mouse", "camel", "sheep", "eagle", "whale", "shark",
+               "goat", "donkey", "otter", "wolf", "panda"],
+    "color": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray",
+              "violet", "teal", "maroon", "beige", "crimson"],
+    "vehicle": ["car", "bus", "truck", "bicycle", "tram", "boat", "ship", "plane", "taxi", "scooter",
+                "tractor", "van", "jeep", "helicopter", "canoe"],
 }
 CATEGORY_TRIPLES = list(permutations(range(15), 3))  # three distinct words of one category, in order
 

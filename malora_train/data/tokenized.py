@@ -30,7 +30,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """What decides the token ids: the fast tokenizer's full definition (vocabulary, merges, normaliser,
     special-token post-processing), else its vocabulary, plus the class and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    definition = (backend.to_str() if backend is not None
+                  else json.dumps(sorted(tokenizer.get_vocab().items())))
     extra = json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
                         tokenizer.pad_token_id, sorted(tokenizer.all_special_ids)])
     return hashlib.sha256((definition + extra).encode()).hexdigest()
@@ -49,8 +50,8 @@ def cache_key(tokenizer_id: str, examples: Sequence[Example], max_length: int) -
 class TokenizedSplit:
     """Encoded examples of one task: ``ids`` (flat), per-example lengths, prompt lengths, truncation."""
 
-    def __init__(self, ids: torch.Tensor, lengths: list[int], prompt_lengths: list[int], truncated: list[bool],
-                 task_index: int) -> None:
+    def __init__(self, ids: torch.Tensor, lengths: list[int], prompt_lengths: list[int],
+                 truncated: list[bool], task_index: int) -> None:
         self.task_index = task_index
         self.ids = ids
         self.lengths = lengths
@@ -79,11 +80,14 @@ class TokenizedSplit:
         return split
 
     @classmethod
-    def _tokenize(cls, tokenizer, examples: Sequence[Example], max_length: int, task_index: int) -> TokenizedSplit:
+    def _tokenize(cls, tokenizer, examples: Sequence[Example], max_length: int,
+                  task_index: int) -> TokenizedSplit:
         chunks, prompt_lengths, truncated, lengths = [], [], [], []
         for start in range(0, len(examples), ENCODE_CHUNK):
-            encoded = encode_examples(tokenizer, examples[start:start + ENCODE_CHUNK], max_length, task_index)
-            chunks.append(torch.tensor([i for example in encoded for i in example.input_ids], dtype=torch.int32))
+            encoded = encode_examples(tokenizer, examples[start:start + ENCODE_CHUNK], max_length,
+                                      task_index)
+            chunks.append(torch.tensor([i for example in encoded for i in example.input_ids],
+                                       dtype=torch.int32))
             lengths += [len(example.input_ids) for example in encoded]
             prompt_lengths += [example.labels.count(IGNORE_INDEX) for example in encoded]
             truncated += [example.truncated for example in encoded]
@@ -125,8 +129,8 @@ class TokenizedSplit:
         ids = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).astype("int32"))
         offsets = column.offsets.to_numpy()
         lengths = (offsets[1:] - offsets[:-1]).tolist()
-        return cls(ids, lengths, table.column("prompt_length").to_pylist(), table.column("truncated").to_pylist(),
-                   task_index)
+        return cls(ids, lengths, table.column("prompt_length").to_pylist(),
+                   table.column("truncated").to_pylist(), task_index)
 
     def __len__(self) -> int:
         return len(self.lengths)

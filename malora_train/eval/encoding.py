@@ -102,8 +102,8 @@ def check_task(task: TaskData, examples: Sequence[Example], split: str) -> None:
             raise DataError(f"{where}: label {example.label!r} is not one of {task.labels}")
         expected = task.answer_prefix + example.label + task.answer_suffix
         if not task.per_example_targets and example.target != expected:
-            raise DataError(f"{where}: target {example.target!r} is not answer_prefix + label + answer_suffix "
-                            f"({expected!r})")
+            raise DataError(f"{where}: target {example.target!r} is not "
+                            f"answer_prefix + label + answer_suffix ({expected!r})")
 
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device):

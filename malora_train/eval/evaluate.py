@@ -62,7 +62,8 @@ class TaskScore:
 @dataclass
 class EvalResult:
     scores: dict[str, TaskScore]
-    predictions: dict[str, list[Prediction]] = field(default_factory=dict)  # this rank's, in its example order
+    # this rank's, in its example order
+    predictions: dict[str, list[Prediction]] = field(default_factory=dict)
 
     @property
     def average(self) -> float:
@@ -113,7 +114,8 @@ def task_scorers(tasks: dict[str, TaskData], cfg: EvalConfig) -> dict[str, str]:
     """The scorer each task gets under ``cfg``."""
     if cfg.scorer == "generate":
         return {name: "generate" for name in tasks}
-    return {name: "generate" if generation_reason(task, cfg) else "label_logits" for name, task in tasks.items()}
+    return {name: "generate" if generation_reason(task, cfg) else "label_logits"
+            for name, task in tasks.items()}
 
 
 def scorer_notes(tasks: dict[str, TaskData], cfg: EvalConfig) -> list[str]:
@@ -182,7 +184,8 @@ def evaluate(model: AdaptedCausalLM, tokenizer, tasks: dict[str, TaskData], cfg:
                 part = slice(start, start + chunk)
                 part_buckets = None if buckets is None else buckets[part]
                 examples = [example for _, example in local[part]]
-                outputs += _score(model, tokenizer, task, examples, cfg, scorers[name], part_buckets, max_length)
+                outputs += _score(model, tokenizer, task, examples, cfg, scorers[name], part_buckets,
+                                  max_length)
                 bar.update(len(examples))
             predictions[name] = [_prediction(reader, scorers[name], i, example, output)
                                  for (i, example), output, c in zip(local, outputs, counted) if c]
@@ -210,8 +213,8 @@ def _prediction(reader: AnswerReader, scorer: str, index: int, example: Example,
     generation = output if scorer == "generate" else None
     extracted = reader.extract(output) if scorer == "generate" else output
     return Prediction(task=example.task, id=index, prompt=example.prompt, generation=generation,
-                      extracted=extracted, label=example.label, correct=reader.is_correct(extracted, example.label),
-                      scorer=scorer)
+                      extracted=extracted, label=example.label,
+                      correct=reader.is_correct(extracted, example.label), scorer=scorer)
 
 
 def reduce_scores(result: EvalResult, all_reduce: Callable[[torch.Tensor], torch.Tensor],

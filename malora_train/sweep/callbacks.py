@@ -44,7 +44,8 @@ class FailedJobs(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        new = sorted(path for path, stamp in failure_records(sweep_dir).items() if self.before.get(path) != stamp)
+        new = sorted(path for path, stamp in failure_records(sweep_dir).items()
+                     if self.before.get(path) != stamp)
         if not new:
             return
         shown = "; ".join(describe(path, sweep_dir) for path in new[:SHOWN_FAILURES])

@@ -91,7 +91,8 @@ class StepGraphs:
             self.seed.fill_(seed)
             return self._run(to_device(host_inputs, self.device))
         if captured is None:
-            inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in host_inputs.items()}
+            inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                      for k, v in host_inputs.items()}
             self._copy_in(inputs, host_inputs, seed)
             captured = self._micro[key] = self._capture(lambda: self._run(inputs), inputs)
         else:
@@ -116,7 +117,8 @@ class StepGraphs:
         with self.kernel_state.device_seed(self.seed):
             return self._forward_backward(inputs)
 
-    def _copy_in(self, inputs: dict[str, torch.Tensor], host_inputs: dict[str, torch.Tensor], seed: int) -> None:
+    def _copy_in(self, inputs: dict[str, torch.Tensor], host_inputs: dict[str, torch.Tensor],
+                 seed: int) -> None:
         for name, value in host_inputs.items():
             inputs[name].copy_(_pinned(value), non_blocking=True)
         self.seed.fill_(seed)

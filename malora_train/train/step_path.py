@@ -31,7 +31,8 @@ class StepPath:
 
 
 def check_setting(cfg: Config) -> None:
-    """``trainer.cuda_graphs`` holds auto, true or false; with true, nothing in the config stands in the way."""
+    """``trainer.cuda_graphs`` holds auto, true or false; with true, nothing in the config stands in the
+    way."""
     setting = cfg.trainer.cuda_graphs
     if setting not in SETTINGS:
         raise ConfigError(f"trainer.cuda_graphs={setting!r} is not one of auto, true, false")

@@ -86,7 +86,8 @@ class WindowStats:
         tasks, layers = len(self.task_names), len(self.layer_names)
         task_loss, scalars = values[:tasks], values[tasks:tasks + 5]
         layer_balance = values[tasks + 5:tasks + 5 + layers]
-        task_answers, task_tokens = values[tasks + 5 + layers:2 * tasks + 5 + layers], values[2 * tasks + 5 + layers:]
+        task_answers, task_tokens = (values[tasks + 5 + layers:2 * tasks + 5 + layers],
+                                     values[2 * tasks + 5 + layers:])
         elapsed = time.perf_counter() - self.started
         forwards = max(1, self.forwards * world)
         aux, balance, entropy = (v / forwards for v in scalars[:3])
