@@ -179,7 +179,8 @@ def test_two_processes_sharing_the_gpu_capture_as_one_process_with_grad_accum_tw
               "trainer.log_every=1", "trainer.eval_after=false"]
     run_training(tmp_path / "one", *common, "trainer.grad_accum=2")
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env.pop("MALORA_RUN_DIR", None)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                              "malora_train.cli", *TINY_TRAINING, *common,

@@ -260,6 +260,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def barrier() -> None:
+    """Every process reaches this point before any goes on (a no-op in one process). A plain ``dist.barrier``:
+    Accelerate's names the process's GPU by its local rank, which processes sharing a GPU do not have."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def gather_objects(items: list) -> list:
     """Every rank's ``items`` concatenated in rank order, on every rank (``items`` itself in one process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -71,6 +71,7 @@ from malora_train.train.distributed import (
     LaunchInfo,
     all_reduce_sum,
     any_rank,
+    barrier,
     build_accelerator,
     check_launch,
     configure_deepspeed,
@@ -209,11 +210,11 @@ class Trainer:
         self.launch = LaunchInfo.from_accelerator(acc)
         self.step_path = choose_step_path(self.cfg, acc.device.type, self.launch.deepspeed)
         guard_run_dir(self.run_dir, trainer.resume)
-        acc.wait_for_everyone()  # every rank has looked at the run directory before rank 0 changes it
+        barrier()  # every rank has looked at the run directory before rank 0 changes it
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial(self.run_dir)
-        acc.wait_for_everyone()
+        barrier()
         self.resume_from = resolve_resume(self.run_dir, trainer.resume)
         check_extendable(self.run_dir, self.resume_from)
 
@@ -282,7 +283,7 @@ class Trainer:
         parts = CheckpointedParts(model=self.model, engine=self.engine, optimizer=self.optimizer,
                                   scheduler=self.scheduler, stream=self.stream,
                                   base_model_name=self.base_model_name)
-        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.launch, parts,
+        self.checkpointer = Checkpointer(self.run_dir, self.launch, parts,
                                          seed=self.cfg.seed)
         self.state = TrainState()
         if self.resume_from is not None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from malora_train.adapters import AdaptedCausalLM, load_adapter_weights, save_adapter
@@ -26,7 +25,7 @@ from malora_train.train.checkpoint.state_files import (
     save_optimizer,
     save_rng,
 )
-from malora_train.train.distributed import LaunchInfo, gather_adapter_state
+from malora_train.train.distributed import LaunchInfo, barrier, gather_adapter_state
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +88,8 @@ class Checkpointer:
     only rank 0 writes the shared files. ``seed``: the run's, to reseed RNG streams a checkpoint
     has none for."""
 
-    def __init__(self, run_dir: Path, accelerator: Accelerator, launch: LaunchInfo, parts: CheckpointedParts,
-                 *, seed: int) -> None:
+    def __init__(self, run_dir: Path, launch: LaunchInfo, parts: CheckpointedParts, *, seed: int) -> None:
         self.run_dir = run_dir
-        self.accelerator = accelerator  # for its barriers
         self.launch = launch
         self.parts = parts
         self.seed = seed
@@ -109,7 +106,7 @@ class Checkpointer:
             save_adapter(parts.model, tmp, parts.base_model_name, state_dict=state)
             write_manifest(tmp)
             replace_dir(tmp, out)
-        self.accelerator.wait_for_everyone()
+        barrier()
         return out
 
     def save(self, state: TrainState, keep_last: int) -> Path:
@@ -120,7 +117,7 @@ class Checkpointer:
         if launch.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
+        barrier()
         adapter_state = gather_adapter_state(launch, parts.model)
         if launch.deepspeed:
             save_engine(parts.engine, tmp)
@@ -136,11 +133,11 @@ class Checkpointer:
                 "world_size": launch.world,
                 "deepspeed": launch.deepspeed,
             })
-        self.accelerator.wait_for_everyone()
+        barrier()
         if launch.is_main:
             publish(tmp, self.run_dir, step)  # the manifest, then the rename
             prune(self.run_dir, keep_last, {state.best_step} if state.best_step is not None else set())
-        self.accelerator.wait_for_everyone()
+        barrier()
         return step_dir(self.run_dir, step)
 
     def restore(self, path: Path) -> TrainState:
