@@ -192,7 +192,8 @@ class AdaptedModel(nn.Module):
             return
         gathered = None
         if state_dict is not None:
-            gathered = {f"model.{key.removeprefix('base_model.')}": value for key, value in state_dict.items()}
+            gathered = {f"model.{key.removeprefix('base_model.')}": value
+                        for key, value in state_dict.items()}
         name = getattr(self.config, "name_or_path", "") or ""
         save_adapter(self.adapted_lm, save_directory, base_model_name=name, state_dict=gathered)
 
@@ -268,7 +269,8 @@ class AdaptedModel(nn.Module):
             return torch.zeros(shape.shape[0], dtype=torch.long, device=shape.device)
         if task_ids is None:
             raise ValueError("recording_routing(task_names) needs task_ids in every forward")
-        if task_ids.shape != shape.shape[:1] or task_ids.min() < 0 or task_ids.max() >= len(self._routing_tasks):
+        if (task_ids.shape != shape.shape[:1] or task_ids.min() < 0
+                or task_ids.max() >= len(self._routing_tasks)):
             raise ValueError(f"task_ids must hold one index in [0, {len(self._routing_tasks)}) per row; "
                              f"got shape {tuple(task_ids.shape)} for {shape.shape[0]} rows")
         return task_ids

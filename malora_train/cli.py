@@ -58,7 +58,8 @@ class RunDirGuard(Callback):
 
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
         try:
-            cfg = to_config(job_config(config, run_dir, list(OmegaConf.select(config, "hydra.overrides.task"))))
+            cfg = to_config(job_config(config, run_dir,
+                                       list(OmegaConf.select(config, "hydra.overrides.task"))))
             check_config(cfg)
             finished = finished_run(run_dir, cfg.trainer)
             if finished is not None:  # said before the lock: nothing in the directory is touched
@@ -90,7 +91,8 @@ def _train_job(cfg: DictConfig) -> float | str | None:
     single = hydra_cfg.mode != RunMode.MULTIRUN
 
     def job() -> dict:
-        job_cfg = job_config(cfg, run_dir, overrides)  # resuming: the run's own config, the command line on top
+        # resuming: the run's own config, the command line on top
+        job_cfg = job_config(cfg, run_dir, overrides)
         # a single run is the whole process: after a signal's stop, a repeated signal cannot kill it while it
         # ends (a sweep gets its handlers back for the next job, and Ctrl-C there still ends the sweep)
         return train(to_config(job_cfg), run_dir, resolved_yaml=OmegaConf.to_yaml(job_cfg, resolve=True),

@@ -318,7 +318,8 @@ class CustomTaskConfig:
     eval_path: Optional[str] = None  # separate eval file; null: a held-out share of `path`
     prompt_template: str = "???"  # instruction with {field} placeholders
     answer_field: str = "answer"  # the record field holding the answer
-    answer_type: str = "label"  # label (a closed set) | number (math: open, compared as floats) | letter (A-E)
+    # label (a closed set) | number (math: open, compared as floats) | letter (A-E)
+    answer_type: str = "label"
     labels: list[str] = field(default_factory=list)  # empty: the distinct answers (letter: A-E; number: none)
     # what the model learns to write: {label} and record fields, e.g. "{rationale} The answer is {label}."
     target_template: str = "the correct answer is {label}"
@@ -342,7 +343,8 @@ class DataConfig:
     temperature: float = 2.0  # sampling=temperature: p ~ n^(1/T)
     task_weights: dict[str, float] = field(default_factory=dict)  # per-task probability multipliers
     task_caps: dict[str, int] = field(default_factory=dict)  # per-task caps on training examples
-    max_length: int = 256  # truncation (the prompt is cut from the left); with packing, the length of every packed row
+    # truncation (the prompt is cut from the left); with packing, the length of every packed row
+    max_length: int = 256
     group_by_length: bool = False  # batches of similar lengths (less padding)
     # rows filled with whole examples, attention kept inside each (null: on when training on a GPU)
     packing: Optional[bool] = None
@@ -366,14 +368,17 @@ class TrainerConfig:
     # the optimizer's other arguments, e.g. {momentum: 0.9}
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     weight_decay: float = 0.01  # on adapter matrices, never on norms or biases
-    lr_scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...
-    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # its extra arguments, e.g. {num_cycles: 2}
+    # any transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...
+    lr_scheduler: str = "linear"
+    # its extra arguments, e.g. {num_cycles: 2}
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_ratio: float = 0.1  # warm-up steps (from lr 0) = ceil(warmup_ratio x steps)
     max_grad_norm: float = 1.0  # gradient clipping (0: none)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     compile: bool = False  # torch.compile the decoder for training steps (fixed shapes: needs data.packing)
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     # layers: each decoder layer, one shared graph (seconds to compile) | decoder: one graph (minutes)
     compile_scope: str = "layers"
     # the step replayed as CUDA graphs: auto (wherever nothing stands in the way) | true (or refuse) | false
@@ -384,7 +389,8 @@ class TrainerConfig:
     save_every: int = 0  # checkpoint every N steps (0: only the final adapter)
     keep_last: int = 2  # checkpoints kept (plus the best by eval)
     resume: Optional[str] = None  # auto (this run directory's newest intact checkpoint) | a checkpoint path
-    log_every: Optional[int] = None  # metrics read (one device sync) and logged every N steps; null: 1 on CPU, 10 on GPU
+    # metrics read (one device sync) and logged every N steps; null: 1 on CPU, 10 on GPU
+    log_every: Optional[int] = None
     # DDP's gradient bucket in MB: one all-reduce per full bucket, started during backward (null: torch's 25)
     ddp_bucket_cap_mb: Optional[float] = None
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss instead of stopping
@@ -398,9 +404,12 @@ class EvalConfig:
     scorer: str = "label_logits"  # label_logits | generate
     batch_size: int = 16  # examples per forward
     num_beams: int = 1  # generate: beam search width
-    max_new_tokens: int = 16  # generate: tokens generated per answer (e.g. 256 for targets that hold a rationale)
-    max_examples: Optional[int] = None  # per task, every evaluation: the first N of its eval split (null: all)
-    max_labels: int = 32  # label_logits leaves a task with more labels to generate (each label costs a forward)
+    # generate: tokens generated per answer (e.g. 256 for targets that hold a rationale)
+    max_new_tokens: int = 16
+    # per task, every evaluation: the first N of its eval split (null: all)
+    max_examples: Optional[int] = None
+    # label_logits leaves a task with more labels to generate (each label costs a forward)
+    max_labels: int = 32
     number_tolerance: float = 1e-3  # answer_type=number: correct when |predicted - gold| <= this
     routing: bool = True  # routing.json + heatmap for mixture adapters
     run_dir: Optional[str] = None  # malora-eval: a run directory (its config, with the command line on top)
@@ -414,7 +423,8 @@ class WandbConfig:
     """Weights & Biases logging (with ``logger.trackers=[wandb]``)."""
 
     mode: Optional[str] = None  # online | offline | disabled; None: wandb's own ($WANDB_MODE, else online)
-    project: str = "malora-train"  # the wandb project; also the folder under logs/ of the trackers that write files
+    # the wandb project; also the folder under logs/ of the trackers that write files
+    project: str = "malora-train"
     entity: Optional[str] = None  # the wandb team or user
     name: Optional[str] = None  # None: built from the command-line overrides
     tags: list[str] = field(default_factory=list)  # wandb run tags
@@ -424,8 +434,8 @@ class WandbConfig:
 class LoggerConfig:
     """Experiment trackers."""
 
-    # Accelerate trackers that mirror metrics.jsonl: wandb, tensorboard, mlflow, comet_ml, aim, clearml, dvclive,
-    # swanlab, trackio; one that is not installed is skipped with a warning
+    # Accelerate trackers that mirror metrics.jsonl: wandb, tensorboard, mlflow, comet_ml, aim, clearml,
+    # dvclive, swanlab, trackio; one that is not installed is skipped with a warning
     trackers: list[str] = field(default_factory=list)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases
 

@@ -117,12 +117,14 @@ def _from_pretrained(auto_class: Any, location: str, key: str, **kwargs: Any) ->
     try:
         return auto_class.from_pretrained(location, **kwargs)
     except pickle.UnpicklingError:  # a pickled weights file holding objects other than tensors: never run
-        raise ConfigError(f"{key}={location!r}: refused to load its weights: a pickle file in it holds objects "
-                          "other than tensors, which could run code (use safetensors weights)") from None
+        raise ConfigError(f"{key}={location!r}: refused to load its weights: a pickle file in it holds "
+                          "objects other than tensors, which could run code "
+                          "(use safetensors weights)") from None
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
             raise ConfigError(f"{key}={location!r}: the model folder holds its own code; to run it, pass "
-                              "model.trust_remote_code=true on the command line (only for code you trust)") from None
+                              "model.trust_remote_code=true on the command line "
+                              "(only for code you trust)") from None
         raise ConfigError(f"{key}={location!r}: {err}".splitlines()[0]) from err
 
 
@@ -236,8 +238,9 @@ def check_vocabulary(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, model
     largest = len(tokenizer) - 1
     if rows is not None and largest >= rows:
         source = cfg.tokenizer or cfg.name_or_path or cfg.name
-        raise ConfigError(f"model.tokenizer={source}: its largest token id is {largest}, but the embedding table "
-                          f"of model={cfg.name} has {rows} rows (ids 0-{rows - 1}); use the model's own tokenizer")
+        raise ConfigError(f"model.tokenizer={source}: its largest token id is {largest}, "
+                          f"but the embedding table of model={cfg.name} has {rows} rows (ids 0-{rows - 1}); "
+                          "use the model's own tokenizer")
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, preserve_rng_state: bool = True) -> None:
@@ -273,8 +276,8 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "layers") -> N
         return
     layers = getattr(decoder, "layers", None)
     if layers is None:
-        raise ConfigError("trainer.compile_scope=layers needs a model whose decoder keeps its blocks in .layers; "
-                          "use trainer.compile_scope=decoder")
+        raise ConfigError("trainer.compile_scope=layers needs a model whose decoder keeps its blocks in "
+                          ".layers; use trainer.compile_scope=decoder")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in layers:
         layer.compile(mode=mode, dynamic=False)

@@ -3,9 +3,10 @@
 
 Then ``get_peft_model(model, MALoRAPeftConfig(rank=4, ...))``, ``PeftModel.from_pretrained``,
 ``AutoPeftModelForCausalLM.from_pretrained`` and ``save_pretrained`` work for every mixture kind. PEFT only
-frames the adapter: the layers, their injection, the routers' auxiliary loss (``AdaptedModel``'s forward) and
-the file layout are this package's own, so a folder written by PEFT is one ``load_adapted_model`` reads and the
-other way round. A PEFT config holds the keys of its kind's config class (``malora_train.config``), flat.
+frames the adapter: the layers, their injection, the routers' auxiliary loss (``AdaptedModel``'s forward)
+and the file layout are this package's own, so a folder written by PEFT is one ``load_adapted_model`` reads
+and the other way round. A PEFT config holds the keys of its kind's config class (``malora_train.config``),
+flat.
 """
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ class MixtureTuner(BaseTuner):
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                       low_cpu_mem_usage: bool = False,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
         from malora_train.api import AdaptedModel
 
         if "_adapted" in self.__dict__ or any(True for _ in adapter_layers(model)):
-            raise ConfigError(f"{self.kind} through PEFT holds one adapter per model; {adapter_name!r} would be "
-                              "a second (load it into a fresh base model)")
+            raise ConfigError(f"{self.kind} through PEFT holds one adapter per model; {adapter_name!r} would "
+                              "be a second (load it into a fresh base model)")
         config = self.peft_config[adapter_name]
         adapted = AdaptedModel(model, config.adapter_config())
         object.__setattr__(self, "_adapted", adapted)  # kept out of the module tree: its modules are model's
@@ -129,13 +131,15 @@ class MixtureTuner(BaseTuner):
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         if not enabled:
-            raise NotImplementedError(f"{self.kind} adapters cannot be switched off in place; use the base model")
+            raise NotImplementedError(f"{self.kind} adapters cannot be switched off in place; "
+                                      "use the base model")
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
-                                     safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+                                     safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
-            raise ConfigError(f"{self.kind} routes each token to its own experts and cannot be merged into the "
-                              "base weights; unload() gives the base model back")
+            raise ConfigError(f"{self.kind} routes each token to its own experts and cannot be merged into "
+                              "the base weights; unload() gives the base model back")
         for name, layer in list(adapter_layers(self.model)):
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer.base)

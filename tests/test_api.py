@@ -30,7 +30,8 @@ def adapted(make_tiny_model, kind: str = "malora", seed: int = 0, **overrides) -
     """The tiny model with ``kind``'s preset (rank 4, no dropout unless overridden)."""
     overrides = {"rank": 4, "dropout": 0.0, **overrides}
     torch.manual_seed(seed)
-    return malora_train.get_adapted_model(make_tiny_model(), malora_train.load_adapter_config(kind, **overrides))
+    return malora_train.get_adapted_model(make_tiny_model(),
+                                          malora_train.load_adapter_config(kind, **overrides))
 
 
 def perturb(model: malora_train.AdaptedModel, seed: int = 1) -> None:
@@ -53,7 +54,8 @@ def batch(rows: int = 3, length: int = 14, seed: int = 0) -> dict[str, torch.Ten
 
 
 def capture_router_inputs(model: malora_train.AdaptedModel) -> tuple[list, list]:
-    """Forward hooks that keep each mixture layer's input; returns (layers, inputs filled by the next forward)."""
+    """Forward hooks that keep each mixture layer's input; returns (layers, inputs filled by the next
+    forward)."""
     layers = [m for m in model.base_model.modules() if isinstance(m, MixtureAdapterLinear)]
     inputs: list[torch.Tensor] = []
     for layer in layers:
@@ -74,7 +76,8 @@ def test_public_names_are_listed_in_one_place_and_typed_and_documented():
     assert malora_train.__all__ == PUBLIC
     for name in PUBLIC:
         obj = getattr(malora_train, name)
-        assert inspect.getdoc(obj) and not inspect.getdoc(obj).startswith(f"{name}("), f"{name} has no docstring"
+        assert inspect.getdoc(obj) and not inspect.getdoc(obj).startswith(f"{name}("), \
+            f"{name} has no docstring"
     callables = [getattr(malora_train, n) for n in ("get_adapted_model", "load_adapted_model",
                                                      "load_adapter_config", "adapter_kinds")]
     model_class = malora_train.AdaptedModel
@@ -87,7 +90,8 @@ def test_public_names_are_listed_in_one_place_and_typed_and_documented():
         assert signature.return_annotation is not inspect.Signature.empty, function.__qualname__
         for param in signature.parameters.values():
             if param.name != "self":
-                assert param.annotation is not inspect.Parameter.empty, f"{function.__qualname__}({param.name})"
+                assert param.annotation is not inspect.Parameter.empty, \
+                    f"{function.__qualname__}({param.name})"
     with pytest.raises(AttributeError, match="no attribute 'Trainer'"):
         malora_train.Trainer  # noqa: B018
 
@@ -250,7 +254,8 @@ def test_save_and_load_round_trip(tmp_path, make_tiny_model, kind):
     cli_logits = cli_model.model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
     torch.testing.assert_close(cli_logits, expected.logits)
 
-    trainable = malora_train.load_adapted_model(make_tiny_model().train(), tmp_path / "adapter", is_trainable=True)
+    trainable = malora_train.load_adapted_model(make_tiny_model().train(), tmp_path / "adapter",
+                                                is_trainable=True)
     assert trainable.training  # the base model's mode
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == set(trainable.state_dict())
 
@@ -312,10 +317,12 @@ def test_routing_stats_count_each_task_s_tokens_per_layer(make_tiny_model):
         for task in (0, 1):
             counts = (assigned * mask * (token_task == task).unsqueeze(1)).sum(0)
             expected = (counts / counts.sum()).double()
-            torch.testing.assert_close(torch.tensor(stats["layers"][name][task], dtype=torch.float64), expected)
+            torch.testing.assert_close(torch.tensor(stats["layers"][name][task], dtype=torch.float64),
+                                       expected)
     real = data["attention_mask"].sum(1)
     assert stats["tokens"] == {"first": int(real[1]), "second": int(real[0] + real[2] + real[3])}
-    assert stats["tasks"] == ["first", "second"] and stats["top_k"] == 2 and len(stats["layers"]) == len(layers)
+    assert (stats["tasks"] == ["first", "second"] and stats["top_k"] == 2
+            and len(stats["layers"]) == len(layers))
     json.dumps(stats)  # what routing.json holds
 
     with torch.no_grad(), model.recording_routing():  # without task names: one row for all tokens

@@ -45,7 +45,8 @@ def trainer(model, rows, out_dir, **args) -> Trainer:
 
 
 def logged(trainer: Trainer, key: str) -> list[float]:
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
+    return [entry[key] for entry in trainer.state.log_history
+            if key in entry and "train_runtime" not in entry]
 
 
 def routers(model) -> list[torch.Tensor]:
@@ -142,7 +143,8 @@ def test_routing_is_recorded_per_task_during_trainer_evaluate(tmp_path, make_tin
         metrics = run.evaluate()
     assert metrics["eval_loss"] > 0
     stats = model.routing_stats()
-    tokens = {task: sum(len(r["input_ids"]) for r in rows[:12] if r["task_ids"] == t) for t, task in enumerate(TASKS)}
+    tokens = {task: sum(len(r["input_ids"]) for r in rows[:12] if r["task_ids"] == t)
+              for t, task in enumerate(TASKS)}
     assert stats["tokens"] == tokens
     assert all(abs(sum(row) - 1) < 1e-9 for layer in stats["layers"].values() for row in layer)
 
@@ -176,9 +178,11 @@ def test_two_ddp_processes_follow_one_process(tmp_path, repo_root):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(repo_root)}
     script = Path(sys.executable).parent / "accelerate"
-    launcher = [str(script), "launch"] if script.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    launcher = ([str(script), "launch"] if script.is_file()
+                else [sys.executable, "-m", "accelerate.commands.launch"])
     command = [*launcher, "--config_file", str(repo_root / "conf" / "accelerate" / "ddp.yaml"),
-               "--num_processes", "2", str(Path(__file__).parent / "api_trainer_run.py"), str(tmp_path / "two"), "2"]
+               "--num_processes", "2", str(Path(__file__).parent / "api_trainer_run.py"),
+               str(tmp_path / "two"), "2"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     one, two = (json.loads((tmp_path / run / "losses.json").read_text()) for run in ("one", "two"))

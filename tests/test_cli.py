@@ -44,8 +44,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 TINY = ["model=tiny", "data.train_per_task=16", "data.eval_per_task=4", "data.max_length=256",
         "trainer.micro_batch_size=2", "trainer.progress=false", "trainer.eval_before=false"]
-RUN_OVERRIDES = [*TINY, "data.tasks=[sentiment,case]", "adapter=lora", "adapter.rank=4", "trainer.max_steps=4",
-                 "trainer.save_every=2"]
+RUN_OVERRIDES = [*TINY, "data.tasks=[sentiment,case]", "adapter=lora", "adapter.rank=4",
+                 "trainer.max_steps=4", "trainer.save_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_every_command_has_a_help_page_with_groups_options_and_described_keys(mo
         options = sorted(p.stem for p in (REPO_ROOT / "conf" / group).glob("*.yaml"))
         [line] = [ln for ln in out.splitlines() if ln.startswith(f"  {group} ")]
         assert [o.rstrip("*") for o in line.split(None, 1)[1].split(", ")] == options
-    keys = [ln.split()[0] for ln in out.split("keys (")[1].split("\noptions:")[0].splitlines()[1:] if ln.strip()]
+    keys = [ln.split()[0] for ln in out.split("keys (")[1].split("\noptions:")[0].splitlines()[1:]
+            if ln.strip()]
     sections = {"malora-train": {"seed", "model", "adapter", "data", "trainer", "eval", "logger"},
                 "malora-eval": {"seed", "model", "data", "eval"},
                 "malora-inspect": {"model", "adapter", "inspect"}}[program]
@@ -128,21 +129,28 @@ def test_malora_report_has_its_help_page(monkeypatch, capsys):
     ("adapter.rank=4,8", "adapter.rank=4,8: a comma-separated value is a sweep: add -m"),
     ("+foo=1", "foo: no such config key"),
     ("eval.scorer=foo", "eval.scorer='foo' is not one of label_logits, generate"),
-    ("trainer.lr_scheduler=cosin", "trainer.lr_scheduler='cosin' is not supported; choose one of linear, cosine,"),
-    ("+trainer.lr_scheduler_kwargs={cycles: 2}", "trainer.lr_scheduler=linear with trainer.lr_scheduler_kwargs="),
+    ("trainer.lr_scheduler=cosin",
+     "trainer.lr_scheduler='cosin' is not supported; choose one of linear, cosine,"),
+    ("+trainer.lr_scheduler_kwargs={cycles: 2}",
+     "trainer.lr_scheduler=linear with trainer.lr_scheduler_kwargs="),
     ("data.sampling=random", "data.sampling='random' is not one of proportional, uniform, temperature"),
     ("logger.wandb.mode=loud", "logger.wandb.mode='loud' is not one of online, offline, disabled"),
     ("eval.export=gguf", "eval.export='gguf' is not one of merged"),
-    ("trainer.lr_scheduler=reduce_lr_on_plateau", "trainer.lr_scheduler='reduce_lr_on_plateau' is not supported (it"),
-    ("trainer.lr_scheduler=cosine_with_min_lr", "trainer.lr_scheduler=cosine_with_min_lr with trainer.lr_scheduler_"),
-    ("logger.trackers=[tensorbord]", "logger.trackers: 'tensorbord' is not an Accelerate tracker; choose from "),
-    ("logger.wandb.mode=offline", "logger.wandb.mode=offline logs nothing unless logger.trackers names wandb"),
+    ("trainer.lr_scheduler=reduce_lr_on_plateau",
+     "trainer.lr_scheduler='reduce_lr_on_plateau' is not supported (it"),
+    ("trainer.lr_scheduler=cosine_with_min_lr",
+     "trainer.lr_scheduler=cosine_with_min_lr with trainer.lr_scheduler_"),
+    ("logger.trackers=[tensorbord]",
+     "logger.trackers: 'tensorbord' is not an Accelerate tracker; choose from "),
+    ("logger.wandb.mode=offline",
+     "logger.wandb.mode=offline logs nothing unless logger.trackers names wandb"),
     ("data.prompt_template=chatml", "data.prompt_template='chatml' is not one of alpaca, plain, chat"),
     ("eval.max_labels=0", "eval.max_labels=0 must be >= 1"),
     ("eval.max_examples=0", "eval.max_examples=0 must be >= 1"),
     ("eval.number_tolerance=-1", "eval.number_tolerance=-1.0 must be >= 0"),
 ])
-def test_bad_overrides_are_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path, override, message):
+def test_bad_overrides_are_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path, override,
+                                                               message):
     run_dir = tmp_path / "run"
     assert run_program(monkeypatch, "malora-train", [*TINY, override, f"hydra.run.dir={run_dir}"]) == 2
     assert error_line(capsys).startswith(message)
@@ -153,7 +161,8 @@ def test_schedule_arguments_as_the_readme_gives_them_pass_the_checks():
     from malora_train.cli import compose
     from malora_train.train.preflight import check_config
 
-    for argv in (["trainer.lr_scheduler=cosine_with_min_lr", "+trainer.lr_scheduler_kwargs={min_lr_rate: 0.1}"],
+    for argv in (["trainer.lr_scheduler=cosine_with_min_lr",
+                  "+trainer.lr_scheduler_kwargs={min_lr_rate: 0.1}"],
                  ["trainer.lr_scheduler=cosine_with_restarts", "+trainer.lr_scheduler_kwargs.num_cycles=2"]):
         cfg = compose([*TINY, *argv])
         check_config(cfg)
@@ -170,8 +179,10 @@ def test_compose_based_commands_give_the_same_one_line_errors(monkeypatch, capsy
 
 def test_a_read_only_output_folder_is_one_line_naming_it(monkeypatch, capsys, read_only_dir):
     run_dir = read_only_dir / "run"
-    assert run_program(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=1", f"hydra.run.dir={run_dir}"]) == 2
-    assert error_line(capsys).startswith(f"{run_dir}: cannot create the folder (")  # EACCES, or EPERM for root
+    assert run_program(monkeypatch, "malora-train",
+                       [*TINY, "trainer.max_steps=1", f"hydra.run.dir={run_dir}"]) == 2
+    # EACCES, or EPERM for root
+    assert error_line(capsys).startswith(f"{run_dir}: cannot create the folder (")
     assert not run_dir.exists()
 
 
@@ -187,7 +198,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(monk
     monkeypatch.setattr(rd.os, "fsync", fsync)
     assert run_program(monkeypatch, "malora-train", [*TINY, "trainer.max_steps=2", "trainer.save_every=2",
                                                  f"hydra.run.dir={run_dir}"]) == 2
-    assert error_line(capsys, alone=False) == f"{run_dir / 'summary.json'}: cannot write it (No space left on device)"
+    assert error_line(capsys, alone=False) == (f"{run_dir / 'summary.json'}: cannot write it "
+                                               "(No space left on device)")
     assert not (run_dir / "summary.json").exists() and not list(run_dir.glob(".summary.json*"))
     assert [s for s, _ in complete_checkpoints(run_dir)] == [2]  # the steps are safe in the checkpoint
 
@@ -210,12 +222,14 @@ def test_a_run_that_fails_before_its_first_step_leaves_the_directory_reusable(mo
         raise RuntimeError("the evaluation ran out of memory")
 
     monkeypatch.setattr(Trainer, "evaluate", failing_eval)
-    assert run_program(monkeypatch, "malora-train", argv) == 1  # not a user error: its traceback, as Hydra gives it
+    # not a user error: its traceback, as Hydra gives it
+    assert run_program(monkeypatch, "malora-train", argv) == 1
     assert "RuntimeError: the evaluation ran out of memory" in capsys.readouterr().err
     assert (run_dir / ".hydra").is_dir() and not (run_dir / "config.yaml").exists()
     monkeypatch.undo()
     capsys.readouterr()
-    assert run_program(monkeypatch, "malora-train", argv) == 0  # no trainer.resume needed: nothing was started
+    # no trainer.resume needed: nothing was started
+    assert run_program(monkeypatch, "malora-train", argv) == 0
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
@@ -248,7 +262,8 @@ def test_eval_of_a_run_still_training_is_refused_in_one_line(monkeypatch, capsys
         before = snapshot(trained_run)
         assert run_program(monkeypatch, "malora-eval", [str(trained_run)]) == 2
         message = error_line(capsys, "malora-eval")
-        assert message.startswith(f"eval.run_dir={trained_run} is in use by another run (pid {holder.pid} on ")
+        assert message.startswith(f"eval.run_dir={trained_run} is in use by another run "
+                                  f"(pid {holder.pid} on ")
         assert message.endswith("wait for it to end or choose another eval.run_dir")
         assert snapshot(trained_run) == before
     finally:
@@ -314,10 +329,10 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_named_when_asked_for
     size = damaged.stat().st_size
     damaged.write_bytes(damaged.read_bytes()[:200])
     capsys.readouterr()
-    assert run_program(monkeypatch, "malora-train", [f"trainer.resume={damaged.parent}", "trainer.max_steps=6",
-                                                 f"hydra.run.dir={run}"]) == 2
-    assert error_line(capsys) == (f"trainer.resume={damaged.parent}: damaged checkpoint: {damaged}: 200 bytes, "
-                                  f"the manifest says {size} (truncated?)")
+    assert run_program(monkeypatch, "malora-train", [f"trainer.resume={damaged.parent}",
+                                                     "trainer.max_steps=6", f"hydra.run.dir={run}"]) == 2
+    assert error_line(capsys) == (f"trainer.resume={damaged.parent}: damaged checkpoint: {damaged}: "
+                                  f"200 bytes, the manifest says {size} (truncated?)")
     assert run_program(monkeypatch, "malora-train", ["trainer.resume=auto", "trainer.max_steps=6",
                                                  f"hydra.run.dir={run}"]) == 0
     log = (run / "cli.log").read_text()
@@ -326,9 +341,11 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_named_when_asked_for
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
-@pytest.mark.parametrize(("override", "key"), [("adapter.rank=8", "adapter.rank"), ("adapter=malora", "adapter.kind"),
+@pytest.mark.parametrize(("override", "key"), [("adapter.rank=8", "adapter.rank"),
+                                               ("adapter=malora", "adapter.kind"),
                                                ("model=smollm2_135m", "model.name")])
-def test_resuming_refuses_a_change_of_tensor_shapes(monkeypatch, capsys, trained_run, tmp_path, override, key):
+def test_resuming_refuses_a_change_of_tensor_shapes(monkeypatch, capsys, trained_run, tmp_path, override,
+                                                    key):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     before = snapshot(run)
@@ -337,8 +354,8 @@ def test_resuming_refuses_a_change_of_tensor_shapes(monkeypatch, capsys, trained
                                                  f"hydra.run.dir={run}"]) == 2
     line = error_line(capsys)
     assert line.startswith(f"{key}=") and line.endswith(
-        f"in {run / 'config.yaml'}: a run resumes with the model and adapter it was trained with (start a new "
-        "run to change them)")
+        f"in {run / 'config.yaml'}: a run resumes with the model and adapter it was trained with "
+        "(start a new run to change them)")
     assert snapshot(run) == before
 
 
@@ -395,7 +412,8 @@ def test_config_dir_adds_a_users_own_group_options(monkeypatch, capsys, tmp_path
     assert cfg.data.tasks == ["sentiment", "compare"] and cfg.data.eval_per_task == 6
     assert cfg.data.prompt_template == "alpaca"  # the schema's default: the file is typed and checked
     (mine / "bad.yaml").write_text("tasks: [a]\nsampling_rate: 2\n")
-    assert run_program(monkeypatch, "malora-inspect", [f"--config-dir={tmp_path / 'myconf'}", "data=bad"]) == 2
+    assert run_program(monkeypatch, "malora-inspect",
+                       [f"--config-dir={tmp_path / 'myconf'}", "data=bad"]) == 2
     assert "sampling_rate" in error_line(capsys, "malora-inspect")
 
 
@@ -436,13 +454,14 @@ def test_a_second_run_in_a_running_directory_is_refused_and_changes_nothing(tmp_
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
     config = (run_dir / "config.yaml").read_bytes()
-    hydra_files = {name: (run_dir / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
+    hydra_files = {name: (run_dir / ".hydra" / name).read_bytes()
+                   for name in ("config.yaml", "overrides.yaml")}
     for extra in (["trainer.resume=auto"], ["adapter=lora"]):  # resuming it, or a new run over it
         second = cli_process(tmp_path, [*TINY, "trainer.max_steps=400", *extra, f"hydra.run.dir={run_dir}"])
         out, err = second.communicate(timeout=120)
         assert second.returncode == 2, out + err
-        assert err.strip().startswith(f"malora-train: error: hydra.run.dir={run_dir} is in use by another run "
-                                      f"(pid {first.pid} on host ")
+        assert err.strip().startswith(f"malora-train: error: hydra.run.dir={run_dir} is in use by another "
+                                      f"run (pid {first.pid} on host ")
         assert "\n" not in err.strip()
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 0

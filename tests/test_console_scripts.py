@@ -52,4 +52,5 @@ def test_every_console_script_exits_0_on_success_and_2_on_bad_input(tmp_path):
     for program, process in failing.items():
         code, _, err = _finish(process)
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{program}: "), f"{program}: {code} {err}"
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{program}: "), \
+            f"{program}: {code} {err}"

@@ -59,8 +59,9 @@ def test_bigbench_rendering_shuffling_and_split(tmp_path):
 def test_bigbench_subtasks_are_merged_and_repeats_dropped(tmp_path):
     write(tmp_path / "cause" / "task.json", {"name": "cause", "keywords": []})
     write(tmp_path / "cause" / "a" / "task.json",
-          {"task_prefix": "Which makes more sense?", "examples": [{"input": "", "target_scores": {"x": 1, "y": 0}},
-                                                                  {"input": "", "target_scores": {"u": 0, "v": 1}}]})
+          {"task_prefix": "Which makes more sense?",
+           "examples": [{"input": "", "target_scores": {"x": 1, "y": 0}},
+                        {"input": "", "target_scores": {"u": 0, "v": 1}}]})
     write(tmp_path / "cause" / "b_no_prompt" / "task.json",  # same items, no wording: dropped
           {"task_prefix": "", "examples": [{"input": "", "target_scores": {"x": 1, "y": 0}}]})
     write(tmp_path / "cause" / "c" / "task.json",
@@ -76,8 +77,10 @@ def test_bigbench_subtasks_are_merged_and_repeats_dropped(tmp_path):
 def test_bigbench_errors(tmp_path):
     with pytest.raises(DataError, match=r"fetch_bigbench\.py --tasks absent"):
         bigbench(tmp_path, ["absent"])
-    path = write(tmp_path / "gen" / "task.json", {"examples": [bigbench_example(0), {"input": "x", "target": "y"}]})
-    with pytest.raises(DataError, match=rf"{re.escape(str(path))} example 2: field 'target_scores' is missing"):
+    path = write(tmp_path / "gen" / "task.json",
+                 {"examples": [bigbench_example(0), {"input": "x", "target": "y"}]})
+    with pytest.raises(DataError,
+                       match=rf"{re.escape(str(path))} example 2: field 'target_scores' is missing"):
         bigbench(tmp_path, ["gen"])
     write(path, {"examples": [{"input": "x", "target_scores": {"a": "high", "b": 0}}]})
     with pytest.raises(DataError, match="example 1: field 'target_scores' gives 'a' the score 'high'"):
@@ -95,11 +98,13 @@ def test_bigbench_empty_task_list_means_every_fetched_task(tmp_path):
 # ---- custom tasks ----------------------------------------------------------------------------------------
 
 def custom(tasks: list[CustomTaskConfig], **options):
-    return build_tasks(DataConfig(source="custom", custom_tasks=tasks, prompt_template="plain", **options), seed=0)
+    return build_tasks(DataConfig(source="custom", custom_tasks=tasks, prompt_template="plain", **options),
+                       seed=0)
 
 
 def review_task(path: Path, **fields) -> CustomTaskConfig:
-    spec = {"name": "reviews", "prompt_template": "About the {aspect}: {text}\nAnswer format: positive/negative",
+    spec = {"name": "reviews",
+            "prompt_template": "About the {aspect}: {text}\nAnswer format: positive/negative",
             "answer_field": "sentiment", **fields}
     return CustomTaskConfig(path=str(path), **spec)
 
@@ -112,17 +117,20 @@ def test_custom_jsonl_with_derived_labels_and_holdout(tmp_path):
     assert task.labels == ["negative", "positive"]
     assert (len(task.train), len(task.eval)) == (15, 5)
     example = task.train[0]
-    assert example.prompt.startswith("About the screen: review ") and example.prompt.endswith("### Response:\n")
+    assert (example.prompt.startswith("About the screen: review ")
+            and example.prompt.endswith("### Response:\n"))
     assert example.target == "the correct answer is " + example.label
 
 
 def test_custom_json_list_eval_file_and_target_template(tmp_path):
     train = write(tmp_path / "train.json", [{"q": "2+2", "a": 4}, {"q": "1+2", "a": 3}])
     evaluation = write(tmp_path / "eval.json", [{"q": "1+3", "a": 4}])
-    spec = CustomTaskConfig(name="sums", path=str(train), eval_path=str(evaluation), prompt_template="What is {q}?",
-                            answer_field="a", labels=["3", "4"], target_template="Answer: {label}")
+    spec = CustomTaskConfig(name="sums", path=str(train), eval_path=str(evaluation),
+                            prompt_template="What is {q}?", answer_field="a", labels=["3", "4"],
+                            target_template="Answer: {label}")
     task = custom([spec])["sums"]
-    assert [(e.prompt, e.target, e.label) for e in task.eval] == [("What is 1+3?\n### Response:\n", "Answer: 4", "4")]
+    assert [(e.prompt, e.target, e.label) for e in task.eval] == [
+        ("What is 1+3?\n### Response:\n", "Answer: 4", "4")]
     assert task.answer_prefix == "Answer: " and len(task.train) == 2
 
 
@@ -155,9 +163,10 @@ def test_custom_empty_answer_is_not_a_label(tmp_path):
 @pytest.mark.parametrize("layout", ["one line", "indented"])
 def test_a_json_file_holding_one_object_says_so(tmp_path, layout):
     records = [{"aspect": "a", "text": "t", "sentiment": "positive"}]
-    path = write(tmp_path / "r.json", json.dumps({"data": records}, indent=2 if layout == "indented" else None))
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: the file is one JSON object; expected a JSON "
-                                        r"list of records .* its key 'data' holds a list"):
+    path = write(tmp_path / "r.json",
+                 json.dumps({"data": records}, indent=2 if layout == "indented" else None))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: the file is one JSON object; expected a "
+                                        r"JSON list of records .* its key 'data' holds a list"):
         custom([review_task(path)])
     one_record = write(tmp_path / "one.jsonl", json.dumps(records[0]) + "\n")  # JSONL with one record is fine
     assert [r.fields for r in read_records(one_record)] == records
@@ -168,12 +177,16 @@ def test_a_json_file_holding_one_object_says_so(tmp_path, layout):
     [
         ({"prompt_template": "no placeholders"}, r"custom_tasks\[0\]\.prompt_template has no \{field\}"),
         ({"prompt_template": "{0} and {x.y}"}, r"placeholder \{0\} must name a record field"),
-        ({"target_template": "{label} or {label}"}, r"custom_tasks\[0\]\.target_template=.* names \{label\} more"),
+        ({"target_template": "{label} or {label}"},
+         r"custom_tasks\[0\]\.target_template=.* names \{label\} more"),
         ({"target_template": "always the same"}, r"custom_tasks\[0\]\.target_template=.* needs \{label\}"),
         ({"labels": ["a", "a"]}, r"custom_tasks\[0\]\.labels=\['a', 'a'\] must be distinct"),
-        ({"answer_type": "digits"}, r"custom_tasks\[0\]\.answer_type='digits' is not one of label, number, letter"),
-        ({"answer_type": "number", "labels": ["1", "2"]}, r"custom_tasks\[0\]\.labels must be empty for answer_type"),
-        ({"answer_type": "letter", "labels": ["A", "b"]}, r"custom_tasks\[0\]\.labels=\['A', 'b'\] must be capital"),
+        ({"answer_type": "digits"},
+         r"custom_tasks\[0\]\.answer_type='digits' is not one of label, number, letter"),
+        ({"answer_type": "number", "labels": ["1", "2"]},
+         r"custom_tasks\[0\]\.labels must be empty for answer_type"),
+        ({"answer_type": "letter", "labels": ["A", "b"]},
+         r"custom_tasks\[0\]\.labels=\['A', 'b'\] must be capital"),
     ],
 )
 def test_custom_config_errors(tmp_path, change, message):
@@ -182,8 +195,8 @@ def test_custom_config_errors(tmp_path, change, message):
 
 
 def math_records(tmp_path: Path) -> Path:
-    rows = [{"question": "Tom has 3 bags of 6 apples. How many apples?", "rationale": "3 bags of 6 make 3 * 6.",
-             "answer": 18},
+    rows = [{"question": "Tom has 3 bags of 6 apples. How many apples?",
+             "rationale": "3 bags of 6 make 3 * 6.", "answer": 18},
             {"question": "What is 1,000 + 200?", "rationale": "Add them.", "answer": "1,200"},
             {"question": "Half of 5?", "rationale": "5 / 2 = 2.5", "answer": 2.5}]
     return write(tmp_path / "math.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
@@ -191,7 +204,8 @@ def math_records(tmp_path: Path) -> Path:
 
 def math_task(path: Path, **fields) -> CustomTaskConfig:
     spec = {"name": "math", "path": str(path), "eval_path": str(path), "prompt_template": "{question}",
-            "answer_field": "answer", "answer_type": "number", "target_template": "The answer is {label}.", **fields}
+            "answer_field": "answer", "answer_type": "number", "target_template": "The answer is {label}.",
+            **fields}
     return CustomTaskConfig(**spec)
 
 
@@ -199,7 +213,8 @@ def test_custom_number_task_has_open_numeric_labels_and_fixed_text_around_them(t
     task = custom([math_task(math_records(tmp_path))])["math"]
     assert task.answer_type == "number" and task.labels == [] and task.label_pattern == ""
     assert (task.answer_prefix, task.answer_suffix) == ("The answer is ", ".")
-    assert [(e.label, e.target) for e in task.eval] == [("18", "The answer is 18."), ("1,200", "The answer is 1,200."),
+    assert [(e.label, e.target) for e in task.eval] == [("18", "The answer is 18."),
+                                                        ("1,200", "The answer is 1,200."),
                                                         ("2.5", "The answer is 2.5.")]
     assert not task.per_example_targets and not task.closed_targets  # open answers: only generation scores it
 
@@ -216,17 +231,20 @@ def test_custom_target_with_a_rationale_is_trained_on_whole(tmp_path, tiny_token
     answer = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
     assert tiny_tokenizer.decode(answer, skip_special_tokens=True) == example.target  # the rationale too
     assert answer[-1] == tiny_tokenizer.eos_token_id
-    assert encoded.labels[:len(encoded.labels) - len(answer)] == [IGNORE_INDEX] * (len(encoded.labels) - len(answer))
+    assert (encoded.labels[:len(encoded.labels) - len(answer)]
+            == [IGNORE_INDEX] * (len(encoded.labels) - len(answer)))
 
 
 def test_custom_number_and_letter_answers_are_checked(tmp_path):
-    path = write(tmp_path / "bad.jsonl", '{"question": "q", "answer": "18"}\n{"question": "q2", "answer": "eighteen"}\n')
+    path = write(tmp_path / "bad.jsonl",
+                 '{"question": "q", "answer": "18"}\n{"question": "q2", "answer": "eighteen"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl line 2: field 'answer' = 'eighteen' is not a number"):
         custom([math_task(path)])
-    letters = write(tmp_path / "aqua.jsonl", '{"question": "q", "answer": "C"}\n{"question": "q2", "answer": "F"}\n')
+    letters = write(tmp_path / "aqua.jsonl",
+                    '{"question": "q", "answer": "C"}\n{"question": "q2", "answer": "F"}\n')
     spec = math_task(letters, answer_type="letter", target_template="The answer is {label}")
-    with pytest.raises(DataError, match=r"aqua.jsonl line 2: field 'answer' = 'F' is not one of the task's labels "
-                                        r"A/B/C/D/E"):
+    with pytest.raises(DataError, match=r"aqua.jsonl line 2: field 'answer' = 'F' is not one of the task's "
+                                        r"labels A/B/C/D/E"):
         custom([spec])
     write(letters, '{"question": "q", "answer": "C"}\n{"question": "q2", "answer": "A"}\n')
     task = custom([spec])["math"]
@@ -243,7 +261,8 @@ def test_custom_names_unique_and_source_required(tmp_path):
 # ---- hub converters (no network: in-memory rows) ---------------------------------------------------------
 
 def test_boolq_matches_llm_adapters_format_without_passage():
-    row = {"question": "do iran and afghanistan speak the same language", "answer": True, "passage": "Persian..."}
+    row = {"question": "do iran and afghanistan speak the same language", "answer": True,
+           "passage": "Persian..."}
     instruction, label = hub.convert_boolq(row)
     assert instruction == ("Please answer the following question with true or false, question: do iran and "
                            "afghanistan speak the same language?\n\nAnswer format: true/false")
@@ -255,21 +274,22 @@ def test_multiple_choice_converters_match_llm_adapters_format():
             "question": "What does Tracy need to do before this?", "answerA": "make a new plan",
             "answerB": "Go home and see Riley", "answerC": "Find somewhere to go", "label": "3"}
     assert hub.convert_social_i_qa(siqa) == (
-        "Please choose the correct answer to the question: Tracy didn't go home that evening and resisted Riley's "
-        "attacks. What does Tracy need to do before this?\n\nAnswer1: make a new plan Answer2: Go home and see "
-        "Riley Answer3: Find somewhere to go\n\nAnswer format: answer1/answer2/answer3", "answer3")
+        "Please choose the correct answer to the question: Tracy didn't go home that evening and resisted "
+        "Riley's attacks. What does Tracy need to do before this?\n\nAnswer1: make a new plan Answer2: Go "
+        "home and see Riley Answer3: Find somewhere to go\n\nAnswer format: answer1/answer2/answer3",
+        "answer3")
     wino = {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
             "option1": "Sarah", "option2": "Maria", "answer": "2"}
     assert hub.convert_winogrande(wino) == (
-        "Please choose the correct answer to fill in the blank to complete the given sentence: Sarah was a much "
-        "better surgeon than Maria so _ always got the easier cases.\n\nOption1: Sarah Option2: Maria Answer "
-        "format: option1/option2", "option2")
+        "Please choose the correct answer to fill in the blank to complete the given sentence: Sarah was a "
+        "much better surgeon than Maria so _ always got the easier cases.\n\nOption1: Sarah Option2: Maria "
+        "Answer format: option1/option2", "option2")
     piqa = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
     assert hub.convert_piqa(piqa) == (
         "Please choose the correct solution to the question: Open a jar\n\nSolution1: Twist the lid.\n\n"
         "Solution2: Eat the lid.\n\nAnswer format: solution1/solution2", "solution1")
-    arc = {"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]},
-           "answerKey": "2"}
+    arc = {"question": "Which is a gas?",
+           "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]}, "answerKey": "2"}
     assert hub.convert_arc(arc) == ("Please choose the correct answer to the question: Which is a gas?\n\n"
                                     "Answer1: ice Answer2: steam Answer3: rock\n\nAnswer format: "
                                     "answer1/answer2/answer3", "answer2")
@@ -381,7 +401,8 @@ def test_fetch_reads_an_unpacked_tree_and_a_presets_task_list(tmp_path, fetch_sc
 
 
 def test_download_uses_the_tree_pip_unpacked_when_it_saves_no_archive(tmp_path, fetch_script, monkeypatch):
-    def pip_refusing(command, env):  # recent pip: unpacks into $TMPDIR, then refuses the bleurt URL dependency
+    # recent pip: unpacks into $TMPDIR, then refuses the bleurt URL dependency
+    def pip_refusing(command, env):
         assert "--no-clean" in command
         fake_tree(Path(env["TMPDIR"]) / "pip-download-x1" / "bigbench_abc")
         return subprocess.CompletedProcess(command, 1)
@@ -391,6 +412,7 @@ def test_download_uses_the_tree_pip_unpacked_when_it_saves_no_archive(tmp_path, 
     assert source == tmp_path / "pip-download-x1" / "bigbench_abc"
     written = fetch_script.extract_tasks(source, ["alpha"], tmp_path / "cache")
     assert written == {"alpha": [tmp_path / "cache" / "alpha" / "task.json"]}
-    monkeypatch.setattr(fetch_script.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 1))
+    monkeypatch.setattr(fetch_script.subprocess, "run",
+                        lambda command, env: subprocess.CompletedProcess(command, 1))
     with pytest.raises(SystemExit, match="left neither"):
         fetch_script.download_sdist(tmp_path / "empty")

@@ -28,10 +28,12 @@ def lora_run(tmp_path_factory) -> Path:
     from malora_train.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("lora") / "run"
-    cfg = compose([*TINY, "data.eval_per_task=2", "adapter=lora", "adapter.rank=4", "trainer.lr=1e-2", "trainer.max_steps=4",
-                   "trainer.micro_batch_size=4", "trainer.progress=false", "trainer.eval_before=false"])
+    cfg = compose([*TINY, "data.eval_per_task=2", "adapter=lora", "adapter.rank=4", "trainer.lr=1e-2",
+                   "trainer.max_steps=4", "trainer.micro_batch_size=4", "trainer.progress=false",
+                   "trainer.eval_before=false"])
     try:
-        train(cfg, run_dir, resolved_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # config.yaml as the CLI writes it
+        # config.yaml as the CLI writes it
+        train(cfg, run_dir, resolved_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -47,7 +49,8 @@ def tiny_base():
     return model.eval(), tokenizer, cfg
 
 
-def test_export_merged_reloads_in_plain_transformers_with_the_adapted_models_logits(lora_run, tmp_path, capsys):
+def test_export_merged_reloads_in_plain_transformers_with_the_adapted_models_logits(lora_run, tmp_path,
+                                                                                   capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from malora_train.cli import eval_main
@@ -80,9 +83,11 @@ def test_eval_scores_a_saved_adapter_as_the_model_that_saved_it(tmp_path, capsys
     from malora_train.data import build_tasks
     from malora_train.eval import evaluate
 
-    torch.manual_seed(0)  # MALoRA's initialisation draws from the global generator: not from earlier tests' state
+    # MALoRA's initialisation draws from the global generator: not from earlier tests' state
+    torch.manual_seed(0)
     base, tokenizer, cfg = tiny_base()
-    adapter_cfg = AdapterConfig(kind="malora", rank=4, num_experts=4, dropout=0.0, router=RouterConfig(top_k=2))
+    adapter_cfg = AdapterConfig(kind="malora", rank=4, num_experts=4, dropout=0.0,
+                                router=RouterConfig(top_k=2))
     base_copy, _, _ = tiny_base()
     model = AdaptedCausalLM.from_base(base_copy, adapter_cfg)
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +100,8 @@ def test_eval_scores_a_saved_adapter_as_the_model_that_saved_it(tmp_path, capsys
     plain = AdaptedCausalLM.from_base(base, AdapterConfig(kind="lora"))  # B = 0: the base model's scores
 
     for scorer, extra in (("label_logits", []), ("generate", ["eval.max_new_tokens=4"])):
-        report = eval_main([*TINY, f"eval.adapter_path={tmp_path / 'adapter'}", f"eval.scorer={scorer}", *extra])
+        report = eval_main([*TINY, f"eval.adapter_path={tmp_path / 'adapter'}", f"eval.scorer={scorer}",
+                            *extra])
         eval_cfg = dataclasses.replace(cfg.eval, scorer=scorer, max_new_tokens=4)
         expected = evaluate(model, tokenizer, tasks, eval_cfg).to_json()
         assert report["accuracy"] == pytest.approx(expected["accuracy"]), scorer
@@ -110,7 +116,8 @@ def test_the_base_model_alone_is_evaluated_with_adapter_path_none(tmp_path, caps
     out = tmp_path / "base-eval"
     report = eval_main([*TINY, "eval.adapter_path=none", f"eval.output_dir={out}"])
     assert report["adapter"] == "none" and set(report["accuracy"]) == {"sentiment", "case"}
-    assert (out / "eval_base_label_logits.json").is_file() and (out / "predictions_base_label_logits.jsonl").is_file()
+    assert ((out / "eval_base_label_logits.json").is_file()
+            and (out / "predictions_base_label_logits.jsonl").is_file())
 
 
 def test_export_merged_of_a_mixture_adapter_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -108,7 +108,8 @@ def test_max_length_truncates_prompts_from_the_left_as_training_does(make_tiny_m
     assert sum(len(ex.prompt) > room for ex in task.eval) >= 6
     cut = [Example(ex.task, ex.prompt[-room:], ex.target, ex.label) for ex in task.eval]
     whole = score_label_logits(model, tiny_tokenizer, task, task.eval, batch_size=4)
-    truncated = score_label_logits(model, tiny_tokenizer, task, task.eval, batch_size=4, max_length=max_length)
+    truncated = score_label_logits(model, tiny_tokenizer, task, task.eval, batch_size=4,
+                                   max_length=max_length)
     assert truncated == score_label_logits(model, tiny_tokenizer, task, cut, batch_size=4)
     assert truncated != whole  # the cut matters for this random model, so the check above has teeth
     with pytest.raises(ConfigError, match="data.max_length=20 is too short"):
@@ -272,7 +273,8 @@ def test_generate_scorer_end_to_end_scores_what_beam_search_writes(make_tiny_mod
     model = adapted(make_tiny_model())
     prompts = [ex.prompt for ex in make_task("t", ONE_TOKEN, 5, seed=6).eval]
     pattern = r"\S{1,3}"  # whatever the random model writes: a non-trivial extraction
-    written = [extract_label(re.compile(pattern), beam_search_alone(model, tiny_tokenizer, p, 2, 4)) for p in prompts]
+    written = [extract_label(re.compile(pattern), beam_search_alone(model, tiny_tokenizer, p, 2, 4))
+               for p in prompts]
     assert all(written)
     # the gold label is the model's own answer for examples 0, 2 and 4, one it never writes for 1 and 3
     gold = [answer if i % 2 == 0 else "never" for i, answer in enumerate(written)]

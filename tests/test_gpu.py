@@ -164,7 +164,8 @@ def test_checkpointed_capture_draws_the_forward_masks_again_over_20_steps(tmp_pa
 
 @pytest.mark.parametrize("dropout, rel", [(0.0, 1e-3), (0.1, 2e-2)])
 def test_two_processes_sharing_the_gpu_capture_as_one_process_with_grad_accum_two(dropout, rel, tmp_path,
-                                                                                run_training, train_losses) -> None:
+                                                                                run_training,
+                                                                                train_losses) -> None:
     """``torchrun`` with two processes on one GPU (gloo between them): the captured step without DDP, its
     gradient bucket summed by one all-reduce, gives one process's losses with ``grad_accum=2`` over 20 steps:
     to bf16 rounding with dropout off, within dropout's noise with it on (each rank draws its own masks)."""

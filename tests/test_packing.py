@@ -25,13 +25,14 @@ LENGTH = 256
 
 @pytest.fixture(scope="module")
 def tasks():
-    return build_tasks(DataConfig(source="synthetic", train_per_task=60, eval_per_task=4, prompt_template="plain"),
+    return build_tasks(DataConfig(source="synthetic", train_per_task=60, eval_per_task=4,
+                                  prompt_template="plain"),
                        seed=0)
 
 
 def packed_stream(tasks, tokenizer, seed=0, rows=4) -> BatchStream:
-    return BatchStream(tasks, tokenizer, DataConfig(packing=True, max_length=LENGTH, cache=False), batch_size=rows,
-                       seed=seed)
+    return BatchStream(tasks, tokenizer, DataConfig(packing=True, max_length=LENGTH, cache=False),
+                       batch_size=rows, seed=seed)
 
 
 # -- the stream ---------------------------------------------------------------------------------------------
@@ -77,7 +78,8 @@ def _rows_of(stream: BatchStream, batches: int) -> list[list[tuple[int, int]]]:
 
     carry, out = None, []
     for _ in range(batches):
-        rows, carry = fill_rows(stream.batch_size, stream.max_length, carry, stream.mixture.draw, stream._length_of)
+        rows, carry = fill_rows(stream.batch_size, stream.max_length, carry, stream.mixture.draw,
+                                stream._length_of)
         out.append([draw for row in rows for draw in row])
     return out
 
@@ -126,7 +128,8 @@ def test_packing_and_length_grouping_do_not_mix(tasks, tiny_tokenizer) -> None:
     from malora_train.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.packing=true and data.group_by_length=true"):
-        BatchStream(tasks, tiny_tokenizer, DataConfig(packing=True, group_by_length=True), batch_size=2, seed=0)
+        BatchStream(tasks, tiny_tokenizer, DataConfig(packing=True, group_by_length=True), batch_size=2,
+                    seed=0)
 
 
 # -- the masks ----------------------------------------------------------------------------------------------
@@ -154,7 +157,8 @@ def test_block_mask_is_the_document_causal_mask(length: int) -> None:
     blocks = -(-length // block)
 
     def token_level(block_level: torch.Tensor) -> torch.Tensor:
-        return block_level.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :length, :length].bool()
+        return (block_level.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :length, :length]
+                .bool())
 
     full = torch.zeros(3, 1, blocks, blocks, dtype=torch.bool)
     partial = torch.zeros_like(full)
@@ -177,7 +181,8 @@ def packed_and_padded(tasks, tokenizer, count: int = 10):
     draws = [stream.mixture.draw() for _ in range(count)]
     padded = Collator(tokenizer.pad_token_id)([stream.splits[t].example(i) for t, i in draws])
     half = count // 2
-    rows = [[stream.splits[t].packed(i) for t, i in draws[:half]], [stream.splits[t].packed(i) for t, i in draws[half:]]]
+    rows = [[stream.splits[t].packed(i) for t, i in draws[:half]],
+            [stream.splits[t].packed(i) for t, i in draws[half:]]]
     longest = max(sum(ids.numel() for ids, _, _ in row) for row in rows)
     packed = pack_rows(rows, longest + 5, tokenizer.pad_token_id)  # a padding tail in each row
     return padded, packed

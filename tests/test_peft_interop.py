@@ -13,7 +13,8 @@ from malora_train.models import base_model_location
 
 
 def test_base_model_location_is_a_hub_id_or_an_absolute_folder(tmp_path, monkeypatch):
-    assert base_model_location(ModelConfig(source="pretrained", name_or_path="HuggingFaceTB/SmolLM2-135M")) == \
+    assert base_model_location(ModelConfig(source="pretrained",
+                                           name_or_path="HuggingFaceTB/SmolLM2-135M")) == \
         "HuggingFaceTB/SmolLM2-135M"
     (tmp_path / "models" / "mine").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

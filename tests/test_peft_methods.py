@@ -69,12 +69,14 @@ def test_peft_loads_and_saves_a_mixture_adapter_as_our_loader_does(kind, tmp_pat
 
     peft_dir = tmp_path / "by-peft"
     loaded.save_pretrained(peft_dir)
-    saved, written = load_file(ours_dir / "adapter_model.safetensors"), load_file(peft_dir / "adapter_model.safetensors")
+    saved, written = (load_file(ours_dir / "adapter_model.safetensors"),
+                      load_file(peft_dir / "adapter_model.safetensors"))
     assert set(written) == set(saved)
     for key in saved:
         torch.testing.assert_close(written[key], saved[key], rtol=0, atol=0)
     again = malora_train.load_adapted_model(make_tiny_model(0), peft_dir)
-    assert again.adapter_config == malora_train.load_adapted_model(make_tiny_model(0), ours_dir).adapter_config
+    assert again.adapter_config == \
+        malora_train.load_adapted_model(make_tiny_model(0), ours_dir).adapter_config
     assert (_logits(again) - expected).abs().max() <= TOLERANCE
 
 
@@ -89,7 +91,8 @@ def test_get_peft_model_builds_a_mixture_adapter_our_loader_reads(kind, tmp_path
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name in trainable:
-            model.get_parameter(name).add_(0.05 * torch.randn(model.get_parameter(name).shape, generator=generator))
+            model.get_parameter(name).add_(0.05 * torch.randn(model.get_parameter(name).shape,
+                                                              generator=generator))
     out = model(input_ids=_ids(), labels=_ids())
     assert out.aux_loss is not None and out.loss.item() == pytest.approx((out.lm_loss + out.aux_loss).item())
     model.eval()
@@ -107,19 +110,20 @@ def test_trainer_save_model_and_save_pretrained_write_a_loadable_adapter_folder(
     peft_model = peft.get_peft_model(make_tiny_model(0), malora_train.MALoRAPeftConfig(rank=4, num_experts=4))
     args = TrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to=[])
     Trainer(model=peft_model, args=args).save_model(str(tmp_path / "trainer"))
-    adapted = malora_train.get_adapted_model(make_tiny_model(0), malora_train.load_adapter_config("molora", rank=4))
+    adapted = malora_train.get_adapted_model(make_tiny_model(0),
+                                             malora_train.load_adapter_config("molora", rank=4))
     adapted.save_pretrained(tmp_path / "api")
     for folder, model in ((tmp_path / "trainer", peft_model), (tmp_path / "api", adapted)):
         model.eval()
         loaded = malora_train.load_adapted_model(make_tiny_model(0), folder)
         assert (_logits(loaded) - _logits(model)).abs().max() <= TOLERANCE
-        assert (_logits(peft.PeftModel.from_pretrained(make_tiny_model(0), folder)) - _logits(model)).abs().max() \
-            <= TOLERANCE
+        assert (_logits(peft.PeftModel.from_pretrained(make_tiny_model(0), folder))
+                - _logits(model)).abs().max() <= TOLERANCE
 
 
 def test_the_kinds_are_registered_when_peft_is_imported_after_a_look_up() -> None:
-    """transformers asks ``importlib.util.find_spec("peft")`` before anything imports peft: that look-up must not
-    use up the hook that registers the kinds at the real import."""
+    """transformers asks ``importlib.util.find_spec("peft")`` before anything imports peft: that look-up must
+    not use up the hook that registers the kinds at the real import."""
     import subprocess
     import sys
     from pathlib import Path
@@ -128,6 +132,7 @@ def test_the_kinds_are_registered_when_peft_is_imported_after_a_look_up() -> Non
             "from peft.utils.peft_types import PeftType; print(sorted(n for n in PeftType._value2member_map_ "
             "if n in ('MOLORA', 'MALORA', 'HYDRALORA')))")
     repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=repo)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['HYDRALORA', 'MALORA', 'MOLORA']"

@@ -124,8 +124,8 @@ def test_csv_has_one_line_per_configuration_with_mean_and_std_over_seeds(sweep: 
             assert float(row[f"{name}_std"]) == pytest.approx(std), name
             assert std > 0
     interrupted = rows[4]
-    assert (interrupted["adapter"], interrupted["seeds"], interrupted["incomplete"], interrupted["failed"]) == (
-        "molora", "0", "1", "0")
+    assert (interrupted["adapter"], interrupted["seeds"], interrupted["incomplete"],
+            interrupted["failed"]) == ("molora", "0", "1", "0")
     assert interrupted["acc_average_mean"] == interrupted["trainable_params"] == ""
 
 
@@ -165,7 +165,8 @@ def test_failed_jobs_are_listed_with_their_error_and_counted(sweep: Path, capsys
     assert "`adapter=molora,adapter.rank=0` | molora | – | 0 (+2 failed) |" in printed
     assert "`adapter=molora,adapter.rank=16` | molora | – | 0 (+1 incomplete) |" in printed
     assert "Runs not aggregated (3, failed or without a completed summary.json):" in printed
-    assert f"- `{job}` (`{','.join(overrides)}`): failed: adapter.rank=0 must be >= 1, nothing logged" in printed
+    assert (f"- `{job}` (`{','.join(overrides)}`): failed: adapter.rank=0 must be >= 1, nothing logged"
+            in printed)
     failed = next(r for r in read_csv(sweep / "report.csv") if r["config"].endswith("adapter.rank=0"))
     assert (failed["seeds"], failed["incomplete"], failed["failed"]) == ("0", "0", "2")
 
@@ -235,8 +236,9 @@ def test_runs_whose_files_lived_elsewhere_are_one_configuration(sweep: Path, cap
     """The same configuration run on two machines (its data, tokenizer and caches in other folders) is
     one row: seed 1 of lora r=4 gets another data.root, model.tokenizer and data.cache."""
     path = sweep / "1_model=tiny,adapter=lora,adapter.rank=4,seed=1" / ".hydra" / "overrides.yaml"
-    path.write_text(yaml.safe_dump(["model=tiny", "adapter=lora", "adapter.rank=4", "seed=1", "data.root=/elsewhere",
-                                    "model.tokenizer=/tok", "data.cache=false", "data.cache_dir=/c"]))
+    path.write_text(yaml.safe_dump(["model=tiny", "adapter=lora", "adapter.rank=4", "seed=1",
+                                    "data.root=/elsewhere", "model.tokenizer=/tok", "data.cache=false",
+                                    "data.cache_dir=/c"]))
     main([str(sweep)])
     rows = read_csv(sweep / "report.csv")
     assert rows[0]["config"] == "model=tiny,adapter=lora,adapter.rank=4" and rows[0]["seeds"] == "2"

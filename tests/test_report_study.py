@@ -19,8 +19,8 @@ from malora_train.commands.study_stats import LARGER, WITHIN, paired_comparison,
 TASKS = ("boolq", "piqa")
 
 
-def write_run(job_dir: Path, overrides: list[str], kind: str, accuracy: dict[str, float], train_time_s: float = 4.0,
-              routing: dict | None = None) -> None:
+def write_run(job_dir: Path, overrides: list[str], kind: str, accuracy: dict[str, float],
+              train_time_s: float = 4.0, routing: dict | None = None) -> None:
     (job_dir / ".hydra").mkdir(parents=True)
     (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (job_dir / "metrics.jsonl").write_text(json.dumps({"step": 8, "lm_loss": 1.0}) + "\n")
@@ -44,7 +44,8 @@ def make_sweep(root: Path, methods: dict[str, list[float]], variant_key: str = "
 
 
 def comparison_line(report: str, first: str, second: str) -> list[str]:
-    line = next(line for line in report.splitlines() if line.startswith(f"| `+variant={first}` | `+variant={second}`"))
+    line = next(line for line in report.splitlines()
+                if line.startswith(f"| `+variant={first}` | `+variant={second}`"))
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
@@ -68,7 +69,8 @@ def test_paired_comparison_by_hand_both_verdicts() -> None:
     noisy = {"0": 58.0, "1": 60.5, "2": 62.7}  # A - B = 3.0, -2.0, 0.5
     for b, verdict in ((steady, LARGER), (noisy, WITHIN)):
         differences = [a[s] - b[s] for s in ("0", "1", "2")]
-        mean, std = sum(differences) / 3, math.sqrt(sum((d - sum(differences) / 3) ** 2 for d in differences) / 2)
+        mean, std = (sum(differences) / 3,
+                     math.sqrt(sum((d - sum(differences) / 3) ** 2 for d in differences) / 2))
         result = paired_comparison("A", "B", a, b)
         assert result.differences == pytest.approx(differences)
         assert (result.mean, result.std) == pytest.approx((mean, std))
@@ -96,10 +98,12 @@ def test_report_prints_the_paired_comparison_of_every_two_configurations(tmp_pat
     assert (malora_lora[7], malora_lora[8]) == ("3/3", LARGER)
     # molora - lora = 3.0, -1.9, 0.5: the better mean first, within the noise
     molora_lora = comparison_line(report, "molora", "lora")
-    assert molora_lora[4] == f"+{statistics.fmean([3.0, -1.9, 0.5]):.2f} ± {statistics.stdev([3.0, -1.9, 0.5]):.2f}"
+    assert molora_lora[4] == (f"+{statistics.fmean([3.0, -1.9, 0.5]):.2f} ± "
+                              f"{statistics.stdev([3.0, -1.9, 0.5]):.2f}")
     assert (molora_lora[7], molora_lora[8]) == ("2/3", WITHIN)
     assert sum(line.startswith("| `+variant=") and "seed noise" in line for line in report.splitlines()) == 3
-    step_time = [c.strip() for c in next(row for row in report.splitlines() if row.startswith("| `+variant=lora`"))
+    step_time = [c.strip() for c in next(row for row in report.splitlines()
+                                         if row.startswith("| `+variant=lora`"))
                  .strip("|").split("|")][-1]
     assert step_time == "0.500 ± 0.000"  # 4 s of training over 8 steps, each seed
 
@@ -140,7 +144,8 @@ def test_routing_section_shares_entropy_and_mutual_information(tmp_path: Path, c
     assert "| boolq | 37.5 | 37.5 | 12.5 | 12.5 |" in lines  # (50 + 25) / 2 over the two layers
     assert "| 0 | 1.00 | 1.00 | 1.000 |" in lines
     assert "| 1 | 2.00 | 2.00 | 0.000 |" in lines
-    # unequal tokens: I = H(marginal) - mean H(row) with weights 3/4, 1/4 (layer 0 marginal .375,.375,.125,.125)
+    # unequal tokens: I = H(marginal) - mean H(row) with weights 3/4, 1/4
+    # (layer 0 marginal .375,.375,.125,.125)
     for seed in (0, 1):
         (tmp_path / f"malora_{seed}" / "routing.json").write_text(
             json.dumps(routing_file(layers, {"boolq": 90, "piqa": 30})))

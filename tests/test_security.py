@@ -89,7 +89,8 @@ class EvilModel(LlamaForCausalLM):
 
 
 def test_a_run_directory_cannot_run_a_model_folders_code(make_tiny_model, tmp_path, monkeypatch, capsys):
-    """``malora-eval eval.run_dir=D`` with ``trust_remote_code: true`` in D/config.yaml: refused, nothing ran."""
+    """``malora-eval eval.run_dir=D`` with ``trust_remote_code: true`` in D/config.yaml: refused, nothing
+    ran."""
     from malora_train.cli import eval_main
 
     marker = tmp_path / "code-ran"

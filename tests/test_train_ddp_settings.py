@@ -34,16 +34,17 @@ def split(events: list[list], marker: str) -> list[list[list]]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["malora", "molora"])
-def test_ddp_reduces_every_adapter_gradient_once_a_step_overlapping_backward(tmp_path, tiny_training_overrides,
+def test_ddp_reduces_every_adapter_gradient_once_a_step_overlapping_backward(tmp_path,
+                                                                             tiny_training_overrides,
                                                                              kind):
     # top-1 of 8 experts over 2 short rows: most experts see no token in a micro-batch
-    overrides = [*tiny_training_overrides, f"adapter={kind}", "adapter.router.top_k=1", "trainer.micro_batch_size=1",
-                 f"trainer.grad_accum={GRAD_ACCUM}", f"trainer.ddp_bucket_cap_mb={BUCKET_MB}",
-                 f"trainer.max_steps={STEPS}"]
+    overrides = [*tiny_training_overrides, f"adapter={kind}", "adapter.router.top_k=1",
+                 "trainer.micro_batch_size=1", f"trainer.grad_accum={GRAD_ACCUM}",
+                 f"trainer.ddp_bucket_cap_mb={BUCKET_MB}", f"trainer.max_steps={STEPS}"]
     launcher = Path(sys.executable).parent / "accelerate"
-    command = [str(launcher), "launch", "--config_file", str(REPO_ROOT / "conf" / "accelerate" / "ddp.yaml"),
-               "--num_processes", "2", str(REPO_ROOT / "tests" / "ddp_probe_run.py"), str(tmp_path), str(STEPS),
-               *overrides]
+    command = [str(launcher), "launch", "--config_file",
+               str(REPO_ROOT / "conf" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+               str(REPO_ROOT / "tests" / "ddp_probe_run.py"), str(tmp_path), str(STEPS), *overrides]
     # a rank waiting on another fails in 120 s, naming itself, well within the test's timeout
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "MALORA_DIST_TIMEOUT_S": "120"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

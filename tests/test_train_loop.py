@@ -40,7 +40,8 @@ def nan_at_training_forward(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
             if calls[0] == call:
                 nan = torch.tensor(float("nan"))
                 return dataclasses.replace(out, loss=out.loss * nan, lm_loss=out.lm_loss * nan,
-                                           seq_loss_sum=out.seq_loss_sum * nan, token_loss=out.token_loss * nan)
+                                           seq_loss_sum=out.seq_loss_sum * nan,
+                                           token_loss=out.token_loss * nan)
         return out
 
     monkeypatch.setattr(AdaptedCausalLM, "forward", forward)
@@ -51,8 +52,8 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp
                                                                             tiny_training_overrides):
     run_dir = tmp_path / "run"
     nan_at_training_forward(monkeypatch, 5)
-    code = run_program(monkeypatch, "malora-train", [*tiny_training_overrides, "trainer.max_steps=8", "trainer.save_every=2",
-                                 f"hydra.run.dir={run_dir}"])
+    code = run_program(monkeypatch, "malora-train", [*tiny_training_overrides, "trainer.max_steps=8",
+                                                     "trainer.save_every=2", f"hydra.run.dir={run_dir}"])
     assert code == 2
     [line] = error_lines(capsys.readouterr().err)
     assert line.startswith(f"malora-train: error: non-finite loss at step 5; last good checkpoint: "
@@ -262,7 +263,8 @@ def bytes_once_written(path: Path, needles: list[bytes], timeout: float = 60.0) 
     import time
 
     deadline = time.monotonic() + timeout
-    while not all(needle in (data := path.read_bytes()) for needle in needles) and time.monotonic() < deadline:
+    while (not all(needle in (data := path.read_bytes()) for needle in needles)
+           and time.monotonic() < deadline):
         time.sleep(0.2)
     return data
 
@@ -289,7 +291,8 @@ def test_wandb_offline_logs_locally_with_the_run_name_from_the_overrides(tmp_pat
             pytest.skip(f"wandb tried the network in offline mode: {err}")
         raise
     [kwargs] = calls  # Accelerate's wandb tracker started the run
-    assert kwargs["mode"] == "offline" and kwargs["dir"] == str(run_dir) and kwargs["project"] == "malora-train"
+    assert (kwargs["mode"] == "offline" and kwargs["dir"] == str(run_dir)
+            and kwargs["project"] == "malora-train")
     assert kwargs["name"] == "adapter=lora,trainer.max_steps=2"  # logger.* overrides are left out
     assert kwargs["tags"] == ["smoke", "cpu"]
     [offline_run] = list((run_dir / "wandb").glob("offline-run-*"))

@@ -76,12 +76,15 @@ def test_constant_schedules_with_and_without_warmup():
 
 
 def test_every_transformers_schedule_is_available_with_its_own_arguments():
-    assert set(schedule_names()) == {kind.value for kind in SchedulerType} - {"reduce_lr_on_plateau", "greedy"}
+    assert set(schedule_names()) == ({kind.value for kind in SchedulerType}
+                                     - {"reduce_lr_on_plateau", "greedy"})
     # two cosine cycles after a 2-step warm-up: the lr is back at the peak half-way through the 8 steps
     restarts = lrs("cosine_with_restarts", 10, 0.2, num_cycles=2)
-    assert restarts[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * ((2 * k / 8) % 1))) for k in range(8)])
+    assert restarts[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * ((2 * k / 8) % 1)))
+                                          for k in range(8)])
     # a quadratic decay from the peak to lr_end over the 8 steps after the warm-up
-    assert lrs("polynomial", 10, 0.2, power=2.0, lr_end=0.0)[2:] == pytest.approx([(1 - k / 8) ** 2 for k in range(8)])
+    assert lrs("polynomial", 10, 0.2, power=2.0, lr_end=0.0)[2:] == \
+        pytest.approx([(1 - k / 8) ** 2 for k in range(8)])
     # warm-up, a stable plateau, then a linear decay over the last num_decay_steps (to min_lr_ratio)
     assert lrs("warmup_stable_decay", 10, 0.2, num_decay_steps=4, decay_type="linear") == pytest.approx(
         [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
@@ -116,14 +119,17 @@ def test_schedule_state_round_trips_through_json_exactly(name):
 
 def test_schedule_and_optimizer_settings_are_checked():
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ConfigError, match="trainer.lr_scheduler='step' is not supported; choose one of linear"):
+    with pytest.raises(ConfigError,
+                       match="trainer.lr_scheduler='step' is not supported; choose one of linear"):
         build_scheduler(optimizer, trainer_cfg(lr_scheduler="step"), 10)
-    with pytest.raises(ConfigError, match="'reduce_lr_on_plateau' is not supported .it steps on a validation"):
+    with pytest.raises(ConfigError,
+                       match="'reduce_lr_on_plateau' is not supported .it steps on a validation"):
         build_scheduler(optimizer, trainer_cfg(lr_scheduler="reduce_lr_on_plateau"), 10)
-    with pytest.raises(ConfigError, match=r"trainer.lr_scheduler=cosine_with_min_lr with trainer.lr_scheduler_kwargs"
-                                          r"=\{\}: .*min_lr"):
+    with pytest.raises(ConfigError, match=r"trainer.lr_scheduler=cosine_with_min_lr with "
+                                          r"trainer.lr_scheduler_kwargs=\{\}: .*min_lr"):
         build_scheduler(optimizer, trainer_cfg(lr_scheduler="cosine_with_min_lr"), 10)
-    with pytest.raises(ConfigError, match=r"trainer.lr_scheduler_kwargs=\{'cycles': 2\}: .*unexpected keyword"):
+    with pytest.raises(ConfigError,
+                       match=r"trainer.lr_scheduler_kwargs=\{'cycles': 2\}: .*unexpected keyword"):
         build_scheduler(optimizer, trainer_cfg(lr_scheduler="cosine", lr_scheduler_kwargs={"cycles": 2}), 10)
     with pytest.raises(ConfigError, match="trainer.warmup_ratio"):
         build_scheduler(optimizer, trainer_cfg(warmup_ratio=1.0), 10)

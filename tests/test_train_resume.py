@@ -246,7 +246,8 @@ def test_sigterm_twice_saves_at_the_next_step_and_the_hint_resumes_with_the_runs
     [step] = [s for s, _ in complete_checkpoints(run_dir)]
     assert 3 <= step < steps
     assert_every_listed_checkpoint_loads(run_dir, make_tiny_model)
-    hint = f"stopped by signal at step {step}; saved {run_dir / 'checkpoints' / f'step_{step}'}; continue with "
+    hint = (f"stopped by signal at step {step}; saved {run_dir / 'checkpoints' / f'step_{step}'}; "
+            "continue with ")
     assert hint in output
     resume_args = output.split(hint)[1].split()[:2]
     assert resume_args == ["trainer.resume=auto", f"hydra.run.dir={run_dir}"]
@@ -254,8 +255,8 @@ def test_sigterm_twice_saves_at_the_next_step_and_the_hint_resumes_with_the_runs
     assert list(train_losses(run_dir)) == list(range(1, step + 1))
     assert not (run_dir / "summary.json").exists()
 
-    resumed = subprocess.run(cli_command(run_dir, resume_args[:1]), cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(cli_command(run_dir, resume_args[:1]), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = read_json(run_dir / "summary.json")
     assert (summary["status"], summary["steps"], summary["model"], summary["adapter"]) == (
@@ -281,8 +282,8 @@ def test_a_second_signal_during_the_save_does_not_interrupt_it(tmp_path, run_tra
 
 
 def test_a_stopped_single_run_ignores_further_signals_and_a_library_caller_gets_its_handlers_back():
-    """The command line's single run (``hold``) ends with its process: a repeated signal after the stop's save,
-    while it ends (the interpreter's shutdown included), must not kill it (exit status 0, not -15): the
+    """The command line's single run (``hold``) ends with its process: a repeated signal after the stop's
+    save, while it ends (the interpreter's shutdown included), must not kill it (exit status 0, not -15): the
     signals are ignored from there on. Elsewhere the previous handlers come back."""
     from malora_train.train.loop import StopRequest
 

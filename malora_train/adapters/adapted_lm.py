@@ -39,7 +39,8 @@ class AdaptedOutput:
 
     def detached(self) -> AdaptedOutput:
         """The same values cut from the autograd graph (what bookkeeping keeps after the backward)."""
-        return AdaptedOutput(**{f.name: (v.detach() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+        return AdaptedOutput(**{f.name: (v.detach() if isinstance(v := getattr(self, f.name), torch.Tensor)
+                                         else v)
                                 for f in fields(self)})
 
 

@@ -54,8 +54,8 @@ def _peft_targets(model: AdaptedCausalLM) -> Any:
 
 
 def adapter_metadata(model: AdaptedCausalLM) -> dict[str, Any]:
-    """What the files say beside the config keys: the sizes the layers were built with, the adapted layers, and
-    which package reads the folder."""
+    """What the files say beside the config keys: the sizes the layers were built with, the adapted layers,
+    and which package reads the folder."""
     layer = next(layer for _, layer in adapter_layers(model.model))
     return {
         "format_version": FORMAT_VERSION,
@@ -74,14 +74,17 @@ def adapter_config_dict(model: AdaptedCausalLM, base_model_name: str) -> dict[st
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     layer = next(layer for _, layer in adapter_layers(model.model))
     meta = adapter_metadata(model)
-    if not adapter_class(cfg.kind).peft_format:  # the fields of peft_method's config class of the kind
-        return {"peft_type": cfg.kind.upper(), "task_type": TASK_TYPE, "base_model_name_or_path": base_model_name,
-                "revision": None, "inference_mode": True, "auto_mapping": None, **cfg_dict, "malora_train": meta}
+    # the fields of peft_method's config class of the kind
+    if not adapter_class(cfg.kind).peft_format:
+        return {"peft_type": cfg.kind.upper(), "task_type": TASK_TYPE,
+                "base_model_name_or_path": base_model_name, "revision": None, "inference_mode": True,
+                "auto_mapping": None, **cfg_dict, "malora_train": meta}
     meta = {**meta, "format_version": 1, "adapter": cfg_dict}  # LoRA's file keeps the keys in its metadata
     del meta["read_with"]  # PEFT's own LoRA
     return {  # only fields PEFT's LoraConfig knows; the metadata goes to LORA_METADATA
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-        "r": layer.expert_rank, "lora_alpha": layer.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "r": layer.expert_rank, "lora_alpha": layer.alpha, "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
         "target_modules": _peft_targets(model), "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "malora_train": meta,
     }

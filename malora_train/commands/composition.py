@@ -196,7 +196,8 @@ def check_same_shapes(run_dir: Path, saved: DictConfig, merged: DictConfig) -> N
     for key in SHAPE_KEYS:
         before, after = (_plain(OmegaConf.select(c, key)) for c in (saved, merged))
         if before != after:
-            raise ConfigError(f"{key}={_show(after)} differs from {_show(before)} in {Path(run_dir) / CONFIG_FILE}: "
+            raise ConfigError(f"{key}={_show(after)} differs from {_show(before)} in "
+                              f"{Path(run_dir) / CONFIG_FILE}: "
                               "a run resumes with the model and adapter it was trained with (start a new "
                               "run to change them)")
 
@@ -270,5 +271,6 @@ def describe_hydra_error(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     if err.__cause__ is not None:
         lines += [ln.strip() for ln in str(err.__cause__).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.startswith(("To append", "reference_type", "object_type", "See https"))]
+    keep = [ln for ln in lines
+            if not ln.startswith(("To append", "reference_type", "object_type", "See https"))]
     return " | ".join(keep) or type(err).__name__

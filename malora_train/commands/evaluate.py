@@ -1,8 +1,9 @@
 """``malora-eval``: per-task accuracy of a base model plus a saved adapter (or a whole run directory,
 whose saved config the command line was put on top of, see ``composition.run_config``), with
 ``eval_<scorer>.json`` and ``predictions_<scorer>.jsonl`` written to ``eval.output_dir`` (by default the run
-directory's ``eval/``), and ``eval.export=merged`` to write a LoRA-merged full model. ``eval.adapter_path=none``
-evaluates the base model alone (the zero-shot baseline; a run directory's files are then ``eval_base_*``)."""
+directory's ``eval/``), and ``eval.export=merged`` to write a LoRA-merged full model.
+``eval.adapter_path=none`` evaluates the base model alone (the zero-shot baseline; a run directory's files
+are then ``eval_base_*``)."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def eval_command(cfg: Config) -> dict[str, Any]:
             raise ConfigError("eval.export=merged needs an adapter to merge; eval.adapter_path=none has none")
         return _evaluate_adapter(cfg, None)
     if adapter_dir is None:
-        raise ConfigError("malora-eval needs eval.run_dir=<run directory> or eval.adapter_path=<adapter folder> "
-                          "(eval.adapter_path=none: the base model alone)")
+        raise ConfigError("malora-eval needs eval.run_dir=<run directory> or "
+                          "eval.adapter_path=<adapter folder> (eval.adapter_path=none: the base model alone)")
     # fail before the model loads (and before a missing run directory is made)
     adapter_cfg, _ = read_adapter_config(adapter_dir)
     if cfg.eval.export:

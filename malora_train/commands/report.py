@@ -270,7 +270,8 @@ def read_run(run_dir: Path, root: Path) -> Run:
     run.trainable_percent = number(summary, "trainable_percent", summary_path)
     run.final_lm_loss = (final_lm_loss(metrics_path, records) if metrics_path.is_file()
                          else packed.get("final_lm_loss"))
-    train_time, steps_done = number(summary, "train_time_s", summary_path), number(summary, "steps", summary_path)
+    train_time, steps_done = (number(summary, "train_time_s", summary_path),
+                              number(summary, "steps", summary_path))
     run.step_time_s = train_time / steps_done if train_time is not None and steps_done else None
     run.routing = read_routing(run_dir) if (run_dir / ROUTING_FILE).is_file() else packed.get("routing")
     return run
@@ -406,8 +407,8 @@ def unfinished_list(rows: list[Row]) -> str:
 def markdown_report(rows: list[Row]) -> str:
     """The table, a line on what it shows, the runs left out of it, the paired comparisons and the routing."""
     parts = [markdown_table(rows),
-             "Accuracy after training (%), final training lm_loss, tokens/s and training time per step: mean ± "
-             f"sample std over seeds ({MISSING} for a single seed)."]
+             "Accuracy after training (%), final training lm_loss, tokens/s and training time per step: "
+             f"mean ± sample std over seeds ({MISSING} for a single seed)."]
     shared = common_overrides(rows)
     if shared:
         parts.append(f"Overrides shared by every configuration: `{','.join(shared)}`.")
@@ -448,19 +449,20 @@ def comparison_markdown(comparisons: list[PairedComparison]) -> str:
         t = MISSING if c.t is None else f"{c.t:.2f}"
         p = MISSING if c.p_value is None else f"{c.p_value:.3f}"
         std = MISSING if c.std is None else f"{c.std:.2f}"
-        lines.append(f"| `{c.first}` | `{c.second}` | {len(c.seeds)} | {per_seed} | {c.mean:+.2f} ± {std} | {t} "
-                     f"| {p} | {c.wins}/{len(c.seeds)} | {c.verdict} |")
-    lines += ["", "Differences of the average accuracy after training (points), seed by seed (the same seed: the "
-              "same data order and evaluation). Student's paired t test, two-sided, 5% level: \"larger than "
-              "seed noise\" when |t| exceeds the t quantile for n − 1 degrees of freedom (12.71 for 2 seeds, "
-              "4.30 for 3); otherwise the seeds do not show a difference."]
+        lines.append(f"| `{c.first}` | `{c.second}` | {len(c.seeds)} | {per_seed} | {c.mean:+.2f} ± {std} "
+                     f"| {t} | {p} | {c.wins}/{len(c.seeds)} | {c.verdict} |")
+    lines += ["", "Differences of the average accuracy after training (points), seed by seed (the same seed: "
+              "the same data order and evaluation). Student's paired t test, two-sided, 5% level: "
+              "\"larger than seed noise\" when |t| exceeds the t quantile for n − 1 degrees of freedom "
+              "(12.71 for 2 seeds, 4.30 for 3); otherwise the seeds do not show a difference."]
     return "\n".join(lines)
 
 
 def csv_header(tasks: list[str]) -> list[str]:
     metrics = [f"acc_{t}" for t in tasks] + ["acc_average", "final_lm_loss", "tokens_per_s", "step_time_s"]
     stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
-    return ["config", "adapter", "seeds", "incomplete", "failed", "trainable_params", "trainable_percent", *stats]
+    return ["config", "adapter", "seeds", "incomplete", "failed", "trainable_params", "trainable_percent",
+            *stats]
 
 
 def csv_text(rows: list[Row]) -> str:
@@ -501,8 +503,9 @@ def accuracy_figure(rows: list[Row]):
         ax.errorbar([r.trainable_params for r in points], [r.average.mean for r in points],
                     yerr=[r.average.std or 0.0 for r in points], fmt=markers[index % len(markers)],
                     color=f"C{index}", capsize=3, markersize=7, label=kind)
-        labels += [ax.annotate(point_label(r), (r.trainable_params, r.average.mean), textcoords="offset points",
-                               xytext=(5, 4), fontsize=7, color=f"C{index}") for r in points]
+        labels += [ax.annotate(point_label(r), (r.trainable_params, r.average.mean),
+                               textcoords="offset points", xytext=(5, 4), fontsize=7, color=f"C{index}")
+                   for r in points]
     if plotted:
         ax.set_xscale("log")
         ax.legend(title="adapter")
@@ -542,7 +545,8 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
 
 # -- command -----------------------------------------------------------------------------------------------
 
-def build_report(roots: Path | list[Path], out_dir: Path, group_by_seed: bool = True) -> tuple[list[Row], str]:
+def build_report(roots: Path | list[Path], out_dir: Path,
+                 group_by_seed: bool = True) -> tuple[list[Row], str]:
     """Read every run below each of ``roots``, write the three outputs into ``out_dir``; returns (rows,
     markdown). Runs of several sweeps with the same overrides are one configuration (their seeds pooled)."""
     runs = []

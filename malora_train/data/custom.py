@@ -40,13 +40,15 @@ def check_custom_task(task: CustomTaskConfig, key: str) -> None:
     if not task.name.strip():
         raise ConfigError(f"{key}.name is empty")
     if not template_fields(task.prompt_template, f"{key}.prompt_template"):
-        raise ConfigError(f"{key}.prompt_template has no {{field}} placeholder, so every prompt would be equal")
+        raise ConfigError(f"{key}.prompt_template has no {{field}} placeholder, "
+                          "so every prompt would be equal")
     target_fields = template_fields(task.target_template, f"{key}.target_template")
     if placeholder_count(task.target_template, "label") > 1:
         raise ConfigError(f"{key}.target_template={task.target_template!r} names {{label}} more than once")
     if not target_fields:
-        raise ConfigError(f"{key}.target_template={task.target_template!r} needs {{label}} (or record fields, e.g. "
-                          "'{rationale} The answer is {label}.'), else every target would be equal")
+        raise ConfigError(f"{key}.target_template={task.target_template!r} needs {{label}} "
+                          "(or record fields, e.g. '{rationale} The answer is {label}.'), "
+                          "else every target would be equal")
     if not task.answer_field:
         raise ConfigError(f"{key}.answer_field is empty")
     if task.answer_type not in ANSWER_TYPES:
@@ -80,7 +82,8 @@ def _render(record: Record, template: str, fields: list[str], label: str | None 
     try:
         return template.format_map(values)
     except (ValueError, TypeError) as err:
-        raise DataError(f"{record.where}: the template {template!r} cannot format this record ({err})") from None
+        raise DataError(f"{record.where}: the template {template!r} cannot format this record "
+                        f"({err})") from None
 
 
 def _file_label(record: Record, field: str) -> str:

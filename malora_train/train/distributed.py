@@ -135,7 +135,8 @@ def ddp_settings(trainer: TrainerConfig) -> DistributedDataParallelKwargs:
 
 def build_accelerator(trainer: TrainerConfig, trackers: list[str] | None = None,
                       logging_dir: Path | None = None) -> Accelerator:
-    """``trackers``: Accelerate tracker names (``log_with``); those that write files write below ``logging_dir``."""
+    """``trackers``: Accelerate tracker names (``log_with``); those that write files write below
+    ``logging_dir``."""
     cpu = use_cpu()
     handlers: list = [ddp_settings(trainer)]
     if world_size() > 1 and backend() == "gloo":

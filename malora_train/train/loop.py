@@ -2,8 +2,8 @@
 train with checkpoints, evaluate, summarise.
 
 One optimiser step draws ``grad_accum`` global micro-batches of ``micro_batch_size x world`` rows from
-the data stream (the same on every rank); each rank runs its block of ``micro_batch_size`` rows. The LM loss is the
-sum of token losses divided by the step's global answer-token count, so a step's update does not
+the data stream (the same on every rank); each rank runs its block of ``micro_batch_size`` rows. The LM loss
+is the sum of token losses divided by the step's global answer-token count, so a step's update does not
 depend on how its rows are split over micro-batches and ranks (the router's auxiliary loss, a
 per-forward statistic, is the one part that does).
 """
@@ -252,9 +252,9 @@ class Trainer:
                                   seed=self.cfg.seed, blocks=self.world)
         self.total_steps = total_steps(trainer, self.stream.batches_for_epochs)
         self.log_every = trainer.log_every or (10 if on_gpu else 1)
-        # on a GPU the LM head's answer slots only grow, rounded to this multiple (``labels.answer_slots``): the
-        # run settles on one K in its first step or two. Trainer state only: after a resume the first step grows
-        # it again. The CPU (1) takes exactly the answer positions.
+        # on a GPU the LM head's answer slots only grow, rounded to this multiple (``labels.answer_slots``):
+        # the run settles on one K in its first step or two. Trainer state only: after a resume the first step
+        # grows it again. The CPU (1) takes exactly the answer positions.
         self._loss_multiple = 256 if self.step_path.captured else 64 if on_gpu else 1
         self._answer_slots = 0
 
@@ -272,10 +272,12 @@ class Trainer:
         if captured:  # no DDP wrapper: its hooks cannot live inside a capture
             self.engine, self.optimizer = self.model, acc.prepare(optimizer)
             self.graphs = StepGraphs(self._forward_backward, self._update, self.trainable, acc.device,
-                                     self.model.kernel_state, all_reduce=all_reduce_sum if self.world > 1 else None)
+                                     self.model.kernel_state,
+                                     all_reduce=all_reduce_sum if self.world > 1 else None)
         else:
             self.engine, self.optimizer = acc.prepare(self.model, optimizer)
-        set_seed(self.cfg.seed, device_specific=True)  # dropout: rank 0 as one process would, others their own
+        # dropout: rank 0 as one process would, others their own
+        set_seed(self.cfg.seed, device_specific=True)
 
     def _setup_state(self, resolved_yaml: str, overrides: list[str]) -> None:
         """Restore a checkpoint (or start fresh), record the config, open the metrics log."""
@@ -426,7 +428,8 @@ class Trainer:
                      else f"between steps {first} and {self.state.step} (one logging window; "
                           "trainer.log_every=1 names the step)")
             raise NonFiniteLoss(f"non-finite loss {where}; {last_good_hint(self.run_dir)} (resume with "
-                                "trainer.resume=auto and a lower trainer.lr, or set trainer.skip_nonfinite=true)")
+                                "trainer.resume=auto and a lower trainer.lr, "
+                                "or set trainer.skip_nonfinite=true)")
         metrics["lr"] = float(self._last_lr)  # a device tensor on the captured path
         metrics.update({f"epoch/{task}": e for task, e in self.stream.mixture.epochs.items()})
         if self._skipped:
@@ -455,7 +458,8 @@ class Trainer:
         self._end_step(tokens, answers, grad_norm, finite=True)
 
     def _start_step(self) -> tuple[list[dict[str, torch.Tensor]], int, int]:
-        """The step's global micro-batches, answer tokens and real tokens (host counts); notes the step's lr."""
+        """The step's global micro-batches, answer tokens and real tokens (host counts); notes the step's
+        lr."""
         with phase("data"):
             batches = [self.stream.next_batch() for _ in range(self.cfg.trainer.grad_accum)]
             answers = sum(answer_tokens(b) for b in batches)
@@ -463,7 +467,8 @@ class Trainer:
         self._last_lr = self.scheduler.get_last_lr()[0]
         return batches, answers, tokens
 
-    def _end_step(self, tokens: int, answers: int, grad_norm: torch.Tensor | float | None, finite: bool) -> None:
+    def _end_step(self, tokens: int, answers: int, grad_norm: torch.Tensor | float | None,
+                  finite: bool) -> None:
         """Advance the schedule and count the step in the logging window and the run's state."""
         with phase("bookkeeping"):
             self.scheduler.step()
@@ -485,7 +490,8 @@ class Trainer:
     def _update(self) -> torch.Tensor | None:
         """Clip, step, zero the gradients in place (graphs call it; they keep the gradient tensors)."""
         max_norm = self.cfg.trainer.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True) if max_norm > 0 else None
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True) if max_norm > 0
+                     else None)
         self.optimizer.optimizer.step()
         self.optimizer.optimizer.zero_grad(set_to_none=False)
         return grad_norm
@@ -531,7 +537,8 @@ class Trainer:
         local = local_rows(batch, self.process_index, self.world)
         found = loss_targets(local["labels"], local["task_ids"])
         # a GPU: K padded to slots that only grow, with headroom; the CPU (multiple 1): exactly the answers
-        self._answer_slots = answer_slots(found["loss_index"].numel(), self._answer_slots, self._loss_multiple)
+        self._answer_slots = answer_slots(found["loss_index"].numel(), self._answer_slots,
+                                          self._loss_multiple)
         local.update(pad_loss_targets(found, self._answer_slots))
         return local
 
@@ -649,7 +656,8 @@ class Trainer:
             "steps": state.step,
             "tokens": state.tokens,
             "wall_time_s": state.wall_time,
-            "startup_s": self.startup_s,  # this (last) start's set-up: model, adapters, data (imports excluded)
+            # this (last) start's set-up: model, adapters, data (imports excluded)
+            "startup_s": self.startup_s,
             "train_time_s": state.train_time,
             "tokens_per_s": state.tokens / state.train_time if state.train_time else 0.0,
             "peak_memory_gb": peak_memory_gb(self.accelerator.device),

@@ -60,7 +60,8 @@ def check_logger(cfg: LoggerConfig) -> None:
 
 
 def installed_trackers(cfg: LoggerConfig) -> list[str]:
-    """The trackers of ``logger.trackers`` whose package is installed; each missing one is named in a warning."""
+    """The trackers of ``logger.trackers`` whose package is installed; each missing one is named in a
+    warning."""
     from accelerate.tracking import get_available_trackers
 
     check_logger(cfg)
@@ -97,7 +98,8 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, enabled: bool, logger_cfg: LoggerConfig, run_name: str,
-                 config: dict[str, Any], resume_step: int | None, accelerator: Accelerator | None = None) -> None:
+                 config: dict[str, Any], resume_step: int | None,
+                 accelerator: Accelerator | None = None) -> None:
         check_logger(logger_cfg)
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
@@ -180,7 +182,8 @@ class Progress:
                         unit="step", dynamic_ncols=True)
 
     def update(self, metrics: dict[str, Any] | None) -> None:
-        """One step done; ``metrics`` when a logging window closed with it (the figures shown until the next)."""
+        """One step done; ``metrics`` when a logging window closed with it (the figures shown until the
+        next)."""
         if metrics:
             self.bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", aux=f"{metrics['aux_loss']:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -239,7 +242,8 @@ def format_summary(summary: dict[str, Any], before: EvalResult | None, after: Ev
     """The text printed when a run completes: throughput, parameters, accuracy before -> after and, for
     mixtures, the share of each task's tokens per expert."""
     best = summary["best_eval_average"]
-    best_text = f"best eval average {best:.2f} at step {summary['best_step']}" if best is not None else "no eval"
+    best_text = (f"best eval average {best:.2f} at step {summary['best_step']}" if best is not None
+                 else "no eval")
     lines = ["", f"== {summary['model']} + {summary['adapter']}: {summary['steps']} steps, "
                  f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.0f} s "
                  f"({summary['tokens_per_s']:.0f} tokens/s while training), "

@@ -93,7 +93,8 @@ def schedule_names() -> list[str]:
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """``transformers.get_scheduler(trainer.lr_scheduler)`` with ``ceil(warmup_ratio x steps)`` warm-up steps
-    and ``trainer.lr_scheduler_kwargs`` (e.g. ``num_cycles``, ``power``, ``min_lr_rate``, ``num_decay_steps``)."""
+    and ``trainer.lr_scheduler_kwargs`` (e.g. ``num_cycles``, ``power``, ``min_lr_rate``,
+    ``num_decay_steps``)."""
     name = trainer.lr_scheduler
     if name not in schedule_names():
         why = " (it steps on a validation metric)" if name in METRIC_SCHEDULES else ""
@@ -106,7 +107,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig,
         return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(trainer.warmup_ratio * total_steps),
                              num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"trainer.lr_scheduler={name} with trainer.lr_scheduler_kwargs={kwargs}: {err}") from err
+        raise ConfigError(f"trainer.lr_scheduler={name} with trainer.lr_scheduler_kwargs={kwargs}: "
+                          f"{err}") from err
 
 
 def check_schedule(trainer: TrainerConfig) -> None:

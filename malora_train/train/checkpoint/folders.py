@@ -73,7 +73,8 @@ def unlisted_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = [(int(match.group(1)), path) for path in root.iterdir()
-             if (match := STEP_DIR.match(path.name)) and path.is_dir() and not (path / MANIFEST_FILE).is_file()]
+             if (match := STEP_DIR.match(path.name)) and path.is_dir()
+             and not (path / MANIFEST_FILE).is_file()]
     return sorted(found)
 
 

@@ -50,7 +50,8 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
                 verify_checkpoint(path)
             else:
                 check_unlisted(path)
-                log.warning("trainer.resume=auto: resuming from %s, which has no manifest to verify it by", path)
+                log.warning("trainer.resume=auto: resuming from %s, which has no manifest to verify it by",
+                            path)
         except DamagedCheckpoint as err:
             problems.append(str(err))
             log.warning("trainer.resume=auto: skipping damaged checkpoint %s (%s)", path.name, err)
