@@ -348,6 +348,10 @@ class DataConfig:
     train_per_task: Optional[int] = None  # cap on training examples per task (synthetic: how many)
     eval_per_task: Optional[int] = None  # cap on eval examples per task (synthetic: how many)
     eval_fraction: float = 0.2  # split for tasks that have no train split
+    # share of each task's training examples held out as its validation split, never trained on (0: none);
+    # a deterministic hash split of the (capped) training examples, the same in every run and seed
+    validation_fraction: float = 0.0
+    eval_split: str = "test"  # what evaluation scores: test (the task's evaluation split) | validation
     prompt_template: str = "alpaca"  # alpaca | plain | chat (the tokenizer's chat template; instruct models)
     sampling: str = "proportional"  # proportional | uniform | temperature
     temperature: float = 2.0  # sampling=temperature: p ~ n^(1/T)
