@@ -8,6 +8,9 @@
     python scripts/study.py synthetic model=tiny trainer.max_steps=2 '+variant=lora,molora' seed=0,1
     python scripts/study.py commonsense --jobs 3        # the seeds as 3 processes at once, then one report
     python scripts/study.py commonsense --pack          # the runs' raw files into one archive (a repository)
+    python scripts/study.py lr_sweep --part bigbench    # each method's lr on a validation split, then 3 seeds
+    python scripts/study.py rank_experts                # MoLoRA/MALoRA over N x r at their tuned lrs
+    python scripts/study.py router_specialisation       # router lr scale x balance coef x init
 
 Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one
 folder per job named by its overrides (not by its number, so adding a seed or a method does not rename the
@@ -33,6 +36,17 @@ share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once.
 large GPU idle: with CUDA MPS running (``nvidia-cuda-mps-control -d``) the processes' kernels share the GPU
 (RESULTS.md gives the study's timings). The GPU pool launcher does the same within one sweep:
 ``hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=5``.
+
+The tuned parts (issue 27; ``malora_train/commands/study_tuning.py``) start from ``--part``'s preset
+(default bigbench, on the probe's tasks). ``lr_sweep`` holds ``--validation-fraction`` (0.1) of each task's
+training examples out as a validation split (``data.validation_fraction``, never trained on), trains every
+method at every ``--lrs`` on seed 0 scoring that split (``<out>/lr_sweep_<part>/validation/``), writes each
+method's choice, curve and spread to ``lr_selection.json`` / ``.md`` (the highest validation average, a tie
+to the smaller lr; a method with a missing run gets no choice, the run named), then trains ``--seeds``
+(0,1,2) at the chosen lr on the test split (``tuned/``) and writes ``report.md`` with the shared-lr report of
+``<out>/<part>/`` beside it. ``rank_experts`` and ``router_specialisation`` read the choices (or ``--lr
+METHOD=LR``) and write ``rank_experts.{md,csv,png}`` / ``router_specialisation.md`` beside malora-report's
+files. ``+variant=a,b`` on the command line picks the methods.
 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
 evaluated before and after training. A task is selected when its accuracy after training is at least
@@ -323,7 +337,7 @@ def lr_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     shared_text = (shared.read_text() if shared.is_file() else
                    f"Not found here ({shared}): make study PART={base} writes it.\n")
     report_md = (f"# {base}: learning rate chosen per method on the validation split\n\n{selection}\n"
-                 f"## Tuned lr, 3 seeds, the test split (`{part_dir / 'tuned'}`)\n\n"
+                 f"## Tuned lr, seed(s) {','.join(seeds)}, the test split (`{part_dir / 'tuned'}`)\n\n"
                  f"{tuned_markdown or 'No tuned run yet.' + chr(10)}\n"
                  f"## Shared lr (the preset's, every method alike: `{shared}`)\n\n{shared_text}")
     write_text_atomic(part_dir / "report.md", report_md)

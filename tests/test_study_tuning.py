@@ -70,7 +70,8 @@ def test_the_lr_with_the_best_validation_average_is_chosen_a_tie_going_to_the_sm
 
 def test_a_method_with_missing_runs_gets_no_choice_and_they_are_named(tmp_path: Path) -> None:
     fake_run(tmp_path / "a", ["+variant=lora", "trainer.lr=2e-4", "seed=0"], 50.0)
-    fake_run(tmp_path / "b", ["+variant=lora", "trainer.lr=1e-3", "seed=0"], None, failed="CUDA out of memory")
+    fake_run(tmp_path / "b", ["+variant=lora", "trainer.lr=1e-3", "seed=0"], None,
+             failed="CUDA out of memory")
     selection = tuning.select_lrs(runs_of(tmp_path), ["lora", "hydralora"], ["2e-4", "1e-3", "2e-3"])
     lora = selection["lora"]
     assert lora["lr"] is None and lora["curve"] == {"2e-4": 50.0, "1e-3": None, "2e-3": None}
@@ -127,8 +128,8 @@ def test_rank_experts_sweeps_n_by_r_at_each_methods_tuned_lr(study, tmp_path: Pa
             assert (cfg.adapter.num_experts, cfg.adapter.rank, cfg.adapter.lam) == (n, r, 0.5)
     selection = tmp_path / "lr_sweep_bigbench" / tuning.SELECTION_FILE
     selection.parent.mkdir()
-    selection.write_text(json.dumps({"validation_fraction": 0.2, "methods": {"molora": {"lr": "1e-3"},
-                                                                             "malora_intra": {"lr": "2e-3"}}}))
+    chosen = {"molora": {"lr": "1e-3"}, "malora_intra": {"lr": "2e-3"}}
+    selection.write_text(json.dumps({"validation_fraction": 0.2, "methods": chosen}))
     args = study.parse_args(["rank_experts", "--out", str(tmp_path)])
     assert study.tuned_lrs(args, ["molora", "malora_intra"]) == ({"molora": "1e-3", "malora_intra": "2e-3"},
                                                                   0.2)
@@ -179,9 +180,9 @@ def test_router_experiment_overrides_and_its_mutual_information_table(study, tmp
         10.0, 0.0, "kaiming")
     part = tmp_path / "router_specialisation"
     for scale in ("1", "10"):
-        fake_run(part / f"s{scale}", ["+variant=molora", f"adapter.router.lr_scale={scale}",
-                                      "adapter.router.balance_coef=0", "adapter.router.init=normal", "seed=0"],
-                 50.0, routing=routing_report(scale == "10"))
+        overrides = ["+variant=molora", f"adapter.router.lr_scale={scale}", "adapter.router.balance_coef=0",
+                     "adapter.router.init=normal", "seed=0"]
+        fake_run(part / f"s{scale}", overrides, 50.0, routing=routing_report(scale == "10"))
     assert study.main(["router_specialisation", "--report-only", "--out", str(tmp_path)]) == 0
     markdown = (part / tuning.ROUTER_FILE).read_text()
     assert "| molora | 1 | 0 | normal | 50.00 ± – | 0.000 | 0.000 (0) | 1.00 | 0.000 0.000 |" in markdown
