@@ -30,9 +30,11 @@ test: setup
 
 # The paper's comparison, one part at a time (resumable; see scripts/study.py and the README):
 #   make study PART=commonsense|ablations|synthetic|bigbench_probe|bigbench [ARGS="overrides --out DIR"]
+#   make study PART=lr_sweep ARGS="--part bigbench|commonsense"   # the lr chosen per method (validation split)
+#   make study PART=rank_experts|router_specialisation           # at the lr_sweep's choices (issue 27)
 #   make study PART=... ARGS="--pack --out DIR"   # then the raw run files into one archive (results/ in git)
 study: setup
-	@test -n "$(PART)" || { echo "make study: set PART=commonsense|ablations|synthetic|bigbench_probe|bigbench" >&2; exit 2; }
+	@test -n "$(PART)" || { echo "make study: set PART=commonsense|ablations|synthetic|bigbench_probe|bigbench|lr_sweep|rank_experts|router_specialisation" >&2; exit 2; }
 	$(PY) scripts/study.py $(PART) $(ARGS)
 
 bench: setup

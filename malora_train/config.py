@@ -29,6 +29,7 @@ SHAPE_KEYS = ("model.name", "model.source", "model.name_or_path", "model.archite
 # Keys that let a model folder run its own code: taken from the command line only, never from a saved
 # config.yaml (a run directory is data, not a program).
 CODE_KEYS = ("model.trust_remote_code",)
+ROUTER_INITS = ("normal", "kaiming")  # adapter.router.init
 DEFAULT_ADAPTER_KIND = "malora"  # the default run's (conf/config.yaml) and AdapterConfig()'s
 IMPLS = ("fast", "reference")  # adapter.impl
 
@@ -86,7 +87,11 @@ class RouterConfig:
     jitter_noise: float = 0.0  # multiplicative uniform noise on the router input, training only
     balance_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight
     z_loss_coef: float = 0.0  # router z-loss weight (keeps the logits small)
-    init_std: float = 0.02  # router weight ~ N(0, init_std)
+    init_std: float = 0.02  # router weight ~ N(0, init_std) (init=normal)
+    # normal: N(0, init_std) | kaiming: N(0, 1/in_features), unit-variance logits for unit-variance inputs
+    init: str = "normal"
+    # the router weights train at trainer.lr x lr_scale (a param group of their own, scheduled alike)
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -176,6 +181,12 @@ class MixtureConfig(AdapterConfig):
         if not 1 <= self.active_experts() <= self.num_experts:
             raise ConfigError(f"adapter.router.top_k={router.top_k} must be in "
                               f"[1, adapter.num_experts={self.num_experts}]")
+        if router.init not in ROUTER_INITS:
+            raise ConfigError(f"adapter.router.init={router.init!r} is not one of {', '.join(ROUTER_INITS)}")
+        if router.init_std <= 0:
+            raise ConfigError(f"adapter.router.init_std={router.init_std} must be > 0")
+        if router.lr_scale <= 0:
+            raise ConfigError(f"adapter.router.lr_scale={router.lr_scale} must be > 0")
 
     def active_experts(self) -> int:
         """K, the experts each token reaches: ``adapter.router.top_k``, or N under dense routing."""
@@ -273,7 +284,7 @@ FLAT_ADAPTER_DEFAULTS: dict[str, Any] = {
     "num_experts": 8, "lam": 0.5, "shared_rank": None, "expert_rank": None, "beta": 1.0,
     "freeze_shared": False, "freeze_coeff": False,
     "router": {"top_k": 2, "dense": False, "renormalize": True, "jitter_noise": 0.0, "balance_coef": 0.01,
-               "z_loss_coef": 0.0, "init_std": 0.02}}
+               "z_loss_coef": 0.0, "init_std": 0.02, "init": "normal", "lr_scale": 1.0}}
 
 
 def saved_adapter_keys(data: Any, source: str) -> tuple[type[AdapterConfig], dict[str, Any]]:
@@ -338,6 +349,10 @@ class DataConfig:
     train_per_task: Optional[int] = None  # cap on training examples per task (synthetic: how many)
     eval_per_task: Optional[int] = None  # cap on eval examples per task (synthetic: how many)
     eval_fraction: float = 0.2  # split for tasks that have no train split
+    # share of each task's training examples held out as its validation split, never trained on (0: none);
+    # a deterministic hash split of the (capped) training examples, the same in every run and seed
+    validation_fraction: float = 0.0
+    eval_split: str = "test"  # what evaluation scores: test (the task's evaluation split) | validation
     prompt_template: str = "alpaca"  # alpaca | plain | chat (the tokenizer's chat template; instruct models)
     sampling: str = "proportional"  # proportional | uniform | temperature
     temperature: float = 2.0  # sampling=temperature: p ~ n^(1/T)

@@ -8,6 +8,9 @@
     python scripts/study.py synthetic model=tiny trainer.max_steps=2 '+variant=lora,molora' seed=0,1
     python scripts/study.py commonsense --jobs 3        # the seeds as 3 processes at once, then one report
     python scripts/study.py commonsense --pack          # the runs' raw files into one archive (a repository)
+    python scripts/study.py lr_sweep --part bigbench    # each method's lr on a validation split, then 3 seeds
+    python scripts/study.py rank_experts                # MoLoRA/MALoRA over N x r at their tuned lrs
+    python scripts/study.py router_specialisation       # router lr scale x balance coef x init
 
 Each part is ``malora-train -m +experiment=<preset>`` into ``<out>/<part>/`` (default ``studies/``), one
 folder per job named by its overrides (not by its number, so adding a seed or a method does not rename the
@@ -33,6 +36,17 @@ share of the seeds, output in ``<out>/<part>/jobs/<k>.log``), then reports once.
 large GPU idle: with CUDA MPS running (``nvidia-cuda-mps-control -d``) the processes' kernels share the GPU
 (RESULTS.md gives the study's timings). The GPU pool launcher does the same within one sweep:
 ``hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=5``.
+
+The tuned parts (issue 27; ``malora_train/commands/study_tuning.py``) start from ``--part``'s preset
+(default bigbench, on the probe's tasks). ``lr_sweep`` holds ``--validation-fraction`` (0.1) of each task's
+training examples out as a validation split (``data.validation_fraction``, never trained on), trains every
+method at every ``--lrs`` on seed 0 scoring that split (``<out>/lr_sweep_<part>/validation/``), writes each
+method's choice, curve and spread to ``lr_selection.json`` / ``.md`` (the highest validation average, a tie
+to the smaller lr; a method with a missing run gets no choice, the run named), then trains ``--seeds``
+(0,1,2) at the chosen lr on the test split (``tuned/``) and writes ``report.md`` with the shared-lr report of
+``<out>/<part>/`` beside it. ``rank_experts`` and ``router_specialisation`` read the choices (or ``--lr
+METHOD=LR``) and write ``rank_experts.{md,csv,png}`` / ``router_specialisation.md`` beside malora-report's
+files. ``+variant=a,b`` on the command line picks the methods.
 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
 evaluated before and after training. A task is selected when its accuracy after training is at least
@@ -69,17 +83,23 @@ class StudyError(Exception):
 def sweep_command(part: str, out: Path, overrides: list[str]) -> list[str]:
     """The malora-train arguments of one part. BIG-bench's task list stays out of the folder names (eleven
     task names make a name longer than a file system allows); ``check_tasks`` keeps one list a folder."""
+    return preset_sweep(PRESETS[part], out / part, overrides, tasks_unnamed=part == "bigbench")
+
+
+def preset_sweep(preset: str, sweep_dir: Path, overrides: list[str], tasks_unnamed: bool) -> list[str]:
+    """``malora-train -m +experiment=<preset>`` into ``sweep_dir``, one folder a job named by its overrides,
+    resumable (``trainer.resume=auto``)."""
     from malora_train.run_dir import LOCATION_KEYS
     from malora_train.sweep.run_names import RUN_FOLDER_SUBDIR
 
     # not in the folder names: the resume switches, and where files live (a path in a name nests the folders,
     # and the same run on another machine must find its folder again)
     unnamed = (["trainer.resume", "trainer.progress", *LOCATION_KEYS]
-               + (["data.tasks"] if part == "bigbench" else []))
+               + (["data.tasks"] if tasks_unnamed else []))
     settings = [f"hydra.sweep.subdir='{RUN_FOLDER_SUBDIR}'",  # quoted: the resolver's comma is no sweep
                 f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]",
                 "trainer.resume=auto"]
-    return ["-m", f"+experiment={PRESETS[part]}", f"hydra.sweep.dir={out / part}", *settings, *overrides]
+    return ["-m", f"+experiment={preset}", f"hydra.sweep.dir={sweep_dir}", *settings, *overrides]
 
 
 def check_tasks(part_dir: Path, tasks: list[str]) -> None:
@@ -224,6 +244,176 @@ def run_jobs(part: str, out: Path, overrides: list[str], jobs: int) -> int:
     return max(statuses)
 
 
+# -- the tuned parts (issue 27): lr per method, rank x experts, router specialisation ----------------------
+
+TUNED_PARTS = ("lr_sweep", "rank_experts", "router_specialisation")
+TUNED_BASES = ("bigbench", "commonsense", "synthetic")  # --part: the preset a tuned part starts from
+
+
+def tuned_dir(part: str, out: Path, base: str) -> Path:
+    """``<out>/lr_sweep_<base>``; ``<out>/rank_experts`` and ``<out>/router_specialisation`` on BIG-bench
+    (the issue's), ``..._<base>`` on another mixture."""
+    return out / (f"{part}_{base}" if part == "lr_sweep" or base != "bigbench" else part)
+
+
+def split_methods(overrides: list[str], default: list[str]) -> tuple[list[str], list[str]]:
+    """(methods, the other overrides): a ``+variant=a,b`` override names the methods, else ``default``;
+    ``seed=`` is left out (each stage sets its own seeds: --seeds)."""
+    from malora_train.commands.study_tuning import split_list
+
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("variant=")]
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(("variant=", "seed="))]
+    return (split_list(given[-1]) if given else list(default)), rest
+
+
+def preset_variants(base: str) -> list[str]:
+    """The methods the base preset sweeps (``hydra.sweeper.params.+variant``)."""
+    from hydra import compose, initialize_config_dir
+
+    from malora_train.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"+experiment={PRESETS[base]}"], return_hydra_config=True)
+    return str(cfg.hydra.sweeper.params.get("+variant")).split(",")
+
+
+def with_tasks(base: str, part_dir: Path, out: Path, overrides: list[str]) -> list[str]:
+    """BIG-bench: the probe's selection (or the command line's data.tasks), one list a folder."""
+    if base != "bigbench":
+        return overrides
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("data.tasks=")]
+    tasks = given[-1].strip("[]").split(",") if given else selected_tasks(out)
+    check_tasks(part_dir, tasks)
+    return overrides if given else [*overrides, f"data.tasks=[{','.join(tasks)}]"]
+
+
+def report_runs(folder: Path):
+    """(rows, markdown) of ``malora-report folder`` (written into it); (None, '') while it holds no run."""
+    from malora_train.commands.report import build_report, find_run_dirs
+
+    if not folder.is_dir() or not find_run_dirs(folder):
+        return None, ""
+    return build_report(folder, folder)
+
+
+def lr_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Validation stage (every method x lr, seed 0, the validation split), the selection, then each method's
+    seeds at its chosen lr on the test split; one report beside the shared-lr one."""
+    from malora_train.commands import study_tuning as tuning
+    from malora_train.run_dir import write_json_atomic, write_text_atomic
+
+    base, part_dir = args.base, tuned_dir("lr_sweep", args.out, args.base)
+    methods, rest = split_methods(overrides, preset_variants(base))
+    lrs, seeds = tuning.split_list(args.lrs), tuning.split_list(args.seeds)
+    fraction = args.validation_fraction
+    rest = with_tasks(base, part_dir, args.out, rest)
+    trains, status = not args.report_only, 0
+    if trains:
+        validation = rest + tuning.validation_overrides(methods, lrs, fraction)
+        status = run_sweep(preset_sweep(PRESETS[base], part_dir / "validation", validation,
+                                        base == "bigbench"))
+    rows, _ = report_runs(part_dir / "validation")
+    runs = [run for row in rows or [] for run in (*row.runs, *row.unfinished)]
+    record = tuning.selection_record(tuning.select_lrs(runs, methods, lrs), base=base, lrs=lrs,
+                                     fraction=fraction, seeds=["0"])
+    part_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(part_dir / tuning.SELECTION_FILE, record)
+    selection = tuning.selection_markdown(record)
+    write_text_atomic(part_dir / tuning.SELECTION_MARKDOWN, selection)
+    print("\n" + selection + f"wrote {part_dir / tuning.SELECTION_FILE}", flush=True)
+    unchosen = [m for m, entry in record["methods"].items() if not entry["lr"]]
+    if unchosen:
+        print(f"study.py: no lr chosen for {', '.join(unchosen)} (runs missing from the curve, listed "
+              "above): their tuned runs wait", file=sys.stderr)
+        status = status or 2
+    if trains:
+        for method, entry in record["methods"].items():
+            if entry["lr"]:
+                tuned = rest + tuning.tuned_overrides(method, entry["lr"], seeds, fraction)
+                status = max(status, run_sweep(preset_sweep(PRESETS[base], part_dir / "tuned", tuned,
+                                                            base == "bigbench")))
+    _, tuned_markdown = report_runs(part_dir / "tuned")
+    shared = args.out / base / "report.md"
+    shared_text = (shared.read_text() if shared.is_file() else
+                   f"Not found here ({shared}): make study PART={base} writes it.\n")
+    report_md = (f"# {base}: learning rate chosen per method on the validation split\n\n{selection}\n"
+                 f"## Tuned lr, seed(s) {','.join(seeds)}, the test split (`{part_dir / 'tuned'}`)\n\n"
+                 f"{tuned_markdown or 'No tuned run yet.' + chr(10)}\n"
+                 f"## Shared lr (the preset's, every method alike: `{shared}`)\n\n{shared_text}")
+    write_text_atomic(part_dir / "report.md", report_md)
+    print(f"wrote {part_dir / 'report.md'}", flush=True)
+    return status
+
+
+def tuned_lrs(args: argparse.Namespace, methods: list[str]) -> tuple[dict[str, str], float]:
+    """Each method's tuned lr (--lr, else the lr_sweep part's selection) and the validation fraction its runs
+    held out (the selection's, else --validation-fraction)."""
+    from malora_train.commands import study_tuning as tuning
+
+    given = dict(item.split("=", 1) for item in args.lr)
+    path = tuned_dir("lr_sweep", args.out, args.base) / tuning.SELECTION_FILE
+    record = None if all(m in given for m in methods) else tuning.read_selection(path)
+    fraction = float(record["validation_fraction"]) if record else args.validation_fraction
+    return tuning.chosen_lrs(methods, given, record, str(path)), fraction
+
+
+def rank_experts(args: argparse.Namespace, overrides: list[str]) -> int:
+    """MoLoRA and MALoRA over N x r at their tuned lrs, then malora-report and the rank x experts table and
+    plot."""
+    from malora_train.commands import study_tuning as tuning
+
+    part_dir = tuned_dir("rank_experts", args.out, args.base)
+    methods, rest = split_methods(overrides, list(tuning.RANK_EXPERTS_METHODS))
+    seeds = tuning.split_list(args.seeds or ",".join(tuning.RANK_EXPERTS_SEEDS))
+    status = 0
+    if not args.report_only:
+        lrs, fraction = tuned_lrs(args, methods)
+        rest = with_tasks(args.base, part_dir, args.out, rest)
+        experts = tuple(int(n) for n in tuning.split_list(args.experts))
+        ranks = tuple(int(r) for r in tuning.split_list(args.ranks))
+        for method in methods:
+            grid = rest + tuning.rank_experts_overrides(method, lrs[method], seeds, fraction, experts, ranks)
+            status = max(status, run_sweep(preset_sweep(PRESETS[args.base], part_dir, grid,
+                                                        args.base == "bigbench")))
+    rows, _ = report_runs(part_dir)
+    if rows is None:
+        raise StudyError(f"{part_dir}: no runs to report")
+    markdown = tuning.write_rank_experts(rows, part_dir)
+    print("\n" + markdown + "wrote " + ", ".join(str(part_dir / f) for f in tuning.RANK_EXPERTS_FILES),
+          flush=True)
+    return status
+
+
+def router_specialisation(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The router grid (lr scale x balance coef x init), one seed a configuration, then I(task; expert) per
+    decoder layer."""
+    from malora_train.commands import study_tuning as tuning
+    from malora_train.run_dir import write_text_atomic
+
+    part_dir = tuned_dir("router_specialisation", args.out, args.base)
+    methods, rest = split_methods(overrides, list(tuning.ROUTER_METHODS))
+    status = 0
+    if not args.report_only:
+        lrs, fraction = tuned_lrs(args, methods)
+        rest = with_tasks(args.base, part_dir, args.out, rest)
+        seed = tuning.split_list(args.seeds or "0")[0]
+        for method in methods:
+            grid = rest + tuning.router_overrides(method, lrs[method], seed, fraction)
+            status = max(status, run_sweep(preset_sweep(PRESETS[args.base], part_dir, grid,
+                                                        args.base == "bigbench")))
+    rows, _ = report_runs(part_dir)
+    if rows is None:
+        raise StudyError(f"{part_dir}: no runs to report")
+    markdown = tuning.router_markdown(rows)
+    write_text_atomic(part_dir / tuning.ROUTER_FILE, markdown)
+    print("\n" + markdown + f"wrote {part_dir / tuning.ROUTER_FILE}", flush=True)
+    return status
+
+
+TUNED_RUNNERS = {"lr_sweep": lr_sweep, "rank_experts": rank_experts,
+                 "router_specialisation": router_specialisation}
+
+
 # -- the command ---------------------------------------------------------------------------------------------
 
 def report(part: str, out: Path) -> Path:
@@ -267,7 +457,7 @@ def write_priors(part: str, out: Path, overrides: list[str]) -> dict[str, float]
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=sorted(PRESETS), help="which part of the study")
+    parser.add_argument("part", choices=sorted([*PRESETS, *TUNED_PARTS]), help="which part of the study")
     parser.add_argument("overrides", nargs="*", help="malora-train overrides on top of the preset")
     parser.add_argument("--out", type=Path, default=Path("studies"),
                         help="where the parts go (default studies/)")
@@ -292,7 +482,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--verify-raw", action="store_true",
                         help="train nothing: check the part's raw files (in its folder, else in its archive) "
                              "against raw_files.sha256")
+    tuned = parser.add_argument_group("lr_sweep, rank_experts, router_specialisation (issue 27)")
+    tuned.add_argument("--part", dest="base", choices=TUNED_BASES, default="bigbench",
+                       help="the preset the part starts from (default bigbench)")
+    tuned.add_argument("--lrs", default="2e-4,4e-4,1e-3,2e-3",
+                       help="lr_sweep: the learning rates each method is tried at "
+                            "(default 2e-4,4e-4,1e-3,2e-3)")
+    tuned.add_argument("--validation-fraction", type=float, default=0.1,
+                       help="share of each task's training examples held out as the validation split "
+                            "(data.validation_fraction; default 0.1; the others read lr_sweep's)")
+    tuned.add_argument("--seeds", default=None,
+                       help="the seeds of the test-split runs (lr_sweep 0,1,2; rank_experts 0,1; "
+                            "router_specialisation 0)")
+    tuned.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                       help="rank_experts, router_specialisation: a method's lr (default: lr_sweep's choice)")
+    tuned.add_argument("--experts", default="4,8,16", help="rank_experts: the N swept (default 4,8,16)")
+    tuned.add_argument("--ranks", default="4,8,16", help="rank_experts: the expert ranks r (default 4,8,16)")
     args = parser.parse_intermixed_args(argv)
+    if args.part == "lr_sweep" and args.seeds is None:
+        args.seeds = "0,1,2"
+    if any("=" not in item for item in args.lr):
+        parser.error(f"--lr takes METHOD=LR, got {' '.join(args.lr)}")
+    if args.part in TUNED_PARTS and (args.jobs > 1 or args.pack or args.verify_raw or args.no_report):
+        parser.error(f"{args.part} runs its stages in one process: --jobs, --pack, --verify-raw and "
+                     "--no-report are for the other parts (several jobs on one GPU: "
+                     "hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=N)")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     actions = [f"--{name.replace('_', '-')}" for name in ("no_report", "report_only", "pack", "verify_raw")
@@ -332,6 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
     try:
+        if args.part in TUNED_PARTS:
+            from malora_train.errors import MaloraError
+
+            try:
+                status = TUNED_RUNNERS[args.part](args, overrides)
+            except MaloraError as err:
+                raise StudyError(str(err)) from err
+            if status:
+                print(f"study.py: some runs failed or wait (exit status {status}); rerun the same command to "
+                      "retry them: completed runs are skipped.", file=sys.stderr)
+            return status
         trains = not (args.report_only or args.pack or args.verify_raw)
         if not trains and not (args.out / args.part).is_dir():
             what = "pack" if args.pack else "verify" if args.verify_raw else "report"

@@ -167,3 +167,27 @@ def test_z_loss_matches_its_formula() -> None:
     assert z_loss(routing, torch.tensor(mask)).item() == pytest.approx(expected, rel=1e-12)
     everything = sum(math.log(sum(math.exp(float(v)) for v in row)) ** 2 for row in logits) / 30
     assert z_loss(routing).item() == pytest.approx(everything, rel=1e-12)
+
+
+@pytest.mark.parametrize("init", ["normal", "kaiming"])
+def test_router_init_is_normal_with_init_std_or_kaiming(init):
+    from malora_train.adapters.molora import MoLoRALinear
+    from malora_train.config import MoLoRAConfig, RouterConfig
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(1024, 64)
+    layer = MoLoRALinear(base, MoLoRAConfig(num_experts=16, router=RouterConfig(init=init, init_std=0.005)))
+    std = layer.router.detach().std().item()
+    expected = 0.005 if init == "normal" else 1024 ** -0.5  # kaiming: N(0, 1/in_features)
+    assert std == pytest.approx(expected, rel=0.05)
+    assert layer.router.detach().mean().abs().item() < 0.1 * expected
+
+
+def test_router_settings_are_checked():
+    from malora_train.config import MoLoRAConfig, RouterConfig
+    from malora_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter.router.init='xavier' is not one of normal, kaiming"):
+        MoLoRAConfig(router=RouterConfig(init="xavier"))
+    with pytest.raises(ConfigError, match="adapter.router.lr_scale=0.0 must be > 0"):
+        MoLoRAConfig(router=RouterConfig(lr_scale=0.0))

@@ -31,7 +31,7 @@ SET_VALUES = {
     "num_experts": 4, "lam": 0.25, "shared_rank": 16, "expert_rank": 4, "beta": 1.25, "freeze_shared": True,
     "freeze_coeff": True, "router.top_k": 1, "router.dense": True, "router.renormalize": False,
     "router.jitter_noise": 0.1, "router.balance_coef": 0.1, "router.z_loss_coef": 0.001,
-    "router.init_std": 0.1,
+    "router.init_std": 0.1, "router.init": "kaiming", "router.lr_scale": 10.0,
 }
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import SchedulerType
 
 from malora_train.adapters import AdaptedCausalLM, adapter_kinds
-from malora_train.config import AdapterConfig, TrainerConfig
+from malora_train.config import AdapterConfig, RouterConfig, TrainerConfig
 from malora_train.errors import ConfigError
 from malora_train.train.optim import build_optimizer, build_scheduler, schedule_names, total_steps
 
@@ -172,3 +172,37 @@ def test_the_optimizer_is_chosen_by_name_with_its_arguments_and_checked_up_front
         check_optimizer(trainer_cfg(optimizer_kwargs={"momentum": 0.9}))
     with pytest.raises(ConfigError, match=r"^trainer\.optimizer=adamw with .*betas"):
         check_optimizer(trainer_cfg(betas=[1.5, 0.9]))
+
+
+def mixture_model(make_tiny_model, kind: str = "molora", **router):
+    cfg = AdapterConfig(kind=kind, num_experts=4, router=RouterConfig(**router))
+    return AdaptedCausalLM.from_base(make_tiny_model(), cfg)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_router_lr_scale_gives_the_routers_a_group_at_lr_times_scale_through_the_schedule(make_tiny_model,
+                                                                                          capturable):
+    model = mixture_model(make_tiny_model, "malora", lr_scale=10.0)
+    routers = [p for name, p in model.named_parameters() if name.endswith(".router")]
+    assert routers
+    cfg = trainer_cfg(lr=1e-3, weight_decay=0.01, warmup_ratio=0.25, lr_scheduler="linear")
+    optimizer = build_optimizer(model, cfg, capturable=capturable)
+    decay, router_group = optimizer.param_groups
+    assert {id(p) for p in router_group["params"]} == {id(p) for p in routers}
+    assert not {id(p) for p in routers} & {id(p) for p in decay["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(router_group["params"]) == len(trainable)
+    assert router_group["weight_decay"] == decay["weight_decay"] == 0.01
+    scheduler = build_scheduler(optimizer, cfg, 8)
+    for _ in range(8):  # warm-up, then linear decay: the router's lr stays 10 x the others' at every step
+        optimizer.step()
+        scheduler.step()
+        base, router = (float(g["lr"]) for g in optimizer.param_groups)
+        assert router == pytest.approx(10 * base, rel=1e-6, abs=1e-12)
+    assert float(optimizer.param_groups[1]["initial_lr"]) == pytest.approx(1e-2)
+
+
+def test_router_lr_scale_one_keeps_the_groups_as_they_were(make_tiny_model):
+    model = mixture_model(make_tiny_model, "molora")
+    [group] = build_optimizer(model, trainer_cfg()).param_groups  # a checkpoint's groups stay the same
+    assert len(group["params"]) == len([p for p in model.parameters() if p.requires_grad])

@@ -200,6 +200,8 @@ class MixtureAdapterLinear(AdapterLinear):
         self.renormalize = cfg.router.renormalize
         self.jitter_noise = cfg.router.jitter_noise
         self.router_init_std = cfg.router.init_std
+        self.router_init = cfg.router.init
+        self.router_lr_scale = cfg.router.lr_scale  # read by train/optim.py: the router's param group
         self.context = context
         self.router = self.param_factory(self.num_experts, self.in_features)
         self.lora_B = self.param_factory(self.out_features, self.num_experts * self.expert_rank)
@@ -207,7 +209,11 @@ class MixtureAdapterLinear(AdapterLinear):
         self.task_expert_counts: torch.Tensor | None = None
 
     def reset_router(self) -> None:
-        nn.init.normal_(self.router, std=self.router_init_std)
+        """``adapter.router.init``: N(0, init_std), or kaiming: N(0, 1/in_features) (gain 1, fan in)."""
+        if self.router_init == "kaiming":
+            nn.init.kaiming_normal_(self.router, mode="fan_in", nonlinearity="linear")
+        else:
+            nn.init.normal_(self.router, std=self.router_init_std)
         nn.init.zeros_(self.lora_B)
 
     # -- routing ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from malora_train.data.custom import check_custom_tasks, load_custom_task
 from malora_train.data.hub import load_hub_task
 from malora_train.data.mixture import check_mixture_options
 from malora_train.data.rendering import RawTask, check_template, prompt_renderer, render_task
-from malora_train.data.splits import stable_subset
+from malora_train.data.splits import holdout_split, stable_subset
 from malora_train.data.synthetic import (
     DEFAULT_EVAL_PER_TASK,
     DEFAULT_TRAIN_PER_TASK,
@@ -27,6 +27,7 @@ from malora_train.data.types import TaskData
 from malora_train.errors import ConfigError, DataError
 
 SOURCES = ("synthetic", "llm_adapters", "hub", "bigbench", "custom")
+EVAL_SPLITS = ("test", "validation")  # data.eval_split
 
 
 def known_tasks(cfg: DataConfig) -> list[str]:
@@ -63,6 +64,13 @@ def check_options(cfg: DataConfig) -> None:
     check_template(cfg.prompt_template)
     if not 0 < cfg.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} must lie strictly between 0 and 1")
+    if not 0 <= cfg.validation_fraction < 1:
+        raise ConfigError(f"data.validation_fraction={cfg.validation_fraction} must be in [0, 1)")
+    if cfg.eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"data.eval_split={cfg.eval_split!r} is not one of {', '.join(EVAL_SPLITS)}")
+    if cfg.eval_split == "validation" and cfg.validation_fraction == 0:
+        raise ConfigError("data.eval_split=validation needs a validation split: set data.validation_fraction "
+                          "(e.g. 0.1)")
     for key in ("train_per_task", "eval_per_task"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
@@ -102,8 +110,25 @@ def _capped(raw: RawTask, cfg: DataConfig) -> RawTask:
                                eval=cap(raw.eval, cfg.eval_per_task, "eval"))
 
 
+def validation_split(raw: RawTask, fraction: float) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """(train, validation): ``ceil(fraction x n)`` of the task's training examples held out, chosen by a hash
+    of their instruction salted with the task's name (the same examples in every run, seed and machine; one
+    instruction seen twice lands on one side)."""
+    return holdout_split(raw.train, [pair[0] for pair in raw.train], fraction, salt=f"validation:{raw.name}")
+
+
+def _split(raw: RawTask, cfg: DataConfig) -> RawTask:
+    """``data.validation_fraction``: the validation examples leave the training split; with
+    ``data.eval_split=validation`` they are what evaluation scores instead of the test split."""
+    if cfg.validation_fraction == 0:
+        return raw
+    train, validation = validation_split(raw, cfg.validation_fraction)
+    return dataclasses.replace(raw, train=train, eval=validation if cfg.eval_split == "validation" else raw.eval)
+
+
 def read_tasks(cfg: DataConfig, seed: int) -> dict[str, RawTask]:
-    """Ordered task name -> RawTask as read and capped, before the prompt template (``build_tasks``'s data).
+    """Ordered task name -> RawTask as read, capped and split (``data.validation_fraction``), before the
+    prompt template (``build_tasks``'s data).
 
     Raises ConfigError for a bad option or unknown task name, DataError for a missing file, a malformed
     record (the message names file, record/line and field) or an empty task.
@@ -114,7 +139,7 @@ def read_tasks(cfg: DataConfig, seed: int) -> dict[str, RawTask]:
     load = _loader(cfg, seed)
     tasks = {}
     for name in names:
-        raw = _capped(load(name), cfg)
+        raw = _split(_capped(load(name), cfg), cfg)
         for split, pairs in (("training", raw.train), ("evaluation", raw.eval)):
             if not pairs:
                 raise DataError(f"task {name} (data.source={cfg.source}) has no {split} examples")

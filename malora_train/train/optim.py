@@ -48,17 +48,25 @@ def build_optimizer(model: nn.Module, trainer: TrainerConfig, fused: bool = Fals
     the step runs without reading anything on the host."""
     if trainer.lr <= 0:
         raise ConfigError(f"trainer.lr={trainer.lr} must be > 0")
-    decay, no_decay = [], []
+    scaled = router_weights(model)  # id -> lr scale (adapter.router.lr_scale), only where it is not 1
+    decay, no_decay, routers = [], [], {}
     for param in model.parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if id(param) in scaled:
+            routers.setdefault(scaled[id(param)], []).append(param)
+        else:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
+    if not decay and not no_decay and not routers:
         raise ConfigError("the model has no trainable parameters: check adapter.target_modules")
     groups = [{"params": decay, "weight_decay": trainer.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    # the routers at lr x scale: the schedule multiplies each group's own lr, so the ratio holds at every step
+    groups += [{"params": params, "weight_decay": trainer.weight_decay, "lr": trainer.lr * scale}
+               for scale, params in routers.items()]
     # fused: one kernel updates every tensor (the for-each default launches kernels per tensor; BENCHMARKS.md)
-    device = next(iter(decay or no_decay)).device
+    device = next(iter(decay or no_decay or next(iter(routers.values())))).device
     cls = optimizer_class(trainer.optimizer)
     kwargs = _optimizer_arguments(cls, trainer)
     accepted = inspect.signature(cls.__init__).parameters
@@ -70,10 +78,27 @@ def build_optimizer(model: nn.Module, trainer: TrainerConfig, fused: bool = Fals
     if "capturable" in accepted:
         kwargs.setdefault("capturable", capturable and device.type == "cuda")
     lr = torch.tensor(trainer.lr, device=device) if capturable else trainer.lr
+    if capturable:
+        for group in groups[1:]:
+            if "lr" in group:
+                group["lr"] = torch.tensor(group["lr"], device=device)
     try:
         return cls(groups, lr=lr, **kwargs)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"trainer.optimizer={trainer.optimizer} with {kwargs}: {err}") from err
+
+
+def router_weights(model: nn.Module) -> dict[int, float]:
+    """id of each router weight whose layer has ``adapter.router.lr_scale`` other than 1 -> that scale.
+    With scale 1 the routers stay in the decayed group, so a run's param groups (and its checkpoints) are
+    what they were before the setting existed."""
+    found = {}
+    for module in model.modules():
+        scale = getattr(module, "router_lr_scale", None)
+        router = getattr(module, "router", None)
+        if scale is not None and scale != 1 and isinstance(router, nn.Parameter):
+            found[id(router)] = float(scale)
+    return found
 
 
 def check_optimizer(trainer: TrainerConfig) -> None:
