@@ -123,7 +123,8 @@ def _split(raw: RawTask, cfg: DataConfig) -> RawTask:
     if cfg.validation_fraction == 0:
         return raw
     train, validation = validation_split(raw, cfg.validation_fraction)
-    return dataclasses.replace(raw, train=train, eval=validation if cfg.eval_split == "validation" else raw.eval)
+    scored = validation if cfg.eval_split == "validation" else raw.eval
+    return dataclasses.replace(raw, train=train, eval=scored)
 
 
 def read_tasks(cfg: DataConfig, seed: int) -> dict[str, RawTask]:
