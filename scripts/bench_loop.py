@@ -228,6 +228,8 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Pat
 
     overrides = overrides_for(args, adapter, mode, extra)
     cfg = compose(overrides)
+    if torch.cuda.is_available():  # the peak over the whole run: a captured step allocates while it captures
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer = Trainer(cfg, run_dir, "", overrides)
     device = trainer.accelerator.device
@@ -251,7 +253,6 @@ def bench_malora(args: argparse.Namespace, adapter: str, mode: str, run_dir: Pat
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     warm = time.perf_counter()
     for _ in range(args.steps):
         clock.mark()
