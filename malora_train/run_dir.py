@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +47,9 @@ TRACKER_LOGS_DIR = "logs"  # the trackers that write files (tensorboard, aim, ..
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 FAILURE_FILE = "failure.json"  # a sweep job that raised: the error (malora_train.sweep.jobs)
 LOCK_FILE = ".lock"  # held (flock) by the process that runs in the directory; names it (pid, host)
+# written last: its presence marks a whole folder (a checkpoint, the final adapter)
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1  # the manifest's "format"; a later one is refused, not read as this one
 OLD_PREFIX = ".old-"  # a folder ``replace_dir`` moved aside for its replacement
 TRASH_PREFIX = ".trash-"  # a folder ``delete_dir`` is deleting
 
@@ -350,3 +354,57 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+class DamagedCheckpoint(DataError):
+    """A checkpoint's files do not match its manifest (missing, truncated, corrupted)."""
+
+
+class NewerFormat(DataError):
+    """A manifest written by a later version of malora-train, in a format this one cannot check."""
+
+
+# -- the manifest ----------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: the size and sha256 of every file under ``folder``."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _files(folder)}
+    write_json_atomic(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "files": files})
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Every file the manifest lists is there with its size and sha256; else DamagedCheckpoint naming
+    the first file at fault (a missing, truncated, corrupted or zeroed file)."""
+    try:
+        manifest = read_json_object(folder / MANIFEST_FILE)
+        version = manifest.get("format")
+        if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_FORMAT:
+            raise NewerFormat(f"{folder / MANIFEST_FILE}: format {version}, written by a later malora-train "
+                              f"(this one reads format {MANIFEST_FORMAT}); use that version")
+        if version != MANIFEST_FORMAT:
+            raise ValueError(f"format {version!r}, expected {MANIFEST_FORMAT}")
+        files = manifest["files"]
+        entries = [(name, int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (DataError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DamagedCheckpoint(f"{folder / MANIFEST_FILE}: unreadable manifest ({err})") from None
+    for name, size, sha256 in entries:
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{path}: missing")
+        actual = path.stat().st_size
+        if actual != size:
+            raise DamagedCheckpoint(f"{path}: {actual} bytes, the manifest says {size} (truncated?)")
+        if _sha256(path) != sha256:
+            raise DamagedCheckpoint(f"{path}: content differs from the manifest (corrupted)")

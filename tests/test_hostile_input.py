@@ -81,9 +81,10 @@ def test_a_manifest_or_adapter_config_from_a_later_version_is_refused(tmp_path, 
     import json
 
     from malora_train.adapters import AdaptedCausalLM, read_adapter_config, save_adapter
+    from malora_train.adapters.io import FORMAT_VERSION
     from malora_train.config import AdapterConfig
     from malora_train.errors import MaloraError
-    from malora_train.train.checkpoint.folders import write_manifest
+    from malora_train.run_dir import write_manifest
     from malora_train.train.checkpoint.resume import resolve_resume
 
     step = tmp_path / "run" / "checkpoints" / "step_4"
@@ -102,9 +103,10 @@ def test_a_manifest_or_adapter_config_from_a_later_version_is_refused(tmp_path, 
     save_adapter(model, tmp_path / "adapter", base_model_name="tiny")
     path = tmp_path / "adapter" / "adapter_config.json"
     config = json.loads(path.read_text())
-    config["malora_train"]["format_version"] = 2
+    later = FORMAT_VERSION + 1
+    config["malora_train"]["format_version"] = later
     path.write_text(json.dumps(config))
-    with pytest.raises(MaloraError, match=r"format_version 2 .*up to 1"):
+    with pytest.raises(MaloraError, match=rf"format_version {later} .*up to {FORMAT_VERSION}"):
         read_adapter_config(tmp_path / "adapter")
 
 

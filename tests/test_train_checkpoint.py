@@ -17,18 +17,20 @@ from safetensors.torch import save_file
 
 from malora_train.config import LoggerConfig, TrainerConfig
 from malora_train.errors import ConfigError
-from malora_train.run_dir import write_json_atomic
-from malora_train.train.checkpoint.checkpointer import STATE_FILE
-from malora_train.train.checkpoint.folders import (
+from malora_train.run_dir import (
     MANIFEST_FILE,
     DamagedCheckpoint,
+    verify_checkpoint,
+    write_json_atomic,
+    write_manifest,
+)
+from malora_train.train.checkpoint.checkpointer import STATE_FILE
+from malora_train.train.checkpoint.folders import (
     checkpoint_root,
     complete_checkpoints,
     prune,
     publish,
     remove_partial,
-    verify_checkpoint,
-    write_manifest,
 )
 from malora_train.train.checkpoint.resume import check_extendable, finished_run, resolve_resume
 from malora_train.train.checkpoint.state_files import load_optimizer, load_rng, save_optimizer, save_rng

@@ -30,7 +30,8 @@ from scratch_model import AdapterSpec, assert_logged_step, recompute_steps
 
 from malora_train.adapters import AdaptedCausalLM, adapter_kinds, load_adapter
 from malora_train.config import RouterConfig
-from malora_train.train.checkpoint.folders import complete_checkpoints, write_manifest
+from malora_train.run_dir import write_manifest
+from malora_train.train.checkpoint.folders import complete_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5

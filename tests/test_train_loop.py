@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from malora_train.adapters import AdaptedCausalLM
 from malora_train.errors import ConfigError
 from malora_train.eval import EvalResult, TaskScore
-from malora_train.run_dir import read_json
+from malora_train.run_dir import MANIFEST_FILE, read_json
 from malora_train.train.checkpoint.checkpointer import STATE_FILE
-from malora_train.train.checkpoint.folders import MANIFEST_FILE, complete_checkpoints
+from malora_train.train.checkpoint.folders import complete_checkpoints
 from malora_train.train.loop import NonFiniteLoss, Trainer
 
 TASKS = ["sentiment", "category", "case", "compare", "arithmetic"]

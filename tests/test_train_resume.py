@@ -16,15 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from malora_train.adapters import load_adapter
-from malora_train.run_dir import read_json
+from malora_train.run_dir import read_json, verify_checkpoint
 from malora_train.train.checkpoint import folders
 from malora_train.train.checkpoint.checkpointer import STATE_FILE
-from malora_train.train.checkpoint.folders import (
-    TMP_PREFIX,
-    checkpoint_root,
-    complete_checkpoints,
-    verify_checkpoint,
-)
+from malora_train.train.checkpoint.folders import TMP_PREFIX, checkpoint_root, complete_checkpoints
 from malora_train.train.loop import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from malora_train.adapters.inject import adapter_layers, adapter_state_dict
 from malora_train.adapters.registry import adapter_class
 from malora_train.config import ADAPTER_CONFIGS, AdapterConfig, escape_interpolations, saved_adapter_keys
 from malora_train.errors import ConfigError
-from malora_train.run_dir import atomic_write, write_text_atomic
+from malora_train.run_dir import MANIFEST_FILE, atomic_write, verify_checkpoint, write_text_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -159,8 +159,6 @@ def verify_adapter_files(adapter_dir: str | Path) -> None:
     does): its files are checked against it, so a truncated, corrupted or zeroed file is an error naming it,
     never evaluated silently. A folder without one (a checkpoint's, checked as a whole; an adapter from
     elsewhere) is taken as it is."""
-    from malora_train.train.checkpoint.folders import MANIFEST_FILE, verify_checkpoint
-
     if (Path(adapter_dir) / MANIFEST_FILE).is_file():
         verify_checkpoint(Path(adapter_dir))
 

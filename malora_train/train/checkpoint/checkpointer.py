@@ -15,9 +15,9 @@ from accelerate.utils import set_seed
 from malora_train.adapters import AdaptedCausalLM, load_adapter_weights, save_adapter
 from malora_train.data import BatchStream
 from malora_train.errors import ConfigError
-from malora_train.run_dir import ADAPTER_DIR, read_json, replace_dir, write_json_atomic
+from malora_train.run_dir import ADAPTER_DIR, read_json, replace_dir, write_json_atomic, write_manifest
 from malora_train.train.checkpoint.deepspeed_engine import load_engine, save_engine
-from malora_train.train.checkpoint.folders import prune, publish, step_dir, temporary_dir, write_manifest
+from malora_train.train.checkpoint.folders import prune, publish, step_dir, temporary_dir
 from malora_train.train.checkpoint.state_files import (
     json_numbers,
     load_optimizer,

@@ -8,35 +8,23 @@ leaves a listed folder with files missing; ``remove_partial`` clears what a kill
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 from pathlib import Path
 
-from malora_train.errors import DataError
 from malora_train.run_dir import (
     CHECKPOINTS_DIR,
+    MANIFEST_FILE,
     OLD_PREFIX,
     TRASH_PREFIX,
     delete_dir,
-    read_json_object,
     replace_dir,
-    write_json_atomic,
+    write_manifest,
 )
 
-MANIFEST_FILE = "manifest.json"  # written last: its presence marks a whole checkpoint
-MANIFEST_FORMAT = 1  # the manifest's "format"; a later one is refused, not read as this one
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-step_"  # a checkpoint being written
-
-
-class DamagedCheckpoint(DataError):
-    """A checkpoint's files do not match its manifest (missing, truncated, corrupted)."""
-
-
-class NewerFormat(DataError):
-    """A manifest written by a later version of malora-train, in a format this one cannot check."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -110,49 +98,3 @@ def prune(run_dir: Path, keep_last: int, keep_steps: set[int]) -> None:
         if step not in newest and step not in keep_steps:
             delete_dir(path)
     remove_partial(run_dir)
-
-
-# -- the manifest ----------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-
-
-def write_manifest(folder: Path) -> None:
-    """``manifest.json``: the size and sha256 of every file under ``folder``."""
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files(folder)}
-    write_json_atomic(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "files": files})
-
-
-def verify_checkpoint(folder: Path) -> None:
-    """Every file the manifest lists is there with its size and sha256; else DamagedCheckpoint naming
-    the first file at fault (a missing, truncated, corrupted or zeroed file)."""
-    try:
-        manifest = read_json_object(folder / MANIFEST_FILE)
-        version = manifest.get("format")
-        if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_FORMAT:
-            raise NewerFormat(f"{folder / MANIFEST_FILE}: format {version}, written by a later malora-train "
-                              f"(this one reads format {MANIFEST_FORMAT}); use that version")
-        if version != MANIFEST_FORMAT:
-            raise ValueError(f"format {version!r}, expected {MANIFEST_FORMAT}")
-        files = manifest["files"]
-        entries = [(name, int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
-    except (DataError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise DamagedCheckpoint(f"{folder / MANIFEST_FILE}: unreadable manifest ({err})") from None
-    for name, size, sha256 in entries:
-        path = folder / name
-        if not path.is_file():
-            raise DamagedCheckpoint(f"{path}: missing")
-        actual = path.stat().st_size
-        if actual != size:
-            raise DamagedCheckpoint(f"{path}: {actual} bytes, the manifest says {size} (truncated?)")
-        if _sha256(path) != sha256:
-            raise DamagedCheckpoint(f"{path}: content differs from the manifest (corrupted)")

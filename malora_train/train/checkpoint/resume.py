@@ -9,16 +9,16 @@ from typing import Any
 
 from malora_train.config import TrainerConfig
 from malora_train.errors import ConfigError, DataError
-from malora_train.run_dir import ADAPTER_DIR, completed_summary, read_json_object
-from malora_train.train.checkpoint.deepspeed_engine import DEEPSPEED_DIR
-from malora_train.train.checkpoint.folders import (
+from malora_train.run_dir import (
+    ADAPTER_DIR,
     MANIFEST_FILE,
     DamagedCheckpoint,
-    checkpoint_root,
-    complete_checkpoints,
-    unlisted_checkpoints,
+    completed_summary,
+    read_json_object,
     verify_checkpoint,
 )
+from malora_train.train.checkpoint.deepspeed_engine import DEEPSPEED_DIR
+from malora_train.train.checkpoint.folders import checkpoint_root, complete_checkpoints, unlisted_checkpoints
 
 log = logging.getLogger(__name__)
 
