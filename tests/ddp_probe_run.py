@@ -46,6 +46,9 @@ def main(out_dir: Path, steps: int, overrides: list[str]) -> None:
               "bucket_bytes_cap": getattr(engine, "bucket_bytes_cap", None),
               "trainable": [name for name, _ in trainable], "events": events}
     (out_dir / f"rank{trainer.process_index}.json").write_text(json.dumps(report))
+    # leave together: rank 0 (which hosts the group's store) waited forever in destroy_process_group when
+    # rank 1 had already exited (seen in full-suite runs on a loaded machine)
+    dist.barrier()
     dist.destroy_process_group()
 
 
