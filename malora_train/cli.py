@@ -164,7 +164,7 @@ def train_main() -> None:
     import hydra
 
     from malora_train.commands.help import help_page
-    from malora_train.train.distributed import agree_on_run_dir
+    from malora_train.train.distributed import agree_on_run_dir, leave_process_group
 
     argv = sys.argv[1:]
     if any(arg in HELP_FLAGS for arg in argv):
@@ -185,6 +185,7 @@ def train_main() -> None:
     try:
         with _stop_on_signals(), _hydra_errors_raised():
             main()
+        leave_process_group()
     except KeyboardInterrupt:  # before the run's own handlers were in place, or after them
         _stopped("malora-train", "before training started or after it ended; nothing to save")
     except (HydraException, OmegaConfBaseException) as err:

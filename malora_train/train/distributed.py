@@ -268,6 +268,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """The ranks leave the process group together when a command has succeeded: a rank that exits while
+    the group lives can abort a peer's gloo threads ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather_objects(items: list) -> list:
     """Every rank's ``items`` concatenated in rank order, on every rank (``items`` itself in one process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
