@@ -402,8 +402,15 @@ class Trainer:
                      self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
                      self.params["percent"], self.total_steps,
                      f", packed rows of {self.cfg.data.max_length} tokens" if self.packing else "")
-            for note in scorer_notes(self.tasks, self.cfg.eval):
-                log.warning(note)
+            if self._evaluates():  # once a run, and only when something is scored
+                for note in scorer_notes(self.tasks, self.cfg.eval):
+                    log.warning(note)
+
+    def _evaluates(self) -> bool:
+        """Whether this run (from where it starts) evaluates at all."""
+        trainer, state = self.cfg.trainer, self.state
+        before = trainer.eval_before and state.step == 0 and state.eval_before is None
+        return bool(before or trainer.eval_after or trainer.eval_every or state.eval_pending)
 
     def _eval_due(self) -> bool:
         """An in-training evaluation is due (the last step has the final evaluation instead)."""

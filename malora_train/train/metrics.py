@@ -239,7 +239,12 @@ def format_summary(summary: dict[str, Any], before: EvalResult | None, after: Ev
     """The text printed when a run completes: throughput, parameters, accuracy before -> after and, for
     mixtures, the share of each task's tokens per expert."""
     best = summary["best_eval_average"]
-    best_text = f"best eval average {best:.2f} at step {summary['best_step']}" if best is not None else "no eval"
+    if best is not None:
+        best_text = f"best eval average {best:.2f} at step {summary['best_step']}"
+    elif before is not None:  # evaluated before training only
+        best_text = f"eval average {before.average:.2f} before training (none after)"
+    else:
+        best_text = "no eval"
     lines = ["", f"== {summary['model']} + {summary['adapter']}: {summary['steps']} steps, "
                  f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.0f} s "
                  f"({summary['tokens_per_s']:.0f} tokens/s while training), "
