@@ -348,6 +348,8 @@ class DataConfig:
     packing: Optional[bool] = None
     cache: bool = True  # keep tokenised training splits on disk (keyed by tokenizer, max_length, examples)
     cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/malora-train/tokenized
+    # set by the run: the relative data paths as the config gave them (the run saves them absolute)
+    paths_as_written: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -118,7 +118,7 @@ def compose_config(overrides: list[str], config_dirs: list[str] | tuple[str, ...
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(describe_hydra_error(err)) from None
     check_known_keys(cfg)
-    return settle_model(cfg, overrides)
+    return settle_data_paths(settle_model(cfg, overrides))
 
 
 def settle_model(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -139,6 +139,31 @@ def settle_model(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         model.architecture = {}
         if override_value([o for o in overrides if not o.startswith("hydra.")], "model.name") is None:
             model.name = str(location)
+    return cfg
+
+
+def settle_data_paths(cfg: DictConfig) -> DictConfig:
+    """The data's relative paths (``data.root``, ``data.cache_dir``, each custom task's ``path`` and
+    ``eval_path``) made absolute against the folder the command starts in, so the saved config works from
+    anywhere (``malora-eval <run>``, a resume); each one changed is kept as written in
+    ``data.paths_as_written``."""
+    data = cfg.get("data") if isinstance(cfg, DictConfig) else None
+    if data is None:
+        return cfg
+    places = [(data, key, f"data.{key}") for key in ("root", "cache_dir")]
+    tasks = data.get("custom_tasks") or []
+    places += [(task, key, f"data.custom_tasks[{i}].{key}") for i, task in enumerate(tasks)
+               for key in ("path", "eval_path")]
+    written = {}
+    for node, key, name in places:
+        if key not in node or OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            node[key] = os.path.abspath(Path(value).expanduser())
+            written[name] = value
+    if written:
+        data.paths_as_written = {**(data.get("paths_as_written") or {}), **written}
     return cfg
 
 
@@ -234,7 +259,7 @@ def resumed_run_dir(overrides: list[str]) -> Path | None:
 def job_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
     """What a ``malora-train`` job runs with: Hydra's composition, or, resuming a run directory that holds
     a config, that run's config with the command line on top (shape changes refused)."""
-    cfg = settle_model(without_hydra(cfg), overrides)
+    cfg = settle_data_paths(settle_model(without_hydra(cfg), overrides))
     if not OmegaConf.select(cfg, "trainer.resume") or not (Path(run_dir) / CONFIG_FILE).is_file():
         return cfg
     merged = run_config(run_dir, cfg, overrides, key="hydra.run.dir")  # the run's own labels
