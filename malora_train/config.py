@@ -390,7 +390,9 @@ class TrainerConfig:
     # DDP's gradient bucket in MB: one all-reduce per full bucket, started during backward (null: torch's 25)
     ddp_bucket_cap_mb: Optional[float] = None
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss instead of stopping
-    progress: bool = True  # console progress bar
+    # auto: a bar on a terminal, plain lines (loss, tokens/s, ETA) when stderr is a file | true: a bar | false
+    progress: Any = "auto"
+    progress_every: Optional[int] = None  # progress=auto's plain lines every N steps (null: about 20 a run)
 
 
 @dataclass

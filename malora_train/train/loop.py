@@ -84,9 +84,12 @@ from malora_train.train.metrics import (
     MetricsLogger,
     Progress,
     format_summary,
+    hub_bars,
     installed_trackers,
     peak_memory_gb,
     plot_losses,
+    progress_interval,
+    progress_mode,
     run_name_from_overrides,
 )
 from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
@@ -190,6 +193,7 @@ class Trainer:
         self.run_dir = run_dir
         self.hold_signals = hold_signals  # StopRequest(hold=...): the process ends with this run
         self.stop = stop  # the caller's, installed over the set-up too; else run() installs its own
+        self.progress_mode = progress_mode(cfg.trainer.progress)  # bar | lines | off (on rank 0)
         self._setup_launch()
         self._setup_model()
         self._setup_adapters()
@@ -221,7 +225,7 @@ class Trainer:
         """The base model and tokenizer: the same seed on every rank, so the adapters built next start
         identical (DDP/DeepSpeed check it)."""
         set_seed(self.cfg.seed)
-        with model_init_context(self.accelerator):
+        with model_init_context(self.accelerator), hub_bars(self.progress_mode == "bar"):
             self.base_model, self.tokenizer = load_model_and_tokenizer(
                 self.cfg.model, device=self.accelerator.device, seed=self.cfg.seed)
 
@@ -355,7 +359,8 @@ class Trainer:
             state.eval_before = before.to_json()
             self._log_eval(before, 0)
         self.engine.train()
-        progress = Progress(self.total_steps, state.step, trainer.progress, self.is_main)
+        every = progress_interval(self.total_steps, self.log_every, trainer.progress_every)
+        progress = Progress(self.total_steps, state.step, self.progress_mode, self.is_main, every)
         saved_step = state.step if self.resume_from else None
         if state.eval_pending:  # the evaluation of this step, which a signal cut short, comes first
             best = self._periodic_eval(progress)
@@ -553,7 +558,7 @@ class Trainer:
             return evaluate(
                 self.model, self.tokenizer, self.tasks, self.cfg.eval, rank=self.process_index,
                 world_size=self.world, all_reduce=all_reduce_sum, record_routing=record_routing,
-                max_length=self.cfg.data.max_length, progress=self.is_main and self.cfg.trainer.progress,
+                max_length=self.cfg.data.max_length, progress=self.is_main and self.progress_mode == "bar",
             )
 
     def _log_eval(self, result: EvalResult, step: int) -> None:
