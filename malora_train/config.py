@@ -337,7 +337,10 @@ class DataConfig:
     train_per_task: Optional[int] = None  # cap on training examples per task (synthetic: how many)
     eval_per_task: Optional[int] = None  # cap on eval examples per task (synthetic: how many)
     eval_fraction: float = 0.2  # split for tasks that have no train split
-    prompt_template: str = "alpaca"  # alpaca | plain | chat (the tokenizer's chat template; instruct models)
+    # auto (chat when the tokenizer has a chat template: instruct models; else prompt_template_fallback) |
+    # alpaca | plain | chat (the tokenizer's chat template)
+    prompt_template: str = "auto"
+    prompt_template_fallback: str = "alpaca"  # auto's template for a tokenizer without a chat template
     sampling: str = "proportional"  # proportional | uniform | temperature
     temperature: float = 2.0  # sampling=temperature: p ~ n^(1/T)
     task_weights: dict[str, float] = field(default_factory=dict)  # per-task probability multipliers

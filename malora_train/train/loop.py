@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from malora_train.adapters import AdaptedCausalLM, AdaptedOutput, parameter_report
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
+from malora_train.data.rendering import AUTO, choose_template
 from malora_train.errors import MaloraError, launch_rank
 from malora_train.eval import (
     EvalResult,
@@ -249,6 +250,8 @@ class Trainer:
         self.packing = data.packing if data.packing is not None else on_gpu
         data = dataclasses.replace(data, packing=self.packing)
         self.tasks = build_tasks(data, self.cfg.seed, self.tokenizer)
+        self.prompt_template = choose_template(data.prompt_template, data.prompt_template_fallback,
+                                               self.tokenizer)
         self.task_names = list(self.tasks)
         global_micro_batch = trainer.micro_batch_size * self.world
         self.stream = BatchStream(self.tasks, self.tokenizer, data, batch_size=global_micro_batch,
@@ -407,9 +410,17 @@ class Trainer:
                      self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
                      self.params["percent"], self.total_steps,
                      f", packed rows of {self.cfg.data.max_length} tokens" if self.packing else "")
+            log.info("prompt template: %s", self._template_choice())
             if self._evaluates():  # once a run, and only when something is scored
                 for note in scorer_notes(self.tasks, self.cfg.eval):
                     log.warning(note)
+
+    def _template_choice(self) -> str:
+        setting = self.cfg.data.prompt_template
+        if setting != AUTO:
+            return f"{self.prompt_template} (data.prompt_template={setting})"
+        has = "has a" if self.prompt_template == "chat" else "has no"
+        return f"{self.prompt_template} (data.prompt_template=auto: the tokenizer {has} chat template)"
 
     def _evaluates(self) -> bool:
         """Whether this run (from where it starts) evaluates at all."""
@@ -657,6 +668,7 @@ class Trainer:
             "status": "completed",
             "model": self.cfg.model.name,
             "adapter": self.cfg.adapter.kind,
+            "prompt_template": self.prompt_template,  # what data.prompt_template gave (auto: chosen)
             "steps": state.step,
             "tokens": state.tokens,
             "wall_time_s": state.wall_time,
