@@ -9,6 +9,8 @@ package is internal and may change. Names load on first use, so ``import malora_
 - ``AdaptedModel``: forward -> ``AdaptedModelOutput`` (``loss = lm_loss + aux_loss``), ``save_adapter``,
   ``merge_and_unload``, ``print_trainable_parameters``, ``recording_routing`` / ``routing_stats``
 - ``adapter_kinds()``: the registered kinds; ``MaloraError`` / ``ConfigError``: what bad input raises
+- ``AdapterTrainer`` (``transformers.Trainer``) and the ``AdapterSaving`` mixin (for a subclass of it): its
+  ``save_model()`` and checkpoints of an ``AdaptedModel`` hold a complete adapter folder
 - ``MoLoRAPeftConfig``, ``MALoRAPeftConfig``, ``HydraLoRAPeftConfig``: the mixture kinds as PEFT methods
   (``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``): importing this package
   registers them with PEFT as soon as ``peft`` is imported, without importing it itself
@@ -30,6 +32,8 @@ __all__ = [
     "AdaptedModel",
     "AdaptedModelOutput",
     "AdapterConfig",
+    "AdapterSaving",
+    "AdapterTrainer",
     "ConfigError",
     "HydraLoRAPeftConfig",
     "MALoRAPeftConfig",
@@ -48,6 +52,8 @@ _HOME = {  # the module each public name lives in
     "get_adapted_model": "malora_train.api",
     "load_adapted_model": "malora_train.api",
     "load_adapter_config": "malora_train.api",
+    "AdapterSaving": "malora_train.hf_trainer",
+    "AdapterTrainer": "malora_train.hf_trainer",
     "AdapterConfig": "malora_train.config",
     "RouterConfig": "malora_train.config",
     "adapter_kinds": "malora_train.adapters",
@@ -69,6 +75,7 @@ if TYPE_CHECKING:
     )
     from malora_train.config import AdapterConfig, RouterConfig
     from malora_train.errors import ConfigError, MaloraError
+    from malora_train.hf_trainer import AdapterSaving, AdapterTrainer
     from malora_train.peft_method import HydraLoRAPeftConfig, MALoRAPeftConfig, MoLoRAPeftConfig
 
 

@@ -164,13 +164,17 @@ def train_main() -> None:
     import hydra
 
     from malora_train.commands.help import help_page
-    from malora_train.train.distributed import agree_on_run_dir, leave_process_group
 
     argv = sys.argv[1:]
     if any(arg in HELP_FLAGS for arg in argv):
         overrides = [arg for arg in argv if "=" in arg and not arg.startswith(("-", "hydra"))]
         print(help_page("malora-train", _help_defaults(overrides)))
         return
+    from malora_train.train.distributed import (  # torch: not for --help
+        agree_on_run_dir,
+        leave_process_group,
+    )
+
     argv = [quote_path_value(arg) for arg in flags_first(argv)]
     try:
         if resumed_run_dir(argv) is not None:  # keep the run's own .hydra/ files (its original overrides)
@@ -269,11 +273,11 @@ def _command_config(program: str, argv: list[str], run_dir_argument: bool = Fals
 
 
 def inspect_main(argv: list[str] | None = None) -> None:
-    from malora_train.commands.inspect import inspect_command
-
     try:
         cfg = _command_config("malora-inspect", sys.argv[1:] if argv is None else argv)
         if cfg is not None:
+            from malora_train.commands.inspect import inspect_command  # torch: not for --help
+
             inspect_command(cfg)
     except MaloraError as err:
         exit_with_error(err, program="malora-inspect")
@@ -282,8 +286,6 @@ def inspect_main(argv: list[str] | None = None) -> None:
 def eval_main(argv: list[str] | None = None) -> dict | None:
     """``malora-eval``. Given ``argv``, the evaluation's result; as the console script (no ``argv``: the
     command line) None, since the script exits with what it returns (``sys.exit(eval_main())``: 0)."""
-    from malora_train.commands.evaluate import eval_command
-
     argv_given = argv is not None
     try:
         with _stop_on_signals():
@@ -291,6 +293,8 @@ def eval_main(argv: list[str] | None = None) -> dict | None:
             cfg = _command_config("malora-eval", argv, run_dir_argument=True)
             if cfg is None:
                 return None
+            from malora_train.commands.evaluate import eval_command  # torch: not for --help
+
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             result = eval_command(cfg)
     except MaloraError as err:

@@ -353,7 +353,10 @@ class DataConfig:
     # a deterministic hash split of the (capped) training examples, the same in every run and seed
     validation_fraction: float = 0.0
     eval_split: str = "test"  # what evaluation scores: test (the task's evaluation split) | validation
-    prompt_template: str = "alpaca"  # alpaca | plain | chat (the tokenizer's chat template; instruct models)
+    # auto (chat when the tokenizer has a chat template: instruct models; else prompt_template_fallback) |
+    # alpaca | plain | chat (the tokenizer's chat template)
+    prompt_template: str = "auto"
+    prompt_template_fallback: str = "alpaca"  # auto's template for a tokenizer without a chat template
     sampling: str = "proportional"  # proportional | uniform | temperature
     temperature: float = 2.0  # sampling=temperature: p ~ n^(1/T)
     task_weights: dict[str, float] = field(default_factory=dict)  # per-task probability multipliers
@@ -365,6 +368,8 @@ class DataConfig:
     packing: Optional[bool] = None
     cache: bool = True  # keep tokenised training splits on disk (keyed by tokenizer, max_length, examples)
     cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/malora-train/tokenized
+    # set by the run: the relative data paths as the config gave them (the run saves them absolute)
+    paths_as_written: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -409,7 +414,9 @@ class TrainerConfig:
     # DDP's gradient bucket in MB: one all-reduce per full bucket, started during backward (null: torch's 25)
     ddp_bucket_cap_mb: Optional[float] = None
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss instead of stopping
-    progress: bool = True  # console progress bar
+    # auto: a bar on a terminal, plain lines (loss, tokens/s, ETA) when stderr is a file | true: a bar | false
+    progress: Any = "auto"
+    progress_every: Optional[int] = None  # progress=auto's plain lines every N steps (null: about 20 a run)
 
 
 @dataclass

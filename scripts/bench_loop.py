@@ -329,7 +329,7 @@ def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                            task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
     total = args.warmup + args.steps
-    stream = BatchStream(build_tasks(cfg.data, cfg.seed), tokenizer,
+    stream = BatchStream(build_tasks(cfg.data, cfg.seed, tokenizer), tokenizer,
                          type(cfg.data)(**{**cfg.data.__dict__, "packing": False}), batch_size=args.rows,
                          seed=cfg.seed)
     examples = []

@@ -231,9 +231,10 @@ def training_forwards(cfg, steps: int,
     from malora_train.models import load_tokenizer
 
     data = dataclasses.replace(cfg.data, packing=bool(cfg.data.packing))
-    tasks = build_tasks(data, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    tasks = build_tasks(data, cfg.seed, tokenizer)  # the tokenizer picks data.prompt_template=auto's template
     size = cfg.trainer.micro_batch_size
-    stream = BatchStream(tasks, load_tokenizer(cfg.model), data, batch_size=size * world_size, seed=cfg.seed)
+    stream = BatchStream(tasks, tokenizer, data, batch_size=size * world_size, seed=cfg.seed)
     steps_forwards = []
     for _ in range(steps):
         forwards = []

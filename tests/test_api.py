@@ -20,7 +20,9 @@ from malora_train.adapters import AdaptedCausalLM, MixtureAdapterLinear, adapter
 from malora_train.cli import compose
 from malora_train.eval.routing import routing_report, start_recording, stop_recording
 
-PUBLIC = ["AdaptedModel", "AdaptedModelOutput", "AdapterConfig", "ConfigError", "HydraLoRAPeftConfig",
+PUBLIC = ["AdaptedModel", "AdaptedModelOutput", "AdapterConfig", "AdapterSaving", "AdapterTrainer",
+          "ConfigError",
+          "HydraLoRAPeftConfig",
           "MALoRAPeftConfig", "MaloraError", "MoLoRAPeftConfig", "RouterConfig", "adapter_kinds",
           "get_adapted_model", "load_adapted_model", "load_adapter_config"]
 MIXTURES = [kind for kind in adapter_kinds() if kind != "lora"]

@@ -192,3 +192,21 @@ def test_two_ddp_processes_follow_one_process(tmp_path, repo_root):
     a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_the_adapter_trainer_saves_a_complete_loadable_adapter_folder(tmp_path, make_tiny_model, rows):
+    model = adapted(make_tiny_model, "malora")
+    settings = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "use_cpu": True,
+                "report_to": [], "save_strategy": "steps", "save_steps": 2, "seed": 0, "disable_tqdm": True}
+    run = malora_train.AdapterTrainer(model=model, args=TrainingArguments(str(tmp_path / "run"), **settings),
+                                      train_dataset=rows, data_collator=collate)
+    run.train()
+    run.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-2"):
+        assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= {
+            p.name for p in folder.iterdir()}
+        loaded = malora_train.load_adapted_model(make_tiny_model(), folder)
+        assert_same_adapter(model, loaded)
+    # a plain Trainer writes the tensors alone (what AdapterSaving adds to)
+    trainer(adapted(make_tiny_model, "malora"), rows, tmp_path / "plain").save_model(str(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "adapter_config.json").exists()

@@ -144,7 +144,7 @@ def test_malora_report_has_its_help_page(monkeypatch, capsys):
      "logger.trackers: 'tensorbord' is not an Accelerate tracker; choose from "),
     ("logger.wandb.mode=offline",
      "logger.wandb.mode=offline logs nothing unless logger.trackers names wandb"),
-    ("data.prompt_template=chatml", "data.prompt_template='chatml' is not one of alpaca, plain, chat"),
+    ("data.prompt_template=chatml", "data.prompt_template='chatml' is not one of auto, alpaca, plain, chat"),
     ("eval.max_labels=0", "eval.max_labels=0 must be >= 1"),
     ("eval.max_examples=0", "eval.max_examples=0 must be >= 1"),
     ("eval.number_tolerance=-1", "eval.number_tolerance=-1.0 must be >= 0"),
@@ -410,7 +410,8 @@ def test_config_dir_adds_a_users_own_group_options(monkeypatch, capsys, tmp_path
                                          "eval_per_task: 6\n")
     cfg = _command_config("malora-inspect", ["--config-dir", str(tmp_path / "myconf"), "data=two_tasks"])
     assert cfg.data.tasks == ["sentiment", "compare"] and cfg.data.eval_per_task == 6
-    assert cfg.data.prompt_template == "alpaca"  # the schema's default: the file is typed and checked
+    # the schema's defaults: the file is typed and checked
+    assert (cfg.data.prompt_template, cfg.data.prompt_template_fallback) == ("auto", "alpaca")
     (mine / "bad.yaml").write_text("tasks: [a]\nsampling_rate: 2\n")
     assert run_program(monkeypatch, "malora-inspect",
                        [f"--config-dir={tmp_path / 'myconf'}", "data=bad"]) == 2

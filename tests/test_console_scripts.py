@@ -54,3 +54,25 @@ def test_every_console_script_exits_0_on_success_and_2_on_bad_input(tmp_path):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{program}: "), \
             f"{program}: {code} {err}"
+
+
+HEAVY = ("torch", "transformers", "deepspeed", "wandb", "matplotlib")
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The modules of ``HEAVY`` a fresh interpreter holds after running ``code``."""
+    check = f"{code}\nimport sys; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_help_pages_import_no_torch_and_training_imports_only_what_it_uses():
+    for function in ("train_main", "eval_main", "inspect_main", "report_main"):
+        code = ("import contextlib, io, sys; from malora_train import cli; sys.argv = ['x', '--help']\n"
+                f"with contextlib.redirect_stdout(io.StringIO()):\n    cli.{function}()")
+        assert _loaded_after(code) == [], function
+    # what a run imports before its first log line: no DeepSpeed (only a DeepSpeed launch), no wandb (only
+    # logger.trackers=[wandb], through Accelerate), no plotting (after training)
+    assert _loaded_after("import malora_train.cli, malora_train.train.loop") == ["torch", "transformers"]

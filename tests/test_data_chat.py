@@ -71,7 +71,8 @@ def test_a_bos_written_by_the_template_is_not_doubled():
 def test_chat_needs_a_chat_template_and_warns_when_turns_do_not_end_with_eos(caplog):
     with pytest.raises(ConfigError, match="data.prompt_template=chat needs a tokenizer with a chat template"):
         chat_tasks(builtin_tokenizer())
-    with pytest.raises(ConfigError, match="data.prompt_template='chatml' is not one of alpaca, plain, chat"):
+    with pytest.raises(ConfigError,
+                       match="data.prompt_template='chatml' is not one of auto, alpaca, plain, chat"):
         build_tasks(DataConfig(source="synthetic", prompt_template="chatml"), seed=0)
     with caplog.at_level(logging.WARNING, logger="malora_train.data.chat"):
         chat_tasks(chat_tokenizer(CHATML.replace("{{ eos_token }}", "<|im_end|>")))
@@ -95,3 +96,31 @@ def test_a_run_trains_and_evaluates_on_chat_prompts(tmp_path, run_training, monk
         "sentiment", "category", "case", "compare", "arithmetic"}
     first = (run_dir / "eval" / "step_2" / "predictions_generate.jsonl").read_text().splitlines()[0]
     assert '"prompt": "<|im_start|>system\\nYou are helpful.<|eos|>\\n<|im_start|>user\\n' in first
+
+
+def test_the_default_template_follows_the_model(tmp_path, run_training, monkeypatch, caplog):
+    import malora_train.models
+    from malora_train.data.rendering import choose_template
+
+    assert choose_template("auto", "plain", chat_tokenizer()) == "chat"
+    assert choose_template("auto", "plain", builtin_tokenizer()) == "plain"
+    assert choose_template("auto", "alpaca", None) == "alpaca"
+    assert choose_template("plain", "alpaca", chat_tokenizer()) == "plain"  # a template named is kept
+    with pytest.raises(ConfigError, match="data.prompt_template_fallback='chat' is not one of alpaca, plain"):
+        choose_template("auto", "chat", None)
+    assert DataConfig().prompt_template == "auto"
+
+    # the synthetic mixture: auto, plain prompts for a tokenizer without a chat template (the tiny model's)
+    with caplog.at_level(logging.INFO, logger="malora_train"):
+        summary = run_training(tmp_path / "plain", "trainer.max_steps=1", "trainer.eval_after=false")
+    assert summary["prompt_template"] == "plain"
+    assert "prompt template: plain (data.prompt_template=auto: the tokenizer has no chat template)" \
+        in caplog.text
+
+    monkeypatch.setattr(malora_train.models, "builtin_tokenizer", chat_tokenizer)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="malora_train"):
+        summary = run_training(tmp_path / "chat", "trainer.max_steps=1", "trainer.eval_after=false")
+    assert summary["prompt_template"] == "chat"
+    assert "prompt template: chat (data.prompt_template=auto: the tokenizer has a chat template)" \
+        in caplog.text

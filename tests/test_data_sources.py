@@ -416,3 +416,34 @@ def test_download_uses_the_tree_pip_unpacked_when_it_saves_no_archive(tmp_path, 
                         lambda command, env: subprocess.CompletedProcess(command, 1))
     with pytest.raises(SystemExit, match="left neither"):
         fetch_script.download_sdist(tmp_path / "empty")
+
+
+def test_relative_data_paths_are_saved_absolute_so_the_run_works_from_another_folder(tmp_path, monkeypatch,
+                                                                                    train_cli, capsys):
+    import yaml
+
+    from malora_train.cli import eval_main
+
+    home, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (home / "mydata").mkdir(parents=True)
+    (home / "conf" / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    rows = [{"q": f"{a} plus {b}", "answer": "big" if a + b > 9 else "small"}
+            for a in range(8) for b in range(8)]
+    (home / "mydata" / "addsub.json").write_text(json.dumps(rows))
+    (home / "conf" / "data" / "addsub.yaml").write_text(
+        "defaults:\n  - custom_example\n  - _self_\nname: addsub\ncustom_tasks:\n"
+        "  - {name: addsub, path: mydata/addsub.json, prompt_template: '{q}', answer_field: answer}\n")
+    monkeypatch.chdir(home)
+    run_dir = tmp_path / "run"
+    status = train_cli("--config-dir", "conf", "model=tiny", "data=addsub", "trainer.max_steps=1",
+                       "trainer.eval_before=false", "trainer.eval_after=false", "trainer.progress=false",
+                       f"hydra.run.dir={run_dir}")
+    assert status == 0, capsys.readouterr().err
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert data["custom_tasks"][0]["path"] == str(home / "mydata" / "addsub.json")
+    assert data["paths_as_written"] == {"data.custom_tasks[0].path": "mydata/addsub.json"}
+
+    monkeypatch.chdir(elsewhere)  # the run's own config finds its data from any folder
+    report = eval_main([str(run_dir), "eval.max_examples=2"])
+    assert report["counts"]["addsub"]["total"] == 2

@@ -29,7 +29,8 @@ def test_every_preset_fits_the_schema(name):
 
 def test_default_synthetic_preset_builds():
     cfg = preset("synthetic")
-    assert cfg.prompt_template == "plain" and (cfg.train_per_task, cfg.eval_per_task) == (2000, 48)
+    assert (cfg.prompt_template, cfg.prompt_template_fallback) == ("auto", "plain")
+    assert (cfg.train_per_task, cfg.eval_per_task) == (2000, 48)
     tasks = build_tasks(cfg, seed=0)
     assert list(tasks) == ["sentiment", "category", "case", "compare", "arithmetic"]
 
@@ -52,7 +53,7 @@ def test_commonsense_presets_compose(monkeypatch):
     ("options", "message"),
     [
         ({"source": "s3"}, "data.source='s3' is not one of"),
-        ({"prompt_template": "chatml"}, "data.prompt_template='chatml' is not one of alpaca, plain"),
+        ({"prompt_template": "chatml"}, "data.prompt_template='chatml' is not one of auto, alpaca, plain"),
         ({"eval_fraction": 1.0}, "data.eval_fraction=1.0"),
         ({"train_per_task": 0}, "data.train_per_task=0"),
         ({"sampling": "round_robin"}, "data.sampling='round_robin'"),

@@ -85,6 +85,28 @@ def test_a_math_task_with_a_rationale_trains_and_is_scored_by_the_numeric_protoc
     assert summary["eval_after"]["math"] == pytest.approx(100 * sum(r["correct"] for r in rows) / 6)
 
 
+def test_the_generate_note_is_logged_once_a_run_and_not_at_all_without_evaluation(tmp_path, run_training,
+                                                                                   caplog):
+    def notes(run: str, *overrides: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="malora_train"):
+            run_training(tmp_path / run, *math_task_overrides(tmp_path), "trainer.max_steps=2",
+                         "eval.max_new_tokens=2", "eval.max_examples=1", *overrides)
+        return [r.getMessage() for r in caplog.records if "scored with generate" in r.getMessage()]
+
+    assert len(notes("all", "trainer.eval_before=true", "trainer.eval_every=1")) == 1
+    assert notes("none", "trainer.eval_after=false") == []
+
+
+def test_a_run_evaluated_only_before_training_says_so_in_its_summary(tmp_path, run_training, capsys):
+    summary = run_training(tmp_path / "run", "trainer.max_steps=1", "trainer.eval_before=true",
+                           "trainer.eval_after=false", "eval.max_examples=2")
+    assert summary["best_eval_average"] is None and summary["eval_before_average"] is not None
+    out = capsys.readouterr().out
+    assert f"eval average {summary['eval_before_average']:.2f} before training (none after)" in out
+    assert "no eval" not in out
+
+
 def test_malora_eval_writes_report_and_predictions_into_the_run(tmp_path, run_training, caplog):
     from malora_train.cli import eval_main
 

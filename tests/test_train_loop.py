@@ -339,3 +339,39 @@ def test_compile_option_runs_the_decoder_through_torch_compile(scope, monkeypatc
 def test_compile_needs_packing(run_training, tmp_path) -> None:
     with pytest.raises(ConfigError, match="trainer.compile=true needs the fixed shapes of data.packing=true"):
         run_training(tmp_path / "run", "trainer.compile=true", "data.packing=false")
+
+
+def test_progress_auto_writes_plain_lines_to_a_file_and_a_bar_to_a_terminal(tmp_path, monkeypatch, capsys,
+                                                                            tiny_training_overrides):
+    import io
+
+    from malora_train.train.metrics import Progress, progress_interval, progress_mode
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert progress_mode("auto", Terminal()) == "bar" and progress_mode("auto", io.StringIO()) == "lines"
+    assert (progress_mode(True, io.StringIO()), progress_mode(False, Terminal())) == ("bar", "off")
+    assert progress_interval(200, 1, None) == 10 and progress_interval(200, 4, None) == 12
+    assert progress_interval(7, 10, 3) == 10
+    # the earlier signature (enabled or not) still works
+    assert Progress(3, 0, True, True).mode == "bar" and Progress(3, 0, False, True).mode == "off"
+    capsys.readouterr()
+
+    # the default (auto) with stderr captured, as in a batch job's log file
+    argv = [*(o for o in tiny_training_overrides if not o.startswith("trainer.progress")),
+            "trainer.max_steps=4",
+            "trainer.progress_every=2", "trainer.eval_before=true", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_program(monkeypatch, "malora-train", argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("train: step ")]
+    assert [line.split(",")[0].split()[2] for line in lines] == ["2/4", "4/4"]
+    assert all(key in lines[-1] for key in ("loss ", "tokens/s", "ETA "))
+
+
+def test_bad_progress_settings_fail_at_start(tmp_path, run_training):
+    for override in ("trainer.progress=sometimes", "trainer.progress_every=0"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            run_training(tmp_path / "run", override)

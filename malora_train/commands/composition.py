@@ -118,6 +118,52 @@ def compose_config(overrides: list[str], config_dirs: list[str] | tuple[str, ...
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(describe_hydra_error(err)) from None
     check_known_keys(cfg)
+    return settle_data_paths(settle_model(cfg, overrides))
+
+
+def settle_model(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``model.name_or_path`` as the config to save: a local folder made absolute (a resume or
+    ``malora-eval`` from another directory finds it); over a preset of another source
+    (``model.name_or_path=/path/merged`` on the default SmolLM2 package) the config says what is loaded:
+    ``source: pretrained``, the preset's ``architecture`` dropped, and ``name`` the folder or hub id, unless
+    the command line names ``model.name`` itself."""
+    model = cfg.get("model") if isinstance(cfg, DictConfig) else None
+    location = model.get("name_or_path") if model is not None else None
+    if not location:
+        return cfg
+    path = Path(str(location)).expanduser()
+    if path.is_dir():
+        model.name_or_path = location = str(path.resolve())
+    if model.get("source") != "pretrained":
+        model.source = "pretrained"
+        model.architecture = {}
+        if override_value([o for o in overrides if not o.startswith("hydra.")], "model.name") is None:
+            model.name = str(location)
+    return cfg
+
+
+def settle_data_paths(cfg: DictConfig) -> DictConfig:
+    """The data's relative paths (``data.root``, ``data.cache_dir``, each custom task's ``path`` and
+    ``eval_path``) made absolute against the folder the command starts in, so the saved config works from
+    anywhere (``malora-eval <run>``, a resume); each one changed is kept as written in
+    ``data.paths_as_written``."""
+    data = cfg.get("data") if isinstance(cfg, DictConfig) else None
+    if data is None:
+        return cfg
+    places = [(data, key, f"data.{key}") for key in ("root", "cache_dir")]
+    tasks = data.get("custom_tasks") or []
+    places += [(task, key, f"data.custom_tasks[{i}].{key}") for i, task in enumerate(tasks)
+               for key in ("path", "eval_path")]
+    written = {}
+    for node, key, name in places:
+        if key not in node or OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            node[key] = os.path.abspath(Path(value).expanduser())
+            written[name] = value
+    if written:
+        data.paths_as_written = {**(data.get("paths_as_written") or {}), **written}
     return cfg
 
 
@@ -214,10 +260,10 @@ def resumed_run_dir(overrides: list[str]) -> Path | None:
 def job_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
     """What a ``malora-train`` job runs with: Hydra's composition, or, resuming a run directory that holds
     a config, that run's config with the command line on top (shape changes refused)."""
-    cfg = without_hydra(cfg)
+    cfg = settle_data_paths(settle_model(without_hydra(cfg), overrides))
     if not OmegaConf.select(cfg, "trainer.resume") or not (Path(run_dir) / CONFIG_FILE).is_file():
         return cfg
-    merged = run_config(run_dir, cfg, overrides, key="hydra.run.dir")
+    merged = run_config(run_dir, cfg, overrides, key="hydra.run.dir")  # the run's own labels
     check_same_shapes(run_dir, saved_config(run_dir, "hydra.run.dir"), merged)
     return merged
 

@@ -32,6 +32,7 @@ from malora_train.eval import (
 )
 from malora_train.models import load_model_and_tokenizer
 from malora_train.run_dir import ADAPTER_DIR, EVAL_DIR, ensure_dir, run_dir_lock, write_json_atomic
+from malora_train.train.metrics import progress_mode
 from malora_train.train.preflight import check_config
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def _evaluate_adapter(cfg: Config, adapter_dir: Path | None) -> dict[str, Any]:
     tasks = build_tasks(cfg.data, cfg.seed, tokenizer)
     for note in scorer_notes(tasks, cfg.eval):
         log.warning(note)
-    result = evaluate(model, tokenizer, tasks, cfg.eval, progress=True)
+    bar = progress_mode(cfg.trainer.progress) == "bar"  # no carriage returns in a file
+    result = evaluate(model, tokenizer, tasks, cfg.eval, progress=bar)
     report = {"adapter": str(adapter_dir) if adapter_dir else NO_ADAPTER, "scorer": cfg.eval.scorer,
               **result.to_json()}
     print(format_accuracy_table(None, result))

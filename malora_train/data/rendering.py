@@ -54,14 +54,31 @@ class RawTask:
     answers: dict[str, str] = field(default_factory=dict)
 
 
-def check_template(name: str) -> None:
-    if name not in TEMPLATE_NAMES:
-        raise ConfigError(f"data.prompt_template={name!r} is not one of {', '.join(TEMPLATE_NAMES)}")
+AUTO = "auto"  # data.prompt_template: chat when the tokenizer has a chat template, else the fallback
+
+
+def check_template(name: str, fallback: str = "alpaca") -> None:
+    """``data.prompt_template`` (auto or a template name) and ``data.prompt_template_fallback``."""
+    if name not in (AUTO, *TEMPLATE_NAMES):
+        raise ConfigError(f"data.prompt_template={name!r} is not one of {', '.join((AUTO, *TEMPLATE_NAMES))}")
+    if fallback not in PROMPT_TEMPLATES:
+        raise ConfigError(f"data.prompt_template_fallback={fallback!r} is not one of "
+                          f"{', '.join(PROMPT_TEMPLATES)}")
+
+
+def choose_template(name: str, fallback: str, tokenizer=None) -> str:
+    """The template ``data.prompt_template=name`` gives with this tokenizer: auto follows the model, ``chat``
+    when the tokenizer has a chat template (an instruct model's), else ``fallback``."""
+    check_template(name, fallback)
+    if name != AUTO:
+        return name
+    return CHAT if tokenizer is not None and getattr(tokenizer, "chat_template", None) else fallback
 
 
 def prompt_renderer(name: str, tokenizer=None) -> Callable[[str], str]:
     """instruction -> prompt for the template ``name`` (alpaca | plain | chat; chat needs the tokenizer)."""
-    check_template(name)
+    if name not in TEMPLATE_NAMES:
+        raise ConfigError(f"data.prompt_template={name!r} is not one of {', '.join(TEMPLATE_NAMES)}")
     if name == CHAT:
         return chat_renderer(tokenizer)
     template = PROMPT_TEMPLATES[name]

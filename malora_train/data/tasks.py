@@ -15,7 +15,7 @@ from malora_train.data.commonsense import COMMONSENSE_LABELS, load_llm_adapters_
 from malora_train.data.custom import check_custom_tasks, load_custom_task
 from malora_train.data.hub import load_hub_task
 from malora_train.data.mixture import check_mixture_options
-from malora_train.data.rendering import RawTask, check_template, prompt_renderer, render_task
+from malora_train.data.rendering import RawTask, check_template, choose_template, prompt_renderer, render_task
 from malora_train.data.splits import holdout_split, stable_subset
 from malora_train.data.synthetic import (
     DEFAULT_EVAL_PER_TASK,
@@ -61,7 +61,7 @@ def selected_tasks(cfg: DataConfig) -> list[str]:
 def check_options(cfg: DataConfig) -> None:
     if cfg.source not in SOURCES:
         raise ConfigError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
-    check_template(cfg.prompt_template)
+    check_template(cfg.prompt_template, cfg.prompt_template_fallback)
     if not 0 < cfg.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} must lie strictly between 0 and 1")
     if not 0 <= cfg.validation_fraction < 1:
@@ -150,7 +150,9 @@ def read_tasks(cfg: DataConfig, seed: int) -> dict[str, RawTask]:
 
 def build_tasks(cfg: DataConfig, seed: int, tokenizer=None) -> dict[str, TaskData]:
     """Ordered task name -> TaskData (train and eval splits), everything validated at start-up.
-    ``tokenizer`` (the model's) is needed by ``data.prompt_template=chat``; errors as ``read_tasks``.
+    ``tokenizer`` (the model's) is needed by ``data.prompt_template=chat`` and picks the template of
+    ``auto`` (``choose_template``); errors as ``read_tasks``.
     """
-    prompt = prompt_renderer(cfg.prompt_template, tokenizer)
+    prompt = prompt_renderer(choose_template(cfg.prompt_template, cfg.prompt_template_fallback, tokenizer),
+                             tokenizer)
     return {name: render_task(raw, prompt) for name, raw in read_tasks(cfg, seed).items()}

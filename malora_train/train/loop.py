@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from malora_train.adapters import AdaptedCausalLM, AdaptedOutput, parameter_report
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
+from malora_train.data.rendering import AUTO, choose_template
 from malora_train.errors import MaloraError, launch_rank
 from malora_train.eval import (
     EvalResult,
@@ -85,9 +86,12 @@ from malora_train.train.metrics import (
     MetricsLogger,
     Progress,
     format_summary,
+    hub_bars,
     installed_trackers,
     peak_memory_gb,
     plot_losses,
+    progress_interval,
+    progress_mode,
     run_name_from_overrides,
 )
 from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
@@ -191,6 +195,7 @@ class Trainer:
         self.run_dir = run_dir
         self.hold_signals = hold_signals  # StopRequest(hold=...): the process ends with this run
         self.stop = stop  # the caller's, installed over the set-up too; else run() installs its own
+        self.progress_mode = progress_mode(cfg.trainer.progress)  # bar | lines | off (on rank 0)
         self._setup_launch()
         self._setup_model()
         self._setup_adapters()
@@ -222,7 +227,7 @@ class Trainer:
         """The base model and tokenizer: the same seed on every rank, so the adapters built next start
         identical (DDP/DeepSpeed check it)."""
         set_seed(self.cfg.seed)
-        with model_init_context(self.accelerator):
+        with model_init_context(self.accelerator), hub_bars(self.progress_mode == "bar"):
             self.base_model, self.tokenizer = load_model_and_tokenizer(
                 self.cfg.model, device=self.accelerator.device, seed=self.cfg.seed)
 
@@ -246,6 +251,8 @@ class Trainer:
         self.packing = data.packing if data.packing is not None else on_gpu
         data = dataclasses.replace(data, packing=self.packing)
         self.tasks = build_tasks(data, self.cfg.seed, self.tokenizer)
+        self.prompt_template = choose_template(data.prompt_template, data.prompt_template_fallback,
+                                               self.tokenizer)
         self.task_names = list(self.tasks)
         global_micro_batch = trainer.micro_batch_size * self.world
         self.stream = BatchStream(self.tasks, self.tokenizer, data, batch_size=global_micro_batch,
@@ -358,7 +365,8 @@ class Trainer:
             state.eval_before = before.to_json()
             self._log_eval(before, 0)
         self.engine.train()
-        progress = Progress(self.total_steps, state.step, trainer.progress, self.is_main)
+        every = progress_interval(self.total_steps, self.log_every, trainer.progress_every)
+        progress = Progress(self.total_steps, state.step, self.progress_mode, self.is_main, every)
         saved_step = state.step if self.resume_from else None
         if state.eval_pending:  # the evaluation of this step, which a signal cut short, comes first
             best = self._periodic_eval(progress)
@@ -405,8 +413,23 @@ class Trainer:
                      self.cfg.model.name, self.cfg.adapter.kind, f"{self.params['trainable']:,}",
                      self.params["percent"], self.total_steps,
                      f", packed rows of {self.cfg.data.max_length} tokens" if self.packing else "")
-            for note in scorer_notes(self.tasks, self.cfg.eval):
-                log.warning(note)
+            log.info("prompt template: %s", self._template_choice())
+            if self._evaluates():  # once a run, and only when something is scored
+                for note in scorer_notes(self.tasks, self.cfg.eval):
+                    log.warning(note)
+
+    def _template_choice(self) -> str:
+        setting = self.cfg.data.prompt_template
+        if setting != AUTO:
+            return f"{self.prompt_template} (data.prompt_template={setting})"
+        has = "has a" if self.prompt_template == "chat" else "has no"
+        return f"{self.prompt_template} (data.prompt_template=auto: the tokenizer {has} chat template)"
+
+    def _evaluates(self) -> bool:
+        """Whether this run (from where it starts) evaluates at all."""
+        trainer, state = self.cfg.trainer, self.state
+        before = trainer.eval_before and state.step == 0 and state.eval_before is None
+        return bool(before or trainer.eval_after or trainer.eval_every or state.eval_pending)
 
     def _eval_due(self) -> bool:
         """An in-training evaluation is due (the last step has the final evaluation instead)."""
@@ -554,7 +577,7 @@ class Trainer:
             return evaluate(
                 self.model, self.tokenizer, self.tasks, self.cfg.eval, rank=self.process_index,
                 world_size=self.world, all_reduce=all_reduce_sum, record_routing=record_routing,
-                max_length=self.cfg.data.max_length, progress=self.is_main and self.cfg.trainer.progress,
+                max_length=self.cfg.data.max_length, progress=self.is_main and self.progress_mode == "bar",
             )
 
     def _log_eval(self, result: EvalResult, step: int) -> None:
@@ -653,6 +676,7 @@ class Trainer:
             "status": "completed",
             "model": self.cfg.model.name,
             "adapter": self.cfg.adapter.kind,
+            "prompt_template": self.prompt_template,  # what data.prompt_template gave (auto: chosen)
             "steps": state.step,
             "tokens": state.tokens,
             "wall_time_s": state.wall_time,

@@ -3,10 +3,14 @@ trackers (wandb, TensorBoard, ...), a loss plot and the summary printed at the e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import resource
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,23 +177,98 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class Progress:
-    """A tqdm bar over optimiser steps showing loss, aux loss, lr and tokens/s (tqdm gives the ETA)."""
+PROGRESS_SETTINGS = ("auto", True, False)  # trainer.progress
+PROGRESS_LINES = 20  # trainer.progress_every=null: about this many plain lines a run
 
-    def __init__(self, total: int, initial: int, enabled: bool, is_main: bool) -> None:
+
+def check_progress(setting: Any, every: int | None) -> None:
+    if setting not in PROGRESS_SETTINGS or isinstance(setting, int) and not isinstance(setting, bool):
+        raise ConfigError(f"trainer.progress={setting!r} is not one of auto, true, false")
+    if every is not None and every < 1:
+        raise ConfigError(f"trainer.progress_every={every} must be >= 1 (or null)")
+
+
+def progress_mode(setting: Any, stream: Any = None) -> str:
+    """``trainer.progress`` as what is shown: ``bar`` (true; auto on a terminal), ``lines`` (auto when
+    stderr is a file or a pipe: plain lines, no carriage returns) or ``off`` (false)."""
+    if setting is False:
+        return "off"
+    if setting is True:
+        return "bar"
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "bar" if stream.isatty() else "lines"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return "lines"
+
+
+def progress_interval(total: int, log_every: int, every: int | None) -> int:
+    """Steps between plain lines: ``every``, else about ``PROGRESS_LINES`` a run; a multiple of
+    ``log_every`` (each line then shows the figures of the window just read)."""
+    steps = every or max(1, math.ceil(total / PROGRESS_LINES))
+    return max(log_every, math.ceil(steps / log_every) * log_every)
+
+
+@contextlib.contextmanager
+def hub_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars (loading weights) on or off for the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """What the console shows of training: a tqdm bar over optimiser steps (loss, aux loss, lr, tokens/s;
+    tqdm gives the ETA), or, in ``lines`` mode (``progress_mode``), one plain line every ``every`` steps
+    and at the last: loss, tokens/s, elapsed time and ETA."""
+
+    def __init__(self, total: int, initial: int, mode: str | bool, is_main: bool, every: int = 1) -> None:
+        if isinstance(mode, bool):  # the earlier signature: enabled or not
+            mode = "bar" if mode else "off"
         self.is_main = is_main
-        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and is_main), desc="train",
+        self.mode = mode if is_main else "off"
+        self.total, self.step, self.every = total, initial, every
+        self.first, self.started = initial, time.perf_counter()
+        self.metrics: dict[str, Any] | None = None
+        self.bar = tqdm(total=total, initial=initial, disable=self.mode != "bar", desc="train",
                         unit="step", dynamic_ncols=True)
 
     def update(self, metrics: dict[str, Any] | None) -> None:
         """One step done; ``metrics`` when a logging window closed with it (the figures shown until the
         next)."""
+        self.step += 1
         if metrics:
+            self.metrics = metrics
             self.bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", aux=f"{metrics['aux_loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False,
             )
         self.bar.update(1)
+        if self.mode == "lines" and (self.step % self.every == 0 or self.step == self.total):
+            self._line()
+
+    def _line(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        done = self.step - self.first
+        eta = elapsed / done * (self.total - self.step) if done else 0.0
+        parts = [f"step {self.step}/{self.total} ({100 * self.step / max(1, self.total):.0f}%)"]
+        if self.metrics:
+            m = self.metrics
+            parts += [f"loss {m['loss']:.4f}", f"aux {m['aux_loss']:.4f}", f"lr {m['lr']:.2e}",
+                      f"{m['tokens_per_s']:.0f} tokens/s"]
+        parts += [f"elapsed {_duration(elapsed)}", f"ETA {_duration(eta)}"]
+        print("train: " + ", ".join(parts), file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         """A message above the bar, printed once (by rank 0)."""
@@ -242,8 +321,12 @@ def format_summary(summary: dict[str, Any], before: EvalResult | None, after: Ev
     """The text printed when a run completes: throughput, parameters, accuracy before -> after and, for
     mixtures, the share of each task's tokens per expert."""
     best = summary["best_eval_average"]
-    best_text = (f"best eval average {best:.2f} at step {summary['best_step']}" if best is not None
-                 else "no eval")
+    if best is not None:
+        best_text = f"best eval average {best:.2f} at step {summary['best_step']}"
+    elif before is not None:  # evaluated before training only
+        best_text = f"eval average {before.average:.2f} before training (none after)"
+    else:
+        best_text = "no eval"
     lines = ["", f"== {summary['model']} + {summary['adapter']}: {summary['steps']} steps, "
                  f"{summary['tokens']:,} tokens in {summary['wall_time_s']:.0f} s "
                  f"({summary['tokens_per_s']:.0f} tokens/s while training), "
