@@ -272,6 +272,20 @@ def test_eval_of_a_run_still_training_is_refused_in_one_line(monkeypatch, capsys
         (trained_run / rd.LOCK_FILE).unlink()  # the killed holder's: the fixture's run is shared
 
 
+def test_eval_of_a_run_that_has_no_adapter_yet_names_the_running_run(monkeypatch, capsys, trained_run,
+                                                                      tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("adapter", "summary.json"))
+    holder = hold_lock(run, 60)  # the run, still training: no adapter/ yet
+    try:
+        assert run_program(monkeypatch, "malora-eval", [str(run)]) == 2
+        message = error_line(capsys, "malora-eval")
+        assert message.startswith(f"eval.run_dir={run} is in use by another run (pid {holder.pid} on ")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_run_directory_cannot_enable_remote_code(monkeypatch, capsys, trained_run, tmp_path):
     """``trust_remote_code`` and the model folder's code come from the command line, never config.yaml."""
     from malora_train.cli import _command_config
