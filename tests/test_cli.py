@@ -286,6 +286,23 @@ def test_eval_of_a_run_that_has_no_adapter_yet_names_the_running_run(monkeypatch
         holder.wait()
 
 
+def test_a_read_only_eval_output_dir_is_found_before_the_evaluation(monkeypatch, capsys, trained_run,
+                                                                    read_only_dir):
+    from malora_train.commands import evaluate
+
+    out = read_only_dir / "eval"
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded"))
+    assert run_program(monkeypatch, "malora-eval", [str(trained_run), f"eval.output_dir={out}"]) == 2
+    # EACCES, or EPERM for root
+    assert error_line(capsys, "malora-eval").startswith(f"eval.output_dir={out}: cannot write files there (")
+    assert not (trained_run / rd.LOCK_FILE).exists()
+
+
+def test_a_writable_eval_output_dir_check_leaves_nothing_behind(tmp_path):
+    rd.check_writable(tmp_path / "a" / "b", "eval.output_dir=x")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_directory_cannot_enable_remote_code(monkeypatch, capsys, trained_run, tmp_path):
     """``trust_remote_code`` and the model folder's code come from the command line, never config.yaml."""
     from malora_train.cli import _command_config

@@ -34,6 +34,7 @@ from malora_train.models import load_model_and_tokenizer
 from malora_train.run_dir import (
     ADAPTER_DIR,
     EVAL_DIR,
+    check_writable,
     ensure_dir,
     run_dir_lock,
     write_json_atomic,
@@ -96,6 +97,10 @@ def _check_export(cfg: Config, kind: str) -> None:
 
 def _evaluate_adapter(cfg: Config, adapter_dir: Path | None) -> dict[str, Any]:
     """Evaluate the adapter in ``adapter_dir`` (None: the base model alone)."""
+    out = results_dir(cfg)
+    if out is not None:  # found now, not after the whole evaluation
+        check_writable(out, f"eval.output_dir={out}" if cfg.eval.output_dir
+                       else f"eval.output_dir (default {out})")
     base, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
     if adapter_dir is None:
         model = AdaptedCausalLM(base, LoRAConfig(), RoutingContext(), targets=[])  # no adapted layer
@@ -111,7 +116,6 @@ def _evaluate_adapter(cfg: Config, adapter_dir: Path | None) -> dict[str, Any]:
               **result.to_json()}
     print(format_accuracy_table(None, result))
     print(json.dumps(report))
-    out = results_dir(cfg)
     if out is None:
         log.warning("eval.output_dir is not set: the report and predictions are not saved")
         return report
