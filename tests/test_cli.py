@@ -169,6 +169,31 @@ def test_schedule_arguments_as_the_readme_gives_them_pass_the_checks():
         assert cfg.trainer.lr_scheduler_kwargs in ({"min_lr_rate": 0.1}, {"num_cycles": 2})
 
 
+def test_task_weights_and_caps_take_new_task_names_as_the_readme_gives_them(repo_root):
+    from malora_train.cli import compose
+
+    readme = (repo_root / "README.md").read_text()
+    assert "'data.task_weights={sentiment: 2.0}'" in readme and "`data.task_caps.case=500`" in readme
+    for argv in (["data.task_weights={sentiment: 2.0}", "data.task_caps.case=500"],
+                 ["+data.task_weights={sentiment: 2.0}", "+data.task_caps.case=500"]):
+        cfg = compose([*TINY, *argv])
+        assert cfg.data.task_weights == {"sentiment": 2.0} and cfg.data.task_caps == {"case": 500}
+    cfg = compose([*TINY, "data=mixture_commonsense", "data.task_weights={boolq: 0.5}"])
+    assert cfg.data.task_weights == {"boolq": 0.5}
+
+
+def test_task_weights_stay_typed_and_other_keys_stay_closed(monkeypatch, capsys):
+    from malora_train.cli import compose
+
+    for argv, message in (
+            (["data.task_weights={sentiment: abc}"], "data.task_weights.sentiment: Value 'abc'"),
+            (["data.task_weights.sentiment=1", "data.nope=1"], "data.nope: no such config key")):
+        with pytest.raises(SystemExit) as stop:
+            compose([*TINY, *argv])
+        assert stop.value.code == 2
+        assert error_line(capsys).startswith(message)
+
+
 def test_compose_based_commands_give_the_same_one_line_errors(monkeypatch, capsys):
     for program in ("malora-eval", "malora-inspect"):
         assert run_program(monkeypatch, program, ["adapter.rnak=4"]) == 2
