@@ -481,12 +481,21 @@ class Config:
     inspect: InspectConfig = field(default_factory=InspectConfig)  # malora-inspect
 
 
+# dicts whose keys are the user's (task names), not the schema's: Hydra's struct mode would refuse a new key
+# without a "+" (data.task_weights={sentiment: 2.0}: "no such config key"); the values stay typed
+OPEN_DICTS = ("data.task_weights", "data.task_caps")
+
+
 def register_configs() -> None:
     """Register the schemas: ``malora_schema`` (listed first in ``conf/config.yaml``'s defaults) and each
     adapter kind's config as ``schema/adapter/<kind>`` (listed first in ``conf/adapter/<kind>.yaml``'s)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
-    cs.store(name="malora_schema", node=Config)
+    schema = OmegaConf.structured(Config)
+    for key in OPEN_DICTS:  # keys chosen by the user: data.task_weights={sentiment: 2} needs no "+"
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+    cs.store(name="malora_schema", node=schema)
     for kind, cls in ADAPTER_CONFIGS.items():
         cs.store(group="schema/adapter", name=kind, node=cls)

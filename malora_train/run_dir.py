@@ -227,6 +227,27 @@ def ensure_dir(path: Path) -> Path:
     return Path(path)
 
 
+def check_writable(folder: Path, setting: str) -> None:
+    """Fail now, in one OutputError line naming ``setting`` (the key and its folder, e.g.
+    ``eval.output_dir=/x``), when files cannot be written into ``folder``, rather than after the work whose
+    results go there. A missing folder is made to try, and removed again: the check leaves nothing behind."""
+    folder = Path(folder)
+    made = []
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise OutputError(f"{setting}: cannot write files there ({err.strerror or err})") from None
+    finally:
+        for path in made:  # innermost first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
 def fsync_dir(path: Path) -> None:
     """Make the renames inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

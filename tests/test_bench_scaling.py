@@ -52,17 +52,45 @@ def trainer_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]
 
 
+POOL_STEPS = 3
+
+
+def scaling_argv(out: Path) -> list[str]:
+    """The scaling table of two DDP processes and the sweep pool of two jobs, in one command: the two tests
+    below read its one run (each launch starts processes, the dearest part of these tests)."""
+    return ["--nprocs", "2", "--launch", "ddp", "--adapters", "malora", "--rows", "4", "--length", "256",
+            "--warmup", str(WARMUP), "--agree-steps", str(AGREE), "--pool-jobs", "2", "--pool-steps",
+            str(POOL_STEPS), "--ddp-bucket-mb", str(BUCKET_MB), "--device-kind", "cpu-test-box", "--out",
+            str(out), "--", *SMALL_DATA]
+
+
+@pytest.fixture(scope="module")
+def scaling_run(bench, tmp_path_factory):
+    """(out folder, exit status, stdout, stderr) of ``scaling_argv`` with ``--steps STEPS``, run once."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("scaling") / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the launched processes share 2 cores
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                bench.main(["--steps", str(STEPS), *scaling_argv(out)])
+                status = 0
+            except SystemExit as stop:
+                status = stop.code
+    return out, status, stdout.getvalue(), stderr.getvalue()
+
+
 @pytest.mark.distributed
-def test_scaling_table_for_two_ddp_processes_against_one(tmp_path, run_bench):
-    out = tmp_path / "out"
-    argv = ["--nprocs", "2", "--launch", "ddp", "--adapters", "malora", "--rows", "4", "--length", "256",
-            "--warmup", str(WARMUP), "--agree-steps", str(AGREE), "--pool-jobs", "0", "--ddp-bucket-mb",
-            str(BUCKET_MB), "--device-kind", "cpu-test-box", "--out", str(out), "--", *SMALL_DATA]
-    status, stdout, stderr = run_bench("--steps", str(STEPS), *argv)
+def test_scaling_table_for_two_ddp_processes_against_one(scaling_run, run_bench):
+    out, status, stdout, stderr = scaling_run
+    argv = scaling_argv(out)
     assert status == 0, stderr[-4000:]
     report = json.loads((out / "scaling.json").read_text())
     assert report["device_kind"] == "cpu-test-box" and report["device"].startswith("CPU")
-    assert report["date"][:4].isdigit() and report["versions"]["torch"] and report["pool"] is None
+    assert report["date"][:4].isdigit() and report["versions"]["torch"] and report["pool"] is not None
 
     rows = {(r["launch"], r["nprocs"]): r for r in report["rows"]}
     assert list(rows) == [("single", 1), ("ddp", 2)]
@@ -96,17 +124,18 @@ def test_scaling_table_for_two_ddp_processes_against_one(tmp_path, run_bench):
     assert agreement["loss_max_rel_diff"] < 1e-4
     assert agreement["loss_max_abs_diff"] < 1e-3
 
-    table = stdout.strip().splitlines()  # the markdown table is what stdout holds
-    assert (table[0].startswith("cpu-test-box (CPU")
-            and f"loss agreement over the first {AGREE} steps" in table[0])
-    assert table[-1] == (f"| ddp | malora | 2 | {ddp['tokens_per_s']:,.0f} | {ddp['efficiency']:.1%} | "
-                         f"{ddp['step_time_s']:.3f} | {ddp['peak_memory_gb']:.2f} | "
-                         f"{agreement['loss_max_abs_diff']:.1e} | {agreement['loss_max_rel_diff']:.1e} |")
+    heading, table, _ = stdout.strip().split("\n\n")  # stdout holds the markdown tables: scaling, then pool
+    assert (heading.startswith("cpu-test-box (CPU")
+            and f"loss agreement over the first {AGREE} steps" in heading)
+    assert table.splitlines()[-1] == (
+        f"| ddp | malora | 2 | {ddp['tokens_per_s']:,.0f} | {ddp['efficiency']:.1%} | "
+        f"{ddp['step_time_s']:.3f} | {ddp['peak_memory_gb']:.2f} | "
+        f"{agreement['loss_max_abs_diff']:.1e} | {agreement['loss_max_rel_diff']:.1e} |")
 
     # the same command again reuses every completed run (a table too long for one call is finished this way)
     status, _, stderr = run_bench("--steps", str(STEPS), *argv)
     assert status == 0, stderr[-3000:]
-    assert stderr.count(": reused (") == 3
+    assert stderr.count(": reused (") == 5  # the three scaling runs and the pool's two
     assert json.loads((out / "scaling.json").read_text())["rows"][1]["tokens_per_s"] == ddp["tokens_per_s"]
     # another command on the same folders is refused before anything runs
     status, _, stderr = run_bench("--steps", str(STEPS + 2), *argv)
@@ -118,11 +147,8 @@ def test_scaling_table_for_two_ddp_processes_against_one(tmp_path, run_bench):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sweep_pool_of_two_jobs_against_one_job(tmp_path, run_bench):
-    out = tmp_path / "out"
-    status, stdout, stderr = run_bench("--launch", "single", "--adapters", "malora", "--steps", "2",
-                                       "--warmup", "1", "--agree-steps", "0", "--pool-jobs", "2",
-                                       "--pool-steps", "3", "--out", str(out), "--", *SMALL_DATA)
+def test_sweep_pool_of_two_jobs_against_one_job(scaling_run):
+    out, status, stdout, stderr = scaling_run
     assert status == 0, stderr[-4000:]
     report = json.loads((out / "scaling.json").read_text())
     pool = report["pool"]
@@ -130,7 +156,7 @@ def test_sweep_pool_of_two_jobs_against_one_job(tmp_path, run_bench):
             for name in ("pool_one_job", "pool_sweep")}
     one = json.loads((out / "pool_one_job" / "0" / "summary.json").read_text())
     jobs = [json.loads((out / "pool_sweep" / str(num) / "summary.json").read_text()) for num in (0, 1)]
-    assert [s["steps"] for s in (one, *jobs)] == [3, 3, 3]
+    assert [s["steps"] for s in (one, *jobs)] == [POOL_STEPS] * 3
     folders = [out / "pool_one_job" / "0", out / "pool_sweep" / "0", out / "pool_sweep" / "1"]
     assert [yaml.safe_load((folder / "config.yaml").read_text())["seed"] for folder in folders] == [0, 0, 1]
     gpus = {str(yaml.safe_load((out / "pool_sweep" / str(num) / ".hydra" / "hydra.yaml").read_text())

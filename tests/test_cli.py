@@ -169,6 +169,31 @@ def test_schedule_arguments_as_the_readme_gives_them_pass_the_checks():
         assert cfg.trainer.lr_scheduler_kwargs in ({"min_lr_rate": 0.1}, {"num_cycles": 2})
 
 
+def test_task_weights_and_caps_take_new_task_names_as_the_readme_gives_them(repo_root):
+    from malora_train.cli import compose
+
+    readme = (repo_root / "README.md").read_text()
+    assert "'data.task_weights={sentiment: 2.0}'" in readme and "`data.task_caps.case=500`" in readme
+    for argv in (["data.task_weights={sentiment: 2.0}", "data.task_caps.case=500"],
+                 ["+data.task_weights={sentiment: 2.0}", "+data.task_caps.case=500"]):
+        cfg = compose([*TINY, *argv])
+        assert cfg.data.task_weights == {"sentiment": 2.0} and cfg.data.task_caps == {"case": 500}
+    cfg = compose([*TINY, "data=mixture_commonsense", "data.task_weights={boolq: 0.5}"])
+    assert cfg.data.task_weights == {"boolq": 0.5}
+
+
+def test_task_weights_stay_typed_and_other_keys_stay_closed(monkeypatch, capsys):
+    from malora_train.cli import compose
+
+    for argv, message in (
+            (["data.task_weights={sentiment: abc}"], "data.task_weights.sentiment: Value 'abc'"),
+            (["data.task_weights.sentiment=1", "data.nope=1"], "data.nope: no such config key")):
+        with pytest.raises(SystemExit) as stop:
+            compose([*TINY, *argv])
+        assert stop.value.code == 2
+        assert error_line(capsys).startswith(message)
+
+
 def test_compose_based_commands_give_the_same_one_line_errors(monkeypatch, capsys):
     for program in ("malora-eval", "malora-inspect"):
         assert run_program(monkeypatch, program, ["adapter.rnak=4"]) == 2
@@ -270,6 +295,37 @@ def test_eval_of_a_run_still_training_is_refused_in_one_line(monkeypatch, capsys
         holder.kill()
         holder.wait()
         (trained_run / rd.LOCK_FILE).unlink()  # the killed holder's: the fixture's run is shared
+
+
+def test_eval_of_a_run_that_has_no_adapter_yet_names_the_running_run(monkeypatch, capsys, trained_run,
+                                                                      tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("adapter", "summary.json"))
+    holder = hold_lock(run, 60)  # the run, still training: no adapter/ yet
+    try:
+        assert run_program(monkeypatch, "malora-eval", [str(run)]) == 2
+        message = error_line(capsys, "malora-eval")
+        assert message.startswith(f"eval.run_dir={run} is in use by another run (pid {holder.pid} on ")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_read_only_eval_output_dir_is_found_before_the_evaluation(monkeypatch, capsys, trained_run,
+                                                                    read_only_dir):
+    from malora_train.commands import evaluate
+
+    out = read_only_dir / "eval"
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded"))
+    assert run_program(monkeypatch, "malora-eval", [str(trained_run), f"eval.output_dir={out}"]) == 2
+    # EACCES, or EPERM for root
+    assert error_line(capsys, "malora-eval").startswith(f"eval.output_dir={out}: cannot write files there (")
+    assert not (trained_run / rd.LOCK_FILE).exists()
+
+
+def test_a_writable_eval_output_dir_check_leaves_nothing_behind(tmp_path):
+    rd.check_writable(tmp_path / "a" / "b", "eval.output_dir=x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_directory_cannot_enable_remote_code(monkeypatch, capsys, trained_run, tmp_path):

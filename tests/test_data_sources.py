@@ -122,6 +122,44 @@ def test_custom_jsonl_with_derived_labels_and_holdout(tmp_path):
     assert example.target == "the correct answer is " + example.label
 
 
+def test_an_evaluation_set_that_repeats_training_examples_is_one_warning_per_task(tmp_path, caplog):
+    rows = [{"aspect": "screen", "text": f"review {i}", "sentiment": ["positive", "negative"][i % 2]}
+            for i in range(20)]
+    path = write(tmp_path / "reviews.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
+    part = write(tmp_path / "part.jsonl", "\n".join(json.dumps(row) for row in rows[:3]) + "\n")
+    other = write(tmp_path / "other.jsonl", json.dumps({**rows[0], "text": "unseen"}) + "\n")
+    tasks = [review_task(path, eval_path=str(path)), review_task(path, name="partly", eval_path=str(part)),
+             review_task(path, name="apart", eval_path=str(other))]
+    with caplog.at_level("WARNING", logger="malora_train.data.tasks"):
+        custom(tasks)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        "task reviews: 20 of 20 evaluation examples repeat a training example's instruction",
+        "task partly: 3 of 3 evaluation examples repeat a training example's instruction"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="malora_train.data.tasks"):
+        custom([review_task(path)], eval_fraction=0.25)  # a held-out share: no overlap
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_record_field_over_the_size_limit_is_one_line_naming_file_record_and_field(tmp_path, suffix):
+    from malora_train.data.records import MAX_FIELD_CHARS
+
+    rows = [{"aspect": "screen", "text": f"review {i}", "sentiment": "positive"} for i in range(3)]
+    rows[1]["text"] = "x" * (MAX_FIELD_CHARS + 1)
+    content = "\n".join(json.dumps(row) for row in rows) if suffix == ".jsonl" else rows
+    path = write(tmp_path / f"reviews{suffix}", content)
+    where = f"{path} line 2" if suffix == ".jsonl" else f"{path} record 2"
+    with pytest.raises(DataError) as err:
+        custom([review_task(path)])
+    limit = f"{MAX_FIELD_CHARS:,} a field may hold (records.MAX_FIELD_CHARS)"
+    assert str(err.value) == (f"{where}: field 'text' holds {MAX_FIELD_CHARS + 1:,} characters, more than "
+                              f"the {limit}; shorten it")
+    rows[1]["text"] = "x" * MAX_FIELD_CHARS  # at the limit: read
+    path.write_text("\n".join(json.dumps(row) for row in rows) if suffix == ".jsonl" else json.dumps(rows))
+    assert len(read_records(path)) == 3
+
+
 def test_custom_json_list_eval_file_and_target_template(tmp_path):
     train = write(tmp_path / "train.json", [{"q": "2+2", "a": 4}, {"q": "1+2", "a": 3}])
     evaluation = write(tmp_path / "eval.json", [{"q": "1+3", "a": 4}])

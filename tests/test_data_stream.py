@@ -116,3 +116,16 @@ def test_resume_refuses_another_batch_size(tasks, tokenizer):
     state = make_stream(tasks, tokenizer, batch_size=4).state_dict()
     with pytest.raises(Exception, match="cannot resume the data stream"):
         make_stream(tasks, tokenizer, batch_size=8).load_state_dict(state)
+
+
+def test_a_read_only_cache_dir_is_skipped_with_one_warning_naming_the_key(tasks, tokenizer, caplog,
+                                                                          read_only_dir):
+    cache_dir = read_only_dir / "tokenized"
+    with caplog.at_level("WARNING", logger="malora_train.data.stream"):
+        stream = make_stream(tasks, tokenizer, cache_dir=str(cache_dir))
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"data.cache_dir={cache_dir}: cannot write the tokenised-data "
+                                          "cache there (")
+    assert "training without the cache" in record.getMessage()
+    uncached = make_stream(tasks, tokenizer, cache=False)
+    assert all(same(stream.next_batch(), uncached.next_batch()) for _ in range(3))

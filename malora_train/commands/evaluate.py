@@ -31,7 +31,14 @@ from malora_train.eval import (
     write_predictions,
 )
 from malora_train.models import load_model_and_tokenizer
-from malora_train.run_dir import ADAPTER_DIR, EVAL_DIR, ensure_dir, run_dir_lock, write_json_atomic
+from malora_train.run_dir import (
+    ADAPTER_DIR,
+    EVAL_DIR,
+    check_writable,
+    ensure_dir,
+    run_dir_lock,
+    write_json_atomic,
+)
 from malora_train.train.metrics import progress_mode
 from malora_train.train.preflight import check_config
 
@@ -63,14 +70,17 @@ def eval_command(cfg: Config) -> dict[str, Any]:
     if adapter_dir is None:
         raise ConfigError("malora-eval needs eval.run_dir=<run directory> or "
                           "eval.adapter_path=<adapter folder> (eval.adapter_path=none: the base model alone)")
-    # fail before the model loads (and before a missing run directory is made)
-    adapter_cfg, _ = read_adapter_config(adapter_dir)
-    if cfg.eval.export:
-        _check_export(cfg, adapter_cfg.kind)
     run_dir = Path(cfg.eval.run_dir) if cfg.eval.run_dir else adapter_dir
-    with run_dir_lock(run_dir, enabled=bool(cfg.eval.run_dir), setting="eval.run_dir") as note:
+    # the lock first: a run still training (no adapter yet) is named, not reported as "no adapter config";
+    # a missing run directory is not locked (that would make it): reading its adapter says it is missing
+    with run_dir_lock(run_dir, enabled=bool(cfg.eval.run_dir) and run_dir.is_dir(),
+                      setting="eval.run_dir") as note:
         if note:
             log.warning(note)
+        # fail before the model loads
+        adapter_cfg, _ = read_adapter_config(adapter_dir)
+        if cfg.eval.export:
+            _check_export(cfg, adapter_cfg.kind)
         return _evaluate_adapter(cfg, adapter_dir)
 
 
@@ -88,6 +98,10 @@ def _check_export(cfg: Config, kind: str) -> None:
 
 def _evaluate_adapter(cfg: Config, adapter_dir: Path | None) -> dict[str, Any]:
     """Evaluate the adapter in ``adapter_dir`` (None: the base model alone)."""
+    out = results_dir(cfg)
+    if out is not None:  # found now, not after the whole evaluation
+        check_writable(out, f"eval.output_dir={out}" if cfg.eval.output_dir
+                       else f"eval.output_dir (default {out})")
     base, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
     if adapter_dir is None:
         model = AdaptedCausalLM(base, LoRAConfig(), RoutingContext(), targets=[])  # no adapted layer
@@ -104,7 +118,6 @@ def _evaluate_adapter(cfg: Config, adapter_dir: Path | None) -> dict[str, Any]:
               **result.to_json()}
     print(format_accuracy_table(None, result))
     print(json.dumps(report))
-    out = results_dir(cfg)
     if out is None:
         log.warning("eval.output_dir is not set: the report and predictions are not saved")
         return report

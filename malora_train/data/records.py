@@ -9,6 +9,11 @@ from typing import Any
 
 from malora_train.errors import DataError
 
+# the most characters a record's text field may hold: far beyond any data.max_length (a token is a few
+# characters), and small enough that tokenising one record cannot exhaust the memory (a 50 MB field
+# tokenised whole, before truncation, peaked at 9.6 GB)
+MAX_FIELD_CHARS = 1_000_000
+
 
 @dataclass(frozen=True)
 class Record:
@@ -88,7 +93,8 @@ def _refuse_single_object(text: str, path: Path) -> None:
 def read_records(path: Path) -> list[Record]:
     """A JSON file holding a list of objects, or JSONL (one object a line; blank lines skipped).
 
-    The format is told by the first non-blank character: ``[`` is a JSON list, ``{`` is JSONL.
+    The format is told by the first non-blank character: ``[`` is a JSON list, ``{`` is JSONL. A text field
+    longer than ``MAX_FIELD_CHARS`` is a DataError naming the file, record and field.
     """
     text = _read_text(path)
     start = text.lstrip()[:1]
@@ -114,5 +120,9 @@ def read_records(path: Path) -> list[Record]:
     for where, row in located:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+        for field, value in row.items():
+            if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+                raise DataError(f"{where}: field {field!r} holds {len(value):,} characters, more than the "
+                                f"{MAX_FIELD_CHARS:,} a field may hold (records.MAX_FIELD_CHARS); shorten it")
         records.append(Record(fields=row, where=where))
     return records

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,24 @@ def tokenized_cache_dir(cfg: DataConfig) -> Path | None:
         return Path(cfg.cache_dir).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "malora-train" / "tokenized"
+
+
+def writable_cache_dir(cfg: DataConfig) -> Path | None:
+    """``tokenized_cache_dir`` when a file can be written there; else None, after one warning naming
+    ``data.cache_dir``: a read-only or unmakeable cache folder costs the cache, not the run."""
+    folder = tokenized_cache_dir(cfg)
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        key = f"data.cache_dir={cfg.cache_dir}" if cfg.cache_dir else f"data.cache_dir (default {folder})"
+        log.warning("%s: cannot write the tokenised-data cache there (%s); training without the cache "
+                    "(set data.cache_dir to a writable folder, or data.cache=false)", key,
+                    err.strerror or err)
+        return None
+    return folder
 
 
 def warn_truncation(truncated: Mapping[str, int], total: int, max_length: int) -> None:
@@ -76,7 +95,7 @@ class BatchStream:
             raise ConfigError("data.packing=true and data.group_by_length=true: packed rows have no padding "
                               "to save; set data.group_by_length=false")
         self.max_length = cfg.max_length
-        cache_dir = tokenized_cache_dir(cfg)
+        cache_dir = writable_cache_dir(cfg)
         tokenizer_id = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
         self.splits = [TokenizedSplit.encode(tokenizer, task.train, cfg.max_length, index, cache_dir,
                                              tokenizer_id)

@@ -7,6 +7,7 @@ record fails at once with a message naming the key, file, record and field.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 from malora_train.config import DataConfig
@@ -25,6 +26,8 @@ from malora_train.data.synthetic import (
 )
 from malora_train.data.types import TaskData
 from malora_train.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "llm_adapters", "hub", "bigbench", "custom")
 EVAL_SPLITS = ("test", "validation")  # data.eval_split
@@ -127,12 +130,24 @@ def _split(raw: RawTask, cfg: DataConfig) -> RawTask:
     return dataclasses.replace(raw, train=train, eval=scored)
 
 
+def warn_overlap(raw: RawTask) -> None:
+    """One warning for a task whose evaluation examples repeat training instructions: their score measures
+    memory, not generalisation (an evaluation file that is the training file gives 100%)."""
+    seen = {pair[0] for pair in raw.train}
+    repeated = sum(pair[0] in seen for pair in raw.eval)
+    if repeated:
+        log.warning("task %s: %d of %d evaluation examples repeat a training example's instruction; their "
+                    "accuracy measures memory, not generalisation (give the task a separate evaluation set)",
+                    raw.name, repeated, len(raw.eval))
+
+
 def read_tasks(cfg: DataConfig, seed: int) -> dict[str, RawTask]:
     """Ordered task name -> RawTask as read, capped and split (``data.validation_fraction``), before the
     prompt template (``build_tasks``'s data).
 
     Raises ConfigError for a bad option or unknown task name, DataError for a missing file, a malformed
-    record (the message names file, record/line and field) or an empty task.
+    record (the message names file, record/line and field) or an empty task. Warns once per task whose
+    evaluation examples repeat training ones (``warn_overlap``).
     """
     check_options(cfg)
     names = selected_tasks(cfg)
@@ -144,6 +159,7 @@ def read_tasks(cfg: DataConfig, seed: int) -> dict[str, RawTask]:
         for split, pairs in (("training", raw.train), ("evaluation", raw.eval)):
             if not pairs:
                 raise DataError(f"task {name} (data.source={cfg.source}) has no {split} examples")
+        warn_overlap(raw)
         tasks[name] = raw
     return tasks
 
