@@ -320,13 +320,32 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# the file suffixes a custom task's path may carry (data/task_sources.py reads each); any other path that
+# names no file or folder here is a hub dataset id
+TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+
+
+def names_a_file(path: str) -> bool:
+    """True for a custom task's record or table file (by its suffix), whether or not it exists yet."""
+    return Path(path).suffix.lower() in TASK_FILE_SUFFIXES
+
+
+def names_a_dataset_id(path: str) -> bool:
+    """True for a hub dataset id (``owner/name``): no file or folder by that name here and no file suffix."""
+    return not Path(path).expanduser().exists() and not names_a_file(path)
+
+
 @dataclass
 class CustomTaskConfig:
-    """A task read from a user's JSON/JSONL file, rendered by templates (``{field}`` placeholders)."""
+    """A task read from a user's records, rendered by templates (``{field}`` placeholders)."""
 
     name: str = "???"  # the task's name (reports, per-task metrics)
-    path: str = "???"  # JSON list or JSONL file of records
-    eval_path: Optional[str] = None  # separate eval file; null: a held-out share of `path`
+    # the records: a JSON list, JSONL, CSV, TSV or Parquet file, a local dataset folder or a hub dataset id
+    path: str = "???"
+    eval_path: Optional[str] = None  # separate eval file; null: eval_split, else a held-out share of `path`
+    split: str = "train"  # a dataset folder's or hub id's split to train on (a file is read whole)
+    eval_split: Optional[str] = None  # a dataset folder's or hub id's split to evaluate on
+    subset: Optional[str] = None  # a dataset's configuration, where it has several (datasets' `name`)
     prompt_template: str = "???"  # instruction with {field} placeholders
     answer_field: str = "answer"  # the record field holding the answer
     # label (a closed set) | number (math: open, compared as floats) | letter (A-E)

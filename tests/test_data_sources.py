@@ -1,4 +1,5 @@
-"""BIG-bench task.json loader, custom JSON/JSONL tasks, hub converters (in memory) and the fetch script."""
+"""BIG-bench task.json loader, custom tasks (JSON/JSONL, table files, dataset folders and ids), hub converters
+(in memory) and the fetch script."""
 
 import io
 import json
@@ -225,11 +226,84 @@ def test_a_json_file_holding_one_object_says_so(tmp_path, layout):
          r"custom_tasks\[0\]\.labels must be empty for answer_type"),
         ({"answer_type": "letter", "labels": ["A", "b"]},
          r"custom_tasks\[0\]\.labels=\['A', 'b'\] must be capital"),
+        ({"eval_split": "test"}, r"custom_tasks\[0\]\.eval_split='test': .*r\.jsonl is a file, which has"),
+        ({"eval_split": "test", "eval_path": "e.jsonl"}, r"custom_tasks\[0\]: set eval_path .* not both"),
     ],
 )
 def test_custom_config_errors(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         custom([review_task(tmp_path / "r.jsonl", **change)])
+
+
+def review_rows(count: int = 12) -> list[dict]:
+    return [{"aspect": "screen", "text": f"review {i}", "sentiment": ["positive", "negative"][i % 2],
+             "stars": i % 5 + 1} for i in range(count)]
+
+
+def examples(task) -> list[tuple[str, str]]:
+    return [(e.prompt, e.label) for e in task.train + task.eval]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_table_files_give_the_task_their_jsonl_gives(tmp_path, suffix):
+    import datasets
+
+    rows = review_rows()
+    jsonl = write(tmp_path / "reviews.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
+    table = tmp_path / f"reviews{suffix}"
+    frame = datasets.Dataset.from_list(rows)
+    if suffix == ".parquet":
+        frame.to_parquet(str(table))
+    else:
+        frame.to_csv(str(table), index=False, sep="\t" if suffix == ".tsv" else ",")
+    expected = custom([review_task(jsonl)], eval_fraction=0.25)["reviews"]
+    task = custom([review_task(table)], eval_fraction=0.25)["reviews"]
+    assert examples(task) == examples(expected) and len(task.eval) == 3
+    # a number column (stars) is read as the number's text, as from JSON
+    stars = custom([review_task(table, answer_field="stars", answer_type="number")])["reviews"]
+    assert sorted({e.label for e in stars.train + stars.eval}) == ["1", "2", "3", "4", "5"]
+
+
+def test_a_dataset_folder_trains_on_its_split_and_evaluates_on_eval_split(tmp_path):
+    import datasets
+
+    folder = tmp_path / "reviews_dataset"
+    folder.mkdir()
+    rows = review_rows(10)
+    datasets.Dataset.from_list(rows[:8]).to_csv(str(folder / "train.csv"), index=False)
+    datasets.Dataset.from_list(rows[8:]).to_csv(str(folder / "test.csv"), index=False)
+    task = custom([review_task(folder, eval_split="test")])["reviews"]
+    assert [e.prompt.split(": ")[1].split("\n")[0] for e in task.eval] == ["review 8", "review 9"]
+    assert len(task.train) == 8
+    with pytest.raises(DataError, match=r"^custom task reviews eval_split=.*: could not load .*validation"):
+        custom([review_task(folder, eval_split="validation")])
+
+
+def test_a_dataset_id_not_in_the_offline_cache_is_one_line_naming_the_task(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    with pytest.raises(DataError) as caught:
+        custom([review_task(Path("nobody-here/no-such-dataset"))])
+    message = str(caught.value)
+    assert message.startswith("custom task reviews path='nobody-here/no-such-dataset': could not load it")
+    assert "\n" not in message and "HF_DATASETS_OFFLINE" in message
+
+
+def test_a_dataset_id_is_kept_as_written_while_a_relative_file_is_made_absolute(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from malora_train.commands.composition import settle_data_paths
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "mine.jsonl", "{}\n")
+    cfg = OmegaConf.create({"data": {"custom_tasks": [
+        {"path": "someone/reviews", "eval_path": None}, {"path": "mine.jsonl", "eval_path": "later.csv"}]}})
+    data = settle_data_paths(cfg).data
+    assert data.custom_tasks[0].path == "someone/reviews"
+    assert data.custom_tasks[1].path == str(tmp_path / "mine.jsonl")
+    assert data.custom_tasks[1].eval_path == str(tmp_path / "later.csv")  # a file's suffix: a path to be
 
 
 def math_records(tmp_path: Path) -> Path:

@@ -32,6 +32,7 @@ from malora_train.config import (
     AdapterConfig,
     Config,
     escape_interpolations,
+    names_a_dataset_id,
     register_configs,
     saved_adapter_keys,
     unknown_adapter_key,
@@ -144,8 +145,8 @@ def settle_model(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def settle_data_paths(cfg: DictConfig) -> DictConfig:
     """The data's relative paths (``data.root``, ``data.cache_dir``, each custom task's ``path`` and
-    ``eval_path``) made absolute against the folder the command starts in, so the saved config works from
-    anywhere (``malora-eval <run>``, a resume); each one changed is kept as written in
+    ``eval_path``, unless a hub dataset id) made absolute against the folder the command starts in, so the
+    saved config works from anywhere (``malora-eval <run>``, a resume); each one changed is kept as written in
     ``data.paths_as_written``."""
     data = cfg.get("data") if isinstance(cfg, DictConfig) else None
     if data is None:
@@ -159,6 +160,8 @@ def settle_data_paths(cfg: DictConfig) -> DictConfig:
         if key not in node or OmegaConf.is_missing(node, key):
             continue
         value = node[key]
+        if node is not data and isinstance(value, str) and names_a_dataset_id(value):
+            continue  # a hub dataset id, not a path
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             node[key] = os.path.abspath(Path(value).expanduser())
             written[name] = value

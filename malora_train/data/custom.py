@@ -1,4 +1,5 @@
-"""Tasks described entirely in the config (``data.source=custom``): a JSON list or JSONL file of records,
+"""Tasks described entirely in the config (``data.source=custom``): records from a file, a dataset folder or a
+hub dataset id (``task_sources``),
 an instruction template with ``{field}`` placeholders, the field holding the answer, the kind of answer
 (a label set, a number, a letter) and a target template: fixed text around ``{label}``, or with record
 fields too (``{rationale} The answer is {label}.``), trained on whole."""
@@ -6,13 +7,13 @@ fields too (``{rationale} The answer is {label}.``), trained on whole."""
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
-from malora_train.config import CustomTaskConfig, DataConfig
+from malora_train.config import CustomTaskConfig, DataConfig, names_a_file
 from malora_train.data.answers import ANSWER_TYPES, DEFAULT_LETTERS, is_letter, parse_number
-from malora_train.data.records import Record, read_records
+from malora_train.data.records import Record
 from malora_train.data.rendering import Pair, RawTask
 from malora_train.data.splits import holdout_split
+from malora_train.data.task_sources import read_task_records
 from malora_train.errors import ConfigError, DataError
 
 
@@ -51,6 +52,12 @@ def check_custom_task(task: CustomTaskConfig, key: str) -> None:
                           "else every target would be equal")
     if not task.answer_field:
         raise ConfigError(f"{key}.answer_field is empty")
+    if task.eval_split and task.eval_path:
+        raise ConfigError(f"{key}: set eval_path (a file of evaluation records) or eval_split (a split of "
+                          "the dataset at path), not both")
+    if task.eval_split and names_a_file(task.path):
+        raise ConfigError(f"{key}.eval_split={task.eval_split!r}: {task.path} is a file, which has no "
+                          "splits; give the evaluation records as eval_path")
     if task.answer_type not in ANSWER_TYPES:
         raise ConfigError(f"{key}.answer_type={task.answer_type!r} is not one of {', '.join(ANSWER_TYPES)}")
     if len(set(task.labels)) != len(task.labels) or any(not str(label).strip() for label in task.labels):
@@ -122,8 +129,12 @@ def _fixed_text_around_label(template: str) -> tuple[str, str]:
 def load_custom_task(task: CustomTaskConfig, cfg: DataConfig) -> RawTask:
     fields = template_fields(task.prompt_template, f"custom task {task.name}")
     target_fields = template_fields(task.target_template, f"custom task {task.name}")
-    paths = [Path(task.path).expanduser()] + ([Path(task.eval_path).expanduser()] if task.eval_path else [])
-    splits = [read_records(path) for path in paths]
+    key = f"custom task {task.name}"
+    splits = [read_task_records(task.path, task.split, task.subset, f"{key} path")]
+    if task.eval_path:
+        splits.append(read_task_records(task.eval_path, task.split, task.subset, f"{key} eval_path"))
+    elif task.eval_split:
+        splits.append(read_task_records(task.path, task.eval_split, task.subset, f"{key} eval_split"))
     labels = _label_set(task, splits)
     per_example = target_fields != ["label"]  # the target reads record fields (a rationale)
 
@@ -133,7 +144,7 @@ def load_custom_task(task: CustomTaskConfig, cfg: DataConfig) -> RawTask:
         return Pair(_render(record, task.prompt_template, fields), label, target)
 
     pairs = [[pair(record) for record in records] for records in splits]
-    if task.eval_path:
+    if len(pairs) == 2:
         train, evaluation = pairs
     else:
         (only,) = pairs

@@ -1,4 +1,8 @@
-"""Reading JSON / JSONL record files with errors that name the file, the record (or line) and the field."""
+"""Reading JSON / JSONL record files with errors that name the file, the record (or line) and the field.
+
+These two formats are read here rather than through ``datasets``: its JSON reader names neither the line of a
+syntax error nor the record of a bad field, and refuses a field whose type changes between records (a number
+in one, text in the next), which hand-made task files often hold. ``task_sources`` reads the other formats."""
 
 from __future__ import annotations
 
@@ -116,6 +120,12 @@ def read_records(path: Path) -> list[Record]:
         raise DataError(f"{path} is empty")
     else:
         raise DataError(f"{path}: expected a JSON list of objects or JSONL, found {start!r} first")
+    return located_records(located)
+
+
+def located_records(located: list[tuple[str, Any]]) -> list[Record]:
+    """Records from (where, row) pairs, each row checked: an object with named fields, no text field longer
+    than ``MAX_FIELD_CHARS``."""
     records = []
     for where, row in located:
         if not isinstance(row, dict):
