@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -12,10 +13,12 @@ import pytest
 def run_entry_point(monkeypatch: pytest.MonkeyPatch, program: str, main: Callable[[], object],
                     argv: list[str]) -> int:
     """``main()`` run as the command ``<program> <argv>``; its exit status. Logging (which Hydra configures
-    for the job) is put back afterwards."""
+    for the job) and the signal handlers are put back afterwards: a command stopped by a signal leaves
+    SIGINT and SIGTERM ignored until its process ends (``loop.StopRequest``), and here the process goes on."""
     monkeypatch.setattr(sys, "argv", [program, *argv])
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    signal_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         main()
         return 0
@@ -24,6 +27,8 @@ def run_entry_point(monkeypatch: pytest.MonkeyPatch, program: str, main: Callabl
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        for sig, handler in signal_handlers.items():
+            signal.signal(sig, handler)
 
 
 def run_program(monkeypatch: pytest.MonkeyPatch, program: str, argv: list[str]) -> int:

@@ -98,7 +98,7 @@ def test_compiled_training_matches_eager_over_20_steps(mode, tmp_path, run_train
     run_training(tmp_path / "eager", *common)
     compiled, eager = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
     assert list(compiled) == list(range(1, 21))
-    assert compiled == pytest.approx(eager, rel=2e-2)
+    assert compiled == pytest.approx(eager, rel=2e-3)  # seen on an H100: 2.6e-4 at most
     assert compiled[20] < compiled[1]  # it trains
 
 
@@ -118,7 +118,7 @@ def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run
     run_training(tmp_path / "eager", *common, "trainer.cuda_graphs=false")
     graphed, eager = train_losses(tmp_path / "graphed"), train_losses(tmp_path / "eager")
     assert list(graphed) == list(range(1, 21))
-    assert graphed == pytest.approx(eager, rel=2e-2)
+    assert graphed == pytest.approx(eager, rel=1e-3)  # seen on an H100: 1.3e-4 at most (with compile)
     assert graphed[20] < graphed[1]  # it trains
 
 
@@ -157,12 +157,12 @@ def test_checkpointed_capture_draws_the_forward_masks_again_over_20_steps(tmp_pa
     run_training(tmp_path / "eager", *common, "trainer.cuda_graphs=false")
     checkpointed = train_losses(tmp_path / "checkpointed")
     assert list(checkpointed) == list(range(1, 21))
-    assert checkpointed == pytest.approx(train_losses(tmp_path / "captured"), rel=1e-3)
+    assert checkpointed == pytest.approx(train_losses(tmp_path / "captured"), rel=1e-5)  # seen: 2e-7
     assert checkpointed == pytest.approx(train_losses(tmp_path / "eager"), rel=2e-2)
     assert len(seeds) >= 36 and len(set(seeds)) == len(seeds)  # replays after the first step: a new seed each
 
 
-@pytest.mark.parametrize("dropout, rel", [(0.0, 1e-3), (0.1, 2e-2)])
+@pytest.mark.parametrize("dropout, rel", [(0.0, 1e-5), (0.1, 2e-3)])  # seen on an H100: 1.2e-7, 2.4e-4
 def test_two_processes_sharing_the_gpu_capture_as_one_process_with_grad_accum_two(dropout, rel, tmp_path,
                                                                                 run_training,
                                                                                 train_losses) -> None:
@@ -205,7 +205,7 @@ def test_shared_input_groups_train_as_the_layers_one_by_one(tmp_path, run_traini
     run_training(tmp_path / "alone", *common, "adapter.shared_input=false")
     grouped, alone = train_losses(tmp_path / "grouped"), train_losses(tmp_path / "alone")
     assert list(grouped) == list(range(1, 21))
-    assert grouped == pytest.approx(alone, rel=2e-2)
+    assert grouped == pytest.approx(alone, rel=2e-3)  # seen on an H100: 2.1e-4
 
 
 def test_graphed_step_waits_for_nothing(tiny_training_overrides, tmp_path) -> None:

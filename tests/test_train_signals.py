@@ -147,8 +147,14 @@ def test_a_signal_in_malora_eval_is_one_line_and_releases_the_lock(tmp_path, run
 
     monkeypatch.setattr(eval_module, "evaluate", evaluate)
     handler = signal.getsignal(signal.SIGTERM)
+    # Ctrl-C reaches a command in the foreground, whose SIGINT is Python's own handler; a shell starts a
+    # background job (the test run itself, say) with SIGINT ignored, which the command keeps
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
     capsys.readouterr()
-    status = run_program(monkeypatch, "malora-eval", [str(run_dir)])
+    try:
+        status = run_program(monkeypatch, "malora-eval", [str(run_dir)])
+    finally:
+        signal.signal(signal.SIGINT, interactive)
     err = capsys.readouterr().err
     assert status == 130, err
     assert "Traceback" not in err and [line for line in err.splitlines() if "malora-eval" in line] == [
