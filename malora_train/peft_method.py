@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.peft_types import PeftType, register_peft_method
 from torch import nn
 
-from malora_train.adapters.inject import adapter_layers, adapter_state_dict
+from malora_train.adapters.inject import adapter_layers, adapter_state_dict, remove_adapters
 from malora_train.adapters.io import KEY_PREFIX, adapter_metadata, file_key
 from malora_train.config import ADAPTER_CONFIGS, AdapterConfig, MixtureConfig
 from malora_train.errors import ConfigError
@@ -140,10 +140,7 @@ class MixtureTuner(BaseTuner):
         if merge:
             raise ConfigError(f"{self.kind} routes each token to its own experts and cannot be merged into "
                               "the base weights; unload() gives the base model back")
-        for name, layer in list(adapter_layers(self.model)):
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer.base)
-        return self.model
+        return remove_adapters(self.model)
 
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,

@@ -39,7 +39,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from malora_train import load_adapter_config  # noqa: E402
-from malora_train.adapters import AdaptedCausalLM, RoutingContext, adapter_kinds, adapter_layers  # noqa: E402
+from malora_train.adapters import (  # noqa: E402
+    AdaptedCausalLM,
+    RoutingContext,
+    adapter_kinds,
+    adapter_layers,
+    remove_adapters,
+)
 from malora_train.config import AdapterConfig, ModelConfig  # noqa: E402
 from malora_train.models import load_model  # noqa: E402
 
@@ -162,9 +168,7 @@ class Attached:
         self.model.disable_input_require_grads()
         if self.peft_model is not None:
             self.peft_model.unload()
-        for name, layer in list(adapter_layers(self.model)):
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, layer.base)
+        remove_adapters(self.model)
         for param in self.model.parameters():
             param.requires_grad_(False)
             param.grad = None

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import DTYPES, adapter_config, model_config, randomize_up_projections  # noqa: E402
 
 from malora_train import get_adapted_model  # noqa: E402
-from malora_train.adapters import adapter_kinds, adapter_layers  # noqa: E402
+from malora_train.adapters import adapter_kinds, remove_adapters  # noqa: E402
 from malora_train.models import load_model  # noqa: E402
 
 ROWS = ("frozen", *adapter_kinds())
@@ -46,13 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed generate calls after one warm-up")
     parser.add_argument("--json", type=Path, default=None)
     return parser
-
-
-def detach_adapters(model: torch.nn.Module) -> None:
-    """Put every adapted layer's frozen linear back: the base model is plain again for the next row."""
-    for name, layer in list(adapter_layers(model)):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
 
 
 def time_generate(model, prompts: torch.Tensor, args: argparse.Namespace, autocast_dtype) -> list[float]:
@@ -96,8 +89,7 @@ def run(args: argparse.Namespace) -> dict:
             randomize_up_projections(base, seed=0)
         times = time_generate(model, prompts, args, autocast_dtype)
         if name != "frozen":
-            detach_adapters(base)
-            assert not list(adapter_layers(base)), "an adapter stayed in the base model"
+            remove_adapters(base)
         median = statistics.median(times)
         rows.append({"name": name, "median_s": median, "times_s": times,
                      "new_tokens_per_s": args.batch * args.new_tokens / median})

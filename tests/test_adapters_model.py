@@ -14,6 +14,7 @@ from malora_train.adapters import (
     adapter_kinds,
     adapter_layers,
     match_targets,
+    remove_adapters,
 )
 from malora_train.config import AdapterConfig, RouterConfig
 from malora_train.errors import ConfigError
@@ -96,6 +97,19 @@ def test_only_adapter_tensors_are_trainable(kind: str, make_tiny_model) -> None:
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert sorted(model.targets) == sorted(n.removeprefix("model.").rsplit(".", 1)[0] for n in expected
                                            if n.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_removing_the_adapters_gives_the_base_model_back(kind: str, make_tiny_model) -> None:
+    base = make_tiny_model(0)
+    plain = {name: type(module) for name, module in base.named_modules()}
+    ids = torch.tensor([[5, 9, 2, 7]])
+    expected = base(ids).logits
+    AdaptedCausalLM.from_base(base, kind_config(kind))
+    assert list(adapter_layers(base))
+    assert remove_adapters(base) is base
+    assert {name: type(module) for name, module in base.named_modules()} == plain
+    torch.testing.assert_close(base(ids).logits, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -29,6 +29,7 @@ from malora_train.adapters.inject import (
     inject_adapters,
     match_targets,
     parameter_report,
+    remove_adapters,
 )
 from malora_train.adapters.io import (
     load_adapter,
@@ -58,5 +59,6 @@ __all__ = [
     "parameter_report",
     "read_adapter_config",
     "register_adapter",
+    "remove_adapters",
     "save_adapter",
 ]

@@ -67,6 +67,15 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, context: RoutingContex
     return names
 
 
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Undo ``inject_adapters`` in place: each adapted layer's frozen linear goes back where it was (the
+    adapter tensors leave with the adapted layers). Returns ``model``."""
+    for name, layer in list(adapter_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    return model
+
+
 def assign_dropout_salts(layers: list[AdapterLinear]) -> None:
     """A distinct salt per layer, in order, a shared-input group's members consecutive from its first (the
     group's kernel salts member g as its first member's salt + g)."""
