@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -24,3 +26,14 @@ def script_module(name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(name, None)
+
+
+def script_fixture(script: str, name: str | None = None):
+    """A module-scoped fixture, named ``name`` (default: the script's name), that yields
+    ``script_module(script)``."""
+
+    def fixture() -> Iterator[ModuleType]:
+        with script_module(script) as module:
+            yield module
+
+    return pytest.fixture(scope="module", name=name or script)(fixture)

@@ -9,15 +9,11 @@ import math
 
 import pytest
 import torch
-from script_modules import script_module
+from script_modules import script_fixture
 
 from malora_train.adapters import adapter_layers
 
-
-@pytest.fixture(scope="module")
-def bench():
-    with script_module("bench") as module:
-        yield module
+bench = script_fixture("bench")
 
 
 def test_cpu_benchmark_prints_the_table_and_writes_json(bench, tmp_path, capsys) -> None:

@@ -6,13 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from script_modules import script_module
+from script_modules import script_fixture
 
-
-@pytest.fixture(scope="module")
-def bench_generate():
-    with script_module("bench_generate") as module:
-        yield module
+bench_generate = script_fixture("bench_generate")
 
 
 def test_generation_benchmark_times_every_kind_against_lora(bench_generate, tmp_path, capsys) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from script_modules import script_module
+from script_modules import script_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP, STEPS, BUCKET_MB = 2, 4, 0.5
@@ -20,10 +20,7 @@ AGREE = WARMUP + STEPS  # every step: each rank packs its own block, as the refe
 SMALL_DATA = ["data.train_per_task=64", "data.eval_per_task=2", "data.cache=false"]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    with script_module("bench_scaling") as module:
-        yield module
+bench = script_fixture("bench_scaling", "bench")
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from script_modules import script_module
+from script_modules import script_fixture
 
 from malora_train.config import CustomTaskConfig, DataConfig
 from malora_train.data import build_tasks, hub
@@ -450,10 +450,7 @@ def test_hub_loader_uses_train_and_eval_splits(monkeypatch):
 
 # ---- scripts/fetch_bigbench.py ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fetch_script():
-    with script_module("fetch_bigbench") as module:
-        yield module
+fetch_script = script_fixture("fetch_bigbench", "fetch_script")
 
 
 def fake_sdist(path: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from script_modules import script_module
+from script_modules import script_fixture
 
 from malora_train.cli import compose
 from malora_train.commands.study_raw_files import ARCHIVE_FILE, MANIFEST_FILE
@@ -27,10 +27,7 @@ TINY = ["model=tiny", "trainer.cuda_graphs=false", "trainer.progress=false", "da
         "data.eval_per_task=4", "trainer.micro_batch_size=4", "trainer.max_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def study():
-    with script_module("study") as module:
-        yield module
+study = script_fixture("study")
 
 
 def swept_variants(preset: str) -> list[str]:

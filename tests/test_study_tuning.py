@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from script_modules import script_module
+from script_modules import script_fixture
 
 from malora_train.cli import compose
 from malora_train.commands import study_tuning as tuning
@@ -21,10 +21,7 @@ TINY = ["model=tiny", "trainer.cuda_graphs=false", "trainer.progress=false", "da
         "data.eval_per_task=4", "trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.epochs=0"]
 
 
-@pytest.fixture(scope="module")
-def study():
-    with script_module("study") as module:
-        yield module
+study = script_fixture("study")
 
 
 def fake_run(folder: Path, overrides: list[str], average: float | None, *, adapter: str = "molora",
