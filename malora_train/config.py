@@ -414,7 +414,9 @@ class TrainerConfig:
     warmup_ratio: float = 0.1  # warm-up steps (from lr 0) = ceil(warmup_ratio x steps)
     max_grad_norm: float = 1.0  # gradient clipping (0: none)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
-    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    # recompute each decoder layer's activations in the backward (less memory): true | false | selective
+    # (recompute all but the frozen MLP input projections' outputs: less time, more memory than true)
+    gradient_checkpointing: Any = False
     compile: bool = False  # torch.compile the decoder for training steps (fixed shapes: needs data.packing)
     # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"

@@ -243,18 +243,6 @@ def check_vocabulary(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, model
                           "use the model's own tokenizer")
 
 
-def enable_activation_checkpointing(model: torch.nn.Module, preserve_rng_state: bool = True) -> None:
-    """Recompute each decoder layer's activations in the backward (``trainer.gradient_checkpointing``).
-    ``preserve_rng_state=False``: the recompute leaves the RNG states alone (a captured step, whose dropout
-    masks come from a device-side seed and which could not save and restore them)."""
-    # the reentrant variant needs inputs that require grad
-    kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("layers", "decoder")
 

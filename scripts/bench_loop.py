@@ -81,8 +81,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="also run each adapter's first mode as N processes (on the visible GPUs, "
                              "sharing them over gloo where there are fewer GPUs than processes; gloo "
                              "processes on the CPU)")
-    parser.add_argument("--checkpointing", action="store_true",
-                        help="also run every adapter and mode with trainer.gradient_checkpointing=true")
+    parser.add_argument("--checkpointing", nargs="?", const="true", default=None, metavar="SETTINGS",
+                        help="also run every adapter and mode with trainer.gradient_checkpointing at each of "
+                             "these comma-separated settings (true, selective; bare: true)")
     parser.add_argument("--rows", type=int, default=16, help="micro-batch rows (packed: of --length tokens)")
     parser.add_argument("--length", type=int, default=256, help="data.max_length (the packed row length)")
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
@@ -117,6 +118,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--steps must be >= 2 and --warmup >= 1")
     if args.processes < 1:
         parser.error("--processes must be >= 1")
+    bad = [s for s in (args.checkpointing or "true").split(",") if s not in ("true", "selective")]
+    if bad:
+        parser.error(f"--checkpointing: unknown {', '.join(bad)} (choose from true, selective)")
     return args
 
 
@@ -134,8 +138,8 @@ def overrides_for(args: argparse.Namespace, adapter: str, mode: str,
 def variants(args: argparse.Namespace) -> list[tuple[str, ...]]:
     """The override sets each adapter and mode runs with: none, then each ``--also``, then checkpointing."""
     extra = [tuple(also.split()) for also in args.also]
-    if args.checkpointing:
-        extra.append(("trainer.gradient_checkpointing=true",))
+    for setting in args.checkpointing.split(",") if args.checkpointing else ():
+        extra.append((f"trainer.gradient_checkpointing={setting}",))
     return [(), *extra]
 
 

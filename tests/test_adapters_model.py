@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from adapter_specs import kind_config
 
 from malora_train.adapters import (
@@ -19,6 +20,7 @@ from malora_train.adapters import (
 from malora_train.config import AdapterConfig, RouterConfig
 from malora_train.errors import ConfigError
 from malora_train.labels import IGNORE_INDEX
+from malora_train.recompute import MATRIX_PRODUCTS, enable_activation_checkpointing, kept_linears
 
 KINDS = adapter_kinds()
 MIXTURES = ["molora", "malora", "hydralora"]
@@ -164,17 +166,16 @@ def test_padding_changes_neither_the_lm_loss_nor_the_balance_loss(kind: str, mak
 
 # -- gradient checkpointing ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("setting", [True, "selective"])
 @pytest.mark.parametrize("kind", ["molora", "malora"])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, make_tiny_model) -> None:
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, setting, make_tiny_model) -> None:
     input_ids, attention_mask, labels = _batch([(5, 4), (3, 7)], width=11)
     results = []
-    for checkpointing in (False, True):
+    for checkpointing in (False, setting):
         model = _adapted(make_tiny_model, kind, dropout=0.1,
                          router={"balance_coef": 0.01, "z_loss_coef": 0.001})
         if checkpointing:
-            # (transformers 5's name; the older gradient_checkpointing_enable warns)
-            model.model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.model, selective=checkpointing == "selective")
             assert model.model.is_activation_checkpointing
         model.train()
         torch.manual_seed(5)  # the same dropout masks in both runs (checkpointing replays the RNG)
@@ -191,6 +192,50 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, mak
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     router_grads = [g for n, g in plain_grads.items() if n.endswith("router")]
     assert router_grads and all(g.abs().sum() > 0 for g in router_grads)
+
+
+class _ProductCount(TorchDispatchMode):
+    """Counts the matrix products dispatched below any selective-checkpoint mode (a product the recompute
+    takes from the saved outputs never gets here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in MATRIX_PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["lora", "malora"])
+def test_selective_checkpointing_recomputes_all_but_the_mlp_input_projections(kind: str, make_tiny_model):
+    """The backward of ``true`` runs every frozen product of the forward again; ``selective`` runs all but
+    gate_proj's and up_proj's (two per layer), and keeps exactly those."""
+    input_ids, attention_mask, labels = _batch([(5, 4), (3, 7)], width=11)
+    backward_products = {}
+    for setting in (False, True, "selective"):
+        model = _adapted(make_tiny_model, kind)
+        if setting:
+            enable_activation_checkpointing(model.model, selective=setting == "selective")
+        model.train()
+        loss = model(input_ids, attention_mask, labels).loss
+        with _ProductCount() as counter:
+            loss.backward()
+        backward_products[setting] = counter.count
+    layers = model.model.config.num_hidden_layers
+    assert [name for name, _ in kept_linears(model.model)] == [
+        f"model.layers.{i}.mlp.{proj}.base" for i in range(layers) for proj in ("gate_proj", "up_proj")]
+    recomputed = backward_products[True] - backward_products[False]
+    assert recomputed > 2 * layers
+    assert backward_products["selective"] - backward_products[False] == recomputed - 2 * layers
+
+
+def test_selective_checkpointing_needs_an_mlp_input_projection(make_tiny_model) -> None:
+    model = AdaptedCausalLM.from_base(make_tiny_model(0), kind_config("lora", target_modules=["q_proj"]))
+    for layer in model.model.model.layers:
+        layer.mlp = torch.nn.Identity()
+    with pytest.raises(ConfigError, match="gradient_checkpointing=selective .* has none: use true"):
+        enable_activation_checkpointing(model.model, selective=True)
 
 
 def test_router_gradient_includes_the_auxiliary_loss(make_tiny_model) -> None:

@@ -20,22 +20,24 @@ def test_bench_loop_reports_every_run_beside_the_baseline(tmp_path) -> None:
         [sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--device", "cpu", "--adapters",
          "lora,malora", "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--rows", "2", "--length",
          "128", "--baseline", "peft-compiled,hf-peft", "--also", "adapter.shared_input=false",
-         "--processes", "2", "--checkpointing", "--json", str(out), "--",
+         "--processes", "2", "--checkpointing", "true,selective", "--json", str(out), "--",
          "data.train_per_task=16", "data.cache=false"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     checkpointing = ["trainer.gradient_checkpointing=true"]
+    selective = ["trainer.gradient_checkpointing=selective"]
     assert [(r["adapter"], r["overrides"], r["processes"]) for r in report["rows"]] == [
         ("lora", [], 1), ("malora", [], 1), ("lora", ["adapter.shared_input=false"], 1),
         ("malora", ["adapter.shared_input=false"], 1),  # --also: every adapter again, in the same process
-        ("lora", checkpointing, 1), ("malora", checkpointing, 1),  # --checkpointing likewise
+        ("lora", checkpointing, 1), ("malora", checkpointing, 1),  # --checkpointing likewise, per setting
+        ("lora", selective, 1), ("malora", selective, 1),
         ("lora", [], 2), ("malora", [], 2)]  # --processes 2: every adapter as two processes
     assert report["rows"][3]["name"] == "malora-train malora [adapter.shared_input=false]"
-    assert report["rows"][7]["name"] == "malora-train malora x2 processes"
+    assert report["rows"][9]["name"] == "malora-train malora x2 processes"
     # two processes: a step of twice the rows (packed as one global batch, so the fill differs a little)
-    assert report["rows"][6]["tokens_per_step"] > 1.8 * report["rows"][0]["tokens_per_step"]
+    assert report["rows"][8]["tokens_per_step"] > 1.8 * report["rows"][0]["tokens_per_step"]
     assert all(r["step_path"] == "eager (trainer.cuda_graphs=false)" for r in report["rows"])
     rows = {row["adapter"]: row for row in report["rows"][:2]}
     assert all("error" not in r for r in report["rows"])

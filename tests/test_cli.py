@@ -136,6 +136,8 @@ def test_malora_report_has_its_help_page(monkeypatch, capsys):
     ("data.sampling=random", "data.sampling='random' is not one of proportional, uniform, temperature"),
     ("logger.wandb.mode=loud", "logger.wandb.mode='loud' is not one of online, offline, disabled"),
     ("eval.export=gguf", "eval.export='gguf' is not one of merged"),
+    ("trainer.gradient_checkpointing=some",
+     "trainer.gradient_checkpointing='some' is not one of true, false, selective"),
     ("trainer.lr_scheduler=reduce_lr_on_plateau",
      "trainer.lr_scheduler='reduce_lr_on_plateau' is not supported (it"),
     ("trainer.lr_scheduler=cosine_with_min_lr",

@@ -130,12 +130,14 @@ def test_a_bare_run_on_a_gpu_takes_the_captured_step(tmp_path, run_training, cap
     assert "training step: captured (each step replayed as CUDA graphs)" in caplog.text
 
 
-def test_checkpointed_capture_draws_the_forward_masks_again_over_20_steps(tmp_path, run_training,
+@pytest.mark.parametrize("setting", ["true", "selective"])
+def test_checkpointed_capture_draws_the_forward_masks_again_over_20_steps(setting, tmp_path, run_training,
                                                                          train_losses) -> None:
-    """Gradient checkpointing under the captured step, dropout on: the recompute reads the device seed the
-    forward read (no RNG state to save or restore), so the losses are those of the captured step without
-    checkpointing, and within bf16 noise of the eager step (whose masks are drawn otherwise). Each micro-batch
-    gets a new seed: the masks change from step to step."""
+    """Gradient checkpointing (whole layers, or all but the kept MLP input projections) under the captured
+    step, dropout on: the recompute reads the device seed the forward read (no RNG state to save or restore),
+    so the losses are those of the captured step without checkpointing, and within bf16 noise of the eager
+    step (whose masks are drawn otherwise). Each micro-batch gets a new seed: the masks change from step to
+    step."""
     from malora_train.train import graphs
 
     seeds: list[int] = []
@@ -150,7 +152,7 @@ def test_checkpointed_capture_draws_the_forward_masks_again_over_20_steps(tmp_pa
               "trainer.eval_after=false"]
     graphs.StepGraphs._copy_in = record
     try:
-        run_training(tmp_path / "checkpointed", *common, "trainer.gradient_checkpointing=true")
+        run_training(tmp_path / "checkpointed", *common, f"trainer.gradient_checkpointing={setting}")
     finally:
         graphs.StepGraphs._copy_in = original
     run_training(tmp_path / "captured", *common)

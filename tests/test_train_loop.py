@@ -179,10 +179,11 @@ def test_gradient_accumulation_matches_one_larger_micro_batch(tmp_path, run_trai
     assert any(a[key].abs().max() > 0 for key in a if key.endswith("lora_B.weight"))  # it did train
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path, run_training, train_losses):
+@pytest.mark.parametrize("setting", ["true", "selective"])
+def test_gradient_checkpointing_gives_the_same_losses(setting, tmp_path, run_training, train_losses):
     common = ["adapter=malora", "adapter.dropout=0.05", "trainer.max_steps=5"]
     run_training(tmp_path / "plain", *common)
-    run_training(tmp_path / "checkpointed", *common, "trainer.gradient_checkpointing=true")
+    run_training(tmp_path / "checkpointed", *common, f"trainer.gradient_checkpointing={setting}")
     for key in ("loss", "aux_loss", "grad_norm"):
         assert train_losses(tmp_path / "checkpointed", key) == pytest.approx(
             train_losses(tmp_path / "plain", key), rel=1e-6, abs=1e-8), key

@@ -41,9 +41,9 @@ from malora_train.labels import IGNORE_INDEX, answer_slots, loss_targets, pad_lo
 from malora_train.models import (
     base_model_location,
     compile_model,
-    enable_activation_checkpointing,
     load_model_and_tokenizer,
 )
+from malora_train.recompute import enable_activation_checkpointing
 from malora_train.run_dir import (
     CONFIG_FILE,
     EVAL_DIR,
@@ -238,7 +238,8 @@ class Trainer:
         if trainer.gradient_checkpointing:
             # captured: the recompute draws the forward's dropout masks again from the device seed, and a
             # capture cannot save and restore RNG states
-            enable_activation_checkpointing(self.base_model, preserve_rng_state=not self.step_path.captured)
+            enable_activation_checkpointing(self.base_model, preserve_rng_state=not self.step_path.captured,
+                                            selective=trainer.gradient_checkpointing == "selective")
         if trainer.compile:
             compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope)
         self.params = parameter_report(self.model)

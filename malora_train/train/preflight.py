@@ -17,6 +17,7 @@ from malora_train.data.tasks import check_options
 from malora_train.errors import ConfigError
 from malora_train.eval import check_eval_config
 from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
+from malora_train.recompute import check_setting as check_recompute_setting
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_logger, check_progress
 from malora_train.train.optim import check_optimizer, check_schedule
@@ -68,6 +69,7 @@ def check_trainer(cfg: Config) -> None:
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
     check_progress(trainer.progress, trainer.progress_every)
+    check_recompute_setting(trainer.gradient_checkpointing)
     check_step_setting(cfg)  # trainer.cuda_graphs: auto, true (and nothing in the config in its way), false
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")
