@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from adapter_specs import kind_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from malora_train.adapters import (
     AdaptedCausalLM,
@@ -168,7 +168,7 @@ def test_padding_changes_neither_the_lm_loss_nor_the_balance_loss(kind: str, mak
 
 @pytest.mark.parametrize("setting", [True, "selective"])
 @pytest.mark.parametrize("kind", ["molora", "malora"])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, setting, make_tiny_model) -> None:
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, setting, make_tiny_model):
     input_ids, attention_mask, labels = _batch([(5, 4), (3, 7)], width=11)
     results = []
     for checkpointing in (False, setting):
