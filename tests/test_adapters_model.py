@@ -20,7 +20,7 @@ from malora_train.adapters import (
 from malora_train.config import AdapterConfig, RouterConfig
 from malora_train.errors import ConfigError
 from malora_train.labels import IGNORE_INDEX
-from malora_train.recompute import MATRIX_PRODUCTS, enable_activation_checkpointing, kept_linears
+from malora_train.train.recompute import MATRIX_PRODUCTS, enable_activation_checkpointing, kept_linears
 
 KINDS = adapter_kinds()
 MIXTURES = ["molora", "malora", "hydralora"]

@@ -247,3 +247,54 @@ def test_fast_layer_matches_the_reference_under_bf16_autocast(kind: str) -> None
         results[impl] = [y, *torch.autograd.grad(y.float().square().sum(), [x, *params])]
     for fast, reference in zip(results["fast"], results["reference"], strict=True):
         assert _rel(fast, reference) < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("N,RE,RZ,coeff,top_k,renormalize", [
+    (8, 12, 32, True, 2, True), (8, 8, 64, False, 2, True), (8, 13, 13, False, 8, True),
+    (5, 3, 7, True, 3, False)])
+def test_triton_routed_expand_equals_routing_then_expand(N: int, RE: int, RZ: int, coeff: bool, top_k: int,
+                                                         renormalize: bool) -> None:
+    """The inference kernel routes inside the expand kernel: bit for bit what the routing kernel's gates give
+    the expand kernel (MALoRA with C, MoLoRA, HydraLoRA's dense routing; a few tokens, as in decoding, and
+    many)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for T_ in (8, 3001):
+        z = torch.randn(T_, RZ, device="cuda", generator=gen).bfloat16()
+        c = (torch.randn(N * RE, RZ, device="cuda", generator=gen) * RZ**-0.5).bfloat16() if coeff else None
+        logits = torch.randn(T_, N, device="cuda", generator=gen) * 2
+        gates, _, _ = routing.route_forward(logits, top_k, renormalize, None, collect=False)
+        expected = gated_up.expand_forward(z, c, gates, N * RE)
+        assert torch.equal(gated_up.routed_expand(z, c, logits, N * RE, top_k, renormalize), expected)
+
+
+@cuda
+@pytest.mark.parametrize("kind", [k for k in KINDS if issubclass(ADAPTER_CLASSES[k], MixtureAdapterLinear)])
+def test_mixture_layer_without_grad_routes_in_one_kernel_and_gives_the_same_output(kind: str,
+                                                                                  monkeypatch) -> None:
+    """Under no_grad (evaluation, generation) a mixture layer routes and gates in one launch
+    (``gated_up.routed_up``), with the output of the training path to the bit; with grad, or with routing
+    counts asked for, it takes the training path."""
+    context = RoutingContext()
+    layer = build(kind, dropout=0.0, dtype=torch.float32, device="cuda", context=context).eval()
+    layer.base.to(torch.bfloat16)
+    calls = []
+    original = gated_up.routed_up
+    monkeypatch.setattr("malora_train.adapters.base.routed_up",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    for tokens in (8, 2048):
+        x = torch.randn(tokens, IN, device="cuda").bfloat16()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            trained_path = layer(x).detach()
+            assert not calls
+            with torch.no_grad():
+                inference = layer(x)
+            assert len(calls) == 1
+            context.token_task, context.num_tasks = torch.zeros(tokens, dtype=torch.long, device="cuda"), 1
+            with torch.no_grad():
+                counted = layer(x)
+            context.token_task = None
+            assert len(calls) == 1 and layer.task_expert_counts.sum() > 0
+        calls.clear()
+        assert torch.equal(inference, trained_path)
+        assert torch.equal(counted, trained_path)

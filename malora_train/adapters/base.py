@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malora_train.adapters.kernels.common import KernelState
-from malora_train.adapters.kernels.gated_up import gated_up
+from malora_train.adapters.kernels.gated_up import gated_up, routed_up
 from malora_train.adapters.kernels.projection import project
 from malora_train.adapters.kernels.routing import route
 from malora_train.adapters.router import (
@@ -240,6 +240,12 @@ class MixtureAdapterLinear(AdapterLinear):
         self.count_tasks(top_idx, gates, mask)
         return gates
 
+    def routing_unobserved(self, num_tokens: int) -> bool:
+        """Nothing reads this forward's routing but its output: no gradient, no auxiliary losses collected,
+        no routing counts per task (inference: evaluation, generation)."""
+        return not (torch.is_grad_enabled() or self.collecting()
+                    or (self.context is not None and self.context.task_for(num_tokens) is not None))
+
     def collecting(self) -> bool:
         return self.context is not None and self.context.collect
 
@@ -298,6 +304,12 @@ class MixtureAdapterLinear(AdapterLinear):
             z, logits = projected
         else:
             z, logits = projected, router_logits(x, self.router, self.jitter_noise, self.training)
+        if self.routing_unobserved(x.shape[0]):
+            y = routed_up(z, logits, flat_out, self.lora_B, self.scaling, self.top_k, self.renormalize,
+                          coeff=self.coeff_projection(), up_cast=self.cast("up"),
+                          coeff_cast=self.cast("coeff"), state=self.kernel_state)
+            if y is not None:
+                return y
         gates = self.fast_route(logits)
         return gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates, coeff=self.coeff_projection(),
                         num_experts=self.num_experts, shared=self.shared_down, up_cast=self.cast("up"),

@@ -43,7 +43,6 @@ from malora_train.models import (
     compile_model,
     load_model_and_tokenizer,
 )
-from malora_train.recompute import enable_activation_checkpointing
 from malora_train.run_dir import (
     CONFIG_FILE,
     EVAL_DIR,
@@ -96,6 +95,7 @@ from malora_train.train.metrics import (
 )
 from malora_train.train.optim import build_optimizer, build_scheduler, total_steps
 from malora_train.train.preflight import check_config
+from malora_train.train.recompute import enable_activation_checkpointing
 from malora_train.train.step_path import choose_step_path
 from malora_train.train.step_stats import WindowStats
 

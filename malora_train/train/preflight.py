@@ -17,10 +17,10 @@ from malora_train.data.tasks import check_options
 from malora_train.errors import ConfigError
 from malora_train.eval import check_eval_config
 from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
-from malora_train.recompute import check_setting as check_recompute_setting
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_logger, check_progress
 from malora_train.train.optim import check_optimizer, check_schedule
+from malora_train.train.recompute import check_setting as check_recompute_setting
 from malora_train.train.step_path import check_setting as check_step_setting
 
 EXPORTS = ("merged",)  # malora-eval eval.export

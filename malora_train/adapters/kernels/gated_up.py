@@ -22,6 +22,9 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs have none and 
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
+if triton is not None:  # the routing kernel's softmax and top-K, for the inference kernel's gates
+    from malora_train.adapters.kernels.routing import softmax_rows, top_k_gates
+
 
 @dataclass(frozen=True)
 class GatedUpSpec:
@@ -67,10 +70,7 @@ class _GatedUp(torch.autograd.Function):
             return gated, u, gates_c
 
         gated, u, gates_c = state.run(use_kernel, by_kernel, by_torch)
-        if out.dtype == cdt:
-            y = torch.addmm(out, gated, up_c.t(), alpha=spec.scaling)
-        else:
-            y = out + _mm_scaled(gated, up_c.t(), spec.scaling).to(out.dtype)
+        y = _add_up(out, gated, up_c, spec.scaling)
         ctx.save_for_backward(z, u if coeff is not None else None, gated, up_c, gates_c, coeff_c)
         ctx.spec, ctx.state = spec, state
         ctx.expanded_by_kernel = u is None  # the kernel keeps no u: the backward runs its kernel too
@@ -109,6 +109,34 @@ class _GatedUp(torch.autograd.Function):
         gcoeff = gcoeff.to(coeff_dtype) if gcoeff is not None else None
         # one per input: spec, state, z, out, up, gates, coeff, up_cast, coeff_cast
         return None, None, gz, grad_y if need_out else None, gup, ggates, gcoeff, None, None
+
+
+def routed_up(z: torch.Tensor, logits: torch.Tensor, out: torch.Tensor, up: torch.Tensor, scaling: float,
+              top_k: int, renormalize: bool, coeff: torch.Tensor | None = None,
+              up_cast: torch.Tensor | None = None, coeff_cast: torch.Tensor | None = None, *,
+              state: KernelState) -> torch.Tensor | None:
+    """Inference only (nothing for autograd): ``gated_up`` with the gates that ``routing.route`` gives the
+    float32 ``logits``, computed inside the expand kernel, bit for bit: one launch for routing and gating
+    instead of two, and no autograd Function around either. Decoding feeds a few tokens a step through every
+    layer, so its time is these launches. None where the kernel does not run (the CPU, no Triton, another
+    dtype, a failure): the caller then routes and gates as in training."""
+    cdt = z.dtype
+    if triton is None or not state.kernels_allowed(z) or cdt not in KERNEL_DTYPES or z.shape[0] == 0:
+        return None
+    coeff_c = _ready(coeff_cast, cdt, coeff)
+    width = up.shape[1]
+    coeff_c = coeff_c.contiguous() if coeff_c is not None else None
+    gated = state.run(True, lambda: routed_expand(z.contiguous(), coeff_c, logits.contiguous(), width, top_k,
+                                                  renormalize),
+                      lambda: None)
+    return _add_up(out, gated, _ready(up_cast, cdt, up), scaling) if gated is not None else None
+
+
+def _add_up(out: torch.Tensor, gated: torch.Tensor, up_c: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out + scaling * gated up_c^T``: one addmm when ``out`` is in the compute dtype."""
+    if out.dtype == gated.dtype:
+        return torch.addmm(out, gated, up_c.t(), alpha=scaling)
+    return out + _mm_scaled(gated, up_c.t(), scaling).to(out.dtype)
 
 
 def _ready(cast: torch.Tensor | None, dtype: torch.dtype, weight: torch.Tensor | None) -> torch.Tensor | None:
@@ -244,6 +272,31 @@ if triton is not None:
                 tl.store(gz_ptr + rows[:, None] * RZ + kk[None, :], gz.to(CDT), mask=z_ok)
 
 
+    @triton.jit
+    def _routed_expand_kernel(
+        z_ptr, c_ptr, logit_ptr, out_ptr, T,
+        RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
+        NR_PAD: tl.constexpr, N_PAD: tl.constexpr, K: tl.constexpr, RENORM: tl.constexpr,
+        DENSE: tl.constexpr, BLOCK_M: tl.constexpr, HAS_COEFF: tl.constexpr, CDT: tl.constexpr,
+    ):
+        """``_expand_fwd_kernel`` with its gates routed here from float32 logits (T, N), by the routing
+        kernel's own softmax and top-K: each column c takes expert c // RE's gate."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, NR_PAD)
+        experts = tl.arange(0, N_PAD)
+        row_ok = rows < T
+        col_ok = cols < NR
+        probs, _ = softmax_rows(logit_ptr, rows, experts, T, N)
+        gates, _ = top_k_gates(probs, rows, experts, out_ptr, T, N, N_PAD, K, BLOCK_M, RENORM, DENSE,
+                               STORE_IDX=False)
+        column_gates = tl.zeros((BLOCK_M, NR_PAD), tl.float32)
+        for e in tl.static_range(N):
+            gate = tl.sum(tl.where(experts[None, :] == e, gates, 0.0), axis=1)  # exactly gates[:, e]
+            column_gates = tl.where((cols // RE)[None, :] == e, gate[:, None], column_gates)
+        u = _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ, RZ_PAD, HAS_COEFF, CDT)
+        ok = row_ok[:, None] & col_ok[None, :]
+        tl.store(out_ptr + rows[:, None] * NR + cols[None, :], (u * column_gates).to(CDT), mask=ok)
+
     # -- launchers: every tensor argument must be contiguous
 
     def _expand_shape(z: torch.Tensor, gates: torch.Tensor, width: int) -> dict:
@@ -260,6 +313,17 @@ if triton is not None:
         _expand_fwd_kernel[(triton.cdiv(T, EXPAND_BLOCK_M),)](
             z, coeff, gates, out, T, HAS_COEFF=coeff is not None, num_warps=NUM_WARPS,
             **_expand_shape(z, gates, width))
+        return out
+
+    def routed_expand(z: torch.Tensor, coeff: torch.Tensor | None, logits: torch.Tensor, width: int,
+                      top_k: int, renormalize: bool) -> torch.Tensor:
+        """``expand_forward`` with the gates of ``routing.route_forward(logits, top_k, renormalize)``."""
+        T, N = logits.shape
+        dense = top_k >= N
+        out = torch.empty(T, width, device=z.device, dtype=z.dtype)
+        _routed_expand_kernel[(triton.cdiv(T, EXPAND_BLOCK_M),)](
+            z, coeff, logits, out, T, N_PAD=pad(N, least=2), K=N if dense else top_k, RENORM=renormalize,
+            DENSE=dense, HAS_COEFF=coeff is not None, num_warps=NUM_WARPS, **_expand_shape(z, logits, width))
         return out
 
     def expand_backward(grad_gated: torch.Tensor, z: torch.Tensor, coeff: torch.Tensor | None,

@@ -101,7 +101,7 @@ NUM_WARPS = 4  # warps per program (Triton's default)
 if triton is not None:
 
     @triton.jit
-    def _softmax_rows(logit_ptr, rows, cols, T, N: tl.constexpr):
+    def softmax_rows(logit_ptr, rows, cols, T, N: tl.constexpr):
         """Row softmax of a (rows, cols) logit block: (probs, logsumexp); padded columns get probability 0."""
         row_ok = rows < T
         col_ok = cols < N
@@ -112,6 +112,39 @@ if triton is not None:
         e = tl.exp(logits - top[:, None])
         total = tl.sum(e, axis=1)
         return e / total[:, None], top + tl.log(total)
+
+    @triton.jit
+    def top_k_gates(probs, rows, cols, idx_ptr, T, N: tl.constexpr, N_PAD: tl.constexpr, K: tl.constexpr,
+                     BLOCK_T: tl.constexpr, RENORM: tl.constexpr, DENSE: tl.constexpr,
+                     STORE_IDX: tl.constexpr):
+        """(gates, selected) of a (rows, cols) probability block: the K largest probabilities of each row
+        (the first of equal ones), renormalised to sum to 1 with ``RENORM``, every expert when ``DENSE``;
+        with ``STORE_IDX`` the chosen experts' indices go to ``idx_ptr`` (T, K) in the order chosen."""
+        row_ok = rows < T
+        col_ok = cols < N
+        if DENSE:
+            selected = (rows >= 0)[:, None] & col_ok[None, :]
+            gates = probs
+            if STORE_IDX:
+                for k in tl.static_range(K):
+                    tl.store(idx_ptr + rows * K + k, tl.zeros((BLOCK_T,), tl.int64) + k, mask=row_ok)
+        else:
+            remaining = tl.where(col_ok[None, :], probs, -1.0)
+            chosen = tl.zeros((BLOCK_T, N_PAD), tl.int32)
+            for k in tl.static_range(K):
+                best = tl.argmax(remaining, axis=1)
+                if STORE_IDX:
+                    tl.store(idx_ptr + rows * K + k, best.to(tl.int64), mask=row_ok)
+                hit = cols[None, :] == best[:, None]
+                chosen = tl.where(hit, 1, chosen)
+                remaining = tl.where(hit, -2.0, remaining)
+            selected = chosen != 0
+            top = tl.where(selected, probs, 0.0)
+            if RENORM:
+                gates = top / tl.sum(top, axis=1)[:, None]
+            else:
+                gates = top
+        return gates, selected
 
     @triton.jit
     def _row_weights(mask_ptr, rows, T, HAS_MASK: tl.constexpr):
@@ -134,27 +167,9 @@ if triton is not None:
         cols = tl.arange(0, N_PAD)
         row_ok = rows < T
         col_ok = cols < N
-        probs, lse = _softmax_rows(logit_ptr, rows, cols, T, N)
-        if DENSE:
-            selected = (rows >= 0)[:, None] & col_ok[None, :]
-            gates = probs
-            for k in tl.static_range(K):
-                tl.store(idx_ptr + rows * K + k, tl.zeros((BLOCK_T,), tl.int64) + k, mask=row_ok)
-        else:
-            remaining = tl.where(col_ok[None, :], probs, -1.0)
-            chosen = tl.zeros((BLOCK_T, N_PAD), tl.int32)
-            for k in tl.static_range(K):
-                best = tl.argmax(remaining, axis=1)
-                tl.store(idx_ptr + rows * K + k, best.to(tl.int64), mask=row_ok)
-                hit = cols[None, :] == best[:, None]
-                chosen = tl.where(hit, 1, chosen)
-                remaining = tl.where(hit, -2.0, remaining)
-            selected = chosen != 0
-            top = tl.where(selected, probs, 0.0)
-            if RENORM:
-                gates = top / tl.sum(top, axis=1)[:, None]
-            else:
-                gates = top
+        probs, lse = softmax_rows(logit_ptr, rows, cols, T, N)
+        gates, selected = top_k_gates(probs, rows, cols, idx_ptr, T, N, N_PAD, K, BLOCK_T, RENORM, DENSE,
+                                       STORE_IDX=True)
         tl.store(gates_ptr + rows[:, None] * N + cols[None, :], gates, mask=row_ok[:, None] & col_ok[None, :])
         if COLLECT:
             w = _row_weights(mask_ptr, rows, T, HAS_MASK)
@@ -210,7 +225,7 @@ if triton is not None:
         cols = tl.arange(0, N_PAD)
         row_ok = rows < T
         col_ok = cols < N
-        probs, lse = _softmax_rows(logit_ptr, rows, cols, T, N)
+        probs, lse = softmax_rows(logit_ptr, rows, cols, T, N)
         gg = tl.load(ggates_ptr + rows[:, None] * N + cols[None, :],
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DENSE:
