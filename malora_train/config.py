@@ -415,8 +415,11 @@ class TrainerConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0: none)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     # recompute each decoder layer's activations in the backward (less memory): true | false | selective
-    # (recompute all but the frozen MLP input projections' outputs: less time, more memory than true)
+    # (recompute all but the outputs of checkpointing_keeps' frozen projections: less time, more memory)
     gradient_checkpointing: Any = False
+    # selective: the projections whose frozen outputs are kept (those reading the layer's normalised inputs)
+    checkpointing_keeps: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
     compile: bool = False  # torch.compile the decoder for training steps (fixed shapes: needs data.packing)
     # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"

@@ -21,6 +21,7 @@ from malora_train.config import AdapterConfig, RouterConfig
 from malora_train.errors import ConfigError
 from malora_train.labels import IGNORE_INDEX
 from malora_train.train.recompute import MATRIX_PRODUCTS, enable_activation_checkpointing, kept_linears
+from malora_train.train.recompute import check_setting as check_recompute_setting
 
 KINDS = adapter_kinds()
 MIXTURES = ["molora", "malora", "hydralora"]
@@ -175,7 +176,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, set
         model = _adapted(make_tiny_model, kind, dropout=0.1,
                          router={"balance_coef": 0.01, "z_loss_coef": 0.001})
         if checkpointing:
-            enable_activation_checkpointing(model.model, selective=checkpointing == "selective")
+            keeps = KEEPS if checkpointing == "selective" else None
+            enable_activation_checkpointing(model.model, keeps=keeps)
             assert model.model.is_activation_checkpointing
         model.train()
         torch.manual_seed(5)  # the same dropout masks in both runs (checkpointing replays the RNG)
@@ -194,6 +196,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind: str, set
     assert router_grads and all(g.abs().sum() > 0 for g in router_grads)
 
 
+KEEPS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]  # trainer.checkpointing_keeps' default
+
+
 class _ProductCount(TorchDispatchMode):
     """Counts the matrix products dispatched below any selective-checkpoint mode (a product the recompute
     takes from the saved outputs never gets here)."""
@@ -207,35 +212,42 @@ class _ProductCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("keeps", [KEEPS, ["gate_proj", "up_proj"]])
 @pytest.mark.parametrize("kind", ["lora", "malora"])
-def test_selective_checkpointing_recomputes_all_but_the_mlp_input_projections(kind: str, make_tiny_model):
+def test_selective_checkpointing_recomputes_all_but_the_kept_projections(kind: str, keeps, make_tiny_model):
     """The backward of ``true`` runs every frozen product of the forward again; ``selective`` runs all but
-    gate_proj's and up_proj's (two per layer), and keeps exactly those."""
+    those of the kept projections (one each per layer), and keeps exactly those, adapted (q, v, gate, up by
+    default: its frozen ``base``) or not (k)."""
     input_ids, attention_mask, labels = _batch([(5, 4), (3, 7)], width=11)
     backward_products = {}
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # k_proj stays plain
     for setting in (False, True, "selective"):
-        model = _adapted(make_tiny_model, kind)
+        model = _adapted(make_tiny_model, kind, target_modules=targets)
         if setting:
-            enable_activation_checkpointing(model.model, selective=setting == "selective")
+            enable_activation_checkpointing(model.model, keeps=keeps if setting == "selective" else None)
         model.train()
         loss = model(input_ids, attention_mask, labels).loss
         with _ProductCount() as counter:
             loss.backward()
         backward_products[setting] = counter.count
     layers = model.model.config.num_hidden_layers
-    assert [name for name, _ in kept_linears(model.model)] == [
-        f"model.layers.{i}.mlp.{proj}.base" for i in range(layers) for proj in ("gate_proj", "up_proj")]
+    block = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
+             "up_proj": "mlp"}
+    adapted = {name.rpartition(".")[2] for name, _ in adapter_layers(model.model)}
+    assert "k_proj" not in adapted and {"q_proj", "gate_proj"} <= adapted
+    assert sorted(name for name, _ in kept_linears(model.model, keeps)) == sorted(
+        f"model.layers.{i}.{block[p]}.{p}" + (".base" if p in adapted else "")
+        for i in range(layers) for p in keeps)
+    kept = len(keeps) * layers
     recomputed = backward_products[True] - backward_products[False]
-    assert recomputed > 2 * layers
-    assert backward_products["selective"] - backward_products[False] == recomputed - 2 * layers
+    assert recomputed > kept
+    assert backward_products["selective"] - backward_products[False] == recomputed - kept
 
 
-def test_selective_checkpointing_needs_an_mlp_input_projection(make_tiny_model) -> None:
-    model = AdaptedCausalLM.from_base(make_tiny_model(0), kind_config("lora", target_modules=["q_proj"]))
-    for layer in model.model.model.layers:
-        layer.mlp = torch.nn.Identity()
-    with pytest.raises(ConfigError, match="gradient_checkpointing=selective .* has none: use true"):
-        enable_activation_checkpointing(model.model, selective=True)
+def test_selective_checkpointing_needs_a_kept_projection(make_tiny_model) -> None:
+    model = _adapted(make_tiny_model, "lora")
+    with pytest.raises(ConfigError, match=r"trainer.checkpointing_keeps=\[fc1\]: this model has no linear"):
+        enable_activation_checkpointing(model.model, keeps=["fc1"])
 
 
 def test_router_gradient_includes_the_auxiliary_loss(make_tiny_model) -> None:
@@ -272,3 +284,9 @@ def test_routing_forward_and_router_losses_give_the_forwards_router_losses(kind:
     assert losses.aux > 0
     torch.testing.assert_close(losses.balance, own.balance_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(losses.z, own.z_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_selective_checkpointing_needs_a_projection_named() -> None:
+    with pytest.raises(ConfigError, match="selective needs trainer.checkpointing_keeps to name at least one"):
+        check_recompute_setting("selective", [])
+    check_recompute_setting(True, [])  # true keeps nothing and needs no names

@@ -238,8 +238,9 @@ class Trainer:
         if trainer.gradient_checkpointing:
             # captured: the recompute draws the forward's dropout masks again from the device seed, and a
             # capture cannot save and restore RNG states
+            selective = trainer.gradient_checkpointing == "selective"
             enable_activation_checkpointing(self.base_model, preserve_rng_state=not self.step_path.captured,
-                                            selective=trainer.gradient_checkpointing == "selective")
+                                            keeps=trainer.checkpointing_keeps if selective else None)
         if trainer.compile:
             compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope)
         self.params = parameter_report(self.model)

@@ -69,7 +69,7 @@ def check_trainer(cfg: Config) -> None:
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
     check_progress(trainer.progress, trainer.progress_every)
-    check_recompute_setting(trainer.gradient_checkpointing)
+    check_recompute_setting(trainer.gradient_checkpointing, trainer.checkpointing_keeps)
     check_step_setting(cfg)  # trainer.cuda_graphs: auto, true (and nothing in the config in its way), false
     if not 0 <= trainer.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be in [0, 1)")

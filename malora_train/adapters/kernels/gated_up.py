@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 if triton is not None:  # the routing kernel's softmax and top-K, for the inference kernel's gates
-    from malora_train.adapters.kernels.routing import softmax_rows, top_k_gates
+    from malora_train.adapters.kernels.routing import ROUTE_BLOCK_T, softmax_rows, top_k_gates
 
 
 @dataclass(frozen=True)
@@ -321,9 +321,11 @@ if triton is not None:
         T, N = logits.shape
         dense = top_k >= N
         out = torch.empty(T, width, device=z.device, dtype=z.dtype)
-        _routed_expand_kernel[(triton.cdiv(T, EXPAND_BLOCK_M),)](
+        # the routing kernel's block of tokens, so that its softmax sums in the same order (bit for bit)
+        shape = {**_expand_shape(z, logits, width), "BLOCK_M": ROUTE_BLOCK_T}
+        _routed_expand_kernel[(triton.cdiv(T, ROUTE_BLOCK_T),)](
             z, coeff, logits, out, T, N_PAD=pad(N, least=2), K=N if dense else top_k, RENORM=renormalize,
-            DENSE=dense, HAS_COEFF=coeff is not None, num_warps=NUM_WARPS, **_expand_shape(z, logits, width))
+            DENSE=dense, HAS_COEFF=coeff is not None, num_warps=NUM_WARPS, **shape)
         return out
 
     def expand_backward(grad_gated: torch.Tensor, z: torch.Tensor, coeff: torch.Tensor | None,
