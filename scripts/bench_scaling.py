@@ -35,6 +35,12 @@ each, against one job through the same launcher on one GPU: the ratio of their t
 tokens over the sweep's wall time, against the one job's over its own), and the same ratio of the jobs'
 tokens/s while training (process start-up and model loading left out).
 
+Several jobs on one GPU (issue 27): ``--shared-runs`` runs of the pool model as one sweep through the same
+launcher on GPU 0 alone, with ``hydra.launcher.jobs_per_gpu`` set to each of ``--shared-jobs`` (1, 4, 8 by
+default on a GPU): all runs' tokens over the sweep's wall time, against the first count (one job at a
+time). Start the CUDA MPS daemon first (``nvidia-cuda-mps-control -d``) for the jobs' kernels to run side by
+side; the table says whether it ran.
+
 Runs go to ``--out/<name>/`` with their log beside them. A run recorded as completed with the same command
 is reused, so a table longer than one time limit is finished by running the same command again; an
 interrupted run is run again. Prints a markdown table last and writes ``--out/scaling.json`` (the device
@@ -62,6 +68,7 @@ from typing import Any, NoReturn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from hydra_plugins.malora_gpu_pool.gpu_pool_launcher import mps_is_running  # noqa: E402
 from malora_train.errors import MaloraError  # noqa: E402
 from malora_train.run_dir import completed_summary, read_json_object, read_jsonl, write_json_atomic  # noqa: E402
 
@@ -79,11 +86,12 @@ def defaults(gpus: int) -> dict[str, Any]:
     common = {"adapters": "malora,molora", "launch": SCALED_LAUNCHES, "rows": 4}
     if not gpus:
         return {**common, "model": "tiny", "nprocs": "2", "length": 256, "steps": 6, "warmup": 2,
-                "agree_steps": 8, "pool_jobs": 2, "pool_model": "tiny"}
+                "agree_steps": 8, "pool_jobs": 2, "pool_model": "tiny", "shared_jobs": "1,2",
+                "shared_runs": 2}
     counts = [2 ** k for k in range(gpus.bit_length()) if 2 ** k <= gpus]
     return {**common, "model": "llama2_7b", "nprocs": ",".join(map(str, counts)), "length": 1024, "steps": 30,
             "warmup": 10, "agree_steps": 20, "pool_jobs": gpus if gpus > 1 else 0,
-            "pool_model": "smollm2_135m_shape"}
+            "pool_model": "smollm2_135m_shape", "shared_jobs": "1,4,8", "shared_runs": 8}
 
 
 def fail(message: str) -> NoReturn:
@@ -120,7 +128,7 @@ def parse_args(argv: list[str], gpus: int) -> argparse.Namespace:
     parser = Parser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="conf/model preset of the scaling runs")
     parser.add_argument("--adapters", help=f"comma-separated: {', '.join(ADAPTERS)}")
-    parser.add_argument("--nprocs", help="process counts, e.g. 1,2,4,8")
+    parser.add_argument("--nprocs", help="process counts, e.g. 1,2,4,8 (0: no scaling rows)")
     parser.add_argument("--launch", help=f"launch configs (conf/accelerate): {', '.join(LAUNCHES)}; "
                         f"'{REFERENCE_LAUNCH}' (one process) always runs as the reference")
     parser.add_argument("--rows", type=int, help="packed rows per process and micro-batch")
@@ -132,6 +140,10 @@ def parse_args(argv: list[str], gpus: int) -> argparse.Namespace:
     parser.add_argument("--pool-jobs", type=int, help="sweep-pool jobs at once, one GPU each (0: none)")
     parser.add_argument("--pool-model", help="conf/model preset of the pool jobs")
     parser.add_argument("--pool-steps", type=int, help="steps of each pool job (default: warm-up + steps)")
+    parser.add_argument("--shared-jobs", help="jobs at once on GPU 0 (hydra.launcher.jobs_per_gpu), one "
+                        "sweep each, e.g. 1,4,8 (0: none)")
+    parser.add_argument("--shared-runs", type=int,
+                        help="runs of the pool model in each --shared-jobs sweep")
     parser.add_argument("--device-kind", help="the machine's name in the report (default: what is detected)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_scaling"))
@@ -140,7 +152,7 @@ def parse_args(argv: list[str], gpus: int) -> argparse.Namespace:
     for key, value in defaults(gpus).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.nprocs = int_list(args.nprocs, "--nprocs")
+    args.nprocs = [] if args.nprocs == "0" else int_list(args.nprocs, "--nprocs")
     args.launch = [v for v in name_list(args.launch, "--launch", LAUNCHES) if v != REFERENCE_LAUNCH]
     args.adapters = name_list(args.adapters, "--adapters", ADAPTERS)
     for key in ("rows", "length", "steps", "timeout"):
@@ -160,6 +172,9 @@ def parse_args(argv: list[str], gpus: int) -> argparse.Namespace:
     if gpus and max([*args.nprocs, args.pool_jobs]) > gpus:
         fail(f"--nprocs/--pool-jobs ask for {max([*args.nprocs, args.pool_jobs])} GPUs "
              f"but {gpus} are visible")
+    args.shared_jobs = [] if args.shared_jobs == "0" else int_list(args.shared_jobs, "--shared-jobs")
+    if args.shared_runs < 1:
+        fail(f"--shared-runs={args.shared_runs} must be >= 1")
     args.out = args.out.resolve()
     args.pool_steps = args.pool_steps or args.warmup + args.steps
     return args
@@ -220,15 +235,24 @@ def scaling_runs(args: argparse.Namespace,
     return single, references, rows
 
 
-def pool_sweep(args: argparse.Namespace, name: str, jobs: int) -> Run:
-    """``jobs`` jobs (seeds 0..jobs-1) through the gpu_pool launcher on GPUs 0..jobs-1 (on the CPU: slots)."""
+def pool_sweep(args: argparse.Namespace, name: str, jobs: int, gpus: int | None = None,
+               jobs_per_gpu: int = 1) -> Run:
+    """``jobs`` jobs (seeds 0..jobs-1) through the gpu_pool launcher on GPUs 0..gpus-1 (default: one GPU a
+    job; on the CPU: slots), ``jobs_per_gpu`` at once on each."""
     folder = args.out / name
-    numbers = ",".join(str(i) for i in range(jobs))
+    seeds = ",".join(str(i) for i in range(jobs))
+    devices = ",".join(str(i) for i in range(jobs if gpus is None else gpus))
     command = [sys.executable, "-m", "malora_train.cli", "-m", "hydra/launcher=gpu_pool",
-               f"hydra.launcher.gpus=[{numbers}]",
-               *train_overrides(args, args.pool_model, args.adapters[0], args.pool_steps), f"seed={numbers}",
+               f"hydra.launcher.gpus=[{devices}]", f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}",
+               *train_overrides(args, args.pool_model, args.adapters[0], args.pool_steps), f"seed={seeds}",
                f"hydra.sweep.dir={folder}", "hydra.sweep.subdir=${hydra.job.num}"]
     return Run(name, command, folder)
+
+
+def shared_sweeps(args: argparse.Namespace) -> dict[int, Run]:
+    """The several-jobs-on-one-GPU sweeps by jobs at once: ``--shared-runs`` runs on GPU 0 each."""
+    return {jobs: pool_sweep(args, f"shared_gpu_{jobs}_at_once", args.shared_runs, gpus=1,
+                             jobs_per_gpu=jobs) for jobs in args.shared_jobs}
 
 
 def check_reusable(run: Run) -> None:
@@ -354,6 +378,21 @@ def pool_result(one: Run, one_record: dict[str, Any], pool: Run, pool_record: di
             "training_ratio": sum(s["tokens_per_s"] for s in summaries) / alone["tokens_per_s"]}
 
 
+def shared_result(sweep: Run, record: dict[str, Any], jobs_per_gpu: int, runs: int,
+                  mps: bool) -> dict[str, Any]:
+    """All runs' tokens over the sweep's wall time, and each run's tokens/s while training."""
+    result: dict[str, Any] = {"jobs_per_gpu": jobs_per_gpu, "runs": runs, "mps": mps,
+                              "sweep_dir": str(sweep.folder)}
+    if record["status"] != "completed":
+        return {**result, "error": record.get("error") or "did not complete"}
+    summaries = [completed_summary(sweep.folder / str(num)) for num in range(runs)]
+    if None in summaries:
+        return {**result, "error": f"a job left no completed summary.json under {sweep.folder}"}
+    return {**result, "wall_s": record["wall_s"],
+            "tokens_per_s_wall": sum(s["tokens"] for s in summaries) / record["wall_s"],
+            "jobs_tokens_per_s_training": [s["tokens_per_s"] for s in summaries]}
+
+
 # -- the report --------------------------------------------------------------------------------------------
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -394,6 +433,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"first {args['agree_steps']} steps", "",
              "| launch | adapter | processes | tokens/s | efficiency | step s | peak GB (rank 0) | "
              "loss max abs diff | loss max rel diff |", "|---|---|---|---|---|---|---|---|---|"]
+    if not report["rows"]:
+        lines = [f"{machine}, {report['date']}: no scaling rows (--nprocs 0)"]
     for row in report["rows"]:
         head = f"| {row['launch']} | {row['adapter']} | {row['nprocs']} |"
         if "error" in row:
@@ -416,6 +457,18 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{pool['one_job_tokens_per_s_wall']:,.0f} | "
                          f"{pool['pool_tokens_per_s_wall']:,.0f} | {pool['throughput_ratio']:.2f}x | "
                          f"{pool['training_ratio']:.2f}x |")
+    shared = report.get("shared") or []
+    if shared:
+        lines += ["", "| one GPU | jobs at once | runs | under CUDA MPS | wall s | tokens/s, all jobs | "
+                  f"x {shared[0]['jobs_per_gpu']} at once |", "|---|---|---|---|---|---|---|"]
+    for row in shared:
+        head = (f"| {args['pool_model']} | {row['jobs_per_gpu']} | {row['runs']} | "
+                f"{'yes' if row['mps'] else 'no'} |")
+        if "error" in row:
+            lines.append(f"{head} failed: {row['error']} | | |")
+            continue
+        lines.append(f"{head} {row['wall_s']:.1f} | {row['tokens_per_s_wall']:,.0f} | "
+                     f"{cell(row.get('x_first'), '{:.2f}x')} |")
     return "\n".join(lines)
 
 
@@ -443,6 +496,11 @@ def attach_comparisons(report: dict[str, Any], agree_steps: int) -> None:
 def write_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
     """The report so far: written after every run, so a run cut short by a time limit keeps the others."""
     attach_comparisons(report, args.agree_steps)
+    shared = report["shared"]
+    first = shared[0].get("tokens_per_s_wall") if shared else None
+    for row in shared:
+        if first and "error" not in row:
+            row["x_first"] = row["tokens_per_s_wall"] / first
     report["date"] = now()
     write_json_atomic(args.out / "scaling.json", report)
 
@@ -454,8 +512,8 @@ def check_overrides(args: argparse.Namespace) -> None:
     from malora_train.train.preflight import check_config
 
     models = [(args.model, adapter) for adapter in args.adapters]
-    for model, adapter in dict.fromkeys([*models, (args.pool_model, args.adapters[0])] if args.pool_jobs
-                                        else models):
+    pooled = args.pool_jobs or args.shared_jobs
+    for model, adapter in dict.fromkeys([*models, (args.pool_model, args.adapters[0])] if pooled else models):
         try:
             check_config(to_config(compose_config(train_overrides(args, model, adapter, args.steps))))
         except MaloraError as err:
@@ -472,6 +530,8 @@ def failures(report: dict[str, Any]) -> list[str]:
               if "error" in r]
     if report["pool"] and "error" in report["pool"]:
         found.append(f"pool: {report['pool']['error']}")
+    found += [f"{r['jobs_per_gpu']} jobs at once on one GPU: {r['error']}" for r in report["shared"]
+              if "error" in r]
     return found
 
 
@@ -480,13 +540,14 @@ def main(argv: list[str] | None = None) -> None:
 
     gpus = torch.cuda.device_count()
     args = parse_args(sys.argv[1:] if argv is None else argv, gpus)
-    plan = {adapter: scaling_runs(args, adapter) for adapter in args.adapters}
+    plan = {adapter: scaling_runs(args, adapter) for adapter in args.adapters} if args.nprocs else {}
     pool = (pool_sweep(args, "pool_one_job", 1), pool_sweep(args, "pool_sweep", args.pool_jobs)) \
         if args.pool_jobs else ()
     for single, references, rows in plan.values():
         for run in (single, *(run for *_, run in rows), *references.values()):
             check_reusable(run)
-    for run in pool:
+    shared = shared_sweeps(args)
+    for run in (*pool, *shared.values()):
         check_reusable(run)
     check_overrides(args)
 
@@ -495,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
                               "versions": versions(),
                               "args": {k: (str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(args).items()},
-                              "rows": [], "references": [], "pool": None}
+                              "rows": [], "references": [], "pool": None, "shared": []}
     for adapter, (single, references, rows) in plan.items():
         for launch, nprocs, run in [(REFERENCE_LAUNCH, 1, single), *rows]:
             record = execute(run, args.timeout)
@@ -513,6 +574,11 @@ def main(argv: list[str] | None = None) -> None:
         one, sweep = pool
         report["pool"] = pool_result(one, execute(one, args.timeout), sweep, execute(sweep, args.timeout),
                                      args.pool_jobs)
+        write_report(args, report)
+    for jobs_per_gpu, sweep in shared.items():
+        mps = mps_is_running()
+        report["shared"].append(shared_result(sweep, execute(sweep, args.timeout), jobs_per_gpu,
+                                              args.shared_runs, mps))
         write_report(args, report)
     print(markdown(report))
     print(f"{PROGRAM}: raw numbers and commands in {args.out / 'scaling.json'}", file=sys.stderr)

@@ -53,11 +53,13 @@ POOL_STEPS = 3
 
 
 def scaling_argv(out: Path) -> list[str]:
-    """The scaling table of two DDP processes and the sweep pool of two jobs, in one command: the two tests
-    below read its one run (each launch starts processes, the dearest part of these tests)."""
+    """The scaling table of two DDP processes, the sweep pool of two jobs and two runs on one slot one and two
+    at a time, in one command: the tests below read its one run (each launch starts processes, the dearest
+    part of these tests)."""
     return ["--nprocs", "2", "--launch", "ddp", "--adapters", "malora", "--rows", "4", "--length", "256",
             "--warmup", str(WARMUP), "--agree-steps", str(AGREE), "--pool-jobs", "2", "--pool-steps",
-            str(POOL_STEPS), "--ddp-bucket-mb", str(BUCKET_MB), "--device-kind", "cpu-test-box", "--out",
+            str(POOL_STEPS), "--shared-jobs", "1,2", "--shared-runs", "2", "--ddp-bucket-mb", str(BUCKET_MB),
+            "--device-kind", "cpu-test-box", "--out",
             str(out), "--", *SMALL_DATA]
 
 
@@ -71,6 +73,7 @@ def scaling_run(bench, tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # the launched processes share 2 cores
+        patch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(out.parent / "no_mps"))  # no MPS daemon, whatever runs
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 bench.main(["--steps", str(STEPS), *scaling_argv(out)])
@@ -121,7 +124,7 @@ def test_scaling_table_for_two_ddp_processes_against_one(scaling_run, run_bench)
     assert agreement["loss_max_rel_diff"] < 1e-4
     assert agreement["loss_max_abs_diff"] < 1e-3
 
-    heading, table, _ = stdout.strip().split("\n\n")  # stdout holds the markdown tables: scaling, then pool
+    heading, table, *_ = stdout.strip().split("\n\n")  # the markdown tables: scaling, pool, one GPU
     assert (heading.startswith("cpu-test-box (CPU")
             and f"loss agreement over the first {AGREE} steps" in heading)
     assert table.splitlines()[-1] == (
@@ -132,7 +135,7 @@ def test_scaling_table_for_two_ddp_processes_against_one(scaling_run, run_bench)
     # the same command again reuses every completed run (a table too long for one call is finished this way)
     status, _, stderr = run_bench("--steps", str(STEPS), *argv)
     assert status == 0, stderr[-3000:]
-    assert stderr.count(": reused (") == 5  # the three scaling runs and the pool's two
+    assert stderr.count(": reused (") == 7  # the three scaling runs, the pool's two, the one-GPU sweeps
     assert json.loads((out / "scaling.json").read_text())["rows"][1]["tokens_per_s"] == ddp["tokens_per_s"]
     # another command on the same folders is refused before anything runs
     status, _, stderr = run_bench("--steps", str(STEPS + 2), *argv)
@@ -164,9 +167,38 @@ def test_sweep_pool_of_two_jobs_against_one_job(scaling_run):
     assert pool["throughput_ratio"] == pytest.approx(
         sum(s["tokens"] for s in jobs) / runs["pool_sweep"]["wall_s"] / one_rate)
     assert pool["training_ratio"] == pytest.approx(sum(s["tokens_per_s"] for s in jobs) / one["tokens_per_s"])
+    assert (f"| tiny | 2 | {pool['one_job_tokens_per_s_wall']:,.0f} | "
+            f"{pool['pool_tokens_per_s_wall']:,.0f} | {pool['throughput_ratio']:.2f}x | "
+            f"{pool['training_ratio']:.2f}x |") in stdout.splitlines()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_several_jobs_on_one_gpu_one_then_two_at_once(scaling_run):
+    """``--shared-jobs 1,2``: the same two runs as one sweep on one slot, one at a time and then two at once
+    (``hydra.launcher.jobs_per_gpu``): every run completes on slot 0, the figure is all runs' tokens over the
+    sweep's wall time, the ratio against one at a time."""
+    out, status, stdout, stderr = scaling_run
+    assert status == 0, stderr[-4000:]
+    report = json.loads((out / "scaling.json").read_text())
+    one, two = report["shared"]
+    assert [(r["jobs_per_gpu"], r["runs"], r["mps"]) for r in (one, two)] == [(1, 2, False),
+                                                                              (2, 2, False)]
+    for row in (one, two):
+        sweep = Path(row["sweep_dir"])
+        summaries = [json.loads((sweep / str(num) / "summary.json").read_text()) for num in (0, 1)]
+        assert [s["steps"] for s in summaries] == [POOL_STEPS] * 2
+        gpus = {str(yaml.safe_load((sweep / str(num) / ".hydra" / "hydra.yaml").read_text())
+                    ["hydra"]["job"]["env_set"]["CUDA_VISIBLE_DEVICES"]) for num in (0, 1)}
+        assert gpus == {"0"}
+        wall = json.loads(sweep.with_name(sweep.name + ".run.json").read_text())["wall_s"]
+        assert row["tokens_per_s_wall"] == pytest.approx(sum(s["tokens"] for s in summaries) / wall)
+        assert row["jobs_tokens_per_s_training"] == [s["tokens_per_s"] for s in summaries]
+    assert one["x_first"] == 1.0 and two["x_first"] == pytest.approx(two["tokens_per_s_wall"]
+                                                                     / one["tokens_per_s_wall"])
     assert stdout.strip().splitlines()[-1] == (
-        f"| tiny | 2 | {pool['one_job_tokens_per_s_wall']:,.0f} | {pool['pool_tokens_per_s_wall']:,.0f} | "
-        f"{pool['throughput_ratio']:.2f}x | {pool['training_ratio']:.2f}x |")
+        f"| tiny | 2 | 2 | no | {two['wall_s']:.1f} | {two['tokens_per_s_wall']:,.0f} | "
+        f"{two['x_first']:.2f}x |")
 
 
 def test_defaults_are_issue_14s_table_on_the_gpus_seen_and_a_cpu_smoke_run_without(bench):
@@ -175,10 +207,14 @@ def test_defaults_are_issue_14s_table_on_the_gpus_seen_and_a_cpu_smoke_run_witho
         "llama2_7b", [1, 2, 4, 8], ["malora", "molora"], ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
     assert (eight.rows, eight.length, eight.steps, eight.warmup, eight.agree_steps) == (4, 1024, 30, 10, 20)
     assert (eight.pool_jobs, eight.pool_model, eight.pool_steps) == (8, "smollm2_135m_shape", 40)
+    assert (eight.shared_jobs, eight.shared_runs) == ([1, 4, 8], 8)  # several jobs on GPU 0
     assert (bench.parse_args([], 6).nprocs, bench.parse_args([], 6).pool_jobs) == ([1, 2, 4], 6)
     assert (bench.parse_args([], 1).nprocs, bench.parse_args([], 1).pool_jobs) == ([1], 0)
     cpu = bench.parse_args([], 0)
     assert (cpu.model, cpu.nprocs, cpu.pool_jobs, cpu.length) == ("tiny", [2], 2, 256)
+    assert (cpu.shared_jobs, cpu.shared_runs) == ([1, 2], 2)
+    assert bench.parse_args(["--shared-jobs", "0"], 1).shared_jobs == []
+    assert bench.parse_args(["--nprocs", "0"], 1).nprocs == []  # the one-GPU part alone
     assert cpu.launch == eight.launch and cpu.adapters == eight.adapters
     assert bench.parse_args(["--nprocs", "1,3", "--pool-jobs", "0"], 0).nprocs == [1, 3]  # CPU: any count
 
