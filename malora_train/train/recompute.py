@@ -5,7 +5,7 @@ after the forward and computes its activations again in the backward.
 gradients of the frozen matrices), so the recompute adds about half a step. ``selective`` recomputes the
 layer too but keeps the outputs of the frozen projections named in ``trainer.checkpointing_keeps`` (by
 default the ones that read the layer's normalised inputs: q, k, v of attention and gate, up of the MLP).
-At LLaMA-7B those hold 2/3 of a layer's forward FLOPs (3 x 4096^2 + 2 x 4096 x 11008 of
+At LLaMA-7B those hold about 70% of a layer's forward FLOPs (3 x 4096^2 + 2 x 4096 x 11008 of
 4 x 4096^2 + 3 x 4096 x 11008 a token) for 3 x 4096 + 2 x 11008 values a token and layer (9 GB for 4 x 1024
 tokens through 32 layers in bf16); what is left to recompute is the output projections, attention and the
 elementwise work.
