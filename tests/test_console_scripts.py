@@ -119,7 +119,8 @@ def test_a_users_project_through_the_console_scripts(tmp_path, make_tiny_model, 
                                                    "eval.max_new_tokens=2",
                                                    f"eval.output_dir={tmp_path / 'base'}"]),
         ("own model", elsewhere, "malora-train", [*RUN, f"model.name_or_path={merged}",
-                                                  "model.tokenizer=null", f"hydra.run.dir={tmp_path / 'own'}"]),
+                                                  "model.tokenizer=null",
+                                                  f"hydra.run.dir={tmp_path / 'own'}"]),
         ("unknown optimizer", elsewhere, "malora-train", [*RUN, "trainer.optimizer=NoSuchOptimizer"]))}
     results = {name: _finish(process) for name, process in finished.items()}
     # after the run's evaluation: each malora-eval of a run holds its lock
