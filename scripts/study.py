@@ -206,8 +206,9 @@ def sweep_seeds(part: str, overrides: list[str]) -> list[str]:
             return override.split("=", 1)[1].split(",")
     from hydra import compose, initialize_config_dir
 
-    from malora_train.config import CONF_DIR
+    from malora_train.config import CONF_DIR, register_configs
 
+    register_configs()  # the schemas conf/config.yaml and conf/adapter/*.yaml start from
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=[f"+experiment={PRESETS[part]}"], return_hydra_config=True)
     seeds = cfg.hydra.sweeper.params.get("seed")
@@ -270,8 +271,9 @@ def preset_variants(base: str) -> list[str]:
     """The methods the base preset sweeps (``hydra.sweeper.params.+variant``)."""
     from hydra import compose, initialize_config_dir
 
-    from malora_train.config import CONF_DIR
+    from malora_train.config import CONF_DIR, register_configs
 
+    register_configs()  # the schemas conf/config.yaml and conf/adapter/*.yaml start from
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=[f"+experiment={PRESETS[base]}"], return_hydra_config=True)
     return str(cfg.hydra.sweeper.params.get("+variant")).split(",")

@@ -194,3 +194,20 @@ def test_the_tuned_parts_refuse_options_of_the_other_parts(study) -> None:
     assert study.tuned_dir("rank_experts", Path("s"), "bigbench") == Path("s/rank_experts")
     assert study.tuned_dir("lr_sweep", Path("s"), "bigbench") == Path("s/lr_sweep_bigbench")
     assert re.fullmatch(r"[a-z_]+", study.tuned_dir("router_specialisation", Path("s"), "synthetic").name)
+
+
+def test_the_tuned_parts_read_the_presets_methods_in_a_fresh_interpreter() -> None:
+    """``study.py lr_sweep`` reads the preset's methods before anything imported the CLI (which registers the
+    config schemas): in a process of its own, as ``make study`` starts it (a test in this process would pass
+    on the schemas other tests registered)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path.insert(0, 'scripts'); import study; "
+            "print(','.join(study.preset_variants('synthetic')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "lora,molora,malora_intra,malora_small,hydralora"
