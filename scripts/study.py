@@ -204,6 +204,12 @@ def sweep_seeds(part: str, overrides: list[str]) -> list[str]:
     for override in overrides:
         if override.startswith("seed="):
             return override.split("=", 1)[1].split(",")
+    seeds = sweep_params(part).get("seed")
+    return str(seeds).split(",") if seeds is not None else ["0"]
+
+
+def sweep_params(part: str):
+    """The part's preset's ``hydra.sweeper.params`` (what its ``malora-train -m`` sweeps)."""
     from hydra import compose, initialize_config_dir
 
     from malora_train.config import CONF_DIR, register_configs
@@ -211,8 +217,7 @@ def sweep_seeds(part: str, overrides: list[str]) -> list[str]:
     register_configs()  # the schemas conf/config.yaml and conf/adapter/*.yaml start from
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=[f"+experiment={PRESETS[part]}"], return_hydra_config=True)
-    seeds = cfg.hydra.sweeper.params.get("seed")
-    return str(seeds).split(",") if seeds is not None else ["0"]
+    return cfg.hydra.sweeper.params
 
 
 def job_overrides(seeds: list[str], jobs: int, overrides: list[str]) -> list[list[str]]:
@@ -269,14 +274,7 @@ def split_methods(overrides: list[str], default: list[str]) -> tuple[list[str], 
 
 def preset_variants(base: str) -> list[str]:
     """The methods the base preset sweeps (``hydra.sweeper.params.+variant``)."""
-    from hydra import compose, initialize_config_dir
-
-    from malora_train.config import CONF_DIR, register_configs
-
-    register_configs()  # the schemas conf/config.yaml and conf/adapter/*.yaml start from
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"+experiment={PRESETS[base]}"], return_hydra_config=True)
-    return str(cfg.hydra.sweeper.params.get("+variant")).split(",")
+    return str(sweep_params(base).get("+variant")).split(",")
 
 
 def with_tasks(base: str, part_dir: Path, out: Path, overrides: list[str]) -> list[str]:
