@@ -356,18 +356,27 @@ def read_row(run: Run, record: dict[str, Any], warmup: int) -> dict[str, Any]:
     return row
 
 
+def sweep_summaries(sweep: Run, record: dict[str, Any], runs: int) -> list[dict[str, Any]]:
+    """The completed ``summary.json`` of each of a sweep's ``runs`` jobs, in job order; a MaloraError saying
+    what is missing."""
+    if record["status"] != "completed":
+        raise MaloraError(record.get("error") or "did not complete")
+    summaries = [completed_summary(sweep.folder / str(num)) for num in range(runs)]
+    if None in summaries:
+        raise MaloraError(f"a job left no completed summary.json under {sweep.folder}")
+    return summaries
+
+
 def pool_result(one: Run, one_record: dict[str, Any], pool: Run, pool_record: dict[str, Any],
                 jobs: int) -> dict[str, Any]:
     """Throughput of ``jobs`` jobs at once against one job: tokens over the sweep's wall time, and the sum of
     the jobs' own tokens/s while training."""
     result: dict[str, Any] = {"jobs": jobs, "one_job_dir": str(one.folder), "sweep_dir": str(pool.folder)}
-    if one_record["status"] != "completed" or pool_record["status"] != "completed":
-        return {**result, "error": one_record.get("error") or pool_record.get("error") or "did not complete"}
-    alone = completed_summary(one.folder / "0")
-    summaries = [completed_summary(pool.folder / str(num)) for num in range(jobs)]
-    if alone is None or None in summaries:
-        return {**result,
-                "error": f"a job left no completed summary.json under {one.folder} or {pool.folder}"}
+    try:
+        (alone,) = sweep_summaries(one, one_record, 1)
+        summaries = sweep_summaries(pool, pool_record, jobs)
+    except MaloraError as err:
+        return {**result, "error": str(err)}
     one_rate = alone["tokens"] / one_record["wall_s"]
     pool_rate = sum(s["tokens"] for s in summaries) / pool_record["wall_s"]
     return {**result, "one_job_wall_s": one_record["wall_s"], "sweep_wall_s": pool_record["wall_s"],
@@ -383,11 +392,10 @@ def shared_result(sweep: Run, record: dict[str, Any], jobs_per_gpu: int, runs: i
     """All runs' tokens over the sweep's wall time, and each run's tokens/s while training."""
     result: dict[str, Any] = {"jobs_per_gpu": jobs_per_gpu, "runs": runs, "mps": mps,
                               "sweep_dir": str(sweep.folder)}
-    if record["status"] != "completed":
-        return {**result, "error": record.get("error") or "did not complete"}
-    summaries = [completed_summary(sweep.folder / str(num)) for num in range(runs)]
-    if None in summaries:
-        return {**result, "error": f"a job left no completed summary.json under {sweep.folder}"}
+    try:
+        summaries = sweep_summaries(sweep, record, runs)
+    except MaloraError as err:
+        return {**result, "error": str(err)}
     return {**result, "wall_s": record["wall_s"],
             "tokens_per_s_wall": sum(s["tokens"] for s in summaries) / record["wall_s"],
             "jobs_tokens_per_s_training": [s["tokens_per_s"] for s in summaries]}
