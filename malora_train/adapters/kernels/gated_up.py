@@ -55,8 +55,7 @@ class _GatedUp(torch.autograd.Function):
         cdt = z.dtype
         coeff_c = _ready(coeff_cast, cdt, coeff)
         up_c = _ready(up_cast, cdt, up)
-        use_kernel = (gates is not None and triton is not None and state.kernels_allowed(z)
-                      and cdt in KERNEL_DTYPES and z.shape[0] > 0)
+        use_kernel = gates is not None and _expand_kernels_run(state, z)
         if use_kernel:  # the kernels read every tensor as contiguous rows
             gates = gates.contiguous()
             coeff_c = coeff_c.contiguous() if coeff_c is not None else None
@@ -120,16 +119,21 @@ def routed_up(z: torch.Tensor, logits: torch.Tensor, out: torch.Tensor, up: torc
     instead of two, and no autograd Function around either. Decoding feeds a few tokens a step through every
     layer, so its time is these launches. None where the kernel does not run (the CPU, no Triton, another
     dtype, a failure): the caller then routes and gates as in training."""
-    cdt = z.dtype
-    if triton is None or not state.kernels_allowed(z) or cdt not in KERNEL_DTYPES or z.shape[0] == 0:
+    if not _expand_kernels_run(state, z):
         return None
+    cdt = z.dtype
     coeff_c = _ready(coeff_cast, cdt, coeff)
-    width = up.shape[1]
     coeff_c = coeff_c.contiguous() if coeff_c is not None else None
-    gated = state.run(True, lambda: routed_expand(z.contiguous(), coeff_c, logits.contiguous(), width, top_k,
-                                                  renormalize),
+    gated = state.run(True, lambda: routed_expand(z.contiguous(), coeff_c, logits.contiguous(), up.shape[1],
+                                                  top_k, renormalize),
                       lambda: None)
     return _add_up(out, gated, _ready(up_cast, cdt, up), scaling) if gated is not None else None
+
+
+def _expand_kernels_run(state: KernelState, z: torch.Tensor) -> bool:
+    """The expand kernels need Triton, a CUDA ``z`` in a half-precision dtype, at least one row, and the
+    kernels allowed (``KernelState``)."""
+    return triton is not None and state.kernels_allowed(z) and z.dtype in KERNEL_DTYPES and z.shape[0] > 0
 
 
 def _add_up(out: torch.Tensor, gated: torch.Tensor, up_c: torch.Tensor, scaling: float) -> torch.Tensor:
