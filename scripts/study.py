@@ -27,7 +27,8 @@ reports.
 ``--pack`` makes a finished part fit in a repository (``malora_train/commands/study_raw_files.py``): each
 run's per-step ``metrics.jsonl`` and per-module ``routing.json`` go into ``<out>/<part>/raw_files.tar.xz``,
 with their sha256 in ``raw_files.sha256``, and what the report takes from them stays in the run's
-``report_inputs.json``: ``--report-only`` then writes the same report. ``--verify-raw`` checks the raw
+``report_inputs.json``: ``--report-only`` then writes the same report. A tuned part packs its whole folder
+(``lr_sweep_<part>``: both stages) into one archive. ``--verify-raw`` checks the raw
 files (put back with ``tar -xJf raw_files.tar.xz`` in the part folder, or else in the archive) against the
 manifest.
 
@@ -503,10 +504,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.seeds = "0,1,2"
     if any("=" not in item for item in args.lr):
         parser.error(f"--lr takes METHOD=LR, got {' '.join(args.lr)}")
-    if args.part in TUNED_PARTS and (args.jobs > 1 or args.pack or args.verify_raw or args.no_report):
-        parser.error(f"{args.part} runs its stages in one process: --jobs, --pack, --verify-raw and "
-                     "--no-report are for the other parts (several jobs on one GPU: "
-                     "hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=N)")
+    if args.part in TUNED_PARTS and (args.jobs > 1 or args.no_report):
+        parser.error(f"{args.part} runs its stages in one process: --jobs and --no-report are for the other "
+                     "parts (several jobs on one GPU: hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=N)")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     actions = [f"--{name.replace('_', '-')}" for name in ("no_report", "report_only", "pack", "verify_raw")
@@ -546,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides)
     try:
+        if args.part in TUNED_PARTS and (args.pack or args.verify_raw):
+            part_dir = tuned_dir(args.part, args.out, args.base)
+            if not part_dir.is_dir():
+                raise StudyError(f"{part_dir} not found: nothing to {'pack' if args.pack else 'verify'}")
+            return pack_or_verify(part_dir, args.pack)
         if args.part in TUNED_PARTS:
             from malora_train.errors import MaloraError
 

@@ -112,6 +112,18 @@ def test_lr_sweep_runs_end_to_end_on_the_tiny_model(study, tmp_path: Path, capsy
     # a rerun trains nothing and reports the same choice
     assert study.main([*argv, "--report-only"]) == 0
     assert json.loads((part / tuning.SELECTION_FILE).read_text()) == record
+    # packed for a repository (both stages' raw files in one archive), the report is rebuilt the same from
+    # what a clone holds: no archive, no report
+    report_before = (part / "report.md").read_bytes()
+    assert study.main(["lr_sweep", "--part", "synthetic", "--out", str(tmp_path), "--pack"]) == 0
+    assert not [p for p in part.rglob("*") if p.name in ("metrics.jsonl", "routing.json")]
+    assert len(list(part.rglob("report_inputs.json"))) == 6
+    assert study.main(["lr_sweep", "--part", "synthetic", "--out", str(tmp_path), "--verify-raw"]) == 0
+    (part / "raw_files.tar.xz").unlink()
+    (part / "report.md").unlink()
+    assert study.main([*argv, "--report-only"]) == 0
+    assert (part / "report.md").read_bytes() == report_before
+    assert json.loads((part / tuning.SELECTION_FILE).read_text()) == record
 
 
 def test_rank_experts_sweeps_n_by_r_at_each_methods_tuned_lr(study, tmp_path: Path) -> None:
@@ -187,7 +199,7 @@ def test_router_experiment_overrides_and_its_mutual_information_table(study, tmp
 
 
 def test_the_tuned_parts_refuse_options_of_the_other_parts(study) -> None:
-    for option in (["--jobs", "2"], ["--pack"], ["--no-report"]):
+    for option in (["--jobs", "2"], ["--no-report"]):
         with pytest.raises(SystemExit):
             study.parse_args(["lr_sweep", *option])
     assert study.parse_args(["lr_sweep"]).seeds == "0,1,2"
