@@ -41,7 +41,7 @@ bench: setup
 	$(PY) scripts/bench.py --model tiny --device cpu $(ARGS)
 
 bench-loop: setup
-	$(PY) scripts/bench_loop.py $(ARGS)
+	$(PY) scripts/bench_loop.py --targets $(ARGS)
 
 # CPU: the smoke version (tiny model, 2 gloo processes); on GPUs: issue 14's table on the GPUs visible
 bench-scaling: setup

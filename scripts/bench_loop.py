@@ -2,7 +2,8 @@
 adapters, optimizer, metrics window) run for N steps per adapter and compile mode, beside HF ``Trainer`` +
 PEFT LoRA on the same examples (``--baseline hf-peft``), in one process.
 
-    python scripts/bench_loop.py                  # `make bench-loop`: the table of BENCHMARKS.md on a GPU
+    make bench-loop                               # = --targets: issue 24's targets table (bench_targets.py)
+    python scripts/bench_loop.py                  # the default and eager rows beside both baselines
     python scripts/bench_loop.py --json out.json -- data.root=/path/to/commonsense   # data elsewhere
 
 Defaults by device. GPU: SmolLM2-135M shapes on ``commonsense_intra`` (``data.root``:
@@ -102,6 +103,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run every adapter and mode again with these space-separated overrides, in the "
                              "same process (repeatable): e.g. --also 'adapter.shared_input=false'")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--targets", action="store_true",
+                        help="issue 24's targets table (what `make bench-loop` runs): this script at 135M "
+                             "and 7B shapes and bench.py's 7B step, each one process (bench_targets.py)")
     parser.add_argument("overrides", nargs="*", help="more malora-train overrides (after --)")
     args = parser.parse_args(argv)
     for key, value in DEVICE_DEFAULTS[args.device].items():
@@ -483,6 +487,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_loop.py: error: --device cuda but no GPU is visible", file=sys.stderr)
         sys.exit(2)
+    if args.targets:
+        from bench_targets import run
+
+        run(args.device, args.steps, args.warmup, list(args.overrides), args.json)
+        return
     rows: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_loop.") as tmp:
