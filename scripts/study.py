@@ -47,7 +47,10 @@ to the smaller lr; a method with a missing run gets no choice, the run named), t
 (0,1,2) at the chosen lr on the test split (``tuned/``) and writes ``report.md`` with the shared-lr report of
 ``<out>/<part>/`` beside it. ``rank_experts`` and ``router_specialisation`` read the choices (or ``--lr
 METHOD=LR``) and write ``rank_experts.{md,csv,png}`` / ``router_specialisation.md`` beside malora-report's
-files. ``+variant=a,b`` on the command line picks the methods.
+files. ``+variant=a,b`` on the command line picks the methods. ``--jobs N`` runs the methods' sweeps as N
+``malora-train`` processes at once (logs in ``<part folder>/jobs/``); with the GPU pool launcher each of them
+runs ``jobs_per_gpu`` jobs at once, so ``--jobs 3`` and ``hydra.launcher.jobs_per_gpu=4`` put 12 runs on the
+GPU (RESULTS.md, "Commonsense with the learning rate chosen per method", ran so).
 
 The BIG-bench mixture is chosen by measuring (``bigbench_probe``): one LoRA run over 18 candidate tasks,
 evaluated before and after training. A task is selected when its accuracy after training is at least
@@ -134,6 +137,40 @@ def run_sweep(arguments: list[str]) -> int:
         return stop.code if isinstance(stop.code, int) else 1
     finally:
         sys.argv = argv
+
+
+def run_sweeps(sweeps: list[list[str]], jobs: int, logs: Path) -> int:
+    """Each of ``sweeps`` (malora-train arguments) one after another in this process (``jobs`` 1), or as up
+    to ``jobs`` ``malora-train`` processes at once (``run_processes``); the worst exit status."""
+    if jobs == 1:
+        return max((run_sweep(arguments) for arguments in sweeps), default=0)
+    for arguments in sweeps:
+        print("malora-train " + " ".join(arguments), flush=True)
+    return run_processes([[sys.executable, "-m", "malora_train.cli", *arguments] for arguments in sweeps],
+                         jobs, logs)
+
+
+def run_processes(commands: list[list[str]], jobs: int, logs: Path) -> int:
+    """``commands`` as processes, up to ``jobs`` at once, command k's output in ``logs/<k>.log``; the worst
+    exit status, and the end of each failed one's log on stderr."""
+    import subprocess
+
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, statuses = list(enumerate(commands)), [], {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            k, command = pending.pop(0)
+            print(f"job {k}: {' '.join(command[1:])} > {logs / f'{k}.log'}", flush=True)
+            with (logs / f"{k}.log").open("w") as handle:
+                running.append((k, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)))
+        k, process = running.pop(0)
+        statuses[k] = process.wait()
+    for k, status in sorted(statuses.items()):
+        if status:
+            tail = (logs / f"{k}.log").read_text().strip().splitlines()[-3:]
+            print(f"study.py: job {k} exited with status {status} ({logs / f'{k}.log'}):", *tail, sep="\n  ",
+                  file=sys.stderr)
+    return max(statuses.values(), default=0)
 
 
 # -- the BIG-bench probe ------------------------------------------------------------------------------------
@@ -231,24 +268,10 @@ def job_overrides(seeds: list[str], jobs: int, overrides: list[str]) -> list[lis
 
 def run_jobs(part: str, out: Path, overrides: list[str], jobs: int) -> int:
     """Run the part as ``jobs`` ``study.py`` processes at once (split by seed); the worst exit status."""
-    import subprocess
-
-    logs = out / part / "jobs"
-    logs.mkdir(parents=True, exist_ok=True)
-    running = []
-    for k, share in enumerate(job_overrides(sweep_seeds(part, overrides), jobs, overrides)):
-        log = logs / f"{k}.log"
-        command = [sys.executable, __file__, part, "--out", str(out), "--no-report", *share]
-        print(f"job {k}: {' '.join(command[1:])} > {log}", flush=True)
-        with log.open("w") as handle:
-            running.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT))
-    statuses = [process.wait() for process in running]
-    for k, status in enumerate(statuses):
-        if status:
-            tail = (logs / f"{k}.log").read_text().strip().splitlines()[-3:]
-            print(f"study.py: job {k} exited with status {status} ({logs / f'{k}.log'}):", *tail, sep="\n  ",
-                  file=sys.stderr)
-    return max(statuses)
+    shares = job_overrides(sweep_seeds(part, overrides), jobs, overrides)
+    commands = [[sys.executable, __file__, part, "--out", str(out), "--no-report", *share]
+                for share in shares]
+    return run_processes(commands, len(commands), out / part / "jobs")
 
 
 # -- the tuned parts (issue 27): lr per method, rank x experts, router specialisation ----------------------
@@ -309,10 +332,12 @@ def lr_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     fraction = args.validation_fraction
     rest = with_tasks(base, part_dir, args.out, rest)
     trains, status = not args.report_only, 0
-    if trains:
-        validation = rest + tuning.validation_overrides(methods, lrs, fraction)
-        status = run_sweep(preset_sweep(PRESETS[base], part_dir / "validation", validation,
-                                        base == "bigbench"))
+    if trains:  # one sweep, or with --jobs one a method (the same run folders either way)
+        groups = [methods] if args.jobs == 1 else [[method] for method in methods]
+        sweeps = [preset_sweep(PRESETS[base], part_dir / "validation",
+                               rest + tuning.validation_overrides(group, lrs, fraction), base == "bigbench")
+                  for group in groups]
+        status = run_sweeps(sweeps, args.jobs, part_dir / "jobs" / "validation")
     rows, _ = report_runs(part_dir / "validation")
     runs = [run for row in rows or [] for run in (*row.runs, *row.unfinished)]
     record = tuning.selection_record(tuning.select_lrs(runs, methods, lrs), base=base, lrs=lrs,
@@ -328,11 +353,11 @@ def lr_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
               "above): their tuned runs wait", file=sys.stderr)
         status = status or 2
     if trains:
-        for method, entry in record["methods"].items():
-            if entry["lr"]:
-                tuned = rest + tuning.tuned_overrides(method, entry["lr"], seeds, fraction)
-                status = max(status, run_sweep(preset_sweep(PRESETS[base], part_dir / "tuned", tuned,
-                                                            base == "bigbench")))
+        sweeps = [preset_sweep(PRESETS[base], part_dir / "tuned",
+                               rest + tuning.tuned_overrides(method, entry["lr"], seeds, fraction),
+                               base == "bigbench")
+                  for method, entry in record["methods"].items() if entry["lr"]]
+        status = max(status, run_sweeps(sweeps, args.jobs, part_dir / "jobs" / "tuned"))
     _, tuned_markdown = report_runs(part_dir / "tuned")
     shared = args.out / base / "report.md"
     shared_text = (shared.read_text() if shared.is_file() else
@@ -372,10 +397,11 @@ def rank_experts(args: argparse.Namespace, overrides: list[str]) -> int:
         rest = with_tasks(args.base, part_dir, args.out, rest)
         experts = tuple(int(n) for n in tuning.split_list(args.experts))
         ranks = tuple(int(r) for r in tuning.split_list(args.ranks))
-        for method in methods:
-            grid = rest + tuning.rank_experts_overrides(method, lrs[method], seeds, fraction, experts, ranks)
-            status = max(status, run_sweep(preset_sweep(PRESETS[args.base], part_dir, grid,
-                                                        args.base == "bigbench")))
+        sweeps = [preset_sweep(PRESETS[args.base], part_dir,
+                               rest + tuning.rank_experts_overrides(method, lrs[method], seeds, fraction,
+                                                                    experts, ranks),
+                               args.base == "bigbench") for method in methods]
+        status = run_sweeps(sweeps, args.jobs, part_dir / "jobs")
     rows, _ = report_runs(part_dir)
     if rows is None:
         raise StudyError(f"{part_dir}: no runs to report")
@@ -398,10 +424,10 @@ def router_specialisation(args: argparse.Namespace, overrides: list[str]) -> int
         lrs, fraction = tuned_lrs(args, methods)
         rest = with_tasks(args.base, part_dir, args.out, rest)
         seed = tuning.split_list(args.seeds or "0")[0]
-        for method in methods:
-            grid = rest + tuning.router_overrides(method, lrs[method], seed, fraction)
-            status = max(status, run_sweep(preset_sweep(PRESETS[args.base], part_dir, grid,
-                                                        args.base == "bigbench")))
+        sweeps = [preset_sweep(PRESETS[args.base], part_dir,
+                               rest + tuning.router_overrides(method, lrs[method], seed, fraction),
+                               args.base == "bigbench") for method in methods]
+        status = run_sweeps(sweeps, args.jobs, part_dir / "jobs")
     rows, _ = report_runs(part_dir)
     if rows is None:
         raise StudyError(f"{part_dir}: no runs to report")
@@ -470,8 +496,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="bigbench_probe: points a task must gain from training to be selected "
                              "(default 10)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="processes at once, the seeds split between them "
-                             "(default 1; see the top of this file)")
+                        help="processes at once, the seeds split between them; the tuned parts: the methods' "
+                             "sweeps as processes at once (default 1; see the top of this file)")
     parser.add_argument("--no-report", action="store_true",
                         help="run the jobs only (what each of --jobs does)")
     parser.add_argument("--report-only", action="store_true",
@@ -504,9 +530,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.seeds = "0,1,2"
     if any("=" not in item for item in args.lr):
         parser.error(f"--lr takes METHOD=LR, got {' '.join(args.lr)}")
-    if args.part in TUNED_PARTS and (args.jobs > 1 or args.no_report):
-        parser.error(f"{args.part} runs its stages in one process: --jobs and --no-report are for the other "
-                     "parts (several jobs on one GPU: hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=N)")
+    if args.part in TUNED_PARTS and args.no_report:
+        parser.error(f"{args.part} reports as it goes: --no-report is for the other parts")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     actions = [f"--{name.replace('_', '-')}" for name in ("no_report", "report_only", "pack", "verify_raw")

@@ -126,6 +126,36 @@ def test_lr_sweep_runs_end_to_end_on_the_tiny_model(study, tmp_path: Path, capsy
     assert json.loads((part / tuning.SELECTION_FILE).read_text()) == record
 
 
+def test_lr_sweep_with_jobs_runs_each_methods_sweeps_as_processes_at_once(study, tmp_path: Path,
+                                                                          capsys) -> None:
+    """--jobs 2: the validation and tuned sweeps one a method, two processes at once, the same run folders and
+    choice as in one process."""
+    argv = ["lr_sweep", "--part", "synthetic", "--out", str(tmp_path), "--lrs", "1e-3,4e-3", "--seeds", "0",
+            "--jobs", "2", *TINY, "+variant=lora,molora", f"data.cache_dir={tmp_path / 'tokenized'}"]
+    assert study.main(argv) == 0
+    part = tmp_path / "lr_sweep_synthetic"
+    for stage, runs in (("validation", 4), ("tuned", 2)):
+        assert len(list((part / stage).glob("*/summary.json"))) == runs
+        logs = sorted((part / "jobs" / stage).glob("*.log"))
+        assert [log.name for log in logs] == ["0.log", "1.log"]
+    out = capsys.readouterr().out
+    assert out.count("job 0: -m malora_train.cli -m +experiment=paper_synthetic") == 2  # each stage's first
+    record = json.loads((part / tuning.SELECTION_FILE).read_text())
+    assert all(entry["lr"] and not entry["missing"] for entry in record["methods"].values())
+
+
+def test_processes_at_once_report_the_worst_exit_status_and_the_failures_log(study, tmp_path: Path,
+                                                                             capsys) -> None:
+    import sys
+
+    commands = [[sys.executable, "-c", f"print('job says {k}'); raise SystemExit({k})"] for k in (0, 3, 2)]
+    assert study.run_processes(commands, 2, tmp_path / "logs") == 3
+    assert (tmp_path / "logs" / "1.log").read_text().strip() == "job says 3"
+    err = capsys.readouterr().err
+    assert f"study.py: job 1 exited with status 3 ({tmp_path / 'logs' / '1.log'}):\n  job says 3" in err
+    assert "job 2 exited with status 2" in err and "job 0 exited" not in err
+
+
 def test_rank_experts_sweeps_n_by_r_at_each_methods_tuned_lr(study, tmp_path: Path) -> None:
     assert tuning.rank_experts_overrides("molora", "1e-3", ["0", "1"], 0.1) == [
         "+variant=molora", "trainer.lr=1e-3", "adapter.num_experts=4,8,16", "adapter.rank=4,8,16", "seed=0,1",
@@ -199,9 +229,8 @@ def test_router_experiment_overrides_and_its_mutual_information_table(study, tmp
 
 
 def test_the_tuned_parts_refuse_options_of_the_other_parts(study) -> None:
-    for option in (["--jobs", "2"], ["--no-report"]):
-        with pytest.raises(SystemExit):
-            study.parse_args(["lr_sweep", *option])
+    with pytest.raises(SystemExit):
+        study.parse_args(["lr_sweep", "--no-report"])
     assert study.parse_args(["lr_sweep"]).seeds == "0,1,2"
     assert study.tuned_dir("rank_experts", Path("s"), "bigbench") == Path("s/rank_experts")
     assert study.tuned_dir("lr_sweep", Path("s"), "bigbench") == Path("s/lr_sweep_bigbench")
