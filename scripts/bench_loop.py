@@ -38,6 +38,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_targets import PART_NAMES, run  # noqa: E402
 
 from malora_train.cli import compose  # noqa: E402
 from malora_train.labels import IGNORE_INDEX  # noqa: E402
@@ -106,6 +109,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--targets", action="store_true",
                         help="issue 24's targets table (what `make bench-loop` runs): this script at 135M "
                              "and 7B shapes and bench.py's 7B step, each one process (bench_targets.py)")
+    parser.add_argument("--parts", default=None,
+                        help=f"with --targets: run only these comma-separated parts "
+                             f"({', '.join(PART_NAMES)}); the rest come from an earlier run's --json")
     parser.add_argument("overrides", nargs="*", help="more malora-train overrides (after --)")
     args = parser.parse_args(argv)
     for key, value in DEVICE_DEFAULTS[args.device].items():
@@ -118,6 +124,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         parser.error(f"--modes: unknown {', '.join(bad)} (choose from {', '.join(MODES)})")
+    bad = [p for p in (args.parts or "").split(",") if p and p not in PART_NAMES]
+    if bad or (args.parts and not args.targets):
+        parser.error(f"--parts: unknown {', '.join(bad)} (choose from {', '.join(PART_NAMES)})" if bad
+                     else "--parts needs --targets")
     if args.steps < 2 or args.warmup < 1:
         parser.error("--steps must be >= 2 and --warmup >= 1")
     if args.processes < 1:
@@ -488,9 +498,8 @@ def main(argv: list[str] | None = None) -> None:
         print("bench_loop.py: error: --device cuda but no GPU is visible", file=sys.stderr)
         sys.exit(2)
     if args.targets:
-        from bench_targets import run
-
-        run(args.device, args.steps, args.warmup, list(args.overrides), args.json)
+        run(args.device, args.steps, args.warmup, list(args.overrides), args.json,
+            args.parts.split(",") if args.parts else None)
         return
     rows: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []

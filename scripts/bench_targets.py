@@ -16,7 +16,9 @@ Three parts, each a process of its own, then one table (each target, what was me
 
 Overrides after ``--`` go to the 135M runs; the ``data.*`` ones also to the 7B runs (that model brings its
 own byte tokenizer). Each part writes its JSON beside ``--json`` (``<stem>.<part>.json``), and ``--json``
-gets the parts, their commands and the targets. On the CPU the same parts run with the tiny model in place of
+gets the parts, their commands and the targets. ``--parts loop_7b,step_7b`` runs only those and reads the
+others from an earlier run with the same ``--json``: a suite longer than one time limit is finished in pieces.
+On the CPU the same parts run with the tiny model in place of
 both sizes: a smoke run of the table, whose verdicts are left out (the targets are GPU figures). The loss
 agreement of the 2-process captured step with one process at ``grad_accum=2`` is not timed here: it is
 ``tests/test_gpu.py::test_two_processes_sharing_the_gpu_capture_as_one_process_with_grad_accum_two``.
@@ -34,6 +36,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
+PART_NAMES = ("loop_135m", "loop_7b", "step_7b")
 CAPTURED = "captured"  # how a row's step_path begins when its step was replayed as CUDA graphs
 TWO_PROCESS_TEST = ("tests/test_gpu.py::test_two_processes_sharing_the_gpu_capture_as_one_process_with_"
                     "grad_accum_two")
@@ -194,14 +197,22 @@ def read_report(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def run(device: str, steps: int, warmup: int, overrides: list[str], out: Path | None) -> list[Target]:
-    """Run the three parts one after another (a failing part leaves its targets "not measured"), print the
-    table, and write ``out`` (the parts, their exit status and the targets) when given."""
+def run(device: str, steps: int, warmup: int, overrides: list[str], out: Path | None,
+        only: list[str] | None = None) -> list[Target]:
+    """Run the parts one after another (a failing part leaves its targets "not measured"), print the table,
+    and write ``out`` (the parts, their exit status and the targets) when given. ``only``: run just these
+    parts and read the others' reports from an earlier run beside ``out`` (a suite cut short by a time limit
+    is finished so)."""
     with tempfile.TemporaryDirectory(prefix="bench_targets.") as tmp:
         base = out if out is not None else Path(tmp) / "targets.json"
         suite = parts(device, steps, warmup, overrides, base)
-        status = {}
+        status: dict[str, int | None] = {}
         for part in suite:
+            if only is not None and part.name not in only:
+                status[part.name] = None
+                print(f"\n== {part.name}: not run; its report from an earlier run: "
+                      f"{part.json if part.json.is_file() else 'none'}", flush=True)
+                continue
             print(f"\n== {part.name}: {' '.join(part.command)}", flush=True)
             status[part.name] = subprocess.run(part.command, cwd=REPO).returncode
         reports = {part.name: read_report(part.json) for part in suite}

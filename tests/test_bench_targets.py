@@ -110,3 +110,28 @@ def test_make_bench_loop_prints_the_targets_table_from_one_command(tmp_path: Pat
     assert measured["2 processes, MALoRA, tiny (135M part)"].endswith("tok/s (eager)")
     assert "| no speed flag, tiny (135M part), MALoRA |" in result.stdout
     assert "- (CPU smoke run)" in result.stdout
+
+
+def test_parts_finish_a_suite_cut_short_from_the_earlier_parts_reports(tmp_path: Path, capsys) -> None:
+    """``--parts step_7b``: only bench.py runs; the loops' rows come from the reports an earlier run left
+    beside ``--json``."""
+    loop, big, _ = reports()
+    out = tmp_path / "targets.json"
+    (tmp_path / "targets.loop_135m.json").write_text(json.dumps(loop))
+    (tmp_path / "targets.loop_7b.json").write_text(json.dumps(big))
+    with script_module("bench_targets") as bench_targets:
+        rows = {t.row: t for t in bench_targets.run("cpu", 2, 1, [], out, only=["step_7b"])}
+    printed = capsys.readouterr().out
+    earlier = tmp_path / "targets.loop_135m.json"
+    assert f"== loop_135m: not run; its report from an earlier run: {earlier}" in printed
+    assert rows["no speed flag, tiny (135M part), MALoRA"].measured == "88,000 tok/s (captured)"
+    assert rows["tiny (7B part) eager MALoRA step / frozen floor (bench.py)"].measured != "not measured"
+    report = json.loads(out.read_text())
+    assert [(p["name"], p["exit_status"]) for p in report["parts"]] == [
+        ("loop_135m", None), ("loop_7b", None), ("step_7b", 0)]
+
+
+def test_parts_are_checked_in_one_line() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--targets", "--parts",
+                             "loop_9b"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--parts: unknown loop_9b (choose from loop_135m" in result.stderr
