@@ -154,17 +154,21 @@ def run_processes(commands: list[list[str]], jobs: int, logs: Path) -> int:
     """``commands`` as processes, up to ``jobs`` at once, command k's output in ``logs/<k>.log``; the worst
     exit status, and the end of each failed one's log on stderr."""
     import subprocess
+    import time
 
     logs.mkdir(parents=True, exist_ok=True)
-    pending, running, statuses = list(enumerate(commands)), [], {}
+    pending, running, statuses = list(enumerate(commands)), {}, {}
     while pending or running:
         while pending and len(running) < jobs:
             k, command = pending.pop(0)
             print(f"job {k}: {' '.join(command[1:])} > {logs / f'{k}.log'}", flush=True)
             with (logs / f"{k}.log").open("w") as handle:
-                running.append((k, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)))
-        k, process = running.pop(0)
-        statuses[k] = process.wait()
+                running[k] = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        finished = [k for k, process in running.items() if process.poll() is not None]
+        for k in finished:  # a freed slot takes the next command at once
+            statuses[k] = running.pop(k).returncode
+        if not finished:
+            time.sleep(0.2)
     for k, status in sorted(statuses.items()):
         if status:
             tail = (logs / f"{k}.log").read_text().strip().splitlines()[-3:]

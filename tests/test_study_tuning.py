@@ -148,8 +148,12 @@ def test_processes_at_once_report_the_worst_exit_status_and_the_failures_log(stu
                                                                              capsys) -> None:
     import sys
 
-    commands = [[sys.executable, "-c", f"print('job says {k}'); raise SystemExit({k})"] for k in (0, 3, 2)]
+    # job 0 runs long: with 2 slots, jobs 1 and 2 finish in the other slot meanwhile
+    commands = [[sys.executable, "-c", f"import time; time.sleep({delay}); print('job says {k}'); "
+                 f"open(r'{tmp_path / 'order'}', 'a').write('{k}'); raise SystemExit({k})"]
+                for k, delay in ((0, 3), (3, 0), (2, 0))]
     assert study.run_processes(commands, 2, tmp_path / "logs") == 3
+    assert (tmp_path / "order").read_text() == "320"  # a freed slot took the next job before job 0 ended
     assert (tmp_path / "logs" / "1.log").read_text().strip() == "job says 3"
     err = capsys.readouterr().err
     assert f"study.py: job 1 exited with status 3 ({tmp_path / 'logs' / '1.log'}):\n  job says 3" in err
