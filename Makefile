@@ -40,6 +40,8 @@ study: setup
 bench: setup
 	$(PY) scripts/bench.py --model tiny --device cpu $(ARGS)
 
+# issue 24's targets table (135M loop, 7B loop, 7B step; each part a process); CPU: the tiny model's smoke run
+#   make bench-loop ARGS="--steps 12 --warmup 5 --json out.json -- data.root=<commonsense>"
 bench-loop: setup
 	$(PY) scripts/bench_loop.py --targets $(ARGS)
 
