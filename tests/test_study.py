@@ -18,6 +18,7 @@ import yaml
 from script_modules import script_fixture
 
 from malora_train.cli import compose
+from malora_train.commands.report import ROUTING_DIGITS, rounded
 from malora_train.commands.study_raw_files import ARCHIVE_FILE, MANIFEST_FILE
 from malora_train.sweep.run_names import MAX_NAME, run_folder_name
 
@@ -264,6 +265,12 @@ def fixture_study(out: Path) -> Path:
     return out / "synthetic"
 
 
+def test_rounded_keeps_the_given_significant_digits_of_every_nested_float() -> None:
+    value = {"a": [0.123456789012345, 12345.6789012345, 3], "b": {"c": 1e-12 / 3}, "d": None, "e": "x"}
+    assert rounded(value, 4) == {"a": [0.1235, 12350.0, 3], "b": {"c": 3.333e-13}, "d": None, "e": "x"}
+    assert rounded(value)["a"][0] == 0.123456789
+
+
 def sha256_hex(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -281,6 +288,10 @@ def test_a_packed_part_reports_the_same_from_what_a_clone_holds(study, tmp_path:
     assert f"packed 9 raw files into {part / ARCHIVE_FILE}" in capsys.readouterr().out
     assert not [p for p in part.rglob("*") if p.name in RAW_FILES]
     assert len(list(part.glob("*/report_inputs.json"))) == 6
+    for inputs in part.glob("*variant-molora*/report_inputs.json"):  # the routing means kept rounded
+        routing = json.loads(inputs.read_text())["routing"]
+        floats = [v for layer in routing["decoder_layers"] for row in layer["share"] for v in row]
+        assert floats and all(v == float(f"{v:.{ROUTING_DIGITS}g}") for v in floats)
     assert (part / MANIFEST_FILE).read_text().splitlines() == [f"{digests[name]}  {name}" for name in raw]
     with tarfile.open(part / ARCHIVE_FILE) as archive:
         assert archive.getnames() == raw

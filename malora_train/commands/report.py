@@ -229,9 +229,24 @@ def read_report_inputs(run_dir: Path) -> dict[str, Any]:
     return inputs
 
 
+ROUTING_DIGITS = 9  # significant digits report_inputs.json keeps of routing means (reports print 1-3)
+
+
+def rounded(value: Any, digits: int = ROUTING_DIGITS) -> Any:
+    """``value`` with every float in it (nested in lists and dicts) to ``digits`` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [rounded(item, digits) for item in value]
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    return value
+
+
 def report_inputs(run: Run) -> dict[str, Any]:
-    """What the report takes from the run's raw files, for ``report_inputs.json``."""
-    return {"last_step": run.last_step, "final_lm_loss": run.final_lm_loss, "routing": run.routing}
+    """What the report takes from the run's raw files, for ``report_inputs.json``: the routing means rounded
+    (``ROUTING_DIGITS``), which halves a mixture run's file and changes no printed figure."""
+    return {"last_step": run.last_step, "final_lm_loss": run.final_lm_loss, "routing": rounded(run.routing)}
 
 
 def read_run(run_dir: Path, root: Path) -> Run:

@@ -4,8 +4,9 @@ Each run's per-step ``metrics.jsonl`` and per-module ``routing.json`` (``report.
 study's bytes, and the report uses little of them. ``pack_raw_files`` writes, for a part's folder:
 
 - in each run folder, ``report_inputs.json``: what the report takes from those files (the last logged step,
-  the final lm_loss, the routing reduced to its layer mean and decoder-layer means), so that ``malora-report``
-  and ``scripts/study.py --report-only`` write the same report without them;
+  the final lm_loss, the routing reduced to its layer mean and decoder-layer means, kept to 9 significant
+  digits), so that ``malora-report`` and ``scripts/study.py --report-only`` write the same report without
+  them;
 - ``raw_files.sha256``: one ``<sha256>  <path>`` line per raw file, paths relative to the part folder (the
   format of ``sha256sum``: ``sha256sum -c raw_files.sha256`` in the folder checks them too);
 - ``raw_files.tar.xz``: the raw files under the same paths (``tar -xJf raw_files.tar.xz`` in the folder
