@@ -198,9 +198,13 @@ def select_tasks(probe_dir: Path, min_gain: float, priors: dict[str, float] | No
                  over_prior: bool = False) -> list[str]:
     """Print the probe's table, write and return the tasks whose gain is at least ``min_gain`` points: over
     the zero-shot accuracy, and with ``over_prior`` over the most frequent answer's share too (``priors``,
-    task -> %), so that a task trained only to its answer prior is not taken for one the model learned."""
+    task -> %), so that a task trained only to its answer prior is not taken for one the model learned.
+    Without ``priors`` (the data is not here) those recorded with the last selection are kept."""
     from malora_train.run_dir import write_json_atomic
 
+    recorded = probe_dir / SELECTION_FILE
+    if not priors and recorded.is_file():  # the data is not here: keep the priors the last selection recorded
+        priors = json.loads(recorded.read_text()).get("answer_priors")
     if over_prior and not priors:
         raise StudyError("--over-prior needs the tasks' answer priors, and the probe's data did not load "
                          "here: pass its data.root")

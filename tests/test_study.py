@@ -159,8 +159,14 @@ def test_probe_over_prior_counts_the_gain_from_the_answer_prior_too(study, tmp_p
     saved = json.loads((tmp_path / "bigbench_probe" / study.SELECTION_FILE).read_text())
     assert saved["over_prior"] is True and saved["answer_priors"] == priors
     assert "over both their zero-shot accuracy and their answer prior" in capsys.readouterr().out
+    # selected again where the data is not (a report rebuilt from a clone): the recorded priors are kept
+    assert study.select_tasks(tmp_path / "bigbench_probe", 10.0, {}, over_prior=True) == [
+        "learned", "prior_below", "no_prior"]
+    saved = json.loads((tmp_path / "bigbench_probe" / study.SELECTION_FILE).read_text())
+    assert saved["answer_priors"] == priors
+    write_probe(tmp_path / "fresh" / "bigbench_probe", before, after)  # no selection recorded, no data
     with pytest.raises(study.StudyError, match="--over-prior needs the tasks' answer priors"):
-        study.select_tasks(tmp_path / "bigbench_probe", 10.0, {}, over_prior=True)
+        study.select_tasks(tmp_path / "fresh" / "bigbench_probe", 10.0, {}, over_prior=True)
 
 
 def test_bigbench_runs_are_named_without_their_task_list_and_keep_one_list_a_folder(study, tmp_path: Path,
