@@ -117,6 +117,10 @@ def verdict(value: float | None, at_least: float | None = None, at_most: float |
     return "met" if ok else "missed"
 
 
+def tokens_per_s(row: dict | None) -> float | None:
+    return row["tokens_per_s"] if row else None
+
+
 def rate(row: dict | None) -> str:
     return f"{row['tokens_per_s']:,.0f} tok/s" if row else "not measured"
 
@@ -141,7 +145,7 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
     eager = {a: loop_row(loop, a, "eager") for a in ("lora", "molora", "malora")}
     peft = baseline_row(loop, "peft-compiled")
     malora = default["malora"]
-    captured = malora if malora and malora["step_path"].startswith(CAPTURED) else None
+    captured = malora if path_of(malora) == CAPTURED else None
     two = loop_row(loop, "malora", "default", processes=2)
     selective = ("trainer.gradient_checkpointing=selective",)
     big_plain = loop_row(big, "malora", "default")
@@ -151,18 +155,19 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
               if big_plain and big_selective and big_plain.get("peak_memory_gb") is not None else "")
     eager_targets = {"malora": 40_000, "molora": 45_000, "lora": 60_000}
     speed_ratio = ratio(big_selective, big_plain, "tokens_per_s")
-    step_ratio = step_malora["step_s"] / floor["step_s"] if step_malora and floor else None
+    step_ratio = ratio(step_malora, floor, "step_s")
+    vs_peft = ratio(malora, peft, "tokens_per_s")
     rows = [
         Target(f"no speed flag, {small}, MALoRA", f"{rate(malora)} ({path_of(malora)})", ">= 85,000",
-               verdict(malora and malora["tokens_per_s"], at_least=85_000)),
+               verdict(tokens_per_s(malora), at_least=85_000)),
         *(Target(f"eager {a}, {small}", rate(eager[a]), f">= {t:,}",
-                 verdict(eager[a] and eager[a]["tokens_per_s"], at_least=t))
+                 verdict(tokens_per_s(eager[a]), at_least=t))
           for a, t in eager_targets.items()),
         Target(f"captured MALoRA, {small}",
                rate(captured) if captured else f"not captured ({path_of(malora)})", ">= 120,000",
-               verdict(captured and captured["tokens_per_s"], at_least=120_000)),
-        Target("MALoRA / compiled HF + PEFT LoRA r64", fmt(ratio(malora, peft, "tokens_per_s")), ">= 2.5x",
-               verdict(ratio(malora, peft, "tokens_per_s"), at_least=2.5)),
+               verdict(tokens_per_s(captured), at_least=120_000)),
+        Target("MALoRA / compiled HF + PEFT LoRA r64", fmt(vs_peft), ">= 2.5x",
+               verdict(vs_peft, at_least=2.5)),
         Target(f"2 processes, MALoRA, {small}", f"{rate(two)} ({path_of(two)})",
                f"runs captured; losses: {TWO_PROCESS_TEST}",
                "not measured" if two is None else "met" if path_of(two) == CAPTURED else "missed"),
