@@ -144,8 +144,6 @@ def run_sweeps(sweeps: list[list[str]], jobs: int, logs: Path) -> int:
     to ``jobs`` ``malora-train`` processes at once (``run_processes``); the worst exit status."""
     if jobs == 1:
         return max((run_sweep(arguments) for arguments in sweeps), default=0)
-    for arguments in sweeps:
-        print("malora-train " + " ".join(arguments), flush=True)
     return run_processes([[sys.executable, "-m", "malora_train.cli", *arguments] for arguments in sweeps],
                          jobs, logs)
 
