@@ -304,36 +304,89 @@ def test_wandb_offline_logs_locally_with_the_run_name_from_the_overrides(tmp_pat
     assert [needle for needle in expected if needle not in logged] == []
 
 
-@pytest.mark.parametrize("scope", ["layers", "decoder"])
-def test_compile_option_runs_the_decoder_through_torch_compile(scope, monkeypatch, run_training, train_losses,
-                                                              tmp_path) -> None:
-    """trainer.compile=true compiles each decoder layer (or the whole decoder) for the packed training steps
-    and trains as eager does; evaluation runs eagerly. Inductor's code generation takes minutes on a CPU,
-    so here the graphs run on the aot_eager backend: dynamo's trace and AOTAutograd's forward/backward split
-    are the real ones (the GPU test runs inductor)."""
+def compile_on_aot_eager(monkeypatch, fullgraph: bool) -> list[tuple]:
+    """``nn.Module.compile`` on the aot_eager backend (Inductor's code generation takes minutes on a CPU):
+    dynamo's trace and AOTAutograd's forward/backward split are the real ones (the GPU test runs inductor).
+    Returns the list that records each compiled module's class, mode and ``dynamic``."""
     import torch._dynamo
 
     compiled = []
     original = torch.nn.Module.compile
 
-    def compile_on_aot_eager(self, **kwargs):
+    def compile_module(self, **kwargs):
         compiled.append((type(self).__name__, kwargs.get("mode"), kwargs.get("dynamic")))
-        original(self, backend="aot_eager", fullgraph=True, dynamic=False)
+        original(self, backend="aot_eager", fullgraph=fullgraph, dynamic=False)
 
-    monkeypatch.setattr(torch.nn.Module, "compile", compile_on_aot_eager)
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_module)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    common = ["trainer.max_steps=3", "adapter.dropout=0", "data.packing=true", "data.eval_per_task=2"]
-    run_training(tmp_path / "compiled", *common, "trainer.compile=true", "trainer.compile_mode=max-autotune",
-                 f"trainer.compile_scope={scope}")
+    return compiled
+
+
+COMPILE_COMMON = ("trainer.max_steps=3", "adapter.dropout=0", "data.packing=true", "data.eval_per_task=2")
+
+
+@pytest.mark.parametrize("scope", ["layers", "decoder"])
+def test_compile_option_runs_the_decoder_through_torch_compile(scope, monkeypatch, run_training, train_losses,
+                                                              tmp_path) -> None:
+    """trainer.compile=true compiles each decoder layer (or the whole decoder) for the packed training steps
+    and trains as eager does; evaluation runs eagerly. With compile_adapters=traced the adapters are part of
+    the graph: one graph, no break (fullgraph)."""
+    import torch._dynamo
+
+    compiled = compile_on_aot_eager(monkeypatch, fullgraph=True)
+    run_training(tmp_path / "compiled", *COMPILE_COMMON, "trainer.compile=true",
+                 "trainer.compile_mode=max-autotune", f"trainer.compile_scope={scope}",
+                 "trainer.compile_adapters=traced")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    run_training(tmp_path / "eager", *common)
+    run_training(tmp_path / "eager", *COMPILE_COMMON)
     expected = [("LlamaDecoderLayer", "max-autotune", False)] * 2 if scope == "layers" else [
         ("LlamaModel", "max-autotune", False)]
     assert compiled == expected
     # layers: one graph for the first layer (its input, the frozen embedding, needs no gradient) and one for
     # every other layer, reused at every step; evaluation compiled nothing
     assert graphs == (2 if scope == "layers" else 1)
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
+
+
+@pytest.mark.parametrize(("adapter", "setting", "kernels"), [
+    ("malora", "auto", True), ("molora", "kernels", True), ("lora", "auto", False), ("lora", "kernels", True)])
+def test_compile_adapters_runs_the_fast_path_between_compiled_pieces(adapter, setting, kernels, monkeypatch,
+                                                                     run_training, train_losses,
+                                                                     tmp_path) -> None:
+    """trainer.compile_adapters=kernels (auto: for the mixtures) keeps the adapters' fast path out of the
+    graph: every adapted layer's call breaks it, runs ``fast_forward`` eagerly and never the composite path,
+    and training matches eager."""
+    import torch._dynamo
+
+    from malora_train.adapters import base
+
+    calls = {"fast": 0, "composite": 0}
+    original_fast = base.fast_forward_outside_graph
+
+    def counted(*args, **kwargs):
+        calls["fast"] += 1
+        return original_fast(*args, **kwargs)
+
+    monkeypatch.setattr(base, "fast_forward_outside_graph", torch.compiler.disable(counted))
+    for cls in (base.AdapterLinear, base.MixtureAdapterLinear):
+        original = cls.composite_forward
+
+        def composite(self, *args, _original=original, **kwargs):
+            calls["composite"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "composite_forward", composite)
+    compile_on_aot_eager(monkeypatch, fullgraph=False)
+    overrides = (*COMPILE_COMMON, f"adapter={adapter}")
+    run_training(tmp_path / "compiled", *overrides, "trainer.compile=true",
+                 f"trainer.compile_adapters={setting}")
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    run_training(tmp_path / "eager", *overrides)
+    if kernels:
+        assert calls["fast"] > 0 and calls["composite"] == 0 and breaks > 0
+    else:
+        assert calls["fast"] == 0 and calls["composite"] > 0 and breaks == 0
     assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
 
 

@@ -92,6 +92,9 @@ class AdapterLinear(nn.Module):
         self.input_group: SharedInputGroup | None = None  # siblings reading the same input (inject sets it)
         self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
         self.kernel_state = KernelState()  # how the fast path runs: the model's, shared by its layers
+        # under torch.compile: False traces the composite maths (the compiler fuses it with the frozen layer),
+        # True runs the fast path's kernels outside the graph (``trainer.compile_adapters``; compile_model sets it)
+        self.compiled_as_kernels = False
 
     def param_factory(self, *shape: int) -> nn.Parameter:
         device = self.base.weight.device
@@ -115,9 +118,11 @@ class AdapterLinear(nn.Module):
         if self.impl == "reference":
             delta = self.reference_delta(self.adapter_input(x))
             result = flat_out + delta.to(flat_out.dtype)
-        elif torch.compiler.is_compiling():
+        elif torch.compiler.is_compiling() and not self.compiled_as_kernels:
             # under torch.compile, plain differentiable ops let the compiler fuse them with the frozen layer
             result = self.composite_forward(self.adapter_input(x), flat_out)
+        elif torch.compiler.is_compiling():
+            result = fast_forward_outside_graph(self, x, flat_out)
         else:
             result = self.fast_forward(self.adapter_input(x), flat_out, x)
         return result.view(out.shape)
@@ -177,6 +182,13 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, expert_rank={self.expert_rank}, "
                 f"scaling={self.scaling:g}")
+
+
+@torch.compiler.disable
+def fast_forward_outside_graph(layer: AdapterLinear, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
+    """``layer``'s fast path run eagerly from inside a compiled region (a graph break either side): its Triton
+    kernels and hand-written backwards, while the compiler fuses the frozen model's ops around it."""
+    return layer.fast_forward(layer.adapter_input(x), flat_out, x)
 
 
 class MixtureAdapterLinear(AdapterLinear):

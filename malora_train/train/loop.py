@@ -242,7 +242,7 @@ class Trainer:
             enable_activation_checkpointing(self.base_model, preserve_rng_state=not self.step_path.captured,
                                             keeps=trainer.checkpointing_keeps if selective else None)
         if trainer.compile:
-            compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope)
+            compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope, trainer.compile_adapters)
         self.params = parameter_report(self.model)
 
     def _setup_data(self) -> None:

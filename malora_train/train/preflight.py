@@ -16,7 +16,7 @@ from malora_train.data.mixture import check_mixture_options
 from malora_train.data.tasks import check_options
 from malora_train.errors import ConfigError
 from malora_train.eval import check_eval_config
-from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
+from malora_train.models import COMPILE_ADAPTERS, COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_logger, check_progress
 from malora_train.train.optim import check_optimizer, check_schedule
@@ -66,6 +66,7 @@ def check_trainer(cfg: Config) -> None:
         raise ConfigError("set trainer.max_steps > 0 or trainer.epochs > 0")
     check_choice("trainer.compile_mode", trainer.compile_mode, COMPILE_MODES)
     check_choice("trainer.compile_scope", trainer.compile_scope, COMPILE_SCOPES)
+    check_choice("trainer.compile_adapters", trainer.compile_adapters, COMPILE_ADAPTERS)
     if trainer.compile and cfg.data.packing is False:
         raise ConfigError("trainer.compile=true needs the fixed shapes of data.packing=true")
     check_progress(trainer.progress, trainer.progress_every)
