@@ -425,8 +425,8 @@ class TrainerConfig:
     compile_mode: str = "default"
     # layers: each decoder layer, one shared graph (seconds to compile) | decoder: one graph (minutes)
     compile_scope: str = "layers"
-    # how adapters run inside the compiled layers: traced (their maths as plain torch ops, fused by the compiler)
-    # | kernels (their Triton fast path, outside the graph) | auto (kernels for mixtures, traced for LoRA)
+    # adapters inside the compiled layers: traced (their maths as plain torch ops, fused by the compiler) |
+    # kernels (their Triton fast path, outside the graph) | auto (kernels for mixtures, traced for LoRA)
     compile_adapters: str = "auto"
     # the step replayed as CUDA graphs: auto (wherever nothing stands in the way) | true (or refuse) | false
     cuda_graphs: Any = "auto"

@@ -23,7 +23,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from malora_train.adapters.base import AdapterLinear
 from malora_train.attention import SDPA_FLEX, register_sdpa_flex
 from malora_train.config import ModelConfig
 from malora_train.errors import ConfigError
@@ -246,29 +245,19 @@ def check_vocabulary(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, model
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("layers", "decoder")
-COMPILE_ADAPTERS = ("auto", "traced", "kernels")
 
 
-def compile_model(model: torch.nn.Module, mode: str, scope: str = "layers", adapters: str = "auto") -> None:
+def compile_model(model: torch.nn.Module, mode: str, scope: str = "layers") -> None:
     """``trainer.compile``: torch.compile every decoder layer with its adapters (``layers``: one graph
     serves them all, since parameters are graph inputs, so compiling takes seconds) or the whole decoder as
     one graph (``decoder``: embeddings and final norm too, minutes to compile); fixed shapes.
     ``reduce-overhead`` replays the graphs as CUDA graphs. Run evaluation, whose shapes vary, under
-    ``torch.compiler.set_stance("force_eager")``.
-
-    ``adapters`` (``trainer.compile_adapters``): ``traced`` compiles the adapters' composite plain-torch
-    path with the frozen layer; ``kernels`` runs their Triton fast path between the compiled pieces;
-    ``auto`` picks kernels for the mixtures, whose router, top-K and gating the compiler fuses worse than
-    the kernels do, and traced for LoRA, whose two GEMMs it fuses well (BENCHMARKS.md)."""
+    ``torch.compiler.set_stance("force_eager")``. How the adapters run inside: ``trainer.compile_adapters``
+    (``adapters.base.choose_compiled_path``)."""
     if mode not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if scope not in COMPILE_SCOPES:
         raise ConfigError(f"trainer.compile_scope={scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
-    if adapters not in COMPILE_ADAPTERS:
-        raise ConfigError(f"trainer.compile_adapters={adapters!r} is not one of {', '.join(COMPILE_ADAPTERS)}")
-    for module in model.modules():
-        if isinstance(module, AdapterLinear):
-            module.compiled_as_kernels = adapters == "kernels" or (adapters == "auto" and module.routed)
     decoder = model.get_decoder()
     if scope == "decoder":
         decoder.compile(mode=mode, dynamic=False)

@@ -350,7 +350,8 @@ def test_compile_option_runs_the_decoder_through_torch_compile(scope, monkeypatc
 
 
 @pytest.mark.parametrize(("adapter", "setting", "kernels"), [
-    ("malora", "auto", True), ("molora", "kernels", True), ("lora", "auto", False), ("lora", "kernels", True)])
+    ("malora", "auto", True), ("molora", "kernels", True), ("lora", "auto", False),
+    ("lora", "kernels", True)])
 def test_compile_adapters_runs_the_fast_path_between_compiled_pieces(adapter, setting, kernels, monkeypatch,
                                                                      run_training, train_losses,
                                                                      tmp_path) -> None:

@@ -92,8 +92,8 @@ class AdapterLinear(nn.Module):
         self.input_group: SharedInputGroup | None = None  # siblings reading the same input (inject sets it)
         self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
         self.kernel_state = KernelState()  # how the fast path runs: the model's, shared by its layers
-        # under torch.compile: False traces the composite maths (the compiler fuses it with the frozen layer),
-        # True runs the fast path's kernels outside the graph (``trainer.compile_adapters``; compile_model sets it)
+        # under torch.compile: False traces the composite maths (fused with the frozen layer), True runs the
+        # fast path's kernels outside the graph (``choose_compiled_path``)
         self.compiled_as_kernels = False
 
     def param_factory(self, *shape: int) -> nn.Parameter:
@@ -182,6 +182,20 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, expert_rank={self.expert_rank}, "
                 f"scaling={self.scaling:g}")
+
+
+COMPILE_ADAPTERS = ("auto", "traced", "kernels")
+
+
+def choose_compiled_path(model: nn.Module, setting: str) -> None:
+    """``trainer.compile_adapters``: how each adapted layer of ``model`` runs under ``torch.compile``.
+    ``traced`` compiles the composite plain-torch maths with the frozen layer; ``kernels`` runs the fast path
+    between the compiled pieces; ``auto`` takes kernels for the mixtures, whose router, top-K and gating the
+    compiler fuses worse than the Triton kernels do, and traced for LoRA, whose two GEMMs it fuses well
+    (BENCHMARKS.md)."""
+    for module in model.modules():
+        if isinstance(module, AdapterLinear):
+            module.compiled_as_kernels = setting == "kernels" or (setting == "auto" and module.routed)
 
 
 @torch.compiler.disable

@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from malora_train.adapters import AdaptedCausalLM, AdaptedOutput, parameter_report
+from malora_train.adapters.base import choose_compiled_path
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
 from malora_train.data.rendering import AUTO, choose_template
@@ -242,7 +243,8 @@ class Trainer:
             enable_activation_checkpointing(self.base_model, preserve_rng_state=not self.step_path.captured,
                                             keeps=trainer.checkpointing_keeps if selective else None)
         if trainer.compile:
-            compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope, trainer.compile_adapters)
+            choose_compiled_path(self.model, trainer.compile_adapters)
+            compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope)
         self.params = parameter_report(self.model)
 
     def _setup_data(self) -> None:

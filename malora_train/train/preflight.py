@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 
+from malora_train.adapters.base import COMPILE_ADAPTERS
 from malora_train.config import Config
 from malora_train.data.mixture import check_mixture_options
 from malora_train.data.tasks import check_options
 from malora_train.errors import ConfigError
 from malora_train.eval import check_eval_config
-from malora_train.models import COMPILE_ADAPTERS, COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
+from malora_train.models import COMPILE_MODES, COMPILE_SCOPES, DTYPES, SOURCES
 from malora_train.train.distributed import mixed_precision
 from malora_train.train.metrics import check_logger, check_progress
 from malora_train.train.optim import check_optimizer, check_schedule
