@@ -93,7 +93,7 @@ class AdapterLinear(nn.Module):
         self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
         self.kernel_state = KernelState()  # how the fast path runs: the model's, shared by its layers
         # under torch.compile: False traces the composite maths (fused with the frozen layer), True runs the
-        # fast path's kernels outside the graph (``choose_compiled_path``)
+        # whole layer, fast path included, outside the graph (``choose_compiled_path``)
         self.compiled_as_kernels = False
 
     def param_factory(self, *shape: int) -> nn.Parameter:
@@ -113,16 +113,16 @@ class AdapterLinear(nn.Module):
         return flat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled_as_kernels and torch.compiler.is_compiling():
+            return forward_outside_graph(self, x)
         out = self.base(x)
         flat_out = out.reshape(-1, self.out_features)
         if self.impl == "reference":
             delta = self.reference_delta(self.adapter_input(x))
             result = flat_out + delta.to(flat_out.dtype)
-        elif torch.compiler.is_compiling() and not self.compiled_as_kernels:
+        elif torch.compiler.is_compiling():
             # under torch.compile, plain differentiable ops let the compiler fuse them with the frozen layer
             result = self.composite_forward(self.adapter_input(x), flat_out)
-        elif torch.compiler.is_compiling():
-            result = fast_forward_outside_graph(self, x, flat_out)
         else:
             result = self.fast_forward(self.adapter_input(x), flat_out, x)
         return result.view(out.shape)
@@ -199,10 +199,12 @@ def choose_compiled_path(model: nn.Module, setting: str) -> None:
 
 
 @torch.compiler.disable
-def fast_forward_outside_graph(layer: AdapterLinear, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
-    """``layer``'s fast path run eagerly from inside a compiled region (a graph break either side): its Triton
-    kernels and hand-written backwards, while the compiler fuses the frozen model's ops around it."""
-    return layer.fast_forward(layer.adapter_input(x), flat_out, x)
+def forward_outside_graph(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` run eagerly from inside a compiled region (a graph break either side), so on its fast path:
+    its Triton kernels and hand-written backwards, while the compiler fuses the frozen model's ops around it.
+    The frozen GEMM runs here too: the compiled pieces then pass plain tensors across the break, never a view
+    of one of their own outputs."""
+    return layer(x)
 
 
 class MixtureAdapterLinear(AdapterLinear):
