@@ -3,9 +3,10 @@
 Three parts, each a process of its own, then one table (each target, what was measured, met or missed):
 
 - the real loop at SmolLM2-135M shapes (``bench_loop.py``): every adapter with no speed flag (what a bare
-  ``malora-train`` runs: the captured step on one GPU) and eager (the path of DeepSpeed, fp16 and anything
-  that cannot be captured), each adapter again as 2 processes, beside HF + PEFT LoRA r64 in its strongest form
-  (plain loop, ``torch.compile``, packed rows, fused AdamW) and HF ``Trainer`` with dynamic padding;
+  ``malora-train`` runs: the captured step on one GPU), eager (the path of DeepSpeed, fp16 and anything
+  that cannot be captured) and captured with ``trainer.compile=true``, each adapter again as 2 processes,
+  beside HF + PEFT LoRA r64 in its strongest form (plain loop, ``torch.compile``, packed rows, fused AdamW)
+  and HF ``Trainer`` with dynamic padding;
 - the real loop at LLaMA-2-7B shapes, packed 4 x 1024: MoLoRA and MALoRA with no speed flag, with and
   without ``trainer.gradient_checkpointing=selective``, with the peak memory;
 - one 7B training step of each adapter against the frozen model's (``bench.py``, eager: DeepSpeed's path).
@@ -67,13 +68,14 @@ def parts(device: str, steps: int, warmup: int, overrides: list[str], out: Path)
     big = ["--model", "llama2_7b", "--rows", "4", "--length", "1024"] if gpu else ["--model", "tiny"]
     data = [o for o in overrides if o.lstrip("+~").startswith("data.")]
     timing = ["--steps", str(steps), "--warmup", str(warmup)]
+    modes = "default,eager,compile+graphs" if gpu else "default,eager"  # a CPU cannot capture
 
     def path(name: str) -> Path:
         return out.with_name(f"{out.stem}.{name}.json")
 
     loop = [sys.executable, str(SCRIPTS / "bench_loop.py"), "--device", device, *timing]
     return [
-        Part("loop_135m", [*loop, "--modes", "default,eager", "--adapters", "lora,molora,malora",
+        Part("loop_135m", [*loop, "--modes", modes, "--adapters", "lora,molora,malora",
                            "--processes", "2", "--baseline", "peft-compiled,hf-peft", "--profile-steps", "1",
                            "--json", str(path("loop_135m")), "--", *overrides], path("loop_135m")),
         Part("loop_7b", [*loop, *big, "--modes", "default", "--adapters", "molora,malora",
@@ -144,8 +146,11 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
     default = {a: loop_row(loop, a, "default") for a in ("lora", "molora", "malora")}
     eager = {a: loop_row(loop, a, "eager") for a in ("lora", "molora", "malora")}
     peft = baseline_row(loop, "peft-compiled")
+    compiled = {a: loop_row(loop, a, "compile+graphs") for a in ("molora", "malora")}
     malora = default["malora"]
-    captured = malora if path_of(malora) == CAPTURED else None
+    # the fastest captured MALoRA a user can run: no speed flag, or with trainer.compile=true
+    captured_rows = [r for r in (malora, compiled["malora"]) if path_of(r) == CAPTURED]
+    captured = max(captured_rows, key=lambda r: r["tokens_per_s"]) if captured_rows else None
     two = loop_row(loop, "malora", "default", processes=2)
     selective = ("trainer.gradient_checkpointing=selective",)
     big_plain = loop_row(big, "malora", "default")
@@ -156,7 +161,8 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
     eager_targets = {"malora": 40_000, "molora": 45_000, "lora": 60_000}
     speed_ratio = ratio(big_selective, big_plain, "tokens_per_s")
     step_ratio = ratio(step_malora, floor, "step_s")
-    vs_peft = ratio(malora, peft, "tokens_per_s")
+    vs_peft = ratio(captured or malora, peft, "tokens_per_s")
+    how = " with trainer.compile" if captured is not None and captured is compiled["malora"] else ""
     rows = [
         Target(f"no speed flag, {small}, MALoRA", f"{rate(malora)} ({path_of(malora)})", ">= 85,000",
                verdict(tokens_per_s(malora), at_least=85_000)),
@@ -164,9 +170,9 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
                  verdict(tokens_per_s(eager[a]), at_least=t))
           for a, t in eager_targets.items()),
         Target(f"captured MALoRA, {small}",
-               rate(captured) if captured else f"not captured ({path_of(malora)})", ">= 120,000",
+               rate(captured) + how if captured else f"not captured ({path_of(malora)})", ">= 120,000",
                verdict(tokens_per_s(captured), at_least=120_000)),
-        Target("MALoRA / compiled HF + PEFT LoRA r64", fmt(vs_peft), ">= 2.5x",
+        Target("MALoRA / compiled HF + PEFT LoRA r64", fmt(vs_peft) + how, ">= 2.5x",
                verdict(vs_peft, at_least=2.5)),
         Target(f"2 processes, MALoRA, {small}", f"{rate(two)} ({path_of(two)})",
                f"runs captured; losses: {TWO_PROCESS_TEST}",
@@ -178,6 +184,7 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
     ]
     pairs = [(f"{small} no speed flag", ratio(default["malora"], default["molora"], "step_s")),
              (f"{small} eager", ratio(eager["malora"], eager["molora"], "step_s")),
+             (f"{small} with trainer.compile", ratio(compiled["malora"], compiled["molora"], "step_s")),
              (f"{large} no speed flag", ratio(big_plain, loop_row(big, "molora", "default"), "step_s")),
              (f"{large} eager (bench.py)", ratio(step_malora, step_molora, "step_s"))]
     rows += [Target(f"MALoRA / MoLoRA step, {where}", fmt(value), "<= 1.00x", verdict(value, at_most=1.0))
