@@ -426,8 +426,8 @@ class TrainerConfig:
     # layers: each decoder layer, one shared graph (seconds to compile) | decoder: one graph (minutes)
     compile_scope: str = "layers"
     # adapters inside the compiled layers: traced (their maths as plain torch ops, fused by the compiler) |
-    # kernels (their Triton fast path, outside the graph) | auto (kernels for mixtures, traced for LoRA)
-    compile_adapters: str = "auto"
+    # kernels (each adapted layer eagerly on its Triton fast path, between the compiled pieces)
+    compile_adapters: str = "traced"
     # the step replayed as CUDA graphs: auto (wherever nothing stands in the way) | true (or refuse) | false
     cuda_graphs: Any = "auto"
     eval_before: bool = True  # evaluate before the first step (eval/step_0/)

@@ -138,7 +138,7 @@ def test_malora_report_has_its_help_page(monkeypatch, capsys):
     ("eval.export=gguf", "eval.export='gguf' is not one of merged"),
     ("trainer.gradient_checkpointing=some",
      "trainer.gradient_checkpointing='some' is not one of true, false, selective"),
-    ("trainer.compile_adapters=fused", "trainer.compile_adapters='fused' is not one of auto, traced, kernels"),
+    ("trainer.compile_adapters=fused", "trainer.compile_adapters='fused' is not one of traced, kernels"),
     ("trainer.lr_scheduler=reduce_lr_on_plateau",
      "trainer.lr_scheduler='reduce_lr_on_plateau' is not supported (it"),
     ("trainer.lr_scheduler=cosine_with_min_lr",
