@@ -393,7 +393,8 @@ def test_compile_adapters_kernels_runs_on_inductor(run_training, train_losses, t
 
     torch._dynamo.reset()
     overrides = (*COMPILE_COMMON, "adapter=malora")
-    run_training(tmp_path / "compiled", *overrides, "trainer.compile=true", "trainer.compile_adapters=kernels")
+    run_training(tmp_path / "compiled", *overrides, "trainer.compile=true",
+                 "trainer.compile_adapters=kernels")
     run_training(tmp_path / "eager", *overrides)
     assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-4)
 
