@@ -102,8 +102,12 @@ def test_compiled_training_matches_eager_over_20_steps(mode, tmp_path, run_train
     assert compiled[20] < compiled[1]  # it trains
 
 
+COMPILED_KERNELS = ["trainer.compile=true", "trainer.compile_adapters=kernels"]
+
+
 @pytest.mark.parametrize("kind, extra", [("lora", []), ("molora", []), ("malora", []),
-                                         ("malora", ["trainer.compile=true"])])
+                                         ("malora", ["trainer.compile=true"]), ("malora", COMPILED_KERNELS),
+                                         ("molora", COMPILED_KERNELS)])
 def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run_training,
                                                       train_losses) -> None:
     """trainer.cuda_graphs (forward + backward and the AdamW update replayed as CUDA graphs), bf16
