@@ -47,7 +47,8 @@ from malora_train.labels import IGNORE_INDEX  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
 # default: no speed flag (what a bare malora-train runs); eager / graphs: trainer.cuda_graphs=false / true;
-# compile: trainer.compile=true (mode default), "+graphs" with the captured step; the rest:
+# compile: trainer.compile=true (mode default), "+graphs" with the captured step; compile-kernels: the
+# adapters on their Triton kernels between the compiled pieces (trainer.compile_adapters=kernels); the rest:
 # trainer.compile_mode
 MODE_OVERRIDES = {
     "default": [],
@@ -55,6 +56,10 @@ MODE_OVERRIDES = {
     "graphs": ["trainer.cuda_graphs=true"],
     "compile": ["trainer.compile=true", "trainer.cuda_graphs=false"],
     "compile+graphs": ["trainer.compile=true", "trainer.cuda_graphs=true"],
+    "compile-kernels": ["trainer.compile=true", "trainer.compile_adapters=kernels",
+                        "trainer.cuda_graphs=false"],
+    "compile-kernels+graphs": ["trainer.compile=true", "trainer.compile_adapters=kernels",
+                               "trainer.cuda_graphs=true"],
     **{mode: ["trainer.compile=true", f"trainer.compile_mode={mode}", "trainer.cuda_graphs=false"]
        for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")},
 }
