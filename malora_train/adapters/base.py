@@ -200,12 +200,11 @@ def choose_compiled_path(model: nn.Module, setting: str) -> None:
 
 @torch.compiler.disable
 def forward_outside_graph(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` run eagerly from inside a compiled region (a graph break either side), so on its fast
-    path: its Triton kernels and hand-written backwards, while the compiler fuses the frozen model's ops
-    around it.
-    The frozen GEMM runs here too: the compiled pieces then pass plain tensors across the break, never a view
-    of one of their own outputs."""
-    return layer(x)
+    """``layer``'s forward run eagerly from inside a compiled region (a graph break either side), so on its
+    fast path: its Triton kernels and hand-written backwards, while the compiler fuses the frozen model's ops
+    around it. The frozen GEMM runs here too: the compiled pieces then pass plain tensors across the break,
+    never a view of one of their own outputs. ``forward``, not a second call: the module's hooks have run."""
+    return layer.forward(x)
 
 
 class MixtureAdapterLinear(AdapterLinear):
