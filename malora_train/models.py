@@ -253,7 +253,7 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "layers") -> N
     one graph (``decoder``: embeddings and final norm too, minutes to compile); fixed shapes.
     ``reduce-overhead`` replays the graphs as CUDA graphs. Run evaluation, whose shapes vary, under
     ``torch.compiler.set_stance("force_eager")``. How the adapters run inside: ``trainer.compile_adapters``
-    (``adapters.base.choose_compiled_path``)."""
+    (``KernelState.compiled_as_kernels``)."""
     if mode not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if scope not in COMPILE_SCOPES:

@@ -92,9 +92,6 @@ class AdapterLinear(nn.Module):
         self.input_group: SharedInputGroup | None = None  # siblings reading the same input (inject sets it)
         self.casts: dict[str, torch.Tensor] | None = None  # this forward's cast weights (working_copies)
         self.kernel_state = KernelState()  # how the fast path runs: the model's, shared by its layers
-        # under torch.compile: False traces the composite maths (fused with the frozen layer), True runs the
-        # whole layer, fast path included, outside the graph (``choose_compiled_path``)
-        self.compiled_as_kernels = False
 
     def param_factory(self, *shape: int) -> nn.Parameter:
         device = self.base.weight.device
@@ -113,7 +110,7 @@ class AdapterLinear(nn.Module):
         return flat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled_as_kernels and torch.compiler.is_compiling():
+        if self.kernel_state.compiled_as_kernels and torch.compiler.is_compiling():
             return forward_outside_graph(self, x)
         out = self.base(x)
         flat_out = out.reshape(-1, self.out_features)
@@ -184,26 +181,14 @@ class AdapterLinear(nn.Module):
                 f"scaling={self.scaling:g}")
 
 
-COMPILE_ADAPTERS = ("traced", "kernels")
-
-
-def choose_compiled_path(model: nn.Module, setting: str) -> None:
-    """``trainer.compile_adapters``: how each adapted layer of ``model`` runs under ``torch.compile``.
-    ``traced`` (the default) compiles the composite plain-torch maths with the frozen layer; ``kernels`` runs
-    the whole layer eagerly between the compiled pieces, on its fast path (Triton kernels). On an H100 the
-    kernels made captured MoLoRA 1.28x faster than the captured step without compile, where traced MALoRA
-    gained nothing (BENCHMARKS.md)."""
-    for module in model.modules():
-        if isinstance(module, AdapterLinear):
-            module.compiled_as_kernels = setting == "kernels"
-
-
 @torch.compiler.disable
 def forward_outside_graph(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
     """``layer``'s forward run eagerly from inside a compiled region (a graph break either side), so on its
     fast path: its Triton kernels and hand-written backwards, while the compiler fuses the frozen model's ops
-    around it. The frozen GEMM runs here too: the compiled pieces then pass plain tensors across the break,
-    never a view of one of their own outputs. ``forward``, not a second call: the module's hooks have run."""
+    around it (``trainer.compile_adapters=kernels``; on an H100 it made captured MoLoRA 1.28x faster, where
+    traced MALoRA gained nothing: BENCHMARKS.md). The frozen GEMM runs here too: the compiled pieces then
+    pass plain tensors across the break, never a view of one of their own outputs. ``forward``, not a second
+    call: the module's hooks have run."""
     return layer.forward(x)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from malora_train.adapters.base import COMPILE_ADAPTERS
+from malora_train.adapters.kernels.common import COMPILE_ADAPTERS
 from malora_train.config import Config
 from malora_train.data.mixture import check_mixture_options
 from malora_train.data.tasks import check_options

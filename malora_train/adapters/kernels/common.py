@@ -13,6 +13,8 @@ import torch
 
 Result = TypeVar("Result")
 
+# trainer.compile_adapters: the adapters traced into the compiled graphs, or run on their kernels between them
+COMPILE_ADAPTERS = ("traced", "kernels")
 # the dtypes the kernels compute in, each with its name in triton.language; any other runs the torch path
 KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -42,11 +44,14 @@ class KernelState:
     ``force_torch`` (``MALORA_FUSED=torch`` in the environment) runs the torch path on CUDA too, for
     benchmarks and debugging. ``kernels_failed`` is set by the first kernel that fails to build or launch:
     the torch path runs from then on. ``device_seed`` lends the dropout kernels a seed tensor to read.
+    ``compiled_as_kernels`` (``trainer.compile_adapters=kernels``): under ``torch.compile`` each adapted layer
+    runs eagerly on its fast path between the compiled pieces, instead of being traced as plain torch ops.
     """
 
     def __init__(self) -> None:
         self.force_torch = os.environ.get("MALORA_FUSED", "") == "torch"
         self.kernels_failed = False
+        self.compiled_as_kernels = False
         self._device_seed: torch.Tensor | None = None
 
     def kernels_allowed(self, t: torch.Tensor) -> bool:
