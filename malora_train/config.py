@@ -426,8 +426,9 @@ class TrainerConfig:
     # layers: each decoder layer, one shared graph (seconds to compile) | decoder: one graph (minutes)
     compile_scope: str = "layers"
     # adapters inside the compiled layers: traced (their maths as plain torch ops, fused by the compiler) |
-    # kernels (each adapted layer eagerly on its Triton fast path, between the compiled pieces)
-    compile_adapters: str = "traced"
+    # kernels (each adapted layer eagerly on its Triton fast path, between the compiled pieces) |
+    # auto (kernels for mixtures, traced for plain LoRA)
+    compile_adapters: str = "auto"
     # the step replayed as CUDA graphs: auto (wherever nothing stands in the way) | true (or refuse) | false
     cuda_graphs: Any = "auto"
     eval_before: bool = True  # evaluate before the first step (eval/step_0/)

@@ -47,9 +47,9 @@ from malora_train.labels import IGNORE_INDEX  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping")
 # default: no speed flag (what a bare malora-train runs); eager / graphs: trainer.cuda_graphs=false / true;
-# compile: trainer.compile=true (mode default), "+graphs" with the captured step; compile-kernels: the
-# adapters on their Triton kernels between the compiled pieces (trainer.compile_adapters=kernels); the rest:
-# trainer.compile_mode
+# compile: trainer.compile=true (mode default; the adapters as trainer.compile_adapters=auto runs them),
+# "+graphs" with the captured step; compile-kernels / compile-traced: the adapters on their Triton kernels
+# between the compiled pieces / traced into them, whatever the adapter; the rest: trainer.compile_mode
 MODE_OVERRIDES = {
     "default": [],
     "eager": ["trainer.cuda_graphs=false"],
@@ -60,6 +60,10 @@ MODE_OVERRIDES = {
                         "trainer.cuda_graphs=false"],
     "compile-kernels+graphs": ["trainer.compile=true", "trainer.compile_adapters=kernels",
                                "trainer.cuda_graphs=true"],
+    "compile-traced": ["trainer.compile=true", "trainer.compile_adapters=traced",
+                       "trainer.cuda_graphs=false"],
+    "compile-traced+graphs": ["trainer.compile=true", "trainer.compile_adapters=traced",
+                              "trainer.cuda_graphs=true"],
     **{mode: ["trainer.compile=true", f"trainer.compile_mode={mode}", "trainer.cuda_graphs=false"]
        for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")},
 }

@@ -4,7 +4,8 @@ Three parts, each a process of its own, then one table (each target, what was me
 
 - the real loop at SmolLM2-135M shapes (``bench_loop.py``): every adapter with no speed flag (what a bare
   ``malora-train`` runs: the captured step on one GPU), eager (the path of DeepSpeed, fp16 and anything
-  that cannot be captured) and captured with ``trainer.compile=true trainer.compile_adapters=kernels``, each
+  that cannot be captured) and captured with ``trainer.compile=true`` (the mixtures on their kernels between
+  the compiled pieces, ``trainer.compile_adapters=auto``), each
   adapter again as 2 processes, beside HF + PEFT LoRA r64 in its strongest form (plain loop,
   ``torch.compile``, packed rows, fused AdamW) and HF ``Trainer`` with dynamic padding;
 - the real loop at LLaMA-2-7B shapes, packed 4 x 1024: MoLoRA and MALoRA with no speed flag, with and
@@ -68,7 +69,7 @@ def parts(device: str, steps: int, warmup: int, overrides: list[str], out: Path)
     big = ["--model", "llama2_7b", "--rows", "4", "--length", "1024"] if gpu else ["--model", "tiny"]
     data = [o for o in overrides if o.lstrip("+~").startswith("data.")]
     timing = ["--steps", str(steps), "--warmup", str(warmup)]
-    modes = "default,eager,compile-kernels+graphs" if gpu else "default,eager"  # a CPU cannot capture
+    modes = "default,eager,compile+graphs" if gpu else "default,eager"  # a CPU cannot capture
 
     def path(name: str) -> Path:
         return out.with_name(f"{out.stem}.{name}.json")
@@ -146,9 +147,9 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
     default = {a: loop_row(loop, a, "default") for a in ("lora", "molora", "malora")}
     eager = {a: loop_row(loop, a, "eager") for a in ("lora", "molora", "malora")}
     peft = baseline_row(loop, "peft-compiled")
-    compiled = {a: loop_row(loop, a, "compile-kernels+graphs") for a in ("molora", "malora")}
+    compiled = {a: loop_row(loop, a, "compile+graphs") for a in ("molora", "malora")}
     malora = default["malora"]
-    # the fastest captured MALoRA a user can run: no speed flag, or trainer.compile=true with its kernels
+    # the fastest captured MALoRA a user can run: no speed flag, or trainer.compile=true
     captured_rows = [r for r in (malora, compiled["malora"]) if path_of(r) == CAPTURED]
     captured = max(captured_rows, key=lambda r: r["tokens_per_s"]) if captured_rows else None
     two = loop_row(loop, "malora", "default", processes=2)
@@ -163,7 +164,7 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
     step_ratio = ratio(step_malora, floor, "step_s")
     vs_peft = ratio(captured or malora, peft, "tokens_per_s")
     with_compile = captured is not None and captured is compiled["malora"]
-    how = " with trainer.compile (kernels)" if with_compile else ""
+    how = " with trainer.compile" if with_compile else ""
     rows = [
         Target(f"no speed flag, {small}, MALoRA", f"{rate(malora)} ({path_of(malora)})", ">= 85,000",
                verdict(tokens_per_s(malora), at_least=85_000)),
@@ -185,7 +186,7 @@ def targets(loop: dict | None, big: dict | None, step: dict | None, small: str =
     ]
     pairs = [(f"{small} no speed flag", ratio(default["malora"], default["molora"], "step_s")),
              (f"{small} eager", ratio(eager["malora"], eager["molora"], "step_s")),
-             (f"{small} with trainer.compile (kernels)",
+             (f"{small} with trainer.compile",
               ratio(compiled["malora"], compiled["molora"], "step_s")),
              (f"{large} no speed flag", ratio(big_plain, loop_row(big, "molora", "default"), "step_s")),
              (f"{large} eager (bench.py)", ratio(step_malora, step_molora, "step_s"))]

@@ -20,7 +20,7 @@ def loop_row(adapter: str, mode: str, tokens_per_s: float, step_s: float, proces
              overrides: tuple[str, ...] = (), peak: float | None = None) -> dict:
     return {"adapter": adapter, "mode": mode, "processes": processes, "overrides": list(overrides),
             "tokens_per_s": tokens_per_s, "step_s": step_s, "peak_memory_gb": peak,
-            "step_path": CAPTURED if mode in ("default", "compile-kernels+graphs") else EAGER}
+            "step_path": CAPTURED if mode in ("default", "compile+graphs") else EAGER}
 
 
 def reports() -> tuple[dict, dict, dict]:
@@ -31,8 +31,8 @@ def reports() -> tuple[dict, dict, dict]:
                      loop_row("lora", "eager", 61_000, 0.06), loop_row("molora", "eager", 44_000, 0.08),
                      loop_row("malora", "eager", 40_000, 0.08),
                      loop_row("malora", "default", 150_000, 0.05, processes=2),
-                     loop_row("molora", "compile-kernels+graphs", 125_000, 0.029),
-                     loop_row("malora", "compile-kernels+graphs", 110_000, 0.033)],
+                     loop_row("molora", "compile+graphs", 125_000, 0.029),
+                     loop_row("malora", "compile+graphs", 110_000, 0.033)],
             "baselines": [{"mode": "peft-compiled", "tokens_per_s": 40_000},
                           {"mode": "hf", "tokens_per_s": 4_000}]}
     selective = ("trainer.gradient_checkpointing=selective",)
@@ -52,23 +52,23 @@ def test_each_target_is_read_from_its_parts_report_and_judged() -> None:
     assert rows["no speed flag, 135M, MALoRA"].verdict == "met"
     eager = [rows[f"eager {a}, 135M"].verdict for a in ("malora", "molora", "lora")]
     assert eager == ["met", "missed", "met"]
-    # the faster captured MALoRA row: with trainer.compile and the kernels
+    # the faster captured MALoRA row: with trainer.compile
     captured = rows["captured MALoRA, 135M"]
-    assert (captured.measured, captured.verdict) == ("110,000 tok/s with trainer.compile (kernels)",
+    assert (captured.measured, captured.verdict) == ("110,000 tok/s with trainer.compile",
                                                      "missed")
     assert (rows["MALoRA / compiled HF + PEFT LoRA r64"].measured, rows[
-        "MALoRA / compiled HF + PEFT LoRA r64"].verdict) == ("2.75x with trainer.compile (kernels)", "met")
+        "MALoRA / compiled HF + PEFT LoRA r64"].verdict) == ("2.75x with trainer.compile", "met")
     assert rows["2 processes, MALoRA, 135M"].verdict == "met"  # ran, captured
     checkpointing = rows["7B MALoRA, selective checkpointing / none"]
     assert (checkpointing.measured, checkpointing.verdict) == ("0.76x; peak 37.2 -> 25.3 GB", "met")
     assert rows["7B eager MALoRA step / frozen floor (bench.py)"].measured == "1.20x"
     assert rows["7B eager MALoRA step / frozen floor (bench.py)"].verdict == "met"
     pairs = {where: rows[f"MALoRA / MoLoRA step, {where}"] for where in (
-        "135M no speed flag", "135M eager", "135M with trainer.compile (kernels)", "7B no speed flag",
+        "135M no speed flag", "135M eager", "135M with trainer.compile", "7B no speed flag",
         "7B eager (bench.py)")}
     assert {w: (t.measured, t.verdict) for w, t in pairs.items()} == {
         "135M no speed flag": ("1.05x", "missed"), "135M eager": ("1.00x", "met"),
-        "135M with trainer.compile (kernels)": ("1.14x", "missed"),
+        "135M with trainer.compile": ("1.14x", "missed"),
         "7B no speed flag": ("1.00x", "met"), "7B eager (bench.py)": ("0.97x", "met")}
 
 
@@ -80,7 +80,7 @@ def test_a_part_that_did_not_run_leaves_its_targets_unmeasured() -> None:
         table = bench_targets.markdown(list(rows.values()), with_verdicts=True)
     assert rows["no speed flag, 135M, MALoRA"].verdict == "not measured"
     # the captured row falls back on the compiled one
-    assert rows["captured MALoRA, 135M"].measured == "110,000 tok/s with trainer.compile (kernels)"
+    assert rows["captured MALoRA, 135M"].measured == "110,000 tok/s with trainer.compile"
     assert rows["7B eager MALoRA step / frozen floor (bench.py)"].verdict == "not measured"
     assert rows["MALoRA / MoLoRA step, 7B eager (bench.py)"].verdict == "not measured"
     assert rows["eager malora, 135M"].verdict == "met"  # the other rows are unaffected
@@ -97,7 +97,7 @@ def test_the_parts_commands_give_the_data_overrides_to_the_7b_runs_only() -> Non
     assert big.command[-1] == "data.root=/d" and "model.tokenizer=/t" not in big.command
     assert "--model" in big.command and big.command[big.command.index("--model") + 1] == "llama2_7b"
     assert "--checkpointing" in big.command and "--processes" in loop.command
-    assert loop.command[loop.command.index("--modes") + 1] == "default,eager,compile-kernels+graphs"
+    assert loop.command[loop.command.index("--modes") + 1] == "default,eager,compile+graphs"
     assert step.command[1].endswith("bench.py") and "llama2_7b" in step.command
     with script_module("bench_targets") as bench_targets:  # a CPU cannot capture
         cpu_loop = bench_targets.parts("cpu", 2, 1, [], Path("/o/t.json"))[0]
@@ -119,7 +119,7 @@ def test_make_bench_loop_prints_the_targets_table_from_one_command(tmp_path: Pat
     assert all(Path(p["json"]).is_file() for p in report["parts"])
     measured = {t["row"]: t["measured"] for t in report["targets"]}
     # all but the captured-with-compile pair, which a CPU does not run
-    compiled_pair = "MALoRA / MoLoRA step, tiny (135M part) with trainer.compile (kernels)"
+    compiled_pair = "MALoRA / MoLoRA step, tiny (135M part) with trainer.compile"
     assert len(measured) == 14 and measured.pop(compiled_pair) == "not measured"
     assert "not measured" not in " ".join(measured.values())
     assert measured["2 processes, MALoRA, tiny (135M part)"].endswith("tok/s (eager)")

@@ -103,10 +103,11 @@ def test_compiled_training_matches_eager_over_20_steps(mode, tmp_path, run_train
 
 
 COMPILED_KERNELS = ["trainer.compile=true", "trainer.compile_adapters=kernels"]
+COMPILED_TRACED = ["trainer.compile=true", "trainer.compile_adapters=traced"]
 
 
 @pytest.mark.parametrize("kind, extra", [("lora", []), ("molora", []), ("malora", []),
-                                         ("malora", ["trainer.compile=true"]), ("malora", COMPILED_KERNELS),
+                                         ("malora", COMPILED_TRACED), ("malora", COMPILED_KERNELS),
                                          ("molora", COMPILED_KERNELS)])
 def test_graphed_training_matches_eager_over_20_steps(kind, extra, tmp_path, run_training,
                                                       train_losses) -> None:

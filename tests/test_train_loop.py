@@ -351,13 +351,14 @@ def test_compile_option_runs_the_decoder_through_torch_compile(scope, monkeypatc
 
 @pytest.mark.parametrize(("adapter", "setting", "kernels"), [
     ("malora", "kernels", True), ("molora", "kernels", True), ("lora", "kernels", True),
-    ("malora", "traced", False)])
+    ("malora", "traced", False), ("malora", "auto", True), ("lora", "auto", False)])
 def test_compile_adapters_runs_the_fast_path_between_compiled_pieces(adapter, setting, kernels, monkeypatch,
                                                                      run_training, train_losses,
                                                                      tmp_path) -> None:
     """trainer.compile_adapters=kernels keeps every adapted layer out of the graph: its call breaks the graph
     and runs ``fast_forward`` eagerly, never the composite path; traced compiles the composite path with no
-    break. Either trains as eager does."""
+    break; auto (the default) is kernels for a mixture and traced for plain LoRA. Each trains as eager
+    does."""
     import torch._dynamo
 
     from malora_train.adapters import base

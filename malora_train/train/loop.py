@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from malora_train.adapters import AdaptedCausalLM, AdaptedOutput, parameter_report
+from malora_train.adapters.kernels.common import runs_as_kernels
 from malora_train.config import Config
 from malora_train.data import BatchStream, build_tasks
 from malora_train.data.rendering import AUTO, choose_template
@@ -242,7 +243,8 @@ class Trainer:
             enable_activation_checkpointing(self.base_model, preserve_rng_state=not self.step_path.captured,
                                             keeps=trainer.checkpointing_keeps if selective else None)
         if trainer.compile:
-            self.model.kernel_state.compiled_as_kernels = trainer.compile_adapters == "kernels"
+            self.model.kernel_state.compiled_as_kernels = runs_as_kernels(
+                trainer.compile_adapters, routed=bool(self.model.mixture_layers()))
             compile_model(self.base_model, trainer.compile_mode, trainer.compile_scope)
         self.params = parameter_report(self.model)
 

@@ -13,10 +13,19 @@ import torch
 
 Result = TypeVar("Result")
 
-# trainer.compile_adapters: the adapters traced into the compiled graphs, or run on their kernels between them
-COMPILE_ADAPTERS = ("traced", "kernels")
+# trainer.compile_adapters: the adapters traced into the compiled graphs, run on their kernels between them,
+# or auto: kernels for mixtures, traced for plain LoRA (``runs_as_kernels``)
+COMPILE_ADAPTERS = ("auto", "traced", "kernels")
 # the dtypes the kernels compute in, each with its name in triton.language; any other runs the torch path
 KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def runs_as_kernels(setting: str, routed: bool) -> bool:
+    """Whether ``trainer.compile_adapters=setting`` runs the adapted layers on their kernels between the
+    compiled pieces. ``auto`` does for mixtures (``routed``): on an H100, captured MALoRA ran 1.29x and MoLoRA
+    1.40x faster so than captured without compile, where traced MALoRA gained nothing (the compiled routing
+    costs more than the fused kernels); plain LoRA's few ops the compiler fuses well, so it is traced."""
+    return setting == "kernels" or (setting == "auto" and routed)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -44,8 +53,9 @@ class KernelState:
     ``force_torch`` (``MALORA_FUSED=torch`` in the environment) runs the torch path on CUDA too, for
     benchmarks and debugging. ``kernels_failed`` is set by the first kernel that fails to build or launch:
     the torch path runs from then on. ``device_seed`` lends the dropout kernels a seed tensor to read.
-    ``compiled_as_kernels`` (``trainer.compile_adapters=kernels``): under ``torch.compile`` each adapted layer
-    runs eagerly on its fast path between the compiled pieces, instead of being traced as plain torch ops.
+    ``compiled_as_kernels`` (``runs_as_kernels`` of ``trainer.compile_adapters``): under ``torch.compile``
+    each adapted layer runs eagerly on its fast path between the compiled pieces, instead of being traced as
+    plain torch ops.
     """
 
     def __init__(self) -> None:
