@@ -214,7 +214,11 @@ def test_triton_expand_matches_float64(N: int, RE: int, RZ: int, coeff: bool, sh
 
 @cuda
 @pytest.mark.parametrize("top_k,renormalize,masked", [(2, True, True), (8, True, False), (3, False, False)])
-def test_triton_routing_matches_torch_autograd(top_k: int, renormalize: bool, masked: bool) -> None:
+@pytest.mark.parametrize("aux_weights", [(0.3, 0.2), (0.3, 0.0), (0.0, 0.0)])
+def test_triton_routing_matches_torch_autograd(top_k: int, renormalize: bool, masked: bool,
+                                               aux_weights: tuple[float, float]) -> None:
+    """Forward and backward against autograd through ``router``. An auxiliary loss the loss leaves out (a zero
+    weight) reaches the backward as None, not zeros, and must count as zero."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     logits = (torch.randn(3000, 8, device="cuda", generator=gen) * 2).requires_grad_()
     mask = torch.rand(3000, device="cuda", generator=gen) > 0.3 if masked else None
@@ -226,9 +230,15 @@ def test_triton_routing_matches_torch_autograd(top_k: int, renormalize: bool, ma
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gates, ref.gates, rtol=1e-5, atol=1e-6)
     weights = torch.randn(3000, 8, device="cuda", generator=gen)
-    got = torch.autograd.grad((gates * weights).sum() + 0.3 * aux["balance"] + 0.2 * aux["z"], logits)[0]
-    want = torch.autograd.grad((ref.gates * weights).sum() + 0.3 * expected_aux[0] + 0.2 * expected_aux[1],
-                               logits)[0]
+
+    def loss(gates, balance, z):
+        total = (gates * weights).sum()
+        for weight, term in zip(aux_weights, (balance, z)):
+            total = total + weight * term if weight else total
+        return total
+
+    got = torch.autograd.grad(loss(gates, aux["balance"], aux["z"]), logits)[0]
+    want = torch.autograd.grad(loss(ref.gates, *expected_aux[:2]), logits)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 

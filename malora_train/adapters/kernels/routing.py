@@ -57,6 +57,9 @@ class _Route(torch.autograd.Function):
         # Activation checkpointing recomputes with collect off and matches saved tensors by position,
         # so the tiny statistics ride on ctx instead of save_for_backward.
         ctx.save_for_backward(logits, top_idx, mask)
+        # an output no loss reads (top_idx, the entropy, the z-loss at a zero coefficient) gets None for a
+        # gradient, not a zero tensor: three fill kernels a layer and step fewer
+        ctx.set_materialize_grads(False)
         ctx.stats = aux[3] if aux is not None else None
         ctx.spec, ctx.state = spec, state
         ctx.mark_non_differentiable(top_idx)
@@ -69,12 +72,18 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gates, _grad_idx, grad_balance=None, grad_z=None, _grad_entropy=None):
         logits, top_idx, mask = ctx.saved_tensors
+        grad_gates = grad_gates.contiguous() if grad_gates is not None else torch.zeros_like(logits)
+        stats = ctx.stats
+        if grad_balance is None and grad_z is None:  # no auxiliary loss read: the gates' gradient alone
+            stats = None
+        elif stats is not None:  # the kernel reads both
+            grad_balance = grad_balance if grad_balance is not None else logits.new_zeros(())
+            grad_z = grad_z if grad_z is not None else logits.new_zeros(())
         glogits = ctx.state.run(
             True,
-            lambda: route_backward(logits, top_idx, mask, grad_gates.contiguous(), ctx.stats, grad_balance,
-                                   grad_z, ctx.spec.renormalize),
-            lambda: _route_backward_autograd(logits, mask, ctx.spec, ctx.stats, grad_gates, grad_balance,
-                                             grad_z))
+            lambda: route_backward(logits, top_idx, mask, grad_gates, stats, grad_balance, grad_z,
+                                   ctx.spec.renormalize),
+            lambda: _route_backward_autograd(logits, mask, ctx.spec, stats, grad_gates, grad_balance, grad_z))
         return None, None, glogits, None  # one per input: spec, state, logits, mask
 
 
