@@ -74,6 +74,9 @@ class ModelConfig:
     # implementation transformers knows (sdpa, eager, flash_attention_2, ...)
     attn_implementation: Optional[str] = "sdpa_flex"
     trust_remote_code: bool = False  # run the model folder's own code (command line only)
+    # Llama-family RMSNorms as torch's fused operator: one CUDA kernel each way, not ~23 launches
+    # (malora_train.fused_norms); false keeps transformers' modules
+    fused_norms: bool = True
     cache_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/malora-train
 
 

@@ -26,6 +26,7 @@ from transformers import (
 from malora_train.attention import SDPA_FLEX, register_sdpa_flex
 from malora_train.config import ModelConfig
 from malora_train.errors import ConfigError
+from malora_train.fused_norms import fuse_rms_norms
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ def load_model(
             if device is not None:
                 model.to(device)
     model.config.use_cache = False
+    if cfg.fused_norms:
+        fuse_rms_norms(model)
     return model
 
 

@@ -71,6 +71,8 @@ MODES = tuple(MODE_OVERRIDES)
 # HF + PEFT LoRA r64 as users run it: a plain loop over the same packed rows with torch.compile and fused
 # AdamW (the strongest form), and HF Trainer with dynamic padding
 BASELINES = ("peft-compiled", "hf-peft")
+# the baselines run transformers' own modules, as a PEFT user's model does (not malora-train's fused norms)
+HF_MODULES = ("model.fused_norms=false",)
 # what a bare `make bench-loop` measures: the issue-9 table on a GPU, a smoke run on the CPU
 DEVICE_DEFAULTS = {
     "cuda": {"model": "smollm2_135m_shape", "data": "commonsense_intra", "modes": "default,eager",
@@ -348,7 +350,7 @@ def bench_hf_peft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from malora_train.models import load_model_and_tokenizer
 
     cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora",
-                   f"data.max_length={args.length}", *args.overrides])
+                   f"data.max_length={args.length}", *args.overrides, *HF_MODULES])
     device = torch.device(args.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, seed=cfg.seed)
     lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
@@ -418,7 +420,7 @@ def bench_peft_compiled(args: argparse.Namespace, workdir: Path) -> dict[str, An
     from malora_train.models import load_model_and_tokenizer
 
     cfg = compose([f"model={args.model}", f"data={args.data}", "adapter=lora",
-                   f"data.max_length={args.length}", "data.packing=true", *args.overrides])
+                   f"data.max_length={args.length}", "data.packing=true", *args.overrides, *HF_MODULES])
     device = torch.device(args.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, seed=cfg.seed)
     lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,

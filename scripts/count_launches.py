@@ -4,8 +4,10 @@ The eager step is host-bound: on an H100 it takes about 75 us of host work per k
 sixth session), so the launches a step are what an eager speed-up must cut. Device time is scarce, so this
 counts them here: a stand-in ``triton`` whose kernels record their launches and compute nothing replaces the
 real one, the adapters take their Triton fast path on CPU tensors, and every torch operator that would run a
-kernel on a GPU is counted by source line. The stand-in kernels leave garbage in their outputs: the counts are
-the result, not the loss. Autocast runs in bf16 and the frozen model is bf16, as on a GPU.
+kernel on a GPU is counted by source line. The frozen model's fused RMSNorm (``malora_train.fused_norms``),
+which the CPU decomposes into small operators, counts as the single kernel CUDA runs each way. The stand-in
+kernels leave garbage in their outputs: the counts are the result, not the loss. Autocast runs in bf16 and
+the frozen model is bf16, as on a GPU.
 
     python scripts/count_launches.py                         # MALoRA, MoLoRA, LoRA at SmolLM2-135M shapes
     python scripts/count_launches.py --adapters malora --top 30 -- adapter.shared_input=false
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import tempfile
@@ -56,9 +59,9 @@ class StandInKernel:
         return launch
 
 
-def install_stand_in_triton() -> None:
+def install_stand_ins() -> None:
     """Put a ``triton`` whose ``jit`` makes ``StandInKernel``s in ``sys.modules`` (before malora_train
-    imports it), and let the adapters' kernels run on CPU tensors."""
+    imports it), let the adapters' kernels run on CPU tensors, and count the fused RMSNorm as CUDA runs it."""
     triton = types.ModuleType("triton")
     triton.jit = lambda fn=None, **_: StandInKernel(fn) if fn is not None else StandInKernel
     triton.cdiv = lambda a, b: -(-a // b)
@@ -67,28 +70,78 @@ def install_stand_in_triton() -> None:
     triton.language = language
     sys.modules["triton"], sys.modules["triton.language"] = triton, language
 
+    from malora_train import fused_norms
     from malora_train.adapters.kernels import common, projection
 
     common.KernelState.kernels_allowed = lambda self, t: not self.force_torch and not self.kernels_failed
     common.KernelState.run = lambda self, use_kernel, kernel, fallback: kernel() if use_kernel else fallback()
     projection._multiprocessors = lambda device: 132  # an H100's
+    fused_norms.rms_norm = lambda x, shape, weight, eps: StandInFusedRMSNorm.apply(x, shape, weight, eps)
+
+
+class StandInFusedRMSNorm(torch.autograd.Function):
+    """``aten::_fused_rms_norm`` as CUDA runs it, one kernel forward and one backward (counted so); computed
+    by the CPU's decomposition, whose operators are not counted."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, eps):
+        LaunchCounter.record("_fused_rms_norm")
+        ctx.save_for_backward(x, weight)
+        ctx.shape, ctx.eps = shape, eps
+        with LaunchCounter.paused():
+            return torch.nn.functional.rms_norm(x, shape, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        LaunchCounter.record("_fused_rms_norm_backward")
+        x, weight = ctx.saved_tensors
+        with LaunchCounter.paused(), torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            (dx,) = torch.autograd.grad(torch.nn.functional.rms_norm(leaf, ctx.shape, weight, ctx.eps), leaf,
+                                        grad)
+        return dx, None, None, None
 
 
 class LaunchCounter(TorchDispatchMode):
     """Counts the torch operators that would launch a kernel, by the malora_train or transformers source line
     that issued them (``<autograd>`` for the backward's own operators)."""
 
+    active: LaunchCounter | None = None  # the counter in use (stand-ins record into it)
+    counting = True  # off while a stand-in computes what it counted as one launch
+
     def __init__(self) -> None:
         super().__init__()
         self.by_line: collections.Counter = collections.Counter()
 
+    def __enter__(self):
+        LaunchCounter.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        LaunchCounter.active = None
+        return super().__exit__(*exc)
+
+    @classmethod
+    def record(cls, name: str) -> None:
+        if cls.active is not None and cls.counting:
+            frames = [f for f in traceback.extract_stack()[:-2]
+                      if "malora_train" in f.filename or "transformers" in f.filename]
+            where = (f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "<autograd>")
+            cls.active.by_line[(name, where)] += 1
+
+    @classmethod
+    @contextlib.contextmanager
+    def paused(cls):
+        cls.counting = False
+        try:
+            yield
+        finally:
+            cls.counting = True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name not in NO_KERNEL:
-            frames = [f for f in traceback.extract_stack()[:-1]
-                      if "malora_train" in f.filename or "transformers" in f.filename]
-            where = (f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "<autograd>")
-            self.by_line[(name, where)] += 1
+            self.record(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -127,7 +180,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the counts here")
     parser.add_argument("overrides", nargs="*", help="more malora-train overrides (after --)")
     args = parser.parse_args()
-    install_stand_in_triton()
+    install_stand_ins()
     results = [count(a, args.model, args.rows, args.length, args.overrides) for a in args.adapters.split(",")]
     print(f"\nkernel launches of one forward + backward, {args.model} (optimizer not counted)")
     print(f"{'adapter':8} {'adapted layers':>15} {'torch ops':>10} {'Triton':>8} {'total':>8} "

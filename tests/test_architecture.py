@@ -1,9 +1,10 @@
 """The package's shape: imports run one way, down the floors, and no module imports itself round a circle.
 
-Floors, ground first: errors; labels and config (which checks itself, raising errors); the run directory and
-packed attention; models, data and adapters (separate rooms that do not import each other); evaluation;
-training; the commands, the Python API and the sweep machinery (separate rooms); the CLI and the package's
-list of public names. A module may import its own floor's room or any floor below, never one above.
+Floors, ground first: errors; labels and config (which checks itself, raising errors); the run directory,
+packed attention and the fused norms; models, data and adapters (separate rooms that do not import each
+other); evaluation; training; the commands, the Python API and the sweep machinery (separate rooms); the CLI
+and the package's list of public names. A module may import its own floor's room or any floor below, never
+one above.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "malora_train"
 FLOORS = {
     "malora_train.errors": 0,
     "malora_train.labels": 1, "malora_train.config": 1,
-    "malora_train.run_dir": 2, "malora_train.attention": 2,
+    "malora_train.run_dir": 2, "malora_train.attention": 2, "malora_train.fused_norms": 2,
     "malora_train.models": 3, "malora_train.data": 3, "malora_train.adapters": 3,
     "malora_train.eval": 4,
     "malora_train.train": 5,

@@ -30,3 +30,11 @@ def test_counts_every_adapted_layers_kernels_and_no_zero_gradients(tmp_path) -> 
     # autograd's zero tensors for outputs without a gradient show as ``zeros`` issued by the backward call
     assert not [n for op, where, n in malora["by_line"] if op == "zeros" and where.startswith("loop.py")]
     assert malora["total"] == malora["torch"] + malora["triton"] > lora["total"]
+    # the frozen model's 5 RMSNorms (2 a decoder layer and the last) as CUDA runs them: one kernel each way
+    # (no backward for the first, whose input, the frozen embeddings, needs no gradient), and none of the
+    # operators the CPU decomposes them into
+    ops = {op: 0 for op in ("_fused_rms_norm", "_fused_rms_norm_backward", "rsqrt", "pow")}
+    for op, _where, n in malora["by_line"]:
+        if op in ops:
+            ops[op] += n
+    assert ops == {"_fused_rms_norm": 5, "_fused_rms_norm_backward": 4, "rsqrt": 0, "pow": 0}

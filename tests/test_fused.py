@@ -123,6 +123,15 @@ def test_kernel_state_seeds_and_switch(monkeypatch) -> None:
     assert state.dropout_seed(3) == 5
 
 
+def test_kernel_state_makes_each_zero_once_per_device_and_dtype() -> None:
+    state = KernelState()
+    a, b = torch.ones(3), torch.ones(2, dtype=torch.float64)
+    zero = state.zero(a)
+    assert zero.shape == () and zero.dtype == torch.float32 and zero.item() == 0
+    assert state.zero(torch.randn(5)) is zero
+    assert state.zero(b) is not zero and state.zero(b).dtype == torch.float64
+
+
 def test_every_adapted_layer_runs_with_its_models_kernel_state(make_tiny_model) -> None:
     model = AdaptedCausalLM.from_base(make_tiny_model(), kind_config("malora"))
     layers = [layer for _, layer in adapter_layers(model)]

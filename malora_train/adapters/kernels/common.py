@@ -64,6 +64,14 @@ class KernelState:
         self.kernels_failed = False
         self.compiled_as_kernels = False
         self._device_seed: torch.Tensor | None = None
+        self._zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-dim zero on ``like``'s device and dtype, made once (a fill kernel a call fewer); read-only."""
+        key = (like.device, like.dtype)
+        if key not in self._zeros:
+            self._zeros[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+        return self._zeros[key]
 
     def kernels_allowed(self, t: torch.Tensor) -> bool:
         """Whether the Triton kernels may run on ``t``: a CUDA tensor, no kernel failed, torch not forced."""

@@ -77,8 +77,8 @@ class _Route(torch.autograd.Function):
         if grad_balance is None and grad_z is None:  # no auxiliary loss read: the gates' gradient alone
             stats = None
         elif stats is not None:  # the kernel reads both
-            grad_balance = grad_balance if grad_balance is not None else logits.new_zeros(())
-            grad_z = grad_z if grad_z is not None else logits.new_zeros(())
+            grad_balance = grad_balance if grad_balance is not None else ctx.state.zero(logits)
+            grad_z = grad_z if grad_z is not None else ctx.state.zero(logits)
         glogits = ctx.state.run(
             True,
             lambda: route_backward(logits, top_idx, mask, grad_gates, stats, grad_balance, grad_z,
