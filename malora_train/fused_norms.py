@@ -5,7 +5,8 @@ autograd's backward: a quarter of the kernel launches of an eager MALoRA step at
 (``scripts/count_launches.py``), and the eager step is host-bound on its launches. ``F.rms_norm`` runs
 ``aten::_fused_rms_norm`` when input and weight share a dtype: one CUDA kernel forward and one backward
 (the frozen weight's gradient is never computed). Elsewhere it decomposes into the same operators as
-transformers' code.
+transformers' code. Inside ``torch.compile`` the module computes transformers' operators, which the compiler
+fuses with their neighbours.
 
 Only modules whose ``forward`` is transformers' Llama RMSNorm, source for source, are replaced (Llama,
 Mistral, Mixtral, Qwen2/3 and their MoE variants, Phi-3, SmolLM2 ...); Gemma's ``1 + weight`` or OLMo-2's
@@ -34,7 +35,9 @@ class FusedRMSNorm(torch.nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype != self.weight.dtype:  # transformers' result takes the weight's dtype
+        # transformers' result takes the weight's dtype; and under torch.compile its small operators fuse with
+        # their neighbours (the residual add), where inductor runs aten::_fused_rms_norm as an opaque kernel
+        if hidden_states.dtype != self.weight.dtype or torch.compiler.is_compiling():
             return _transformers_rms_norm(hidden_states, self.weight, self.variance_epsilon)
         # autocast lists rms_norm as a float32 operator: it would cast a bf16 input up and return float32,
         # where transformers' module returns the input's dtype

@@ -68,6 +68,21 @@ def test_a_weight_of_another_dtype_gives_transformers_result_and_dtype():
     assert torch.equal(got, reference(x))
 
 
+def test_under_torch_compile_the_compiler_gets_transformers_operators_to_fuse():
+    reference, fused = norm_pair(LlamaRMSNorm, torch.float32)
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 5, 48)
+    got = torch.compile(fused, backend=keep_graph, fullgraph=True)(x)
+    assert torch.equal(got, reference(x))
+    assert len(graphs) == 1 and "rsqrt" in graphs[0] and "rms_norm" not in graphs[0]
+
+
 def test_only_llama_family_norms_are_recognised():
     assert is_llama_rms_norm(LlamaRMSNorm(8)) and is_llama_rms_norm(Qwen2RMSNorm(8))
     assert not is_llama_rms_norm(GemmaRMSNorm(8))  # (1 + weight), in float32
