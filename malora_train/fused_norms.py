@@ -12,7 +12,7 @@ Only modules whose ``forward`` is transformers' Llama RMSNorm, source for source
 Mistral, Mixtral, Qwen2/3 and their MoE variants, Phi-3, SmolLM2 ...); Gemma's ``1 + weight`` or OLMo-2's
 order of operations keep their own. Numerics: identical in float32; in bfloat16 the fused kernel rounds
 once where transformers rounds the normalised input and then its product with the weight (at most a unit
-in the last place apart).
+in the last place apart); float64, which transformers normalises in float32, keeps transformers' operators.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 rms_norm = F.rms_norm  # the operator itself (``scripts/count_launches.py`` counts it as the GPU's launches)
+# the input dtypes whose fused result is transformers' (float64: transformers computes in float32)
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class FusedRMSNorm(torch.nn.Module):
@@ -35,9 +37,11 @@ class FusedRMSNorm(torch.nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # transformers' result takes the weight's dtype; and under torch.compile its small operators fuse with
-        # their neighbours (the residual add), where inductor runs aten::_fused_rms_norm as an opaque kernel
-        if hidden_states.dtype != self.weight.dtype or torch.compiler.is_compiling():
+        # transformers' result takes the weight's dtype and is computed in float32 (float64 too); and under
+        # torch.compile its small operators fuse with their neighbours (the residual add), where inductor runs
+        # aten::_fused_rms_norm as an opaque kernel
+        if (hidden_states.dtype != self.weight.dtype or hidden_states.dtype not in FUSED_DTYPES
+                or torch.compiler.is_compiling()):
             return _transformers_rms_norm(hidden_states, self.weight, self.variance_epsilon)
         # autocast lists rms_norm as a float32 operator: it would cast a bf16 input up and return float32,
         # where transformers' module returns the input's dtype

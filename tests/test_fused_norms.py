@@ -60,6 +60,13 @@ def test_bfloat16_rounds_once_and_keeps_the_dtype_under_autocast():
     assert ((expected.double() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-30).all()
 
 
+def test_float64_keeps_transformers_float32_normalisation():
+    reference, fused = norm_pair(LlamaRMSNorm, torch.float64)
+    x = torch.randn(3, 48, dtype=torch.float64)
+    assert torch.equal(fused(x), reference(x))
+    assert not torch.equal(fused(x), rms_norm_float64(x, reference.weight, reference.variance_epsilon))
+
+
 def test_a_weight_of_another_dtype_gives_transformers_result_and_dtype():
     reference, fused = norm_pair(LlamaRMSNorm, torch.float32)
     x = torch.randn(3, 48, dtype=torch.bfloat16)
