@@ -29,12 +29,14 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class FusedRMSNorm(torch.nn.Module):
-    """A drop-in for a transformers RMSNorm that keeps its ``weight`` Parameter (same state-dict key)."""
+    """A drop-in for a transformers RMSNorm ``norm`` that keeps its ``weight`` Parameter (same state-dict key)
+    and, where the fused operator would not give transformers' result, runs ``norm``'s own ``forward``."""
 
-    def __init__(self, weight: torch.nn.Parameter, eps: float) -> None:
+    def __init__(self, norm: torch.nn.Module) -> None:
         super().__init__()
-        self.weight = weight
-        self.variance_epsilon = eps
+        self.weight = norm.weight
+        self.variance_epsilon = norm.variance_epsilon
+        self._transformers_forward = type(norm).forward
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # transformers' result takes the weight's dtype and is computed in float32 (float64 too); and under
@@ -42,7 +44,7 @@ class FusedRMSNorm(torch.nn.Module):
         # aten::_fused_rms_norm as an opaque kernel
         if (hidden_states.dtype != self.weight.dtype or hidden_states.dtype not in FUSED_DTYPES
                 or torch.compiler.is_compiling()):
-            return _transformers_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+            return self._transformers_forward(self, hidden_states)
         # autocast lists rms_norm as a float32 operator: it would cast a bf16 input up and return float32,
         # where transformers' module returns the input's dtype
         with torch.autocast(hidden_states.device.type, enabled=False):
@@ -50,15 +52,6 @@ class FusedRMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
-def _transformers_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm, operator for operator."""
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + eps)
-    return weight * hidden_states.to(input_dtype)
 
 
 @functools.cache
@@ -91,5 +84,5 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FusedRMSNorm(module.weight, module.variance_epsilon))
+        setattr(parent, child, FusedRMSNorm(module))
     return len(targets)

@@ -27,7 +27,7 @@ def norm_pair(cls: type, dtype: torch.dtype, width: int = 48, eps: float = 1e-6)
     with torch.no_grad():
         reference.weight.copy_(1 + 0.5 * torch.randn(width))
     reference.weight.requires_grad_(False)  # frozen, as in training
-    return reference, FusedRMSNorm(reference.weight, reference.variance_epsilon)
+    return reference, FusedRMSNorm(reference)
 
 
 @pytest.mark.parametrize("cls", [LlamaRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm])
