@@ -11,8 +11,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "count_launches.py
 
 
 def test_counts_every_adapted_layers_kernels_and_no_zero_gradients(tmp_path) -> None:
-    """The tiny model (2 decoder layers, 6 adapted linears each): a mixture routes once per adapted layer; it
-    and LoRA project once per shared-input group (q/k/v, gate/up, down: 3 a decoder layer), and LoRA does
+    """The tiny model (2 decoder layers, 6 adapted linears each): a mixture routes and gates once per adapted
+    layer; it and LoRA project once per shared-input group (q/k/v, gate/up, down: 3 a decoder layer), and LoRA does
     nothing else in Triton; no gradient of an output that no loss reads is filled with zeros (the routing's
     top_idx, entropy, z-loss)."""
     out = tmp_path / "counts.json"
@@ -22,9 +22,11 @@ def test_counts_every_adapted_layers_kernels_and_no_zero_gradients(tmp_path) -> 
     malora, lora = rows["malora"], rows["lora"]
     layers = malora["adapted_layers"]
     assert layers == lora["adapted_layers"] == 12
-    for kernel in ("_route_fwd_kernel", "_route_stats_kernel", "_route_bwd_kernel", "_expand_fwd_kernel",
-                   "_expand_bwd_kernel"):
+    # routing and gating in one Function (``routed_gated_up``): three kernels a layer, not five
+    for kernel in ("_routed_expand_kernel", "_route_stats_kernel", "_routed_expand_bwd_kernel"):
         assert malora["by_kernel"][kernel] == layers
+    assert not any(k in malora["by_kernel"] for k in ("_route_fwd_kernel", "_route_bwd_kernel",
+                                                      "_expand_fwd_kernel", "_expand_bwd_kernel"))
     assert malora["by_kernel"]["_project_fwd_kernel"] == lora["by_kernel"]["_project_fwd_kernel"] == 6
     assert not any(k.startswith(("_route", "_expand")) for k in lora["by_kernel"])
     # autograd's zero tensors for outputs without a gradient show as ``zeros`` issued by the backward call

@@ -13,7 +13,7 @@ from torch import nn
 
 from malora_train.adapters import ADAPTER_CLASSES, AdaptedCausalLM, adapter_kinds, adapter_layers
 from malora_train.adapters.base import MixtureAdapterLinear, RoutingContext
-from malora_train.adapters.kernels import common, gated_up, projection, routing
+from malora_train.adapters.kernels import common, gated_up, projection, routed_gated_up, routing
 from malora_train.adapters.kernels.common import KernelState
 from malora_train.adapters.router import balance_loss, entropy, top_k_route, z_loss
 from malora_train.config import RouterConfig
@@ -136,6 +136,57 @@ def test_every_adapted_layer_runs_with_its_models_kernel_state(make_tiny_model) 
     model = AdaptedCausalLM.from_base(make_tiny_model(), kind_config("malora"))
     layers = [layer for _, layer in adapter_layers(model)]
     assert layers and all(layer.kernel_state is model.kernel_state for layer in layers)
+
+
+ROUTED_CASES = [  # N, RE, RZ, coeff, shared, top_k, renormalize, masked: MALoRA, MoLoRA, HydraLoRA (dense)
+    (8, 12, 32, True, False, 2, True, True), (8, 8, 64, False, False, 2, True, False),
+    (5, 3, 7, True, False, 3, False, True), (4, 6, 6, False, True, 4, True, False)]
+
+
+def _two_step(z, logits, out, up, c, mask, spec, weights, aux_weights):
+    """The loss of routing then gating in plain torch (float64 in, autograd through ``router``)."""
+    routing_ = top_k_route(logits, spec.top_k, spec.renormalize)
+    u = z @ c.t() if c is not None else (z.repeat(1, spec.num_experts) if spec.shared else z)
+    gated = (u.view(z.shape[0], spec.num_experts, -1) * routing_.gates.unsqueeze(-1)).reshape(z.shape[0], -1)
+    y = out + spec.scaling * gated @ up.t()
+    return ((y * weights).sum() + aux_weights[0] * balance_loss(routing_, mask)
+            + aux_weights[1] * z_loss(routing_, mask))
+
+
+@pytest.mark.parametrize("N,RE,RZ,coeff,shared,top_k,renormalize,masked", ROUTED_CASES)
+def test_routed_gated_up_backward_stand_in_matches_autograd(N, RE, RZ, coeff, shared, top_k, renormalize,
+                                                            masked) -> None:
+    """Where the fused backward kernel fails, ``_backward_torch`` stands in: dlogits, dz and dC from dgated
+    (and the auxiliary losses' gradients) as autograd gives them, in float64."""
+    gen = torch.Generator().manual_seed(4)
+    T_ = 37
+    z = torch.randn(T_, RZ, dtype=torch.float64, generator=gen, requires_grad=True)
+    logits = (torch.randn(T_, N, dtype=torch.float64, generator=gen) * 2).requires_grad_()
+    c = torch.randn(N * RE, RZ, dtype=torch.float64, generator=gen) * RZ**-0.5 if coeff else None
+    c = c.requires_grad_() if coeff else None
+    up = torch.randn(9, N * RE, dtype=torch.float64, generator=gen)
+    mask = torch.rand(T_, generator=gen) > 0.3 if masked else None
+    spec = routed_gated_up.RoutedUpSpec(0.7, N, shared, top_k, renormalize, collect=True)
+    weights = torch.randn(T_, 9, dtype=torch.float64, generator=gen)
+    inputs = [logits, z] + ([c] if coeff else [])
+    zeros = torch.zeros(T_, 9, dtype=torch.float64)
+    want = torch.autograd.grad(_two_step(z, logits, zeros, up, c, mask, spec, weights, (0.3, 0.2)), inputs)
+    g_gated = spec.scaling * weights @ up
+    stats = torch.ones(1)  # read only for being there: the auxiliary losses reach the logits
+    got = routed_gated_up._backward_torch(g_gated, z.detach(), c.detach() if coeff else None, logits.detach(),
+                                          mask, stats, torch.tensor(0.3, dtype=torch.float64),
+                                          torch.tensor(0.2, dtype=torch.float64), spec, True, True, coeff)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert (got[2] is None) == (not coeff)
+
+
+def test_routed_gated_up_leaves_the_cpu_to_the_two_step_path() -> None:
+    """No kernels on the CPU: ``routed_gated_up`` answers None and the layer routes, then gates."""
+    spec = routed_gated_up.RoutedUpSpec(1.0, 4, False, 2, True, collect=True)
+    z = torch.randn(6, 8).bfloat16()
+    assert routed_gated_up.routed_gated_up(z, torch.randn(6, 4), None, torch.randn(6, 3).bfloat16(),
+                                           torch.randn(3, 8), spec, state=KernelState()) is None
 
 
 # -- CUDA: the Triton kernels against plain torch --------------------------------------------------------
@@ -317,3 +368,90 @@ def test_mixture_layer_without_grad_routes_in_one_kernel_and_gives_the_same_outp
         calls.clear()
         assert torch.equal(inference, trained_path)
         assert torch.equal(counted, trained_path)
+
+
+@cuda
+@pytest.mark.parametrize("N,RE,RZ,coeff,shared,top_k,renormalize,masked", ROUTED_CASES)
+@pytest.mark.parametrize("aux_weights", [(0.3, 0.2), (0.3, 0.0), (0.0, 0.0)])
+def test_triton_routed_gated_up_matches_float64_autograd(N, RE, RZ, coeff, shared, top_k, renormalize, masked,
+                                                        aux_weights) -> None:
+    """Training's one-Function routing and gating (two fused kernels and the statistics): y, the auxiliary
+    losses and every gradient against autograd through ``router`` in float64, on the same bf16 inputs; the
+    chosen experts are the two-step kernels' own. An auxiliary loss the loss leaves out reaches the backward
+    as None and must count as zero."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    T_, OUT_ = 3001, 96
+    z = torch.randn(T_, RZ, device="cuda", generator=gen).bfloat16().requires_grad_()
+    logits = (torch.randn(T_, N, device="cuda", generator=gen) * 2).requires_grad_()
+    out = torch.randn(T_, OUT_, device="cuda", generator=gen).bfloat16().requires_grad_()
+    up = (torch.randn(OUT_, N * RE, device="cuda", generator=gen) * 0.3).requires_grad_()
+    c = torch.randn(N * RE, RZ, device="cuda", generator=gen) * RZ**-0.5 if coeff else None
+    c = c.requires_grad_() if coeff else None
+    mask = torch.rand(T_, device="cuda", generator=gen) > 0.3 if masked else None
+    weights = torch.randn(T_, OUT_, device="cuda", generator=gen)
+    spec = routed_gated_up.RoutedUpSpec(0.7, N, shared, top_k, renormalize, collect=True)
+    y, aux = routed_gated_up.routed_gated_up(z, logits, mask, out, up, spec, coeff=c, state=KernelState())
+    loss = (y.float() * weights).sum()
+    for weight, term in zip(aux_weights, (aux["balance"], aux["z"])):
+        loss = loss + weight * term if weight else loss
+    inputs = [z, logits, out, up] + ([c] if coeff else [])
+    got = torch.autograd.grad(loss, inputs)
+    # the reference: float64 from the same values, with C rounded to bf16 as the kernels read it
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    rz, rlogits, rout, rup, *rc = ref_inputs
+    c_seen = rc[0].bfloat16().double() if coeff else None
+    want_y = None
+
+    def reference_loss():
+        nonlocal want_y
+        routing_ = top_k_route(rlogits, top_k, renormalize)
+        u = rz @ c_seen.t() if coeff else (rz.repeat(1, N) if shared else rz)
+        gated = (u.view(T_, N, RE) * routing_.gates.unsqueeze(-1)).reshape(T_, -1)
+        want_y = rout + 0.7 * gated @ rup.t()
+        total = (want_y * weights.double()).sum()
+        aux_terms = (balance_loss(routing_, mask), z_loss(routing_, mask))
+        for weight, term in zip(aux_weights, aux_terms):
+            total = total + weight * term if weight else total
+        return total, routing_
+
+    total, routing_ = reference_loss()
+    want = torch.autograd.grad(total, ref_inputs)  # dC through C's bf16 rounding, as the kernels read it
+    assert _rel(y, want_y) < 1e-2
+    torch.testing.assert_close(aux["balance"].double(), balance_loss(routing_, mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux["z"].double(), z_loss(routing_, mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux["entropy"].double(), entropy(routing_, mask), rtol=1e-5, atol=1e-6)
+    for name, g, w in zip(("z", "logits", "out", "up", "coeff"), got, want):
+        assert _rel(g, w) < 2e-2, name
+
+
+@cuda
+@pytest.mark.parametrize("kind", [k for k in KINDS if issubclass(ADAPTER_CLASSES[k], MixtureAdapterLinear)])
+def test_mixture_layer_in_training_routes_and_gates_in_one_function(kind: str, monkeypatch) -> None:
+    """With grad a mixture layer routes and gates through ``routed_gated_up`` (one Function), with the output,
+    auxiliary losses and gradients of the two-step path (``fast_route``, then ``gated_up``); with routing
+    counts per task asked for, it takes the two-step path, which records them."""
+    context = RoutingContext()
+    layer = build(kind, dropout=0.0, dtype=torch.float32, device="cuda", context=context)
+    layer.base.to(torch.bfloat16)
+    x = torch.randn(2048, IN, device="cuda").bfloat16().requires_grad_()
+    context.token_mask = torch.arange(2048, device="cuda") % 5 != 0
+    calls = []
+    original = routed_gated_up.routed_gated_up
+    monkeypatch.setattr("malora_train.adapters.base.routed_gated_up",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    results = {}
+    for path in ("fused", "two-step"):
+        if path == "two-step":
+            context.token_task, context.num_tasks = torch.zeros(2048, dtype=torch.long, device="cuda"), 1
+        context.collect = True
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        aux = dict(layer.aux)
+        loss = y.float().square().sum() + 0.5 * aux["balance"] + 0.1 * aux["z"]
+        params = [p for p in layer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [x, *params])
+        results[path] = [y, aux["balance"], aux["z"], aux["entropy"], *grads]
+        assert len(calls) == 1  # the fused path once, never the two-step one
+    assert layer.task_expert_counts.sum() > 0
+    for fused, two_step in zip(results["fused"], results["two-step"], strict=True):
+        assert _rel(fused, two_step) < 1e-2

@@ -19,6 +19,7 @@ from torch import nn
 from malora_train.adapters.kernels.common import KernelState
 from malora_train.adapters.kernels.gated_up import gated_up, routed_up
 from malora_train.adapters.kernels.projection import project
+from malora_train.adapters.kernels.routed_gated_up import RoutedUpSpec, routed_gated_up
 from malora_train.adapters.kernels.routing import route
 from malora_train.adapters.router import (
     Routing,
@@ -323,10 +324,32 @@ class MixtureAdapterLinear(AdapterLinear):
                           coeff_cast=self.cast("coeff"), state=self.kernel_state)
             if y is not None:
                 return y
+        elif self.context is None or self.context.task_for(x.shape[0]) is None:
+            routed = self.route_and_gate_up(z, logits, flat_out)
+            if routed is not None:
+                return routed
         gates = self.fast_route(logits)
         return gated_up(z, flat_out, self.lora_B, self.scaling, gates=gates, coeff=self.coeff_projection(),
                         num_experts=self.num_experts, shared=self.shared_down, up_cast=self.cast("up"),
                         coeff_cast=self.cast("coeff"), state=self.kernel_state)
+
+    def route_and_gate_up(self, z: torch.Tensor, logits: torch.Tensor,
+                          flat_out: torch.Tensor) -> torch.Tensor | None:
+        """Training's routing and gated up-projection in one Function on CUDA (``routed_gated_up``), recording
+        the auxiliary losses as ``fast_route`` does; None where it does not run (then ``fast_route`` and
+        ``gated_up`` do it in two steps)."""
+        mask = self.context.mask_for(logits.shape[0]) if self.context is not None else None
+        spec = RoutedUpSpec(self.scaling, self.num_experts, self.shared_down, self.top_k, self.renormalize,
+                            self.collecting())
+        routed = routed_gated_up(z, logits, mask, flat_out, self.lora_B, spec, coeff=self.coeff_projection(),
+                                 up_cast=self.cast("up"), coeff_cast=self.cast("coeff"),
+                                 state=self.kernel_state)
+        if routed is None:
+            return None
+        y, aux = routed
+        if aux is not None:
+            self.aux = aux
+        return y
 
     def composite_forward(self, x: torch.Tensor, flat_out: torch.Tensor) -> torch.Tensor:
         routing = self.route(x)

@@ -22,8 +22,14 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs have none and 
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-if triton is not None:  # the routing kernel's softmax and top-K, for the inference kernel's gates
-    from malora_train.adapters.kernels.routing import ROUTE_BLOCK_T, softmax_rows, top_k_gates
+if triton is not None:  # the routing kernel's softmax, top-K and statistics, for the kernels that route
+    from malora_train.adapters.kernels.routing import (
+        ROUTE_BLOCK_T,
+        _row_weights,
+        softmax_rows,
+        store_stat_partials,
+        top_k_gates,
+    )
 
 
 @dataclass(frozen=True)
@@ -242,7 +248,6 @@ if triton is not None:
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, NR_PAD)
-        kk = tl.arange(0, RZ_PAD)
         row_ok = rows < T
         col_ok = cols < NR
         ok = row_ok[:, None] & col_ok[None, :]
@@ -254,7 +259,16 @@ if triton is not None:
             for e in tl.static_range(N):
                 tl.store(ggates_ptr + rows * N + e,
                          tl.sum(tl.where((expert == e)[None, :], prod, 0.0), axis=1), mask=row_ok)
-        gu = gg * gates  # du: zero past NR
+        _expand_input_grads(gg * gates, z_ptr, c_ptr, gz_ptr, part_ptr, pid, rows, row_ok, cols, col_ok, RZ,
+                            NR, RZ_PAD, NR_PAD, HAS_COEFF, NEED_Z, NEED_COEFF, CDT)
+
+    @triton.jit
+    def _expand_input_grads(gu, z_ptr, c_ptr, gz_ptr, part_ptr, pid, rows, row_ok, cols, col_ok,
+                            RZ: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr, NR_PAD: tl.constexpr,
+                            HAS_COEFF: tl.constexpr, NEED_Z: tl.constexpr, NEED_COEFF: tl.constexpr,
+                            CDT: tl.constexpr):
+        """From du (``gu``, float32, zero past NR): dz, and this block's share of dC (float32 partials)."""
+        kk = tl.arange(0, RZ_PAD)
         z_ok = row_ok[:, None] & (kk < RZ)[None, :]
         if HAS_COEFF:
             gu_c = gu.to(CDT)
@@ -269,34 +283,48 @@ if triton is not None:
                 tl.store(part_ptr + pid * NR_PAD * RZ_PAD + cols[:, None] * RZ_PAD + kk[None, :], part)
         elif NEED_Z:
             if RZ == NR:
-                tl.store(gz_ptr + rows[:, None] * RZ + cols[None, :], gu.to(CDT), mask=ok)
+                tl.store(gz_ptr + rows[:, None] * RZ + cols[None, :], gu.to(CDT),
+                         mask=row_ok[:, None] & col_ok[None, :])
             else:  # z feeds every expert: dz sums the experts' du
                 fold = ((cols[:, None] % RZ) == kk[None, :]) & col_ok[:, None]
                 gz = tl.dot(gu, fold.to(tl.float32), input_precision="ieee")
                 tl.store(gz_ptr + rows[:, None] * RZ + kk[None, :], gz.to(CDT), mask=z_ok)
 
-
     @triton.jit
-    def _routed_expand_kernel(
-        z_ptr, c_ptr, logit_ptr, out_ptr, T,
-        RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
-        NR_PAD: tl.constexpr, N_PAD: tl.constexpr, K: tl.constexpr, RENORM: tl.constexpr,
-        DENSE: tl.constexpr, BLOCK_M: tl.constexpr, HAS_COEFF: tl.constexpr, CDT: tl.constexpr,
-    ):
-        """``_expand_fwd_kernel`` with its gates routed here from float32 logits (T, N), by the routing
-        kernel's own softmax and top-K: each column c takes expert c // RE's gate."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, NR_PAD)
-        experts = tl.arange(0, N_PAD)
-        row_ok = rows < T
-        col_ok = cols < NR
-        probs, _ = softmax_rows(logit_ptr, rows, experts, T, N)
-        gates, _ = top_k_gates(probs, rows, experts, out_ptr, T, N, N_PAD, K, BLOCK_M, RENORM, DENSE,
-                               STORE_IDX=False)
+    def _column_gates(gates, experts, cols, RE: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      NR_PAD: tl.constexpr):
+        """(BLOCK_M, NR_PAD): column c holds its expert's gate, ``gates[:, c // RE]`` exactly."""
         column_gates = tl.zeros((BLOCK_M, NR_PAD), tl.float32)
         for e in tl.static_range(N):
             gate = tl.sum(tl.where(experts[None, :] == e, gates, 0.0), axis=1)  # exactly gates[:, e]
             column_gates = tl.where((cols // RE)[None, :] == e, gate[:, None], column_gates)
+        return column_gates
+
+    @triton.jit
+    def _routed_expand_kernel(
+        z_ptr, c_ptr, logit_ptr, out_ptr, idx_ptr, mask_ptr, part_ptr, T,
+        RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
+        NR_PAD: tl.constexpr, N_PAD: tl.constexpr, K: tl.constexpr, RENORM: tl.constexpr,
+        DENSE: tl.constexpr, BLOCK_M: tl.constexpr, HAS_COEFF: tl.constexpr, CDT: tl.constexpr,
+        STORE_IDX: tl.constexpr, COLLECT: tl.constexpr, HAS_MASK: tl.constexpr,
+    ):
+        """``_expand_fwd_kernel`` with its gates routed here from float32 logits (T, N), by the routing
+        kernel's own softmax and top-K: each column c takes expert c // RE's gate. For training it also keeps
+        the chosen experts (``STORE_IDX``) and this block's share of the auxiliary statistics (``COLLECT``),
+        as ``_route_fwd_kernel`` does: the gates themselves are not stored (the backward recomputes them)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, NR_PAD)
+        experts = tl.arange(0, N_PAD)
+        row_ok = rows < T
+        col_ok = cols < NR
+        probs, lse = softmax_rows(logit_ptr, rows, experts, T, N)
+        gates, selected = top_k_gates(probs, rows, experts, idx_ptr, T, N, N_PAD, K, BLOCK_M, RENORM, DENSE,
+                                      STORE_IDX=STORE_IDX)
+        if COLLECT:
+            weights = _row_weights(mask_ptr, rows, T, HAS_MASK)
+            store_stat_partials(part_ptr, pid, probs, lse, selected, weights, experts, N_PAD)
+        column_gates = _column_gates(gates, experts, cols, RE, N, BLOCK_M, NR_PAD)
         u = _expanded(z_ptr, c_ptr, rows, row_ok, cols, col_ok, RZ, RZ_PAD, HAS_COEFF, CDT)
         ok = row_ok[:, None] & col_ok[None, :]
         tl.store(out_ptr + rows[:, None] * NR + cols[None, :], (u * column_gates).to(CDT), mask=ok)
@@ -322,15 +350,29 @@ if triton is not None:
     def routed_expand(z: torch.Tensor, coeff: torch.Tensor | None, logits: torch.Tensor, width: int,
                       top_k: int, renormalize: bool) -> torch.Tensor:
         """``expand_forward`` with the gates of ``routing.route_forward(logits, top_k, renormalize)``."""
+        return routed_expand_kernel(z, coeff, logits, width, top_k, renormalize)[0]
+
+    def routed_expand_kernel(z: torch.Tensor, coeff: torch.Tensor | None, logits: torch.Tensor, width: int,
+                             top_k: int, renormalize: bool, keep_idx: bool = False,
+                             mask: torch.Tensor | None = None, collect: bool = False):
+        """(gated, top_idx (T, K) int64 or None, the statistics' per-block partials or None):
+        ``routed_expand`` that also keeps the chosen experts (``keep_idx``) and, when ``collect``, what
+        ``_route_stats_kernel`` sums into the auxiliary losses (``mask``: the real tokens)."""
         T, N = logits.shape
         dense = top_k >= N
+        K = N if dense else top_k
+        n_pad = pad(N, least=2)
+        blocks = triton.cdiv(T, ROUTE_BLOCK_T)
         out = torch.empty(T, width, device=z.device, dtype=z.dtype)
+        top_idx = torch.empty(T, K, device=z.device, dtype=torch.int64) if keep_idx else None
+        part = torch.empty(blocks, 2 * n_pad + 3, device=z.device, dtype=torch.float32) if collect else None
         # the routing kernel's block of tokens, so that its softmax sums in the same order (bit for bit)
         shape = {**_expand_shape(z, logits, width), "BLOCK_M": ROUTE_BLOCK_T}
-        _routed_expand_kernel[(triton.cdiv(T, ROUTE_BLOCK_T),)](
-            z, coeff, logits, out, T, N_PAD=pad(N, least=2), K=N if dense else top_k, RENORM=renormalize,
-            DENSE=dense, HAS_COEFF=coeff is not None, num_warps=NUM_WARPS, **shape)
-        return out
+        _routed_expand_kernel[(blocks,)](
+            z, coeff, logits, out, top_idx, mask.view(torch.uint8) if mask is not None else None, part, T,
+            N_PAD=n_pad, K=K, RENORM=renormalize, DENSE=dense, HAS_COEFF=coeff is not None,
+            STORE_IDX=keep_idx, COLLECT=collect, HAS_MASK=mask is not None, num_warps=NUM_WARPS, **shape)
+        return out, top_idx, part
 
     def expand_backward(grad_gated: torch.Tensor, z: torch.Tensor, coeff: torch.Tensor | None,
                         gates: torch.Tensor, need_gates: bool, need_z: bool, need_coeff: bool):

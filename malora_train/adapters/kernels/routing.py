@@ -164,6 +164,60 @@ if triton is not None:
         return row_ok.to(tl.float32)
 
     @triton.jit
+    def store_stat_partials(part_ptr, pid, probs, lse, selected, w, cols, N_PAD: tl.constexpr):
+        """Program ``pid``'s share of the auxiliary statistics, weighted per token by ``w``: assignment
+        counts and probability sums per expert, then sum lse^2, sum entropy, sum w (``_route_stats_kernel``
+        adds them up)."""
+        part = part_ptr + pid * (2 * N_PAD + 3)
+        tl.store(part + cols, tl.sum(w[:, None] * selected.to(tl.float32), axis=0))
+        tl.store(part + N_PAD + cols, tl.sum(w[:, None] * probs, axis=0))
+        tl.store(part + 2 * N_PAD, tl.sum(w * lse * lse, axis=0))
+        entropy = -tl.sum(probs * tl.log(tl.maximum(probs, 1e-20)), axis=1)
+        tl.store(part + 2 * N_PAD + 1, tl.sum(w * entropy, axis=0))
+        tl.store(part + 2 * N_PAD + 2, tl.sum(w, axis=0))
+
+    @triton.jit
+    def selected_experts(idx_ptr, rows, cols, T, N: tl.constexpr, N_PAD: tl.constexpr, K: tl.constexpr,
+                         BLOCK_T: tl.constexpr, DENSE: tl.constexpr):
+        """(BLOCK_T, N_PAD) flags of the experts each row was routed to, read back from top_idx (T, K)."""
+        col_ok = cols < N
+        if DENSE:
+            return (rows >= 0)[:, None] & col_ok[None, :]
+        chosen = tl.zeros((BLOCK_T, N_PAD), tl.int32)
+        for k in tl.static_range(K):
+            best = tl.load(idx_ptr + rows * K + k, mask=rows < T, other=-1)
+            chosen = tl.where(cols[None, :] == best[:, None], 1, chosen)
+        return chosen != 0
+
+    @triton.jit
+    def logits_grad(probs, lse, selected, gg, rows, cols, mask_ptr, stats_ptr, gbal_ptr, gz_ptr, T,
+                    N: tl.constexpr, RENORM: tl.constexpr, DENSE: tl.constexpr, HAS_AUX: tl.constexpr,
+                    HAS_MASK: tl.constexpr):
+        """dlogits (BLOCK_T, N_PAD) from dgates ``gg`` and, with ``HAS_AUX``, the balance and z-loss
+        gradients (scalars at ``gbal_ptr``, ``gz_ptr``; ``stats_ptr``: ``_route_stats_kernel``'s total and
+        shares)."""
+        col_ok = cols < N
+        if RENORM and not DENSE:
+            top = tl.where(selected, probs, 0.0)
+            top_sum = tl.sum(top, axis=1)
+            gates = top / top_sum[:, None]
+            through = tl.sum(gg * gates, axis=1)
+            gprobs = tl.where(selected, (gg - through[:, None]) / top_sum[:, None], 0.0)
+        else:
+            gprobs = tl.where(selected, gg, 0.0)
+        if HAS_AUX:
+            w = _row_weights(mask_ptr, rows, T, HAS_MASK)
+            total = tl.load(stats_ptr)
+            share = tl.load(stats_ptr + 1 + cols, mask=col_ok, other=0.0)
+            gbal = tl.load(gbal_ptr)
+            gprobs += gbal * N * share[None, :] * (w / total)[:, None]
+        glogits = probs * (gprobs - tl.sum(probs * gprobs, axis=1)[:, None])
+        if HAS_AUX:
+            gz = tl.load(gz_ptr)
+            glogits += (gz * 2.0 * lse * w / total)[:, None] * probs
+        return glogits
+
+    @triton.jit
     def _route_fwd_kernel(
         logit_ptr, mask_ptr, gates_ptr, idx_ptr, part_ptr,
         T, N: tl.constexpr,
@@ -181,14 +235,8 @@ if triton is not None:
                                        STORE_IDX=True)
         tl.store(gates_ptr + rows[:, None] * N + cols[None, :], gates, mask=row_ok[:, None] & col_ok[None, :])
         if COLLECT:
-            w = _row_weights(mask_ptr, rows, T, HAS_MASK)
-            part = part_ptr + pid * (2 * N_PAD + 3)
-            tl.store(part + cols, tl.sum(w[:, None] * selected.to(tl.float32), axis=0))
-            tl.store(part + N_PAD + cols, tl.sum(w[:, None] * probs, axis=0))
-            tl.store(part + 2 * N_PAD, tl.sum(w * lse * lse, axis=0))
-            entropy = -tl.sum(probs * tl.log(tl.maximum(probs, 1e-20)), axis=1)
-            tl.store(part + 2 * N_PAD + 1, tl.sum(w * entropy, axis=0))
-            tl.store(part + 2 * N_PAD + 2, tl.sum(w, axis=0))
+            weights = _row_weights(mask_ptr, rows, T, HAS_MASK)
+            store_stat_partials(part_ptr, pid, probs, lse, selected, weights, cols, N_PAD)
 
     @triton.jit
     def _route_stats_kernel(
@@ -237,32 +285,9 @@ if triton is not None:
         probs, lse = softmax_rows(logit_ptr, rows, cols, T, N)
         gg = tl.load(ggates_ptr + rows[:, None] * N + cols[None, :],
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if DENSE:
-            selected = (rows >= 0)[:, None] & col_ok[None, :]
-        else:
-            chosen = tl.zeros((BLOCK_T, N_PAD), tl.int32)
-            for k in tl.static_range(K):
-                best = tl.load(idx_ptr + rows * K + k, mask=row_ok, other=-1)
-                chosen = tl.where(cols[None, :] == best[:, None], 1, chosen)
-            selected = chosen != 0
-        if RENORM and not DENSE:
-            top = tl.where(selected, probs, 0.0)
-            top_sum = tl.sum(top, axis=1)
-            gates = top / top_sum[:, None]
-            through = tl.sum(gg * gates, axis=1)
-            gprobs = tl.where(selected, (gg - through[:, None]) / top_sum[:, None], 0.0)
-        else:
-            gprobs = tl.where(selected, gg, 0.0)
-        if HAS_AUX:
-            w = _row_weights(mask_ptr, rows, T, HAS_MASK)
-            total = tl.load(stats_ptr)
-            share = tl.load(stats_ptr + 1 + cols, mask=col_ok, other=0.0)
-            gbal = tl.load(gbal_ptr)
-            gprobs += gbal * N * share[None, :] * (w / total)[:, None]
-        glogits = probs * (gprobs - tl.sum(probs * gprobs, axis=1)[:, None])
-        if HAS_AUX:
-            gz = tl.load(gz_ptr)
-            glogits += (gz * 2.0 * lse * w / total)[:, None] * probs
+        selected = selected_experts(idx_ptr, rows, cols, T, N, N_PAD, K, BLOCK_T, DENSE)
+        glogits = logits_grad(probs, lse, selected, gg, rows, cols, mask_ptr, stats_ptr, gbal_ptr, gz_ptr, T,
+                              N, RENORM, DENSE, HAS_AUX, HAS_MASK)
         tl.store(glogit_ptr + rows[:, None] * N + cols[None, :], glogits,
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -293,11 +318,18 @@ if triton is not None:
         )
         if not collect:
             return gates, top_idx, None
-        balance, z, entropy = (torch.empty((), device=logits.device, dtype=torch.float32) for _ in range(3))
-        stats = torch.empty(1 + n_pad, device=logits.device, dtype=torch.float32)
-        _route_stats_kernel[(1,)](part, balance, z, entropy, stats, blocks, N, K, N_PAD=n_pad,
+        return gates, top_idx, route_statistics(part, N, K)
+
+    def route_statistics(part: torch.Tensor, N: int, K: int):
+        """(balance, z, entropy, stats) from the forward kernels' per-block partials
+        (``store_stat_partials``): the three 0-d auxiliary values and ``stats`` (the weight total, then each
+        expert's share), which the backward reads."""
+        n_pad = pad(N, least=2)
+        balance, z, entropy = (torch.empty((), device=part.device, dtype=torch.float32) for _ in range(3))
+        stats = torch.empty(1 + n_pad, device=part.device, dtype=torch.float32)
+        _route_stats_kernel[(1,)](part, balance, z, entropy, stats, part.shape[0], N, K, N_PAD=n_pad,
                                   BLOCK_P=STATS_BLOCK_P, num_warps=NUM_WARPS)
-        return gates, top_idx, (balance, z, entropy, stats)
+        return balance, z, entropy, stats
 
     def route_backward(logits: torch.Tensor, top_idx: torch.Tensor, mask: torch.Tensor | None,
                        grad_gates: torch.Tensor, stats: torch.Tensor | None,
