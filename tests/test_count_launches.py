@@ -12,9 +12,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "count_launches.py
 
 def test_counts_every_adapted_layers_kernels_and_no_zero_gradients(tmp_path) -> None:
     """The tiny model (2 decoder layers, 6 adapted linears each): a mixture routes and gates once per adapted
-    layer; it and LoRA project once per shared-input group (q/k/v, gate/up, down: 3 a decoder layer), and LoRA does
-    nothing else in Triton; no gradient of an output that no loss reads is filled with zeros (the routing's
-    top_idx, entropy, z-loss)."""
+    layer; it and LoRA project once per shared-input group (q/k/v, gate/up, down: 3 a decoder layer), and LoRA
+    does nothing else in Triton; no gradient of an output that no loss reads is filled with zeros (the
+    routing's top_idx, entropy, z-loss)."""
     out = tmp_path / "counts.json"
     subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", "--adapters", "malora,lora", "--top", "3",
                     "--json", str(out)], check=True, capture_output=True, text=True, timeout=300)

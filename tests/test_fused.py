@@ -455,3 +455,27 @@ def test_mixture_layer_in_training_routes_and_gates_in_one_function(kind: str, m
     assert layer.task_expert_counts.sum() > 0
     for fused, two_step in zip(results["fused"], results["two-step"], strict=True):
         assert _rel(fused, two_step) < 1e-2
+
+
+def test_weight_grad_casts_the_gemm_off_cuda() -> None:
+    a, b = torch.randn(7, 30).bfloat16(), torch.randn(30, 5).bfloat16()
+    got = gated_up.weight_grad(a, b, 0.5, torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, (0.5 * a @ b).float())
+
+
+@cuda
+def test_weight_grad_writes_float32_from_the_accumulator() -> None:
+    """On CUDA the half-precision GEMM writes the float32 gradient itself: closer to float64 than a bf16
+    result cast afterwards, and no cast kernel."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    a = torch.randn(96, 4096, device="cuda", generator=gen).bfloat16()
+    b = torch.randn(4096, 80, device="cuda", generator=gen).bfloat16()
+    want = 0.5 * a.double() @ b.double()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = gated_up.weight_grad(a, b, 0.5, torch.float32)
+        torch.cuda.synchronize()
+    assert got.dtype == torch.float32
+    assert _rel(got, want) < 1e-6 < _rel(gated_up._mm_scaled(a, b, 0.5).float(), want)
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels and not [k for k in kernels if "elementwise" in k or "copy" in k.lower()], kernels

@@ -94,7 +94,7 @@ class _GatedUp(torch.autograd.Function):
         gup = None
         grad_c = grad_y.to(cdt)
         if need_up:
-            gup = _mm_scaled(grad_c.t(), gated, s).to(up_dtype)
+            gup = weight_grad(grad_c.t(), gated, s, up_dtype)
         g_gated = _mm_scaled(grad_c, up_c, s)
 
         def by_torch():
@@ -159,6 +159,16 @@ def _ready(cast: torch.Tensor | None, dtype: torch.dtype, weight: torch.Tensor |
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * a @ b`` in one GEMM (alpha in the epilogue; beta = 0 never reads the empty input)."""
     return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
+
+
+def weight_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * a @ b`` in ``dtype`` (a weight's, float32): on CUDA a half-precision GEMM writes float32
+    straight from its float32 accumulator (``out_dtype``: no rounding to half, and no cast kernel after),
+    elsewhere the GEMM's result is cast."""
+    if a.is_cuda and dtype == torch.float32 and a.dtype in KERNEL_DTYPES:
+        return torch.addmm(a.new_empty(a.shape[0], b.shape[1], dtype=dtype), a, b, beta=0, alpha=scale,
+                           out_dtype=dtype)
+    return _mm_scaled(a, b, scale).to(dtype)
 
 
 # -- the torch path -----------------------------------------------------------------------------------------
