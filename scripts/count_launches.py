@@ -5,7 +5,8 @@ sixth session), so the launches a step are what an eager speed-up must cut. Devi
 counts them here: a stand-in ``triton`` whose kernels record their launches and compute nothing replaces the
 real one, the adapters take their Triton fast path on CPU tensors, and every torch operator that would run a
 kernel on a GPU is counted by source line. The frozen model's fused RMSNorm (``malora_train.fused_norms``),
-which the CPU decomposes into small operators, counts as the single kernel CUDA runs each way. The stand-in
+which the CPU decomposes into small operators, counts as the single kernel CUDA runs each way, and the
+adapters' weight-gradient GEMM (``gated_up.weight_grad``) as one that writes float32 itself. The stand-in
 kernels leave garbage in their outputs: the counts are the result, not the loss. Autocast runs in bf16 and
 the frozen model is bf16, as on a GPU.
 
@@ -71,12 +72,22 @@ def install_stand_ins() -> None:
     sys.modules["triton"], sys.modules["triton.language"] = triton, language
 
     from malora_train import fused_norms
-    from malora_train.adapters.kernels import common, projection
+    from malora_train.adapters.kernels import common, gated_up, projection, routed_gated_up
 
     common.KernelState.kernels_allowed = lambda self, t: not self.force_torch and not self.kernels_failed
     common.KernelState.run = lambda self, use_kernel, kernel, fallback: kernel() if use_kernel else fallback()
     projection._multiprocessors = lambda device: 132  # an H100's
     fused_norms.rms_norm = lambda x, shape, weight, eps: StandInFusedRMSNorm.apply(x, shape, weight, eps)
+    gated_up.weight_grad = routed_gated_up.weight_grad = stand_in_weight_grad
+
+
+def stand_in_weight_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``gated_up.weight_grad`` as CUDA runs it: one GEMM writing float32 (``out_dtype``), no cast after."""
+    from malora_train.adapters.kernels.gated_up import _mm_scaled
+
+    LaunchCounter.record("addmm")
+    with LaunchCounter.paused():
+        return _mm_scaled(a, b, scale).to(dtype)
 
 
 class StandInFusedRMSNorm(torch.autograd.Function):

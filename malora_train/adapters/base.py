@@ -4,7 +4,8 @@ two ways to compute a mixture (the fast rank-space gated product and the per-exp
 The fast path (``impl=fast``) runs through the custom autograd Functions of ``kernels``: one pass over
 the input computes ``z = D dropout(x)`` (D = ``down_projection()``) together with the router logits,
 the routing and its auxiliary losses run fused, and ``gated_up`` adds ``s (g * expand(z)) B^T`` to the
-frozen output in one addmm. Only x (shared with the frozen layer) and a bit mask are kept for backward.
+frozen output in one addmm (in training on CUDA routing and gating are one Function, ``routed_gated_up``).
+Only x (shared with the frozen layer) and a bit mask are kept for backward.
 """
 
 from __future__ import annotations
