@@ -74,8 +74,10 @@ def install_stand_ins() -> None:
     from malora_train import fused_norms
     from malora_train.adapters.kernels import common, gated_up, projection, routed_gated_up
 
-    common.KernelState.kernels_allowed = lambda self, t: not self.force_torch and not self.kernels_failed
-    common.KernelState.run = lambda self, use_kernel, kernel, fallback: kernel() if use_kernel else fallback()
+    common.KernelState.kernels_allowed = lambda self, t, family=None: not (self.force_torch
+                                                                           or self.kernels_failed)
+    common.KernelState.run = lambda self, use_kernel, kernel, fallback, family=None: (
+        kernel() if use_kernel else fallback())
     projection._multiprocessors = lambda device: 132  # an H100's
     fused_norms.rms_norm = lambda x, shape, weight, eps: StandInFusedRMSNorm.apply(x, shape, weight, eps)
     gated_up.weight_grad = routed_gated_up.weight_grad = stand_in_weight_grad

@@ -106,6 +106,43 @@ def test_a_failing_kernel_warns_once_and_the_torch_path_takes_over() -> None:
     assert state.run(False, broken, lambda: "not tried") == "not tried"
 
 
+def test_a_failing_kernel_family_turns_off_only_itself() -> None:
+    state = KernelState()
+
+    def broken():
+        raise RuntimeError("no fused kernel")
+
+    with pytest.warns(RuntimeWarning, match=r"the fam kernels failed .*; using their two-step kernels"):
+        assert state.run(True, broken, lambda: "two-step", family="fam") == "two-step"
+    assert not state.kernels_failed and state.failed_families == {"fam"}
+    assert state.run(True, lambda: "kernel", lambda: "torch") == "kernel"
+
+
+def test_a_failing_routed_gated_up_leaves_the_two_step_kernels_on(monkeypatch) -> None:
+    """Routing and gating in one Function is a shortcut the two-step kernels can take over: its failure
+    (say, a kernel that does not build on some GPU) turns off that Function alone, never the projection
+    kernels a captured step's dropout depends on."""
+    state = KernelState()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no routed kernel")
+
+    monkeypatch.setattr(routed_gated_up, "triton", object())
+    monkeypatch.setattr(routed_gated_up, "_expand_kernels_run", lambda state, z: True)
+    monkeypatch.setattr(routed_gated_up, "routed_expand_kernel", broken, raising=False)
+    monkeypatch.setattr(KernelState, "kernels_allowed", lambda self, t, family=None: family not in
+                        self.failed_families)
+    spec = routed_gated_up.RoutedUpSpec(1.0, 4, False, 2, True, collect=True)
+    args = (torch.randn(6, 8).bfloat16(), torch.randn(6, 4), None, torch.randn(6, 3).bfloat16(),
+            torch.randn(3, 8), spec)
+    with pytest.warns(RuntimeWarning, match="routed gated up-projection kernels failed"):
+        assert routed_gated_up.routed_gated_up(*args, state=state) is None
+    assert not state.kernels_failed and state.failed_families == {routed_gated_up.FAMILY}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not tried again
+        assert routed_gated_up.routed_gated_up(*args, state=state) is None
+
+
 def test_kernel_state_seeds_and_switch(monkeypatch) -> None:
     """A dropout seed is drawn on the host, or under ``device_seed`` is the seed tensor with the layer's salt
     in the high word, which the torch path cannot read; ``MALORA_FUSED=torch`` forces the torch path."""

@@ -53,7 +53,9 @@ class KernelState:
 
     ``force_torch`` (``MALORA_FUSED=torch`` in the environment) runs the torch path on CUDA too, for
     benchmarks and debugging. ``kernels_failed`` is set by the first kernel that fails to build or launch:
-    the torch path runs from then on. ``device_seed`` lends the dropout kernels a seed tensor to read.
+    the torch path runs from then on. A kernel run as part of a ``family`` that other kernels stand in for
+    (``routed_gated_up``'s, which the two-step kernels can replace) turns off only that family.
+    ``device_seed`` lends the dropout kernels a seed tensor to read.
     ``compiled_as_kernels`` (``runs_as_kernels`` of ``trainer.compile_adapters``): under ``torch.compile``
     each adapted layer runs eagerly on its fast path between the compiled pieces, instead of being traced as
     plain torch ops.
@@ -62,6 +64,7 @@ class KernelState:
     def __init__(self) -> None:
         self.force_torch = os.environ.get("MALORA_FUSED", "") == "torch"
         self.kernels_failed = False
+        self.failed_families: set[str] = set()
         self.compiled_as_kernels = False
         self._device_seed: torch.Tensor | None = None
         self._zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -73,23 +76,31 @@ class KernelState:
             self._zeros[key] = torch.zeros((), device=like.device, dtype=like.dtype)
         return self._zeros[key]
 
-    def kernels_allowed(self, t: torch.Tensor) -> bool:
-        """Whether the Triton kernels may run on ``t``: a CUDA tensor, no kernel failed, torch not forced."""
-        return t.is_cuda and not self.force_torch and not self.kernels_failed
+    def kernels_allowed(self, t: torch.Tensor, family: str | None = None) -> bool:
+        """Whether the Triton kernels (of ``family``) may run on ``t``: a CUDA tensor, no kernel (of the
+        family) failed, torch not forced."""
+        return (t.is_cuda and not self.force_torch and not self.kernels_failed
+                and family not in self.failed_families)
 
-    def run(self, use_kernel: bool, kernel: Callable[[], Result], torch_path: Callable[[], Result]) -> Result:
+    def run(self, use_kernel: bool, kernel: Callable[[], Result], torch_path: Callable[[], Result],
+            family: str | None = None) -> Result:
         """``kernel()`` when ``use_kernel``, else ``torch_path()``, which also stands in for a kernel that
         fails to build or launch: a broken Triton install or an unsupported GPU must not stop training. The
-        first failure warns and turns the kernels off for the rest of the run."""
+        first failure warns and turns the kernels off for the rest of the run (only its ``family``'s, when
+        given)."""
         if use_kernel:
             try:
                 return kernel()
             except Exception as err:  # noqa: BLE001 - any build or launch failure
-                if not self.kernels_failed:
-                    warnings.warn(f"malora_train: Triton adapter kernels failed ({type(err).__name__}: "
-                                  f"{err}); using the plain torch fast path instead", RuntimeWarning,
-                                  stacklevel=2)
-                self.kernels_failed = True
+                if not (self.kernels_failed or family in self.failed_families):
+                    what = f"the {family} kernels" if family else "Triton adapter kernels"
+                    instead = "their two-step kernels" if family else "the plain torch fast path"
+                    warnings.warn(f"malora_train: {what} failed ({type(err).__name__}: {err}); using "
+                                  f"{instead} instead", RuntimeWarning, stacklevel=2)
+                if family:
+                    self.failed_families.add(family)
+                else:
+                    self.kernels_failed = True
         return torch_path()
 
     @contextlib.contextmanager

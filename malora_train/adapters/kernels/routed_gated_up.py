@@ -53,6 +53,10 @@ if triton is not None:
     )
 
 
+# the kernels' family in ``KernelState``: a failure of one turns these off and leaves the two-step kernels on
+FAMILY = "routed gated up-projection"
+
+
 @dataclass(frozen=True)
 class RoutedUpSpec:
     """What a routed gated up-projection computes, besides its tensors."""
@@ -73,11 +77,11 @@ def routed_gated_up(z: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | 
     (``mask``: the real tokens of the auxiliary means), differentiable in z, logits, out, up and coeff.
     Returns (y, aux): aux is {balance, z, entropy} when ``spec.collect``, else None. None where the kernels do
     not run (the CPU, no Triton, another dtype, a failure): the caller then routes and gates in two steps."""
-    if not (triton is not None and _expand_kernels_run(state, z)):
+    if not (triton is not None and _expand_kernels_run(state, z) and state.kernels_allowed(z, FAMILY)):
         return None
     outputs = state.run(True, lambda: _RoutedGatedUp.apply(spec, state, z, logits.contiguous(), mask, out, up,
                                                            coeff, up_cast, coeff_cast),
-                        lambda: None)
+                        lambda: None, family=FAMILY)
     if outputs is None:
         return None
     if not spec.collect:
@@ -140,7 +144,8 @@ class _RoutedGatedUp(torch.autograd.Function):
             lambda: routed_expand_backward(g_gated, z, coeff_c, logits, top_idx, mask, stats, grad_balance,
                                            grad_z, spec, need_logits, need_z, need_coeff),
             lambda: _backward_torch(g_gated, z, coeff_c, logits, mask, stats, grad_balance, grad_z, spec,
-                                    need_logits, need_z, need_coeff))
+                                    need_logits, need_z, need_coeff),
+            family=FAMILY)
         gcoeff = gcoeff.to(coeff_dtype) if gcoeff is not None else None
         # one per input: spec, state, z, logits, mask, out, up, coeff, up_cast, coeff_cast
         return None, None, gz, glogits, None, grad_y if need_out else None, gup, gcoeff, None, None
