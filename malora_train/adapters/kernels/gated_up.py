@@ -311,6 +311,18 @@ if triton is not None:
         return column_gates
 
     @triton.jit
+    def routed_block(logit_ptr, T, N: tl.constexpr, NR: tl.constexpr, NR_PAD: tl.constexpr,
+                     N_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+        """A routed kernel's block: (pid, its rows, the expanded columns, the experts, which rows and columns
+        are real, and the rows' softmax probabilities and logsumexp)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, NR_PAD)
+        experts = tl.arange(0, N_PAD)
+        probs, lse = softmax_rows(logit_ptr, rows, experts, T, N)
+        return pid, rows, cols, experts, rows < T, cols < NR, probs, lse
+
+    @triton.jit
     def _routed_expand_kernel(
         z_ptr, c_ptr, logit_ptr, out_ptr, idx_ptr, mask_ptr, part_ptr, T,
         RZ: tl.constexpr, RE: tl.constexpr, N: tl.constexpr, NR: tl.constexpr, RZ_PAD: tl.constexpr,
@@ -322,13 +334,8 @@ if triton is not None:
         kernel's own softmax and top-K: each column c takes expert c // RE's gate. For training it also keeps
         the chosen experts (``STORE_IDX``) and this block's share of the auxiliary statistics (``COLLECT``),
         as ``_route_fwd_kernel`` does: the gates themselves are not stored (the backward recomputes them)."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, NR_PAD)
-        experts = tl.arange(0, N_PAD)
-        row_ok = rows < T
-        col_ok = cols < NR
-        probs, lse = softmax_rows(logit_ptr, rows, experts, T, N)
+        block = routed_block(logit_ptr, T, N, NR, NR_PAD, N_PAD, BLOCK_M)
+        pid, rows, cols, experts, row_ok, col_ok, probs, lse = block
         gates, selected = top_k_gates(probs, rows, experts, idx_ptr, T, N, N_PAD, K, BLOCK_M, RENORM, DENSE,
                                       STORE_IDX=STORE_IDX)
         if COLLECT:

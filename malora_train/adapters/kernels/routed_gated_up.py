@@ -43,13 +43,13 @@ if triton is not None:
         _expand_input_grads,
         _expand_shape,
         _expanded,
+        routed_block,
         routed_expand_kernel,
     )
     from malora_train.adapters.kernels.routing import (
         logits_grad,
         route_statistics,
         selected_experts,
-        softmax_rows,
     )
 
 
@@ -179,13 +179,8 @@ if triton is not None:
         """From dgated: dlogits (through dgates, the top-K and the softmax, plus the auxiliary losses'
         share), dz and this block's share of dC. The gates are recomputed from the logits and the kept
         experts, as the forward computed them."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, NR_PAD)
-        experts = tl.arange(0, N_PAD)
-        row_ok = rows < T
-        col_ok = cols < NR
-        probs, lse = softmax_rows(logit_ptr, rows, experts, T, N)
+        block = routed_block(logit_ptr, T, N, NR, NR_PAD, N_PAD, BLOCK_M)
+        pid, rows, cols, experts, row_ok, col_ok, probs, lse = block
         selected = selected_experts(idx_ptr, rows, experts, T, N, N_PAD, K, BLOCK_M, DENSE)
         if DENSE:
             gates = probs
