@@ -83,7 +83,8 @@ def install_stand_ins() -> None:
     gated_up.weight_grad = routed_gated_up.weight_grad = stand_in_weight_grad
 
 
-def stand_in_weight_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def stand_in_weight_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
+                         state) -> torch.Tensor:
     """``gated_up.weight_grad`` as CUDA runs it: one GEMM writing float32 (``out_dtype``), no cast after."""
     from malora_train.adapters.kernels.gated_up import _mm_scaled
 

@@ -112,7 +112,7 @@ def test_a_failing_kernel_family_turns_off_only_itself() -> None:
     def broken():
         raise RuntimeError("no fused kernel")
 
-    with pytest.warns(RuntimeWarning, match=r"the fam kernels failed .*; using their two-step kernels"):
+    with pytest.warns(RuntimeWarning, match=r"the fam kernels failed .*; using what stands in for them"):
         assert state.run(True, broken, lambda: "two-step", family="fam") == "two-step"
     assert not state.kernels_failed and state.failed_families == {"fam"}
     assert state.run(True, lambda: "kernel", lambda: "torch") == "kernel"
@@ -494,11 +494,18 @@ def test_mixture_layer_in_training_routes_and_gates_in_one_function(kind: str, m
         assert _rel(fused, two_step) < 1e-2
 
 
-def test_weight_grad_casts_the_gemm_off_cuda() -> None:
+def test_weight_grad_casts_the_gemm_off_cuda_or_where_the_float32_output_fails(monkeypatch) -> None:
     a, b = torch.randn(7, 30).bfloat16(), torch.randn(30, 5).bfloat16()
-    got = gated_up.weight_grad(a, b, 0.5, torch.float32)
+    state = KernelState()
+    got = gated_up.weight_grad(a, b, 0.5, torch.float32, state)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, (0.5 * a @ b).float())
+    # a torch whose addmm has no float32 output (the CPU's has none): one warning, then the cast
+    monkeypatch.setattr(KernelState, "kernels_allowed", lambda self, t, family=None: family not in
+                        self.failed_families)
+    with pytest.warns(RuntimeWarning, match="float32-output GEMM kernels failed"):
+        torch.testing.assert_close(gated_up.weight_grad(a, b, 0.5, torch.float32, state), got)
+    assert state.failed_families == {gated_up.FLOAT32_OUTPUT} and not state.kernels_failed
 
 
 @cuda
@@ -510,7 +517,7 @@ def test_weight_grad_writes_float32_from_the_accumulator() -> None:
     b = torch.randn(4096, 80, device="cuda", generator=gen).bfloat16()
     want = 0.5 * a.double() @ b.double()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = gated_up.weight_grad(a, b, 0.5, torch.float32)
+        got = gated_up.weight_grad(a, b, 0.5, torch.float32, KernelState())
         torch.cuda.synchronize()
     assert got.dtype == torch.float32
     assert _rel(got, want) < 1e-6 < _rel(gated_up._mm_scaled(a, b, 0.5).float(), want)

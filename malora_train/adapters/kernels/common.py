@@ -53,8 +53,9 @@ class KernelState:
 
     ``force_torch`` (``MALORA_FUSED=torch`` in the environment) runs the torch path on CUDA too, for
     benchmarks and debugging. ``kernels_failed`` is set by the first kernel that fails to build or launch:
-    the torch path runs from then on. A kernel run as part of a ``family`` that other kernels stand in for
-    (``routed_gated_up``'s, which the two-step kernels can replace) turns off only that family.
+    the torch path runs from then on. A kernel run as part of a ``family`` that other code stands in for
+    (``routed_gated_up``'s, which the two-step kernels replace; ``weight_grad``'s float32-output GEMM, which a
+    cast replaces) turns off only that family.
     ``device_seed`` lends the dropout kernels a seed tensor to read.
     ``compiled_as_kernels`` (``runs_as_kernels`` of ``trainer.compile_adapters``): under ``torch.compile``
     each adapted layer runs eagerly on its fast path between the compiled pieces, instead of being traced as
@@ -94,7 +95,7 @@ class KernelState:
             except Exception as err:  # noqa: BLE001 - any build or launch failure
                 if not (self.kernels_failed or family in self.failed_families):
                     what = f"the {family} kernels" if family else "Triton adapter kernels"
-                    instead = "their two-step kernels" if family else "the plain torch fast path"
+                    instead = "what stands in for them" if family else "the plain torch fast path"
                     warnings.warn(f"malora_train: {what} failed ({type(err).__name__}: {err}); using "
                                   f"{instead} instead", RuntimeWarning, stacklevel=2)
                 if family:

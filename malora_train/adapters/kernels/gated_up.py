@@ -94,7 +94,7 @@ class _GatedUp(torch.autograd.Function):
         gup = None
         grad_c = grad_y.to(cdt)
         if need_up:
-            gup = weight_grad(grad_c.t(), gated, s, up_dtype)
+            gup = weight_grad(grad_c.t(), gated, s, up_dtype, ctx.state)
         g_gated = _mm_scaled(grad_c, up_c, s)
 
         def by_torch():
@@ -161,14 +161,21 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
 
 
-def weight_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+# ``weight_grad``'s float32-output GEMM in ``KernelState``: where torch lacks it, the cast takes over
+FLOAT32_OUTPUT = "float32-output GEMM"
+
+
+def weight_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
+                state: KernelState) -> torch.Tensor:
     """``scale * a @ b`` in ``dtype`` (a weight's, float32): on CUDA a half-precision GEMM writes float32
     straight from its float32 accumulator (``out_dtype``: no rounding to half, and no cast kernel after),
-    elsewhere the GEMM's result is cast."""
-    if a.is_cuda and dtype == torch.float32 and a.dtype in KERNEL_DTYPES:
-        return torch.addmm(a.new_empty(a.shape[0], b.shape[1], dtype=dtype), a, b, beta=0, alpha=scale,
-                           out_dtype=dtype)
-    return _mm_scaled(a, b, scale).to(dtype)
+    elsewhere, or where that operator fails, the GEMM's result is cast."""
+    direct = (dtype == torch.float32 and a.dtype in KERNEL_DTYPES
+              and state.kernels_allowed(a, FLOAT32_OUTPUT))
+    return state.run(direct,
+                     lambda: torch.addmm(a.new_empty(a.shape[0], b.shape[1], dtype=dtype), a, b, beta=0,
+                                         alpha=scale, out_dtype=dtype),
+                     lambda: _mm_scaled(a, b, scale).to(dtype), family=FLOAT32_OUTPUT)
 
 
 # -- the torch path -----------------------------------------------------------------------------------------

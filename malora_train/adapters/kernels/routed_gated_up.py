@@ -131,7 +131,7 @@ class _RoutedGatedUp(torch.autograd.Function):
         if grad_y is None:
             grad_y = gated.new_zeros(gated.shape[0], up_c.shape[0])
         grad_c = grad_y.to(z.dtype)
-        gup = weight_grad(grad_c.t(), gated, spec.scaling, up_dtype) if need_up else None
+        gup = weight_grad(grad_c.t(), gated, spec.scaling, up_dtype, state) if need_up else None
         g_gated = _mm_scaled(grad_c, up_c, spec.scaling)
         stats = ctx.stats
         if grad_balance is None and grad_z is None:  # no auxiliary loss read: the gates' gradient alone
