@@ -127,11 +127,9 @@ def test_a_failing_routed_gated_up_leaves_the_two_step_kernels_on(monkeypatch) -
     def broken(*args, **kwargs):
         raise RuntimeError("no routed kernel")
 
-    monkeypatch.setattr(routed_gated_up, "triton", object())
-    monkeypatch.setattr(routed_gated_up, "_expand_kernels_run", lambda state, z: True)
+    monkeypatch.setattr(routed_gated_up, "_expand_kernels_run",
+                        lambda state, z, family=None: family not in state.failed_families)
     monkeypatch.setattr(routed_gated_up, "routed_expand_kernel", broken, raising=False)
-    monkeypatch.setattr(KernelState, "kernels_allowed", lambda self, t, family=None: family not in
-                        self.failed_families)
     spec = routed_gated_up.RoutedUpSpec(1.0, 4, False, 2, True, collect=True)
     args = (torch.randn(6, 8).bfloat16(), torch.randn(6, 4), None, torch.randn(6, 3).bfloat16(),
             torch.randn(3, 8), spec)

@@ -235,14 +235,14 @@ class MixtureAdapterLinear(AdapterLinear):
     def route(self, x: torch.Tensor) -> Routing:
         logits = router_logits(x, self.router, self.jitter_noise, self.training)
         routing = top_k_route(logits, self.top_k, self.renormalize)
-        mask = self.context.mask_for(x.shape[0]) if self.context is not None else None
+        mask = self.token_mask(x.shape[0])
         self.record_aux(routing, mask)
         self.count_tasks(routing.top_idx, routing.gates, mask)
         return routing
 
     def fast_route(self, logits: torch.Tensor) -> torch.Tensor:
         """Gates (T, N) from float32 logits, recording what ``route`` records; fused kernels on CUDA."""
-        mask = self.context.mask_for(logits.shape[0]) if self.context is not None else None
+        mask = self.token_mask(logits.shape[0])
         routed = route(logits, self.top_k, self.renormalize, mask, self.collecting(), state=self.kernel_state)
         if routed is not None:
             gates, top_idx, aux = routed
@@ -254,6 +254,10 @@ class MixtureAdapterLinear(AdapterLinear):
             gates, top_idx = routing.gates, routing.top_idx
         self.count_tasks(top_idx, gates, mask)
         return gates
+
+    def token_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """The real (non-padding) tokens of this forward's auxiliary means, or None: all of them."""
+        return self.context.mask_for(num_tokens) if self.context is not None else None
 
     def routing_unobserved(self, num_tokens: int) -> bool:
         """Nothing reads this forward's routing but its output: no gradient, no auxiliary losses collected,
@@ -339,7 +343,7 @@ class MixtureAdapterLinear(AdapterLinear):
         """Training's routing and gated up-projection in one Function on CUDA (``routed_gated_up``), recording
         the auxiliary losses as ``fast_route`` does; None where it does not run (then ``fast_route`` and
         ``gated_up`` do it in two steps)."""
-        mask = self.context.mask_for(logits.shape[0]) if self.context is not None else None
+        mask = self.token_mask(logits.shape[0])
         spec = RoutedUpSpec(self.scaling, self.num_experts, self.shared_down, self.top_k, self.renormalize,
                             self.collecting())
         routed = routed_gated_up(z, logits, mask, flat_out, self.lora_B, spec, coeff=self.coeff_projection(),

@@ -136,10 +136,11 @@ def routed_up(z: torch.Tensor, logits: torch.Tensor, out: torch.Tensor, up: torc
     return _add_up(out, gated, _ready(up_cast, cdt, up), scaling) if gated is not None else None
 
 
-def _expand_kernels_run(state: KernelState, z: torch.Tensor) -> bool:
+def _expand_kernels_run(state: KernelState, z: torch.Tensor, family: str | None = None) -> bool:
     """The expand kernels need Triton, a CUDA ``z`` in a half-precision dtype, at least one row, and the
-    kernels allowed (``KernelState``)."""
-    return triton is not None and state.kernels_allowed(z) and z.dtype in KERNEL_DTYPES and z.shape[0] > 0
+    kernels (of ``family``) allowed (``KernelState``)."""
+    return (triton is not None and state.kernels_allowed(z, family) and z.dtype in KERNEL_DTYPES
+            and z.shape[0] > 0)
 
 
 def _add_up(out: torch.Tensor, gated: torch.Tensor, up_c: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -28,7 +28,7 @@ from malora_train.adapters.kernels.gated_up import (
     _ready,
     weight_grad,
 )
-from malora_train.adapters.kernels.routing import RouteSpec, _route_backward_autograd
+from malora_train.adapters.kernels.routing import RouteSpec, _route_backward_autograd, aux_grads
 from malora_train.adapters.router import top_k_route
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs have none and take the two-step path
@@ -77,7 +77,7 @@ def routed_gated_up(z: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | 
     (``mask``: the real tokens of the auxiliary means), differentiable in z, logits, out, up and coeff.
     Returns (y, aux): aux is {balance, z, entropy} when ``spec.collect``, else None. None where the kernels do
     not run (the CPU, no Triton, another dtype, a failure): the caller then routes and gates in two steps."""
-    if not (triton is not None and _expand_kernels_run(state, z) and state.kernels_allowed(z, FAMILY)):
+    if not _expand_kernels_run(state, z, FAMILY):
         return None
     outputs = state.run(True, lambda: _RoutedGatedUp.apply(spec, state, z, logits.contiguous(), mask, out, up,
                                                            coeff, up_cast, coeff_cast),
@@ -133,12 +133,7 @@ class _RoutedGatedUp(torch.autograd.Function):
         grad_c = grad_y.to(z.dtype)
         gup = weight_grad(grad_c.t(), gated, spec.scaling, up_dtype, state) if need_up else None
         g_gated = _mm_scaled(grad_c, up_c, spec.scaling)
-        stats = ctx.stats
-        if grad_balance is None and grad_z is None:  # no auxiliary loss read: the gates' gradient alone
-            stats = None
-        elif stats is not None:  # the kernel reads both
-            grad_balance = grad_balance if grad_balance is not None else state.zero(logits)
-            grad_z = grad_z if grad_z is not None else state.zero(logits)
+        stats, grad_balance, grad_z = aux_grads(ctx.stats, grad_balance, grad_z, state, logits)
         glogits, gz, gcoeff = state.run(
             True,
             lambda: routed_expand_backward(g_gated, z, coeff_c, logits, top_idx, mask, stats, grad_balance,

@@ -73,18 +73,25 @@ class _Route(torch.autograd.Function):
     def backward(ctx, grad_gates, _grad_idx, grad_balance=None, grad_z=None, _grad_entropy=None):
         logits, top_idx, mask = ctx.saved_tensors
         grad_gates = grad_gates.contiguous() if grad_gates is not None else torch.zeros_like(logits)
-        stats = ctx.stats
-        if grad_balance is None and grad_z is None:  # no auxiliary loss read: the gates' gradient alone
-            stats = None
-        elif stats is not None:  # the kernel reads both
-            grad_balance = grad_balance if grad_balance is not None else ctx.state.zero(logits)
-            grad_z = grad_z if grad_z is not None else ctx.state.zero(logits)
+        stats, grad_balance, grad_z = aux_grads(ctx.stats, grad_balance, grad_z, ctx.state, logits)
         glogits = ctx.state.run(
             True,
             lambda: route_backward(logits, top_idx, mask, grad_gates, stats, grad_balance, grad_z,
                                    ctx.spec.renormalize),
             lambda: _route_backward_autograd(logits, mask, ctx.spec, stats, grad_gates, grad_balance, grad_z))
         return None, None, glogits, None  # one per input: spec, state, logits, mask
+
+
+def aux_grads(stats: torch.Tensor | None, grad_balance: torch.Tensor | None, grad_z: torch.Tensor | None,
+              state: KernelState, like: torch.Tensor):
+    """(stats, dbalance, dz_loss) as the backward kernels read them: stats None where no auxiliary loss was
+    read (the gates' gradient alone), else both gradients, a loss left out of the total counting as zero."""
+    if grad_balance is None and grad_z is None:
+        return None, None, None
+    if stats is None:
+        return None, grad_balance, grad_z
+    return (stats, grad_balance if grad_balance is not None else state.zero(like),
+            grad_z if grad_z is not None else state.zero(like))
 
 
 def _route_backward_autograd(logits, mask, spec: RouteSpec, stats, grad_gates, grad_balance,
